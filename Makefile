@@ -1,0 +1,84 @@
+# CARROT harness. `make help` lists the targets; every target that needs Python builds
+# the virtual environment first, so on a fresh clone `make study VARIANT=baseline` and
+# `make test` are the only two commands anyone types.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+VARIANT   ?= baseline
+TRIALS    ?=
+EPOCHS    ?=
+DATASET   ?=
+DATA_ROOT ?=
+BACKBONE  ?=
+WORKERS   ?=
+SEEDS     ?=
+SEED      ?=
+DEVICE    ?=
+STORAGE   ?=
+CONFIG    ?=
+PORT      ?= 5000
+DASHBOARD_PORT ?= 8080
+PYTEST_ARGS ?=
+
+# flags shared by study / train / final, passed only when set
+RUN_FLAGS = $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATASET),--dataset $(DATASET)) \
+	$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(BACKBONE),--backbone $(BACKBONE)) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(DEVICE),--device $(DEVICE)) \
+	$(if $(SEED),--seed $(SEED)) $(if $(CONFIG),--config $(CONFIG))
+
+.DEFAULT_GOAL := help
+.PHONY: help setup study train final tables plots ui dashboard test test-fast bench clean
+
+help: ## list the targets and their variables
+	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url CONFIG=file.yaml]"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## build the virtual environment (.venv) with every dependency
+
+study: $(STAMP) ## Optuna study of VARIANT (or VARIANT=all) on the validation split
+	$(BIN)/carrot study --variant $(VARIANT) $(if $(TRIALS),--trials $(TRIALS)) \
+		$(if $(STORAGE),--storage $(STORAGE)) $(RUN_FLAGS)
+
+train: $(STAMP) ## one run of VARIANT at its recommended setting
+	$(BIN)/carrot train --variant $(VARIANT) $(RUN_FLAGS)
+
+final: $(STAMP) ## best configuration of each studied variant, SEEDS seeds (default 5), test split
+	$(BIN)/carrot final $(if $(filter-out baseline,$(VARIANT)),--variant $(VARIANT)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(STORAGE),--storage $(STORAGE)) $(RUN_FLAGS)
+
+tables: $(STAMP) ## ablation and paper tables from finished runs (analysis/output/)
+	$(BIN)/carrot tables
+
+plots: $(STAMP) ## sanity-check plots from finished runs (analysis/output/plots/)
+	$(BIN)/carrot plots
+
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(PORT)
+	mkdir -p mlruns
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
+		--host 127.0.0.1 --port $(PORT)
+
+dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:$(DASHBOARD_PORT)
+	$(BIN)/optuna-dashboard $(if $(STORAGE),$(STORAGE),studies/optuna.journal) \
+		--host 127.0.0.1 --port $(DASHBOARD_PORT)
+
+test: $(STAMP) ## the whole test suite (slow end-to-end tests included)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP) ## variant cost as a ratio to the CE head (CPU, and CUDA when present)
+	$(BIN)/carrot bench
+
+clean: ## remove the virtual environment and caches (keeps mlruns/ and studies/)
+	rm -rf $(VENV) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,245 @@
+"""``carrot study|train|final|tables|plots|bench``: the command line the Makefile calls.
+
+Bad input (an unknown variant, dataset or backbone, a negative epoch count, an
+unwritable store, a missing dataset root) gives one clear line and exit status 2 before
+any run is created.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRIALS = 6
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            from carrot.config import ConfigError
+
+            raise ConfigError(f"invalid override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def build_config(args: argparse.Namespace, variant: str | None = None):
+    """Config file, then command-line flags, then ``--set key=value`` overrides."""
+    import yaml
+
+    from carrot.config import ConfigError, RunConfig
+
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    flags = {
+        "variant.name": variant or getattr(args, "variant", None),
+        "data.name": getattr(args, "dataset", None),
+        "data.root": getattr(args, "data_root", None),
+        "data.workers": getattr(args, "workers", None),
+        "data.image_size": getattr(args, "image_size", None),
+        "data.batch_size": getattr(args, "batch_size", None),
+        "model.backbone": getattr(args, "backbone", None),
+        "model.pretrained_path": getattr(args, "pretrained_path", None),
+        "optim.epochs": getattr(args, "epochs", None),
+        "device": getattr(args, "device", None),
+        "seed": getattr(args, "seed", None),
+        "experiment": getattr(args, "experiment", None),
+    }
+    for key, value in flags.items():
+        if value is not None and value != "":
+            _set_dotted(data, key, value)
+    if getattr(args, "no_progress", False):
+        data["show_progress"] = False
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise ConfigError(f"invalid --set {item!r}: expected key=value, e.g. optim.lr=0.001")
+        key, value = item.split("=", 1)
+        _set_dotted(data, key.strip(), _parse_value(value))
+    return RunConfig.from_dict(data)
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", help="variant name (see `carrot variants`)")
+    p.add_argument("--dataset", help="dataset name (default: digits)")
+    p.add_argument("--data-root", help="dataset folder on disk (real datasets)")
+    p.add_argument("--backbone", help="timm model name (default: test_resnet)")
+    p.add_argument("--pretrained-path", help="local backbone weights file")
+    p.add_argument("--epochs", type=_int_arg)
+    p.add_argument("--image-size", type=_int_arg)
+    p.add_argument("--batch-size", type=_int_arg)
+    p.add_argument("--workers", type=_int_arg, help="DataLoader worker processes")
+    p.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--seed", type=_int_arg)
+    p.add_argument("--experiment", help="MLflow experiment name (default: carrot)")
+    p.add_argument("--config", help="YAML file with config sections (see studies/*.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=0.001 --set variant.hparams.lam=0.5")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+
+
+def _variants_arg(name: str | None) -> list[str]:
+    from carrot.variants import list_variants
+
+    if name == "all":
+        return list_variants()
+    return [name or "baseline"]
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from carrot.study import open_storage, run_study, study_name
+    from carrot.tracking import client
+
+    if args.trials < 1:
+        from carrot.config import ConfigError
+
+        raise ConfigError(f"invalid trials={args.trials}: expected a positive integer")
+    configs = [build_config(args, v) for v in _variants_arg(args.variant)]
+    # fail on an unusable store or dataset before any run is created
+    client()
+    open_storage(args.storage)
+    _preflight_data(configs[0])
+    for cfg in configs:
+        print(f"study {study_name(cfg)}: {args.trials} trial(s) of {cfg.optim.epochs} epoch(s) on "
+              f"{_device_name(cfg.device)}", flush=True)
+        s = run_study(cfg, args.trials, args.storage)
+        print(f"study {s.name}: {s.n_trials} trials in total ({s.n_complete} complete, {s.n_pruned} pruned, "
+              f"{s.n_failed} failed)")
+        if s.best_number is not None:
+            print(f"  best trial {s.best_number}: {cfg.split}/acc={s.best_value:.4f} run {s.best_run_id}")
+            print(f"  best params: {s.best_params}")
+        print(f"  runs: {s.tracking_uri} (experiment {cfg.experiment!r}, parent run {s.parent_run_id}); "
+              f"`make ui` to browse")
+        print(f"  study storage: {s.storage}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from carrot.tracking import client
+    from carrot.train import run
+
+    cfg = build_config(args)
+    client()
+    _preflight_data(cfg)
+    result = run(cfg)
+    print(f"run {result.run_id}: {cfg.split}/acc={result.objective:.4f} after {result.epochs_done} epochs "
+          f"({result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_final(args: argparse.Namespace) -> int:
+    from carrot.final import run_final
+
+    cfg = build_config(args, "baseline")
+    variants = None if not args.variant or args.variant == "all" else [args.variant]
+    run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage)
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from analysis.tables import main as tables_main
+
+    return tables_main(args.rest)
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from analysis.plots import main as plots_main
+
+    return plots_main(args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from carrot.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    from carrot.variants import get_variant_class, list_variants
+
+    for name in list_variants():
+        cls = get_variant_class(name)
+        print(f"{name}: recommended {cls.recommended()}")
+    return 0
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _preflight_data(cfg) -> None:
+    """Build the dataset once so a wrong root fails before any run exists."""
+    from carrot.data import ImageSpec, build_dataset
+
+    if cfg.data.name not in ("digits", "synthetic"):
+        build_dataset(cfg.data, ImageSpec(input_size=cfg.data.image_size or 224))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="carrot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("study", help="Optuna search over one variant's hyperparameters (or all)")
+    _common(p)
+    p.add_argument("--trials", type=_int_arg, default=DEFAULT_TRIALS, help="trials to add (default %(default)s)")
+    p.add_argument("--storage", help="Optuna storage: journal file path or URL (default studies/optuna.journal)")
+    p.set_defaults(fn=cmd_study)
+    p = sub.add_parser("train", help="one run at the recommended setting")
+    _common(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("final", help="best configuration of each variant, several seeds, test split")
+    _common(p)
+    p.add_argument("--seeds", type=_int_arg, default=5)
+    p.add_argument("--storage")
+    p.set_defaults(fn=cmd_final)
+    for name, fn, help_ in (("tables", cmd_tables, "ablation and paper tables from finished runs"),
+                            ("plots", cmd_plots, "sanity-check plots from finished runs"),
+                            ("bench", cmd_bench, "variant cost as a ratio to the CE head")):
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("variants", help="list the registered variants and their recommended settings")
+    p.set_defaults(fn=cmd_variants)
+    args = parser.parse_args(argv)
+
+    from carrot.config import ConfigError
+    from carrot.data import DatasetError
+    from carrot.model import ModelError
+    from carrot.tracking import StoreError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DatasetError, ModelError, StoreError) as exc:
+        print(f"carrot: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("carrot: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

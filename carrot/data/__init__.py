@@ -1,0 +1,100 @@
+"""Dataset registry: every dataset is a builder ``(DataConfig, ImageSpec) -> DatasetSplits``.
+
+Builders register with ``@register_dataset("name")``; the modules of this package are
+imported on first use, so a new dataset is one new file.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be built (missing or incomplete root, bad layout)."""
+
+
+@dataclass
+class ImageSpec:
+    """What the backbone expects (from timm's data config)."""
+
+    input_size: int = 224  # square side in pixels
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+
+
+@dataclass
+class DatasetSplits:
+    train: Dataset  # items are (image tensor (3, H, W) float32, int label)
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    class_names: list[str]
+    labels: dict[str, np.ndarray]  # split -> (N,) int64 labels, in item order
+    planted_pairs: list[tuple[int, int]] | None = None  # synthetic only: known confusable pairs
+    info: dict[str, str] = field(default_factory=dict)
+    train_eval: Dataset | None = None  # the training items with evaluation transforms (probes)
+
+    def __post_init__(self) -> None:
+        if self.train_eval is None:
+            self.train_eval = self.train
+
+
+Builder = Callable[..., DatasetSplits]
+_REGISTRY: dict[str, Builder] = {}
+_LOADED = False
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    def wrap(fn: Builder) -> Builder:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    global _LOADED
+    if not _LOADED:
+        for module in pkgutil.iter_modules(__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{module.name}")
+        _LOADED = True
+
+
+def list_datasets() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def build_dataset(cfg, spec: ImageSpec) -> DatasetSplits:
+    _load_all()
+    if cfg.name not in _REGISTRY:
+        raise DatasetError(f"unknown dataset {cfg.name!r}; valid: {', '.join(list_datasets())}")
+    return _REGISTRY[cfg.name](cfg, spec)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out): ``fraction`` of every class held out, at least one kept."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_held = int(round(fraction * len(idx)))
+        n_held = min(max(n_held, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+__all__ = [
+    "DatasetError", "DatasetSplits", "ImageSpec", "build_dataset", "list_datasets",
+    "register_dataset", "stratified_split",
+]

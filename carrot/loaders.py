@@ -1,0 +1,61 @@
+"""DataLoaders for a run: the P x K sampler, workers, pinned memory."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from carrot.config import ConfigError, RunConfig
+from carrot.data import DatasetSplits
+
+
+def training_split(splits: DatasetSplits, split: str) -> tuple[Dataset, np.ndarray, Dataset, np.ndarray, str]:
+    """(train set, its labels, evaluation set, its labels, evaluation split name).
+
+    Study trials (``split="val"``) train on train and evaluate on val; final runs
+    (``split="test"``) train on train+val and evaluate on test.
+    """
+    if split == "test":
+        train = ConcatDataset([splits.train, splits.val])
+        labels = np.concatenate([splits.labels["train"], splits.labels["val"]])
+        return train, labels, splits.test, splits.labels["test"], "test"
+    return splits.train, splits.labels["train"], splits.val, splits.labels["val"], "val"
+
+
+def pk_sampler(labels: np.ndarray, m: int, batch_size: int, seed: int):
+    """pytorch-metric-learning's ``MPerClassSampler``: every batch holds batch_size/m classes x m."""
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    if batch_size % m:
+        raise ConfigError(f"invalid data.batch_size={batch_size}: a P x K batch needs a multiple of m_per_class={m}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) * m < batch_size:
+        raise ConfigError(
+            f"invalid P x K batch: {batch_size // m} classes x {m} per batch, but the training split has only "
+            f"{len(classes)} classes; lower data.batch_size or m_per_class"
+        )
+    short = classes[counts < m]
+    if len(short):
+        raise ConfigError(
+            f"classes {short[:10].tolist()} have fewer than m_per_class={m} training samples "
+            f"(smallest: {counts.min()}); lower m_per_class or use sampler=random"
+        )
+    torch.manual_seed(seed)  # MPerClassSampler draws from torch's global generator
+    return MPerClassSampler(labels.tolist(), m=m, batch_size=batch_size, length_before_new_iter=len(labels))
+
+
+def make_loader(dataset: Dataset, cfg: RunConfig, *, train: bool, labels: np.ndarray | None = None,
+                sampler_name: str = "random", m_per_class: int = 4, pin: bool = False) -> DataLoader:
+    workers = cfg.data.workers
+    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    if workers > 0:
+        common["prefetch_factor"] = 4
+    if not train:
+        return DataLoader(dataset, batch_size=cfg.data.batch_size * 2, shuffle=False, **common)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if sampler_name == "pk":
+        assert labels is not None, "the P x K sampler needs the training labels"
+        sampler = pk_sampler(labels, m_per_class, cfg.data.batch_size, cfg.seed)
+        return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True, **common)
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                      generator=generator, **common)

@@ -1,0 +1,147 @@
+"""MLflow tracking: one run per trial, one parent run per study, metrics logged in batches.
+
+The store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/`` unless
+``MLFLOW_TRACKING_URI`` is set (MLflow 3.13+ refuses the old plain-folder store).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+TAG_PREFIX = "carrot."
+MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+class StoreError(RuntimeError):
+    """The tracking or study store cannot be used (unwritable, unreachable)."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail with one clear line when ``path`` (a folder) cannot be created or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".carrot-write-check"):
+            pass
+    except OSError as exc:
+        raise StoreError(f"{what} is not writable: {path} ({exc.strerror or exc}); "
+                         "expected a folder this user can write") from None
+
+
+def artifact_root(uri: str) -> str | None:
+    db = _sqlite_path(uri)
+    return str(db.parent.resolve()) if db is not None else None
+
+
+def client() -> MlflowClient:
+    uri = tracking_uri()
+    db = _sqlite_path(uri)
+    if db is not None:
+        check_writable(db.parent, "MLflow store")
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlf: MlflowClient, name: str) -> str:
+    exp = mlf.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(mlf.tracking_uri)
+    location = Path(root, "artifacts", name).as_uri() if root else None
+    try:
+        return mlf.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created by a concurrent process
+        return mlf.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+class RunLogger:
+    """One MLflow run; metrics of one step go out in one ``log_batch`` call."""
+
+    def __init__(self, mlf: MlflowClient, run_id: str) -> None:
+        self.client = mlf
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> "RunLogger":
+        mlf = client()
+        all_tags = {"mlflow.runName": name, **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = mlf.create_run(experiment_id(mlf, experiment), tags=all_tags, run_name=name)
+        return cls(mlf, run.info.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH])
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def find_runs(mlf: MlflowClient, experiment: str, filter_string: str = "", order_by: Iterable[str] = ()) -> list:
+    exp = mlf.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return mlf.search_runs([exp.experiment_id], filter_string=filter_string, order_by=list(order_by),
+                           max_results=5000)
