@@ -116,10 +116,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"invalid trials={args.trials}: expected a positive integer")
     configs = [build_config(args, v) for v in _variants_arg(args.variant)]
-    # fail on an unusable store or dataset before any run is created
+    # fail on an unusable dataset or store before any run is created
+    _preflight_data(configs[0])
     client()
     open_storage(args.storage)
-    _preflight_data(configs[0])
     for cfg in configs:
         print(f"study {study_name(cfg)}: {args.trials} trial(s) of {cfg.optim.epochs} epoch(s) on "
               f"{_device_name(cfg.device)}", flush=True)
@@ -140,8 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from carrot.train import run
 
     cfg = build_config(args)
-    client()
     _preflight_data(cfg)
+    client()
     result = run(cfg)
     print(f"run {result.run_id}: {cfg.split}/acc={result.objective:.4f} after {result.epochs_done} epochs "
           f"({result.seconds:.0f} s)")
@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("variants", help="list the registered variants and their recommended settings")
     p.set_defaults(fn=cmd_variants)
     args = parser.parse_args(argv)
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     from carrot.config import ConfigError
     from carrot.data import DatasetError

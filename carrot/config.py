@@ -134,10 +134,11 @@ class RunConfig:
 
         _check(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
         _check(self.split in SPLITS, "split", self.split, f"one of {SPLITS}")
-        _check(self.data.name in list_datasets(), "dataset", self.data.name,
-               f"one of {', '.join(list_datasets())}")
-        _check(self.variant.name in list_variants(), "variant", self.variant.name,
-               f"one of {', '.join(list_variants())}")
+        if self.variant.name not in list_variants():
+            raise ConfigError(f"unknown variant {self.variant.name!r}; valid: {', '.join(list_variants())} "
+                              "(or all, for a study)")
+        if self.data.name not in list_datasets():
+            raise ConfigError(f"unknown dataset {self.data.name!r}; valid: {', '.join(list_datasets())}")
         for section in (self.data, self.optim, self.eval):
             section.validate()
         try:  # hyperparameters are validated by the variant itself

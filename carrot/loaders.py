@@ -22,24 +22,26 @@ def training_split(splits: DatasetSplits, split: str) -> tuple[Dataset, np.ndarr
     return splits.train, splits.labels["train"], splits.val, splits.labels["val"], "val"
 
 
+def pk_batch_size(num_classes: int, m: int, batch_size: int) -> int:
+    """P x m with P = min(batch_size / m, classes): datasets with few classes get smaller batches."""
+    if batch_size % m:
+        raise ConfigError(f"invalid data.batch_size={batch_size}: a P x K batch needs a multiple of m_per_class={m}")
+    return min(batch_size // m, num_classes) * m
+
+
 def pk_sampler(labels: np.ndarray, m: int, batch_size: int, seed: int):
     """pytorch-metric-learning's ``MPerClassSampler``: every batch holds batch_size/m classes x m."""
     from pytorch_metric_learning.samplers import MPerClassSampler
 
-    if batch_size % m:
-        raise ConfigError(f"invalid data.batch_size={batch_size}: a P x K batch needs a multiple of m_per_class={m}")
     classes, counts = np.unique(labels, return_counts=True)
-    if len(classes) * m < batch_size:
-        raise ConfigError(
-            f"invalid P x K batch: {batch_size // m} classes x {m} per batch, but the training split has only "
-            f"{len(classes)} classes; lower data.batch_size or m_per_class"
-        )
     short = classes[counts < m]
     if len(short):
         raise ConfigError(
             f"classes {short[:10].tolist()} have fewer than m_per_class={m} training samples "
             f"(smallest: {counts.min()}); lower m_per_class or use sampler=random"
         )
+    if len(classes) < 2:
+        raise ConfigError("a P x K batch needs at least 2 classes in the training split")
     torch.manual_seed(seed)  # MPerClassSampler draws from torch's global generator
     return MPerClassSampler(labels.tolist(), m=m, batch_size=batch_size, length_before_new_iter=len(labels))
 
@@ -55,7 +57,8 @@ def make_loader(dataset: Dataset, cfg: RunConfig, *, train: bool, labels: np.nda
     generator = torch.Generator().manual_seed(cfg.seed)
     if sampler_name == "pk":
         assert labels is not None, "the P x K sampler needs the training labels"
-        sampler = pk_sampler(labels, m_per_class, cfg.data.batch_size, cfg.seed)
-        return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True, **common)
+        batch_size = pk_batch_size(len(np.unique(labels)), m_per_class, cfg.data.batch_size)
+        sampler = pk_sampler(labels, m_per_class, batch_size, cfg.seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
     return DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                       generator=generator, **common)

@@ -53,6 +53,7 @@ def artifact_root(uri: str) -> str | None:
 
 
 def client() -> MlflowClient:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     db = _sqlite_path(uri)
     if db is not None:

@@ -147,6 +147,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
         logger = RunLogger.start(cfg.experiment, name, tags, parent_run_id)
         resolved = cfg.to_dict()
         resolved["variant"]["hparams"] = hparams
+        resolved["data"]["effective_batch_size"] = train_loader.batch_size
         logger.log_params({k: v for k, v in flatten("", resolved).items()})
         logger.log_dict(resolved, "config.json")
     evaluator = Evaluator(cfg, splits, eval_split, model, device, logger, log)

@@ -1,0 +1,197 @@
+"""``expansion`` (seed 001): the parameter-free expansion operator.
+
+On L2-normalised embeddings, every class in the batch is blown up about its centroid until
+its RMS radius reaches half the distance to the nearest other centroid,
+
+    gamma_c = max(1, m_c / (2 r_c + eps)),   z+ = normalize(mu_c + gamma_c (z - mu_c)),
+
+and the model is asked to classify z+ like z (mode ``kl``) or to treat z and z+ as two
+views of one sample (mode ``supcon``). Needs P x K batches (every class >= 2 samples).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carrot.geometry import class_moments, class_slots, pairwise_distance, rms_radius
+from carrot.space import Categorical, Float
+from carrot.variants import register_variant
+from carrot.variants.base import BaseHparams, StepBatch, Variant
+
+MODES = ("kl", "supcon")
+
+
+def expansion_operator(
+    z: Tensor, y: Tensor, eps: float = 1e-12, detach_stats: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Expand each class of a batch about its centroid on the unit sphere.
+
+    With h = z / ||z|| (computed here, a no-op for normalised z), per class c present:
+    mu_c the centroid of its h, r_c = sqrt(mean ||h - mu_c||^2) the RMS radius,
+    m_c = min_{c' != c} ||mu_c - mu_c'|| the nearest other centroid (over all classes
+    present, singletons included), gamma_c = max(1, m_c / (2 r_c + eps)) and
+
+        z+_i = normalize(mu_{y_i} + gamma_{y_i} (h_i - mu_{y_i})).
+
+    A class with one sample has h = mu, so z+ = h whatever gamma; its gamma is set to 1.
+    With fewer than two classes present z+ = h (chosen with ``torch.where`` on a device
+    flag, no host sync). ``detach_stats`` stops the gradient through mu and gamma, so the
+    gradient reaches z only through (h - mu) and the final normalisation.
+
+    Args:
+        z: (B, D) embeddings (any float dtype; computed in float32).
+        y: (B,) int labels.
+    Returns:
+        z_plus: (B, D) float32, unit norm.
+        stats: ``gamma`` (B,) per-sample gamma of its class; 0-dim ``gamma_mean``,
+            ``gamma_max``, ``frac_expanded`` (share of classes with gamma > 1),
+            ``radius_mean``, ``margin_mean`` (mean m_c), ``classes_used`` — all over
+            classes with >= 2 samples (gamma 1, radius/margin 0 when there are none).
+    """
+    h = F.normalize(z.float(), dim=1)  # (B, D)
+    b = h.shape[0]
+    inv, counts, _ = class_slots(y)
+    mu, var, _ = class_moments(h, inv, b)  # (S, D), (S, D)
+    radius = rms_radius(var)  # (S,)
+    present = counts > 0  # (S,)
+    eligible = counts >= 2  # (S,) classes whose radius means something
+
+    dist = pairwise_distance(mu)  # (S, S)
+    other = present[:, None] & present[None, :] & ~torch.eye(b, dtype=torch.bool, device=h.device)
+    nearest = torch.where(other, dist, torch.full_like(dist, float("inf"))).min(1).values  # (S,)
+    has_other = torch.isfinite(nearest)
+    nearest = torch.where(has_other, nearest, torch.zeros_like(nearest))
+
+    gamma = torch.clamp(nearest / (2.0 * radius + eps), min=1.0)  # (S,)
+    gamma = torch.where(eligible & has_other, gamma, torch.ones_like(gamma))
+    if detach_stats:
+        mu, gamma = mu.detach(), gamma.detach()
+
+    mu_i = mu[inv]  # (B, D)
+    expanded = F.normalize(mu_i + gamma[inv, None] * (h - mu_i), dim=1)  # (B, D)
+    two_classes = present.sum() >= 2  # 0-dim device bool
+    z_plus = torch.where(two_classes, expanded, h)
+
+    with torch.no_grad():
+        n_used = eligible.sum()
+        denom = n_used.clamp_min(1).float()
+        w = eligible.float()
+        g = gamma.detach()
+        stats = {
+            "gamma": g[inv],
+            "gamma_mean": torch.where(n_used > 0, (g * w).sum() / denom, torch.ones_like(denom)),
+            "gamma_max": torch.where(eligible, g, torch.ones_like(g)).max(),
+            "frac_expanded": ((g > 1) & eligible).float().sum() / denom,
+            "radius_mean": (radius.detach() * w).sum() / denom,
+            "margin_mean": (nearest.detach() * w).sum() / denom,
+            "classes_used": n_used.float(),
+        }
+    return z_plus, stats
+
+
+def supcon_loss(features: Tensor, labels: Tensor, tau: float = 0.1) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out), vectorised.
+
+    For anchors i over the N rows of unit-norm ``features`` (N, D), positives P(i) = rows
+    with the same label other than i, and
+
+        L = mean_i  -1/|P(i)| sum_{p in P(i)} log( exp(s_ip / tau) / sum_{a != i} exp(s_ia / tau) )
+
+    with s the cosine similarity; anchors without a positive are left out (L = 0 if none).
+    """
+    f = F.normalize(features.float(), dim=1)
+    n = f.shape[0]
+    self_mask = torch.eye(n, dtype=torch.bool, device=f.device)
+    logits = (f @ f.T) / tau  # (N, N)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (N, N), -inf on diag
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask  # (N, N)
+    n_pos = positive.sum(1)  # (N,)
+    pos_log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1)
+    per_anchor = -pos_log_prob / n_pos.clamp_min(1)
+    has_pos = (n_pos > 0).float()
+    return (per_anchor * has_pos).sum() / has_pos.sum().clamp_min(1.0)
+
+
+def expansion_kl(logits: Tensor, logits_plus: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(p+ || p)``, p = softmax(logits / T), p+ = softmax(logits_plus / T).
+
+    Batch mean. This is ``F.kl_div(log p, p+)`` (PyTorch's ``kl_div(input, target)`` is
+    KL(target || exp(input))), the direction of the design note. Gradient flows into both
+    distributions.
+    """
+    log_p = F.log_softmax(logits.float() / temperature, dim=1)
+    log_q = F.log_softmax(logits_plus.float() / temperature, dim=1)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
+
+
+class L2Normalize(nn.Module):
+    """``z / ||z||`` along the last dim (in float32, returned in the input dtype)."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.normalize(z.float(), dim=-1).to(z.dtype)
+
+
+@dataclass
+class ExpansionHparams(BaseHparams):
+    mode: str = "kl"  # "kl": CE + lam T^2 KL(p+ || p); "supcon": CE + lam SupCon([z, z+])
+    lam: float = 1.0  # weight of the kl / supcon term
+    T: float = 1.0  # softmax temperature of the kl term
+    tau: float = 0.1  # SupCon temperature
+    detach_stats: bool = True  # stop-grad through the batch centroids and gamma
+    aux_ce_weight: float = 0.0  # weight of CE(head(z+), y); 0 turns it off
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.lam < 0 or self.aux_ce_weight < 0:
+            raise ValueError("lam and aux_ce_weight must be >= 0")
+        if self.T <= 0 or self.tau <= 0:
+            raise ValueError("T and tau must be > 0")
+
+
+@register_variant
+class Expansion(Variant):
+    """CE + lam * (T^2 KL(p(z+) || p(z)) | SupCon([z, z+])) [+ aux CE(head(z+), y)]."""
+
+    name = "expansion"
+    Hparams = ExpansionHparams
+    search_space = {
+        "mode": Categorical(list(MODES)),
+        "lam": Float(0.05, 10.0, log=True),
+        "T": Float(0.5, 8.0, log=True),
+        "tau": Float(0.03, 0.5, log=True),
+        "detach_stats": Categorical([True, False]),
+        "aux_ce_weight": Float(0.0, 1.0),
+    }
+    statistics = ("gamma_mean", "gamma_max", "frac_expanded", "radius_mean", "margin_mean", "classes_used")
+    default_sampler = "pk"
+    hp: ExpansionHparams
+
+    def build_neck(self, dim: int) -> nn.Module:
+        """The head sees the L2-normalised embedding (the note's logits come from h)."""
+        return L2Normalize()
+
+    def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        hp = self.hp
+        z_plus, op_stats = expansion_operator(batch.embedding, batch.labels, detach_stats=hp.detach_stats)
+        terms: dict[str, Tensor] = {}
+        logits_plus = None
+        if hp.mode == "kl" or hp.aux_ce_weight > 0:
+            logits_plus = batch.head(z_plus.to(batch.head.weight.dtype)).float()  # (B, K)
+        if hp.mode == "kl":
+            terms["kl"] = hp.lam * expansion_kl(batch.logits, logits_plus, hp.T)
+        else:
+            h = F.normalize(batch.embedding.float(), dim=1)
+            views = torch.cat([h, z_plus], 0)  # (2B, D)
+            terms["supcon"] = hp.lam * supcon_loss(views, batch.labels.repeat(2), hp.tau)
+        if hp.aux_ce_weight > 0:
+            terms["aux_ce"] = hp.aux_ce_weight * F.cross_entropy(
+                logits_plus, batch.labels, label_smoothing=batch.label_smoothing
+            )
+        stats = {k: op_stats[k] for k in self.statistics}
+        return terms, stats

@@ -1,0 +1,49 @@
+"""Shared fixtures: real MLflow and Optuna stores in a temporary folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    """Run inside an empty folder with its own sqlite MLflow store and studies/ folder."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "mlruns").mkdir()
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield tmp_path
+
+
+@pytest.fixture()
+def mlflow_client(store):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def tiny_config(**overrides):
+    """A RunConfig that trains in a second or two on a CPU."""
+    from carrot.config import RunConfig
+
+    data = {
+        "data": {"name": "digits", "image_size": 16, "batch_size": 32},
+        "optim": {"epochs": 2, "lr": 3e-3},
+        "eval": {"probe_max_train": 300, "probe_l2_grid": [1e-3, 1e-2]},
+        "show_progress": False,
+        "device": "cpu",
+    }
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return RunConfig.from_dict(data)

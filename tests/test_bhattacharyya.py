@@ -1,0 +1,154 @@
+"""bhattacharyya: pair selection and the per-layer loss against loops; the variant's scale."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from carrot.variants import StepBatch, create_variant
+from carrot.variants.bhattacharyya import layer_bhattacharyya, pick_layers, select_confusable_pairs
+
+# classes with 1, 2 and many samples
+Y = torch.tensor([5, 5, 5, 2, 2, 9, 7, 7, 7, 7, 0, 3, 3])
+
+
+def _confusion_reference(logits: torch.Tensor, y: torch.Tensor) -> dict[tuple[int, int], float]:
+    """a_cd for classes with >= 2 samples, c < d (labels), from the formula."""
+    p = torch.softmax(logits.double(), 1)
+    usable = sorted(c for c in set(y.tolist()) if (y == c).sum() >= 2)
+    out = {}
+    for ci, c in enumerate(usable):
+        for d in usable[ci + 1:]:
+            a_cd = p[y == c, d].mean().item()
+            a_dc = p[y == d, c].mean().item()
+            out[(c, d)] = 0.5 * (a_cd + a_dc)
+    return out
+
+
+def _labels_of_pairs(sel, y):
+    from carrot.geometry import class_slots
+
+    _, _, labels = class_slots(y)
+    return [(int(labels[i]), int(labels[j])) for i, j, ok in zip(sel.i, sel.j, sel.valid) if ok]
+
+
+@pytest.mark.parametrize("top_m", [2, 4, 64])
+def test_pair_selection_against_loop(top_m: int) -> None:
+    logits = torch.randn(len(Y), 10, generator=torch.Generator().manual_seed(top_m))
+    sel, inv, counts = select_confusable_pairs(logits, Y, top_m)
+    ref = _confusion_reference(logits, Y)  # 4 usable classes -> 6 pairs
+    ranked = sorted(ref.items(), key=lambda kv: -kv[1])[:top_m]
+    got = _labels_of_pairs(sel, Y)
+    assert got == [pair for pair, _ in ranked]
+    w = sel.weight[sel.valid]
+    assert w.tolist() == pytest.approx([a for _, a in ranked], rel=1e-5)
+    assert torch.all(sel.weight[~sel.valid] == 0)
+    assert sel.usable_classes.item() == 4 and int(sel.valid.sum()) == min(top_m, 6)
+    assert all(c < d for c, d in got)
+
+
+def _layer_reference(f: torch.Tensor, y: torch.Tensor, pairs, eps: float, normalize: bool):
+    f = f.double()
+    if normalize:
+        f = f / f.norm(dim=1, keepdim=True)
+    num = den = 0.0
+    rhos, dbs = [], []
+    for (c, d), a in pairs:
+        xc, xd = f[y == c], f[y == d]
+        mc, md = xc.mean(0), xd.mean(0)
+        vc = xc.var(0, unbiased=False).clamp_min(eps)
+        vd = xd.var(0, unbiased=False).clamp_min(eps)
+        vbar = (vc + vd) / 2 + eps
+        db = (0.125 * ((mc - md) ** 2 / vbar).sum()
+              + 0.5 * (vbar.log().sum() - 0.5 * (vc.log().sum() + vd.log().sum()))).item()
+        rho = math.exp(-db)
+        num += a * rho
+        den += a
+        rhos.append(rho)
+        dbs.append(db)
+    return num / den, sum(rhos) / len(rhos), sum(dbs) / len(dbs)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_layer_loss_against_loop(normalize: bool) -> None:
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(len(Y), 10, generator=g)
+    f = torch.randn(len(Y), 3, generator=g) * 0.5 + torch.randn(10, 3, generator=g)[Y] * 0.7
+    sel, inv, _ = select_confusable_pairs(logits, Y, 3)
+    pairs = sorted(_confusion_reference(logits, Y).items(), key=lambda kv: -kv[1])[:3]
+    loss, rho_mean, db_mean = layer_bhattacharyya(f, inv, sel, normalize=normalize, eps=1e-6)
+    ref_loss, ref_rho, ref_db = _layer_reference(f, Y, pairs, 1e-6, normalize)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-4)
+    assert rho_mean.item() == pytest.approx(ref_rho, rel=1e-4)
+    assert db_mean.item() == pytest.approx(ref_db, rel=1e-4)
+    assert 0 < loss.item() < 1
+
+
+def test_pick_layers() -> None:
+    names = ["s1", "s2", "s3", "s4"]
+    assert pick_layers(names, 2) == ["s3", "s4"]
+    assert pick_layers(names, "all") == names
+    assert pick_layers(names, 9) == names
+
+
+def _batch(y, layers=("l2", "l3", "l4"), d=6, k=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(len(y), d, generator=g).requires_grad_(True)
+    head = nn.Linear(d, k)
+    proj = {name: torch.randn(d, 4, generator=g) for name in layers}
+    feats = {name: torch.tanh(emb @ p) for name, p in proj.items()}
+    return emb, StepBatch(emb, head(emb), y, head, feats, progress=10.0)
+
+
+def test_auto_scale_matches_ce_and_fixed_scale_uses_lam() -> None:
+    emb, batch = _batch(Y)
+    out = create_variant("bhattacharyya")(batch)
+    ce, l_bhat = out.terms["ce"], out.stats["l_bhat"]
+    assert l_bhat.item() > 0
+    # s * L = CE * L / (L + eps): the regulariser enters at the scale of CE
+    assert out.terms["bhat"].item() == pytest.approx(ce.item() * l_bhat.item() / (l_bhat.item() + 1e-6), rel=1e-5)
+    out.loss.backward()
+    assert torch.isfinite(emb.grad).all()
+
+    fixed = create_variant("bhattacharyya", scale="fixed", lam=0.3)(batch)
+    assert fixed.terms["bhat"].item() == pytest.approx(0.3 * l_bhat.item(), rel=1e-5)
+
+
+def test_layers_hparam_and_per_layer_stats() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(len(Y), 12, generator=g)
+    emb, batch = _batch(Y)
+    batch.logits = logits
+    sel, inv, _ = select_confusable_pairs(logits, Y, 64)
+    out = create_variant("bhattacharyya", layers=1)(batch)
+    assert "rho_l4" in out.stats and "db_l4" in out.stats and "rho_l2" not in out.stats
+    only_last, rho4, db4 = layer_bhattacharyya(batch.features["l4"], inv, sel)
+    assert out.stats["l_bhat"].item() == pytest.approx(only_last.item(), rel=1e-5)
+    assert out.stats["rho_l4"].item() == pytest.approx(rho4.item(), rel=1e-5)
+    both = create_variant("bhattacharyya", layers=2)(batch)
+    l3, _, _ = layer_bhattacharyya(batch.features["l3"], inv, sel)
+    assert both.stats["l_bhat"].item() == pytest.approx((l3.item() + only_last.item()) / 2, rel=1e-5)
+    assert both.stats["layers_used"].item() == 2 and both.stats["pairs_used"].item() == 6
+    assert both.stats["classes_used"].item() == 4
+
+
+@pytest.mark.parametrize("y", [torch.zeros(6, dtype=torch.long), torch.arange(6), torch.tensor([0, 0, 1, 2, 3, 4])])
+def test_no_usable_pair_gives_zero_term_and_finite_grads(y: torch.Tensor) -> None:
+    emb, batch = _batch(y)
+    out = create_variant("bhattacharyya")(batch)
+    assert out.terms["bhat"].item() == 0.0
+    assert out.stats["pairs_used"].item() == 0 and out.stats["layers_used"].item() == 0
+    out.loss.backward()
+    assert torch.isfinite(emb.grad).all()
+
+
+def test_missing_features_and_bad_hparams_raise() -> None:
+    emb, batch = _batch(Y)
+    batch.features = {}
+    with pytest.raises(ValueError):
+        create_variant("bhattacharyya")(batch)
+    for bad in ({"layers": 0}, {"layers": "some"}, {"scale": "auto2"}, {"top_M": 0}):
+        with pytest.raises(ValueError):
+            create_variant("bhattacharyya", **bad)

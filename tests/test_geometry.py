@@ -1,0 +1,237 @@
+"""carrot.geometry against slow loops and closed forms."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+
+from carrot import geometry
+from carrot.geometry import (
+    bhattacharyya_diag, bhattacharyya_pairs, class_effective_rank, class_means, class_moments,
+    class_slots, compact_slots, effective_rank, pairwise_distance, rms_radius, soft_confusion,
+)
+
+
+def _labels(seed: int = 0) -> torch.Tensor:
+    # classes with 1, 2 and many samples, shuffled, non-contiguous label values
+    y = torch.tensor([9, 2, 2, 7, 7, 7, 7, 4, 11, 11, 11, 0])
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))]
+
+
+# ------------------------------------------------------------------------- slots
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_class_slots_matches_unique(seed: int) -> None:
+    y = _labels(seed)
+    inv, counts, labels = class_slots(y)
+    classes, ref_inv, ref_counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
+    c = len(classes)
+    assert inv.dtype == torch.long and counts.dtype == torch.float32
+    assert inv.shape == counts.shape == labels.shape == (len(y),)
+    assert torch.equal(inv, ref_inv)
+    assert torch.equal(counts[:c], ref_counts.float())
+    assert torch.all(counts[c:] == 0)
+    assert torch.equal(labels[:c], classes)
+    assert torch.equal(labels[inv], y)
+
+
+def test_class_slots_single_class_and_all_distinct() -> None:
+    inv, counts, labels = class_slots(torch.full((5,), 3))
+    assert inv.tolist() == [0] * 5 and counts.tolist() == [5, 0, 0, 0, 0] and labels[0] == 3
+    inv, counts, _ = class_slots(torch.tensor([4, 1, 3]))
+    assert inv.tolist() == [2, 0, 1] and counts.tolist() == [1, 1, 1]
+
+
+def test_compact_slots() -> None:
+    keep = torch.tensor([False, True, True, False, True])
+    assert compact_slots(keep).tolist() == [-1, 0, 1, -1, 2]
+
+
+# ------------------------------------------------------------------------ moments
+def test_class_moments_against_loop() -> None:
+    y = _labels()
+    x = torch.randn(len(y), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    inv, counts, labels = class_slots(y)
+    mu, var, n = class_moments(x.half(), inv, len(y))
+    assert mu.dtype == var.dtype == n.dtype == torch.float32
+    mu, var, n = class_moments(x, inv, len(y))
+    for s in range(int((counts > 0).sum())):
+        rows = x[y == labels[s]].numpy()
+        assert n[s] == len(rows)
+        np.testing.assert_allclose(mu[s].numpy(), rows.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var[s].numpy(), rows.var(0), rtol=1e-4, atol=1e-6)  # biased
+    assert torch.all(mu[counts == 0] == 0) and torch.all(var[counts == 0] == 0)
+    means, _ = class_means(x, inv, len(y))
+    torch.testing.assert_close(means, mu)
+    s7 = labels.tolist().index(7)  # the class with four samples
+    rows = x[y == 7]
+    np.testing.assert_allclose(
+        rms_radius(var[s7:s7 + 1]).numpy(), [math.sqrt(((rows - rows.mean(0)) ** 2).sum(1).mean())], rtol=1e-5
+    )
+
+
+def test_pairwise_distance_and_zero_gradient() -> None:
+    a = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(pairwise_distance(a).double(), torch.cdist(a, a), rtol=1e-4, atol=1e-4)
+    same = torch.ones(3, 4, requires_grad=True)
+    pairwise_distance(same).sum().backward()
+    assert torch.isfinite(same.grad).all()
+
+
+# ----------------------------------------------------------------- Bhattacharyya
+def _db_textbook(mu1, mu2, cov1, cov2) -> float:
+    """D_B = 1/8 d^T S^-1 d + 1/2 ln(det S / sqrt(det S1 det S2)), S = (S1 + S2)/2."""
+    s = 0.5 * (cov1 + cov2)
+    d = mu1 - mu2
+    return float(d @ np.linalg.solve(s, d) / 8
+                 + 0.5 * math.log(np.linalg.det(s) / math.sqrt(np.linalg.det(cov1) * np.linalg.det(cov2))))
+
+
+def test_bhattacharyya_1d_closed_form_and_overlap_integral() -> None:
+    m1, s1, m2, s2 = 0.3, 0.7, 1.4, 1.3
+    mu = torch.tensor([[m1], [m2]])
+    var = torch.tensor([[s1**2], [s2**2]])
+    dist, coef = bhattacharyya_pairs(mu, var, torch.tensor([0]), torch.tensor([1]), eps=1e-12)
+    closed = 0.25 * (m1 - m2) ** 2 / (s1**2 + s2**2) + 0.5 * math.log((s1**2 + s2**2) / (2 * s1 * s2))
+    assert dist.item() == pytest.approx(closed, rel=1e-5)
+
+    def dens(x, m, s):
+        return math.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+
+    overlap, _ = integrate.quad(lambda x: math.sqrt(dens(x, m1, s1) * dens(x, m2, s2)), -30, 30)
+    assert coef.item() == pytest.approx(overlap, rel=1e-5)
+
+
+def test_bhattacharyya_multid_textbook() -> None:
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    var = torch.rand(4, 6, generator=g, dtype=torch.float64) + 0.2
+    dist, coef = bhattacharyya_diag(mu, var, eps=1e-12)
+    assert dist.shape == coef.shape == (4, 4) and dist.dtype == torch.float32
+    for c in range(4):
+        for d in range(4):
+            ref = _db_textbook(mu[c].numpy(), mu[d].numpy(), np.diag(var[c].numpy()), np.diag(var[d].numpy()))
+            assert dist[c, d].item() == pytest.approx(ref, rel=1e-4, abs=1e-5)
+            assert coef[c, d].item() == pytest.approx(math.exp(-ref), rel=1e-4)
+    torch.testing.assert_close(dist, dist.T)
+
+
+def test_bhattacharyya_eps_formula_and_pairs_agree_with_diag() -> None:
+    """eps: var clamped >= eps before the log, vbar = (v_c + v_d)/2 + eps, in both functions."""
+    eps = 1e-2
+    mu = torch.tensor([[0.0, 1.0], [0.5, -1.0], [2.0, 0.0]])
+    var = torch.tensor([[0.0, 1.0], [0.5, 1e-5], [1.0, 2.0]])  # a zero and a tiny variance
+    dist, coef = bhattacharyya_diag(mu, var, eps=eps)
+    v = var.double().clamp_min(eps)
+    for c in range(3):
+        for d in range(3):
+            vbar = (v[c] + v[d]) / 2 + eps
+            ref = (0.125 * ((mu[c] - mu[d]).double() ** 2 / vbar).sum()
+                   + 0.5 * (vbar.log().sum() - 0.5 * (v[c].log().sum() + v[d].log().sum())))
+            assert dist[c, d].item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    i, j = torch.tensor([0, 2, 1, 1]), torch.tensor([1, 0, 1, 2])
+    pd, pc = bhattacharyya_pairs(mu, var, i, j, eps=eps)
+    torch.testing.assert_close(pd, dist[i, j])
+    torch.testing.assert_close(pc, coef[i, j])
+
+
+def test_bhattacharyya_diag_blocks_match_single_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    mu, var = torch.randn(9, 5), torch.rand(9, 5) + 0.1
+    whole = bhattacharyya_diag(mu, var)
+    monkeypatch.setattr(geometry, "_PAIR_BLOCK_ELEMENTS", 2 * 9 * 5)  # 2 rows per block
+    blocked = bhattacharyya_diag(mu, var)
+    torch.testing.assert_close(blocked[0], whole[0])
+    torch.testing.assert_close(blocked[1], whole[1])
+
+
+def test_bhattacharyya_gradient_finite_on_degenerate_input() -> None:
+    mu = torch.zeros(3, 4, requires_grad=True)
+    var = torch.zeros(3, 4, requires_grad=True)
+    dist, coef = bhattacharyya_diag(mu, var)
+    (dist.sum() + coef.sum()).backward()
+    assert torch.isfinite(dist).all() and torch.isfinite(mu.grad).all() and torch.isfinite(var.grad).all()
+
+
+# ---------------------------------------------------------------- effective rank
+def _with_spectrum(n: int, d: int, sing: list[float], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, len(sing), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, len(sing), generator=g, dtype=torch.float64))
+    return u @ torch.diag(torch.tensor(sing, dtype=torch.float64)) @ v.T
+
+
+@pytest.mark.parametrize("n,d", [(8, 20), (30, 6)])  # Gram path and scatter path
+@pytest.mark.parametrize("r", [1, 3, 5])
+def test_effective_rank_equal_singular_values_is_rank(n: int, d: int, r: int) -> None:
+    x = _with_spectrum(n, d, [2.5] * r)
+    er = effective_rank(x)
+    assert er.dtype == torch.float32 and er.ndim == 0
+    assert er.item() == pytest.approx(r, rel=1e-5)
+
+
+@pytest.mark.parametrize("sing", [[3.0, 2.0, 1.0, 0.5], [3.0, 2.0, 1.0, 0.03]])  # p down to ~1e-4
+def test_effective_rank_known_spectrum(sing: list[float]) -> None:
+    lam = np.array(sing) ** 2
+    p = lam / lam.sum()
+    ref = math.exp(-(p * np.log(p)).sum())
+    assert effective_rank(_with_spectrum(10, 7, sing).float()).item() == pytest.approx(ref, rel=1e-5)
+    assert effective_rank(_with_spectrum(10, 7, sing).half()).item() == pytest.approx(ref, rel=1e-2)
+
+
+def test_effective_rank_center_option() -> None:
+    x = torch.randn(12, 5) + 10.0
+    assert effective_rank(x, center=True).item() == pytest.approx(effective_rank(x - x.mean(0)).item(), rel=1e-5)
+    assert effective_rank(x).item() < effective_rank(x, center=True).item()  # the mean dominates
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(5, 8), lambda: _with_spectrum(6, 9, [1.0, 1.0, 1.0]).float()])
+def test_effective_rank_gradient_finite(make) -> None:
+    x = make().requires_grad_(True)
+    er = effective_rank(x)
+    er.backward()
+    assert torch.isfinite(er) and torch.isfinite(x.grad).all()
+    if x.detach().abs().sum() == 0:
+        assert er.item() == pytest.approx(1.0)
+
+
+def test_class_effective_rank_against_loop() -> None:
+    y = _labels(1)
+    x = torch.randn(len(y), 7, requires_grad=True)
+    inv, counts, labels = class_slots(y)
+    er = class_effective_rank(x, inv, inv, len(y))
+    er.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for s in range(len(y)):
+        if counts[s] == 0:
+            assert er[s].item() == pytest.approx(1.0)
+            continue
+        rows = x.detach()[y == labels[s]]
+        assert er[s].item() == pytest.approx(effective_rank(rows, center=True).item(), rel=1e-4)
+    # leaving samples out with slot -1 and renumbering
+    keep = counts >= 3
+    compact = compact_slots(keep)
+    er2 = class_effective_rank(x, inv, compact[inv], 2)
+    big = [s for s in range(len(y)) if counts[s] >= 3]
+    torch.testing.assert_close(er2, er[big].detach(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------- soft confusion
+def test_soft_confusion_against_loop() -> None:
+    y = _labels(2)
+    k = 12
+    logits = torch.randn(len(y), k, requires_grad=True)
+    probs = torch.softmax(logits, 1)
+    inv, counts, labels = class_slots(y)
+    a = soft_confusion(probs, inv, counts, labels)
+    assert not a.requires_grad and a.shape == (len(y), len(y))
+    c = int((counts > 0).sum())
+    ref = torch.zeros(c, c)
+    for s in range(c):
+        for t in range(c):
+            ref[s, t] = probs.detach()[y == labels[s], labels[t]].mean()
+    ref = (ref + ref.T) / 2
+    ref.fill_diagonal_(0)
+    torch.testing.assert_close(a[:c, :c], ref)
+    assert torch.all(a[c:] == 0) and torch.all(a[:, c:] == 0)

@@ -1,0 +1,145 @@
+"""The contract every registered variant keeps (parametrised over ``list_variants()``).
+
+Finite loss and gradients on normal and degenerate batches (one class, singleton classes,
+identical embeddings, half-precision inputs), declared statistics present, a valid search
+space whose bounds contain the recommended setting, and strict hyperparameter checking.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from carrot.space import Categorical, Float, Int
+from carrot.variants import StepBatch, Variant, create_variant, get_variant_class, list_variants
+from carrot.variants.base import BaseHparams
+
+VARIANTS = list_variants()
+D, K = 12, 6
+
+
+def _labels(kind: str) -> torch.Tensor:
+    if kind == "normal":  # P x K: 4 classes x 4 samples
+        return torch.arange(4).repeat_interleave(4)
+    if kind == "one_class":
+        return torch.full((8,), 2, dtype=torch.long)
+    if kind == "singletons":  # every class seen once
+        return torch.arange(K)
+    if kind == "mixed":  # classes of 1, 2 and many samples
+        return torch.tensor([0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 5])
+    raise KeyError(kind)
+
+
+def _run(name: str, y: torch.Tensor, dtype: torch.dtype = torch.float32, identical: bool = False, seed: int = 0):
+    """One training step. For half dtypes it runs as the trainer does: float32 parameters
+    under ``torch.autocast``, so embeddings, logits and features arrive in ``dtype``."""
+    torch.manual_seed(seed)
+    variant = create_variant(name, **get_variant_class(name).recommended())
+    if identical:
+        emb0 = torch.ones(len(y), D).mul(0.7)
+    else:
+        emb0 = torch.randn(len(y), D) + 2.0 * torch.eye(K, D)[y]
+    emb = emb0.to(dtype).requires_grad_(True)  # leaf the gradient must reach
+    neck = variant.build_neck(D)
+    head = nn.Linear(D, K)
+    proj = [torch.randn(D, dl) for dl in (5, 7)]
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        z = neck(emb)
+        logits = head(z)
+        features = {  # pooled "intermediate layers" derived from the embedding, network order
+            "stage2": torch.tanh(emb @ proj[0].to(dtype)),
+            "stage3": emb @ proj[1].to(dtype),
+            "stage4": emb * 1.5,
+        }
+        if dtype != torch.float32:
+            assert logits.dtype == dtype and all(f.dtype == dtype for f in features.values())
+        batch = StepBatch(embedding=z, logits=logits, labels=y, head=head, features=features, progress=10.0)
+        out = variant(batch)
+    out.loss.backward()
+    return variant, out, emb, head
+
+
+def _assert_finite(variant: Variant, out, emb: torch.Tensor, head: nn.Linear) -> None:
+    assert torch.isfinite(out.loss), f"{variant.name}: loss {out.loss}"
+    for key, term in out.terms.items():
+        assert term.ndim == 0 and torch.isfinite(term), f"{variant.name}: term {key} = {term}"
+    assert emb.grad is not None and torch.isfinite(emb.grad).all(), f"{variant.name}: embedding grad"
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all(), f"{variant.name}: head grad"
+    missing = set(variant.statistics) - set(out.stats)
+    assert not missing, f"{variant.name}: statistics {sorted(missing)} declared but not returned"
+    for key, value in out.stats.items():
+        assert isinstance(value, torch.Tensor) and value.ndim == 0, f"{variant.name}: stat {key} not 0-dim"
+        assert not value.requires_grad
+        assert torch.isfinite(value), f"{variant.name}: stat {key} = {value}"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_normal_batch_finite_and_gradient_reaches_embedding(name: str) -> None:
+    variant, out, emb, head = _run(name, _labels("normal"))
+    _assert_finite(variant, out, emb, head)
+    assert "ce" in out.terms
+    assert emb.grad.abs().sum() > 0, f"{name}: no gradient on the embeddings"
+    assert out.loss.item() == pytest.approx(sum(t.item() for t in out.terms.values()), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["one_class", "singletons", "mixed"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_degenerate_batches(name: str, kind: str) -> None:
+    variant, out, emb, head = _run(name, _labels(kind))
+    _assert_finite(variant, out, emb, head)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_identical_embeddings(name: str) -> None:
+    variant, out, emb, head = _run(name, _labels("normal"), identical=True)
+    _assert_finite(variant, out, emb, head)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_half_precision_inputs(name: str, dtype: torch.dtype) -> None:
+    variant, out, emb, head = _run(name, _labels("normal"), dtype=dtype)
+    _assert_finite(variant, out, emb, head)
+    assert out.loss.dtype == torch.float32
+    for key, value in out.stats.items():
+        assert value.dtype == torch.float32, key
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_declarations(name: str) -> None:
+    cls = get_variant_class(name)
+    assert cls.name == name
+    assert issubclass(cls.Hparams, BaseHparams) and dataclasses.is_dataclass(cls.Hparams)
+    rec = cls.recommended()
+    assert rec["sampler"] == cls.default_sampler
+    variant = create_variant(name, **rec)
+    assert variant.hparams_dict() == rec
+    assert isinstance(cls.statistics, tuple) and all(isinstance(s, str) for s in cls.statistics)
+    fields = {f.name for f in dataclasses.fields(cls.Hparams)}
+    for key, dist in cls.full_search_space().items():
+        assert isinstance(dist, (Float, Int, Categorical)), f"{name}.{key}: {dist!r}"
+        assert key in fields, f"{name}: search space key {key!r} is not a hyperparameter"
+        if isinstance(dist, (Float, Int)):
+            assert dist.low <= dist.high
+            if dist.log:
+                assert dist.low > 0
+        else:
+            assert len(dist.choices) >= 1
+        assert dist.contains(rec[key]), f"{name}.{key}: recommended {rec[key]!r} outside {dist!r}"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_unknown_hparam_raises(name: str) -> None:
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        create_variant(name, definitely_not_a_hparam=1)
+
+
+def test_variant_names_are_the_registry() -> None:
+    assert VARIANTS[0] == "baseline"
+    for name in ("expansion", "bhattacharyya", "barrier"):
+        assert name in VARIANTS
+        assert get_variant_class(name).default_sampler == "pk"
+    with pytest.raises(ValueError):
+        create_variant("no_such_variant")
