@@ -150,10 +150,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_final(args: argparse.Namespace) -> int:
     from carrot.final import run_final
+    from carrot.tracking import client
 
     cfg = build_config(args, "baseline")
     variants = None if not args.variant or args.variant == "all" else [args.variant]
-    run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage)
+    overrides = {key: value for key, value in {
+        "optim.epochs": args.epochs, "device": args.device, "data.workers": args.workers,
+        "data.root": args.data_root}.items() if value is not None}
+    overrides["show_progress"] = not args.no_progress
+    client()
+    run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage, overrides=overrides)
     return 0
 
 

@@ -38,6 +38,7 @@ class DataConfig:
     augment: str = "basic"  # none | basic (random crop + flip) | randaugment (real datasets)
     cache: bool = False  # keep decoded images in memory (small real datasets)
     limit_per_class: int | None = None  # cap training images per class (smoke runs)
+    level: str = "variant"  # aircraft label level: variant | family | manufacturer
     # synthetic dataset: groups of sibling classes that differ only in a small detail
     synthetic_groups: int = 5
     synthetic_siblings: int = 2
@@ -52,6 +53,8 @@ class DataConfig:
         _check(self.image_size is None or self.image_size >= 8, "data.image_size", self.image_size, ">= 8")
         _check(self.augment in ("none", "basic", "randaugment"), "data.augment", self.augment,
                "one of none, basic, randaugment")
+        _check(self.level in ("variant", "family", "manufacturer"), "data.level", self.level,
+               "one of variant, family, manufacturer")
         _check(self.synthetic_groups >= 1 and self.synthetic_siblings >= 2, "data.synthetic_groups/siblings",
                (self.synthetic_groups, self.synthetic_siblings), "groups >= 1 and siblings >= 2")
 

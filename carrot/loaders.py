@@ -16,7 +16,7 @@ def training_split(splits: DatasetSplits, split: str) -> tuple[Dataset, np.ndarr
     (``split="test"``) train on train+val and evaluate on test.
     """
     if split == "test":
-        train = ConcatDataset([splits.train, splits.val])
+        train = ConcatDataset([splits.train, splits.val_train])
         labels = np.concatenate([splits.labels["train"], splits.labels["val"]])
         return train, labels, splits.test, splits.labels["test"], "test"
     return splits.train, splits.labels["train"], splits.val, splits.labels["val"], "val"

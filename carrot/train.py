@@ -96,7 +96,8 @@ def run_tags(cfg: RunConfig, seed: int, study: str | None, trial: int | None) ->
 
 
 def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: str | None = None,
-        run_name: str | None = None, log: Callable[[str], None] = print, track: bool = True) -> RunResult:
+        run_name: str | None = None, log: Callable[[str], None] = print, track: bool = True,
+        extra_tags: dict[str, str] | None = None) -> RunResult:
     """Train one configuration and evaluate it after every epoch.
 
     ``trial`` (an Optuna trial) receives the per-epoch accuracy for pruning; a pruned run
@@ -116,6 +117,10 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
                         cfg.model.probe_layers).to(device)
     variant.to(device)
     pin = device.type == "cuda"
+    if cfg.data.cache and cfg.data.workers > 0:  # fill once here, not once per worker process
+        for ds in (splits.train, splits.val, splits.test, splits.train_eval, splits.val_train):
+            if hasattr(ds, "fill_cache"):
+                ds.fill_cache()
     train_loader = make_loader(train_set, cfg, train=True, labels=train_labels, sampler_name=variant.hp.sampler,
                                m_per_class=variant.hp.m_per_class, pin=pin)
     eval_loader = make_loader(eval_set, cfg, train=False, pin=pin)
@@ -142,7 +147,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     trial_number = None if trial is None else trial.number
     logger = None
     if track:
-        tags = run_tags(cfg, cfg.seed, study, trial_number)
+        tags = {**run_tags(cfg, cfg.seed, study, trial_number), **(extra_tags or {})}
         name = run_name or f"{cfg.variant.name}-s{cfg.seed}" + ("" if trial is None else f"-t{trial_number}")
         logger = RunLogger.start(cfg.experiment, name, tags, parent_run_id)
         resolved = cfg.to_dict()

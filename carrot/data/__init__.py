@@ -40,10 +40,13 @@ class DatasetSplits:
     planted_pairs: list[tuple[int, int]] | None = None  # synthetic only: known confusable pairs
     info: dict[str, str] = field(default_factory=dict)
     train_eval: Dataset | None = None  # the training items with evaluation transforms (probes)
+    val_train: Dataset | None = None  # the validation items with training transforms (final runs)
 
     def __post_init__(self) -> None:
         if self.train_eval is None:
             self.train_eval = self.train
+        if self.val_train is None:
+            self.val_train = self.val
 
 
 Builder = Callable[..., DatasetSplits]

@@ -47,6 +47,7 @@ def split_tensor_dataset(images: torch.Tensor, labels: np.ndarray, cfg, class_na
         val=TensorImageDataset(images[val], labels[val]),
         test=TensorImageDataset(images[test], labels[test]),
         train_eval=TensorImageDataset(images[train], labels[train]),
+        val_train=TensorImageDataset(images[val], labels[val], augment=augment),
         num_classes=len(class_names),
         class_names=class_names,
         labels={k: labels[v].astype(np.int64) for k, v in parts.items()},

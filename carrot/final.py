@@ -1,0 +1,113 @@
+"""``carrot final``: the best configuration of each studied variant, several seeds, test split.
+
+For every variant whose study on the chosen dataset and backbone has a complete trial, the
+best trial's resolved configuration (its run's ``config.json``) is re-trained on train+val
+with seeds 0..S-1 and evaluated on the test split. A seed whose final run already finished
+is not run again, so an interrupted ``make final`` resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+
+from carrot.config import ConfigError, RunConfig
+from carrot.study import open_storage, study_name
+from carrot.tracking import client, find_runs
+from carrot.variants import list_variants
+
+
+@dataclass
+class FinalPlan:
+    variant: str
+    study: str
+    trial: int
+    config: RunConfig
+    seeds_done: list[int]
+    seeds_todo: list[int]
+
+
+def best_trial_config(study: optuna.Study, experiment: str) -> tuple[int, dict[str, Any]] | None:
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return None
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return None
+    mlf = client()
+    path = mlf.download_artifacts(run_id, "config.json")
+    with open(path) as fh:
+        return best.number, json.load(fh)
+
+
+def plan_final(base: RunConfig, seeds: int, variants: list[str] | None, storage: str | None,
+               overrides: dict[str, Any] | None = None) -> tuple[list[FinalPlan], list[str]]:
+    """What to run, and a note for every variant that has no usable study."""
+    store = open_storage(storage)
+    names = variants or list_variants()
+    plans, notes = [], []
+    mlf = client()
+    for variant in names:
+        probe = RunConfig.from_dict({**_section_dict(base), "variant": {"name": variant}})
+        name = study_name(probe)
+        try:
+            study = optuna.load_study(study_name=name, storage=store)
+        except KeyError:
+            notes.append(f"{variant}: no study {name!r} (run `make study VARIANT={variant}` first)")
+            continue
+        found = best_trial_config(study, base.experiment)
+        if found is None:
+            notes.append(f"{variant}: study {name!r} has no complete trial")
+            continue
+        trial, data = found
+        data["split"] = "test"
+        for key, value in (overrides or {}).items():
+            section, _, field = key.partition(".")
+            if field:
+                data.setdefault(section, {})[field] = value
+            else:
+                data[key] = value
+        data.get("data", {}).pop("effective_batch_size", None)
+        cfg = RunConfig.from_dict(data)
+        done_runs = find_runs(mlf, base.experiment,
+                              f"tags.`carrot.role` = 'final' and tags.`carrot.study` = '{name}' and "
+                              f"tags.`carrot.trial` = '{trial}' and attributes.status = 'FINISHED'")
+        done = sorted({int(r.data.tags["carrot.seed"]) for r in done_runs})
+        plans.append(FinalPlan(variant, name, trial, cfg, done, [s for s in range(seeds) if s not in done]))
+    return plans, notes
+
+
+def _section_dict(cfg: RunConfig) -> dict[str, Any]:
+    data = cfg.to_dict()
+    data.pop("variant")
+    return data
+
+
+def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None, storage: str | None = None,
+              overrides: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> list[FinalPlan]:
+    from carrot.train import run
+
+    if seeds < 1:
+        raise ConfigError(f"invalid seeds={seeds}: expected a positive integer")
+    plans, notes = plan_final(base, seeds, variants, storage, overrides)
+    for note in notes:
+        log(f"final: skipping {note}")
+    if not plans:
+        raise ConfigError("no variant has a finished study on "
+                          f"{base.data.name}/{base.model.backbone}; run `make study VARIANT=...` first")
+    for plan in plans:
+        log(f"final {plan.variant}: best trial {plan.trial} of {plan.study}; seeds done {plan.seeds_done}, "
+            f"to run {plan.seeds_todo}")
+        for seed in plan.seeds_todo:
+            cfg = RunConfig.from_dict({**plan.config.to_dict(), "seed": seed,
+                                       "show_progress": base.show_progress})
+            try:
+                result = run(cfg, study=plan.study, run_name=f"final-{plan.variant}-s{seed}",
+                             extra_tags={"carrot.role": "final", "carrot.trial": str(plan.trial)}, log=log)
+                log(f"final {plan.variant} seed {seed}: test/acc={result.objective:.4f}")
+            except Exception as exc:  # one failing seed does not stop the others
+                log(f"final {plan.variant} seed {seed} failed: {type(exc).__name__}: {exc}")
+    return plans
