@@ -155,8 +155,8 @@ class Evaluator:
         record["top_cos"], record["ref_cos"] = top_cos.tolist(), ref_cos.tolist()
 
         for layer, feats in got.features.items():
-            top_rho = dg.pair_rho(feats, got.labels, K, top.to(feats.device))
-            ref_rho = dg.pair_rho(feats, got.labels, K, ref.to(feats.device))
+            both = dg.pair_rho(feats, got.labels, K, torch.cat([top, ref]).to(feats.device))
+            top_rho, ref_rho = both[: len(top)], both[len(top):]
             metrics[f"rho/{layer}/top_mean"] = _nanmean(top_rho)
             metrics[f"rho/{layer}/ref_mean"] = _nanmean(ref_rho)
             record[f"rho/{layer}/top"], record[f"rho/{layer}/ref"] = top_rho.tolist(), ref_rho.tolist()
