@@ -1,0 +1,65 @@
+"""The training run itself: determinism on CPU, train+val for final runs, the P x K sampler."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from carrot.config import ConfigError
+from carrot.train import lr_factor, run
+
+
+def test_same_seed_same_metrics_on_cpu():
+    a = run(tiny_config(), track=False, log=lambda s: None)
+    b = run(tiny_config(), track=False, log=lambda s: None)
+    assert len(a.history) == len(b.history) == 2
+    _equal_but_time(a.history, b.history)
+    c = run(tiny_config(seed=1), track=False, log=lambda s: None)
+    assert c.history[-1]["train/loss"] != a.history[-1]["train/loss"]
+
+
+def _equal_but_time(h1, h2):
+    for r1, r2 in zip(h1, h2):
+        for k in r1:
+            if not k.startswith("time/"):
+                assert r1[k] == r2[k] or (np.isnan(r1[k]) and np.isnan(r2[k])), k
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warm = 100, 10
+    f = [lr_factor(s, warm, total) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.5, abs=1e-9)
+    assert all(x >= y for x, y in zip(f[10:], f[11:]))
+
+
+def test_pk_sampler_batches_hold_m_per_class():
+    from carrot.loaders import make_loader
+
+    cfg = tiny_config(**{"data.batch_size": 32})
+    labels = np.repeat(np.arange(10), 20)
+    import torch
+
+    ds = torch.utils.data.TensorDataset(torch.zeros(len(labels), 1), torch.as_tensor(labels))
+    loader = make_loader(ds, cfg, train=True, labels=labels, sampler_name="pk", m_per_class=4)
+    for _, y in loader:
+        counts = np.bincount(y.numpy(), minlength=10)
+        assert set(counts[counts > 0]) == {4} and len(y) == 32
+    with pytest.raises(ConfigError, match="fewer than m_per_class"):
+        make_loader(ds, cfg, train=True, labels=np.r_[labels[:-17], [9, 9, 9]][: len(labels)],
+                    sampler_name="pk", m_per_class=8)
+
+
+def test_final_split_trains_on_train_plus_val():
+    from carrot.data import ImageSpec, build_dataset
+    from carrot.loaders import training_split
+
+    cfg = tiny_config()
+    splits = build_dataset(cfg.data, ImageSpec())
+    train, labels, evalset, eval_labels, name = training_split(splits, "test")
+    assert name == "test" and len(train) == len(splits.train) + len(splits.val) == len(labels)
+    assert len(evalset) == len(splits.test)
+    assert np.array_equal(np.r_[splits.labels["train"], splits.labels["val"]], labels)
+    n_total = sum(len(v) for v in splits.labels.values())
+    assert n_total == 1797

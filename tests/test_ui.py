@@ -1,0 +1,66 @@
+"""`make ui` serves the runs: fetch the run list through MLflow's REST API from the served UI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_ui_serves_runs_over_rest(store):
+    from carrot.train import run
+
+    result = run(tiny_config(**{"optim.epochs": 1}), log=lambda s: None)
+    port = _free_port()
+    env = dict(os.environ)
+    proc = subprocess.Popen(["make", "-s", "-C", str(REPO), "ui", f"PORT={port}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                out = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
+                pytest.fail(f"MLflow UI did not come up on {base}: {out[-2000:]}")
+            time.sleep(1)
+        req = urllib.request.Request(
+            base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=carrot")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            exp_id = json.load(r)["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [exp_id], "max_results": 10}).encode()
+        req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.load(r)["runs"]
+        assert [r["info"]["run_id"] for r in runs] == [result.run_id]
+        metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+        assert metrics["val/acc"] == pytest.approx(result.objective)
+        tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
+        assert tags["carrot.variant"] == "baseline"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
