@@ -176,6 +176,10 @@ def cmd_plots(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.rest[:1] == ["throughput"]:
+        from carrot.throughput import main as throughput_main
+
+        return throughput_main(args.rest[1:])
     from carrot.bench import main as bench_main
 
     return bench_main(args.rest)

@@ -11,9 +11,10 @@ variant by name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import optuna
+if TYPE_CHECKING:  # the training path runs without Optuna installed
+    import optuna
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Float:
     high: float
     log: bool = False
 
-    def suggest(self, trial: optuna.Trial, name: str) -> float:
+    def suggest(self, trial: "optuna.Trial", name: str) -> float:
         return trial.suggest_float(name, self.low, self.high, log=self.log)
 
     def contains(self, value: Any) -> bool:
@@ -35,7 +36,7 @@ class Int:
     high: int
     log: bool = False
 
-    def suggest(self, trial: optuna.Trial, name: str) -> int:
+    def suggest(self, trial: "optuna.Trial", name: str) -> int:
         return trial.suggest_int(name, self.low, self.high, log=self.log)
 
     def contains(self, value: Any) -> bool:
@@ -46,7 +47,7 @@ class Int:
 class Categorical:
     choices: Sequence[Any]
 
-    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+    def suggest(self, trial: "optuna.Trial", name: str) -> Any:
         return trial.suggest_categorical(name, list(self.choices))
 
     def contains(self, value: Any) -> bool:
@@ -56,6 +57,6 @@ class Categorical:
 Distribution = Float | Int | Categorical
 
 
-def suggest_all(trial: optuna.Trial, space: dict[str, Distribution], prefix: str = "") -> dict[str, Any]:
+def suggest_all(trial: "optuna.Trial", space: dict[str, Distribution], prefix: str = "") -> dict[str, Any]:
     """Draw every hyperparameter of ``space`` from ``trial`` (names get ``prefix``)."""
     return {name: dist.suggest(trial, prefix + name) for name, dist in space.items()}

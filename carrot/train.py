@@ -23,7 +23,6 @@ from carrot.evaluate import Evaluator, collect
 from carrot.loaders import make_loader, training_split
 from carrot.model import CarrotModel, create_backbone, image_spec
 from carrot.progress import Progress
-from carrot.tracking import RunLogger, flatten, git_commit
 from carrot.variants import StepBatch, create_variant
 
 
@@ -83,6 +82,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def run_tags(cfg: RunConfig, seed: int, study: str | None, trial: int | None) -> dict[str, str]:
+    from carrot.tracking import git_commit
+
     return {
         "carrot.variant": cfg.variant.name,
         "carrot.study": study or "",
@@ -147,6 +148,8 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     trial_number = None if trial is None else trial.number
     logger = None
     if track:
+        from carrot.tracking import RunLogger, flatten
+
         tags = {**run_tags(cfg, cfg.seed, study, trial_number), **(extra_tags or {})}
         name = run_name or f"{cfg.variant.name}-s{cfg.seed}" + ("" if trial is None else f"-t{trial_number}")
         logger = RunLogger.start(cfg.experiment, name, tags, parent_run_id)
