@@ -66,6 +66,7 @@ class ModelConfig:
     pretrained_path: str | None = None  # local weights file (state dict), head re-initialised
     probe_layers: list[str] | None = None  # None: the last block of each of the last 4 stages
     drop_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size: 448)
 
 
 @dataclass

@@ -89,10 +89,10 @@ class CarrotModel(nn.Module):
 
 
 def create_backbone(name: str, pretrained: bool = False, pretrained_path: str | None = None,
-                    drop_rate: float = 0.0) -> nn.Module:
+                    drop_rate: float = 0.0, extra: dict | None = None) -> nn.Module:
     if not timm.is_model(name):
         raise ModelError(f"unknown backbone {name!r}; expected a timm model name (see timm.list_models())")
-    kwargs = {"num_classes": 0, "drop_rate": drop_rate}
+    kwargs = {**(extra or {}), "num_classes": 0, "drop_rate": drop_rate}
     if pretrained_path:
         path = Path(pretrained_path)
         if not path.is_file():

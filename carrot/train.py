@@ -111,7 +111,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     variant = create_variant(cfg.variant.name, **hparams)
 
     backbone = create_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.pretrained_path,
-                               cfg.model.drop_rate)
+                               cfg.model.drop_rate, cfg.model.kwargs)
     splits = build_dataset(cfg.data, image_spec(backbone))
     train_set, train_labels, eval_set, eval_labels, eval_split = training_split(splits, cfg.split)
     model = CarrotModel(backbone, variant.build_neck(backbone.num_features), splits.num_classes,
