@@ -1,0 +1,427 @@
+"""``prototype`` (seed 000): confusion-weighted prototype separation.
+
+An error-exponent (Chernoff / Bhattacharyya) proxy that pushes apart the prototypes of the
+class pairs the model currently confuses most:
+
+    L = CE + lambda(t) * L_carrot,   L_carrot = mean_{(i, j) in P} omega_ij exp(-alpha d2_ij),
+
+with lambda(t) ramped linearly from 0 over ``warmup_epochs``.
+
+State kept across steps (registered buffers, so they follow ``.to()`` and checkpoints):
+    mu (K, D)   unit-norm class prototypes (EMA, momentum ``mu_momentum``);
+    seen (K,)   classes that have a prototype;
+    conf (K, K) soft confusion (EMA per present row, momentum ``conf_momentum``, zero diag);
+    gram (K, K) Gram matrix of the stored prototypes in the metric space (a cache, below);
+    mahalanobis only: cov (D, D) EMA within-class covariance, metric_factor (D, D) the
+    factor L with d2 = ||(mu_i - mu_j) L||^2, refreshed every ``cov_refresh_every`` steps,
+    and mu_metric (K, D) = mu L.
+K and D are unknown at construction: the buffers are allocated on the first forward from
+``logits.shape[1]`` and ``embedding.shape[1]`` (or call :meth:`PrototypeVariant.initialize_state`);
+``load_state_dict`` into a fresh instance resizes them.
+
+One step (B samples, C classes present):
+1. conf row c <- (1 - m_conf) conf_c + m_conf * mean_{i: y_i = c} p_i for c present
+   (p = softmax, optionally only each sample's top-``conf_topk`` probabilities); other rows
+   unchanged; diagonal 0. omega = (conf + conf^T) / 2.
+2. **The fix to the sketch**: the loss uses prototypes that carry this batch's gradient,
+   mu~_c = normalize((1 - beta) mu_c.detach() + beta * mean_{i: y_i = c} h_i) for c present,
+   the stored (detached) prototype otherwise; the buffer stores mu~.detach(). (The sketch
+   computed the loss from the no-grad buffer: no gradient reached the backbone.)
+3. Pairs P: for every seen class i its top-m neighbours by omega, deduplicated as unordered
+   pairs (K x K mask from the top-k indices, OR its transpose, upper triangle) and kept
+   where omega > 0 (a zero-weight "neighbour" is an arbitrary tie, and counting it would
+   only dilute the mean). The mean is a masked sum over the mask count: no data-dependent
+   shape.
+4. d2_ij = ||t_i - t_j||^2 with t = mu~ (euclidean; whitening, where h already passed V),
+   or t = mu~ L (mahalanobis: Sigma_s = (1 - s) Sigma_w / (tr Sigma_w / D) + s I = C C^T,
+   L = C^{-T}, so d2 = (mu_i - mu_j)^T Sigma_s^{-1} (mu_i - mu_j)). Sigma_w is scaled to mean
+   eigenvalue 1 so an isotropic within-class spread gives back the euclidean d2 and alpha
+   keeps its meaning across metrics.
+
+Cost: only the present rows of t change in a step, so d2 comes from the cached Gram of the
+stored prototypes with the rows and columns of the present classes recomputed: one
+(B, D) x (D, K) product, O(B K D) like the head itself, instead of O(K^2 D) for all pairs or
+O(K m D) for gathered pair differences. Slot s of a batch holds the class of sample s, and
+the first slot of each class is its representative (a (K, B) one-hot picks them): fixed
+shapes, no host sync. Where both classes are present the product t_i . stop(t_j) is
+symmetrised as r_ij + r_ji - stop(r_ij), which keeps the value and the exact gradient with
+respect to both prototypes without a second (B, B, D) product.
+All of it runs in float32 with autocast off.
+
+Whitening (the note's second route): the neck is normalise-then-V, V a bias-free D x D
+linear map initialised to the identity; the head sees V h, prototypes and distances are
+taken on V h, and ``whiten_weight * ||V^T V - I||_F^2`` is added (estimated with
+``whiten_probes`` Rademacher probes, E||(V^T V - I) g||^2 = ||V^T V - I||_F^2, because the
+exact penalty costs O(D^3) per step; 0 probes = exact).
+
+Under torch.distributed the per-class sums and counts, the confusion sums and the
+covariance scatter are all-reduced before the EMA; each rank's gradient flows through its
+own samples (mean = (local sum + (global - local).detach()) / global count). Ranks must
+use equal batch sizes (labels are all-gathered).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carrot.space import Categorical, Float, Int
+from carrot.variants import register_variant
+from carrot.variants.base import BaseHparams, StepBatch, Variant, linear_ramp
+
+METRICS = ("euclidean", "mahalanobis", "whitening")
+
+
+# ------------------------------------------------------------------ functional core
+def unit_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """x / max(||x||, eps) row-wise, (N, D).
+
+    Same value as ``F.normalize``, written as a product with a (N, 1) factor: on the CPU
+    its backward is several times faster than ``F.normalize``'s expanded division.
+    """
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True).clamp_min(eps * eps))
+
+
+def blend_prototypes(mu: Tensor, means: Tensor, momentum: float) -> Tensor:
+    """mu~ = normalize((1 - beta) mu.detach() + beta * means), row-wise, (R, D).
+
+    ``means`` are this batch's class means, so mu~ carries the batch gradient (the fix to the
+    sketch). A never-seen class (mu = 0) starts at its normalised batch mean.
+    """
+    return unit_rows((1.0 - momentum) * mu.detach() + momentum * means)
+
+
+def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0) -> Tensor:
+    """Sum over each class's samples of their softmax probabilities, (K, K), no grad.
+
+    With ``topk > 0`` only each sample's ``topk`` largest probabilities are kept (a scatter,
+    no per-sample loop).
+    """
+    with torch.no_grad():
+        k = logits.shape[1]
+        p = F.softmax(logits.detach().float(), dim=1)  # (B, K)
+        if 0 < topk < k:
+            vals, idx = p.topk(topk, dim=1)  # (B, topk)
+            p = torch.zeros_like(p).scatter_(1, idx, vals)
+        return torch.zeros(k, k, dtype=p.dtype, device=p.device).index_add_(0, y, p)
+
+
+def update_confusion(conf: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
+    """conf_c <- (1 - m) conf_c + m sums_c / n_c for present classes; others kept; diag 0."""
+    with torch.no_grad():
+        mean = sums / counts.clamp_min(1.0)[:, None]  # (K, K)
+        new = torch.where((counts > 0)[:, None], (1.0 - momentum) * conf + momentum * mean, conf)
+        return new.fill_diagonal_(0.0)
+
+
+def neighbour_pairs(omega: Tensor, top_m: int, valid: Tensor) -> Tensor:
+    """Unordered pairs {i, j} with j among i's top-m neighbours by omega (or i among j's).
+
+    Only classes with ``valid`` (K,) bool take part and only pairs with omega > 0 are kept.
+    Returns a (K, K) bool mask, strictly upper-triangular (each pair once).
+    """
+    k = omega.shape[0]
+    m = min(top_m, k - 1)
+    allowed = valid[:, None] & valid[None, :] & ~torch.eye(k, dtype=torch.bool, device=omega.device)
+    score = omega.masked_fill(~allowed, float("-inf"))
+    idx = score.topk(m, dim=1).indices  # (K, m)
+    chosen = torch.zeros(k, k, dtype=torch.bool, device=omega.device).scatter_(1, idx, True)
+    return (chosen | chosen.T).triu(1) & allowed & (omega > 0)
+
+
+def confusion_pair_loss(d2: Tensor, omega: Tensor, mask: Tensor, alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_carrot = sum_{mask} omega_ij exp(-alpha d2_ij) / |mask| (0 when the mask is empty).
+
+    omega and the mask carry no gradient. Returns the loss and ``pairs``, ``omega_mean``,
+    ``d2_mean`` over the selected pairs.
+    """
+    with torch.no_grad():
+        w = mask.to(d2.dtype)
+        count = w.sum()
+        w = w / count.clamp_min(1.0)
+        weight = omega.detach() * w  # (K, K) omega_ij / |mask| on the selected pairs
+        stats = {"pairs": count, "omega_mean": weight.sum(), "d2_mean": (d2.detach() * w).sum()}
+    loss = (weight * torch.exp(-alpha * d2)).sum()
+    return loss, stats
+
+
+def gram_to_sq_distance(gram: Tensor) -> Tensor:
+    """d2_ij = G_ii + G_jj - 2 G_ij, clamped >= 0 against round-off, (K, K)."""
+    sq = gram.diagonal()
+    return (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
+
+
+def within_class_scatter(h: Tensor, group: Tensor, means: Tensor) -> Tensor:
+    """sum_i (h_i - mu_{g_i})(h_i - mu_{g_i})^T, (D, D), no grad.
+
+    ``group`` (B,) indexes the rows of ``means`` (class means, by class or by batch slot).
+    """
+    with torch.no_grad():
+        dev = h.detach().float() - means.detach()[group]  # (B, D)
+        return dev.T @ dev
+
+
+def shrunk_metric_factor(cov: Tensor, shrinkage: float) -> Tensor:
+    """L (D, D) with (mu_i - mu_j) L L^T (mu_i - mu_j)^T = Delta^T Sigma_s^{-1} Delta.
+
+    Sigma_s = (1 - s) Sigma / (tr Sigma / D) + s I (identity when tr Sigma = 0); with the
+    Cholesky factor Sigma_s = C C^T, L = C^{-T}. Computed in float64, returned in cov.dtype.
+    """
+    with torch.no_grad():
+        d = cov.shape[0]
+        c64 = cov.double()
+        tr = torch.diagonal(c64).sum()
+        eye = torch.eye(d, dtype=torch.float64, device=cov.device)
+        scaled = torch.where(tr > 0, c64 * (d / tr.clamp_min(1e-300)), eye)
+        sigma = (1.0 - shrinkage) * scaled + shrinkage * eye
+        chol, _ = torch.linalg.cholesky_ex(0.5 * (sigma + sigma.T))
+        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)  # C^{-1}
+        return chol_inv.T.to(cov.dtype)
+
+
+def orthogonality_penalty(v: Tensor, probes: int = 0, generator: torch.Generator | None = None) -> Tensor:
+    """||V^T V - I||_F^2, exactly (probes = 0, O(D^3)) or by Hutchinson with Rademacher probes.
+
+    With A = V^T V - I and g uniform on {-1, 1}^D, E||A g||^2 = ||A||_F^2, so the estimate and
+    its gradient are unbiased; each probe costs two matrix-vector products, O(D^2).
+    """
+    v = v.float()
+    d = v.shape[1]
+    if probes <= 0:
+        a = v.T @ v - torch.eye(d, dtype=v.dtype, device=v.device)
+        return (a * a).sum()
+    g = torch.randint(0, 2, (d, probes), generator=generator, device=v.device).to(v.dtype) * 2.0 - 1.0  # (D, s)
+    ag = v.T @ (v @ g) - g  # (D, s)
+    return (ag * ag).sum() / probes
+
+
+class L2Normalize(nn.Module):
+    """h = z / ||z|| (computed in float32, returned in the input dtype)."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return unit_rows(z.float()).to(z.dtype)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# ------------------------------------------------------------------ variant
+@dataclass
+class PrototypeHparams(BaseHparams):
+    lam: float = 1.0  # weight of L_carrot after the ramp
+    alpha: float = 10.0  # steepness of exp(-alpha d2) (the note: 5 to 30, 10 to start)
+    top_m: int = 20  # neighbours per class (the note: 10-30 for CUB/Cars); clamped to K-1
+    mu_momentum: float = 0.05  # beta, prototype EMA
+    conf_momentum: float = 0.05  # soft-confusion EMA
+    conf_topk: int = 20  # top-k probabilities per sample in the confusion update (0 = all)
+    metric: str = "euclidean"  # euclidean | mahalanobis | whitening
+    warmup_epochs: float = 2.0  # lambda ramps 0 -> lam over these epochs (the note: 1-5)
+    cov_refresh_every: int = 100  # steps between refreshes of the Mahalanobis factor
+    cov_shrinkage: float = 0.1  # s in Sigma_s = (1 - s) Sigma_w / (tr/D) + s I
+    cov_momentum: float = 0.05  # within-class covariance EMA
+    whiten_weight: float = 0.1  # weight of ||V^T V - I||_F^2 (metric = whitening)
+    whiten_probes: int = 4  # Hutchinson probes for that penalty (0 = exact, O(D^3))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        for name in ("mu_momentum", "conf_momentum", "cov_momentum"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.cov_shrinkage <= 1.0:
+            raise ValueError(f"cov_shrinkage must be in (0, 1], got {self.cov_shrinkage}")
+        if self.top_m < 1 or self.cov_refresh_every < 1:
+            raise ValueError("top_m and cov_refresh_every must be >= 1")
+        if min(self.lam, self.alpha, self.warmup_epochs, self.whiten_weight) < 0 or self.conf_topk < 0 \
+                or self.whiten_probes < 0:
+            raise ValueError("lam, alpha, warmup_epochs, whiten_weight, conf_topk, whiten_probes must be >= 0")
+
+
+_STATE = ("mu", "seen", "conf", "gram", "cov", "metric_factor", "mu_metric")
+
+
+@register_variant
+class PrototypeVariant(Variant):
+    """CE + lambda(t) * confusion-weighted exp(-alpha d2) between EMA class prototypes."""
+
+    name = "prototype"
+    Hparams = PrototypeHparams
+    search_space = {
+        "lam": Float(0.1, 30.0, log=True),
+        "alpha": Float(5.0, 30.0),
+        "top_m": Int(10, 30),
+        "mu_momentum": Float(0.01, 0.3, log=True),
+        "conf_momentum": Float(0.01, 0.3, log=True),
+        "conf_topk": Categorical([0, 5, 10, 20]),
+        "metric": Categorical(list(METRICS)),
+        "warmup_epochs": Float(1.0, 5.0),
+        "cov_refresh_every": Int(20, 500, log=True),
+        "cov_shrinkage": Float(0.01, 0.9, log=True),
+        "whiten_weight": Float(1e-3, 1.0, log=True),
+    }
+    statistics = ("l_carrot", "lambda", "pairs", "omega_mean", "d2_mean")
+    default_sampler = "random"
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        for name in _STATE:
+            self.register_buffer(name, torch.zeros(0))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._steps = 0  # host mirror of ``steps``: the refresh schedule needs no device read
+        self._whitener: list[nn.Linear] = []  # the neck's V; a plain list so it is not a submodule twice
+
+    # ------------------------------------------------------------- state handling
+    def build_neck(self, dim: int) -> nn.Module:
+        """L2 normalisation, then (metric = whitening) V: bias-free Linear(dim, dim), V = I."""
+        if self.hp.metric != "whitening":
+            return L2Normalize()
+        v = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            v.weight.copy_(torch.eye(dim))
+        self._whitener = [v]
+        return nn.Sequential(L2Normalize(), v)
+
+    def initialize_state(self, num_classes: int, dim: int, device: torch.device | str | None = None) -> None:
+        """Allocate the state for K = ``num_classes`` and D = ``dim`` (done lazily otherwise)."""
+        if self.mu.shape == (num_classes, dim):
+            return
+        if self.mu.numel():
+            raise ValueError(f"prototype state is {tuple(self.mu.shape)}, got K={num_classes}, D={dim}")
+        device = self.steps.device if device is None else device
+        f32 = {"dtype": torch.float32, "device": device}
+        self.mu = torch.zeros(num_classes, dim, **f32)
+        self.seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        self.conf = torch.zeros(num_classes, num_classes, **f32)
+        self.gram = torch.zeros(num_classes, num_classes, **f32)
+        if self.hp.metric == "mahalanobis":
+            self.cov = torch.zeros(dim, dim, **f32)
+            self.metric_factor = torch.eye(dim, **f32)
+            self.mu_metric = torch.zeros(num_classes, dim, **f32)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        for name in _STATE:  # lazily allocated buffers take the checkpoint's shape
+            key = prefix + name
+            if key in state_dict and self._buffers[name].numel() == 0:
+                src = state_dict[key]
+                self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=self.steps.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._steps = int(self.steps)
+
+    # ------------------------------------------------------------- one step
+    def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        # float32 even under autocast (SPEC): bf16 dot products of unit vectors carry ~1e-2
+        # errors in d2, i.e. ~10 % in exp(-alpha d2) at alpha = 10.
+        with torch.autocast(batch.embedding.device.type, enabled=False):
+            return self._compute(batch)
+
+    def _compute(self, batch: StepBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        hp = self.hp
+        h = batch.embedding.float()  # (B, D): what the head sees (normalised, or V h)
+        y = batch.labels.long()
+        b, k, d = h.shape[0], batch.logits.shape[1], h.shape[1]
+        self.initialize_state(k, d, h.device)
+        update = self.training
+        distributed = _distributed()
+
+        with torch.no_grad():
+            # Slots: slot s holds the class of sample s (of all ranks' samples under DDP); the
+            # first slot of each class is its representative. Fixed shapes, no host sync.
+            y_all = self._gather_labels(y) if distributed else y  # (S,)
+            same = y_all[:, None] == y_all[None, :]  # (S, S)
+            slots = torch.arange(len(y_all), device=h.device)
+            first = same.to(torch.uint8).argmax(dim=1)  # (S,) first slot of each slot's class
+            representative = first == slots  # (S,)
+            slot_counts = same.sum(dim=1).float()  # (S,) samples of the slot's class
+            one_hot = (torch.arange(k, device=h.device)[:, None] == y_all[None, :]) & representative  # (K, S)
+            one_hot = one_hot.float()
+            counts = one_hot @ slot_counts  # (K,)
+            present = counts > 0  # (K,)
+            conf_sums = confusion_sums(batch.logits, y, hp.conf_topk)  # (K, K)
+            if distributed:
+                dist.all_reduce(conf_sums)
+            conf = update_confusion(self.conf, conf_sums, counts, hp.conf_momentum)
+            omega = 0.5 * (conf + conf.T)
+            seen = self.seen | present
+            mask = neighbour_pairs(omega, hp.top_m, seen)  # (K, K)
+
+        # Sums land in each class's representative slot (the others stay 0 and are never read).
+        local_first = first[dist.get_rank() * b:][:b] if distributed else first  # (B,) this rank's samples
+        slot_sums = h.new_zeros(len(y_all), d).index_add(0, local_first, h)  # (S, D), this rank's gradient
+        if distributed:
+            global_sums = slot_sums.detach().clone()
+            dist.all_reduce(global_sums)
+            slot_sums = slot_sums + (global_sums - slot_sums.detach())  # global values, local gradient
+        slot_means = slot_sums / slot_counts[:, None]  # (S, D) class means on representative slots
+        if hp.metric == "mahalanobis" and update:
+            self._update_covariance(h, local_first, slot_means, representative, distributed)
+
+        # mu~ of the present classes, carrying the batch gradient (the fix), (S, D); rows of
+        # non-representative slots are never read.
+        mu_slots = blend_prototypes(self.mu[y_all], slot_means, hp.mu_momentum)
+        t_slots = mu_slots @ self.metric_factor if hp.metric == "mahalanobis" else mu_slots  # (S, D)
+        # The stored prototypes with the present rows replaced by mu~ (detached). Training
+        # writes them into the buffer in place before the graph reads it; evaluation copies.
+        # Every slot of a class writes its representative's row: repeated indices, equal values.
+        with torch.no_grad():
+            buffer = self.mu_metric if hp.metric == "mahalanobis" else self.mu
+            new_rows = (y_all,), t_slots.detach()[first]
+            t_buffer = buffer.index_put_(*new_rows) if update else buffer.index_put(*new_rows)  # (K, D)
+            if update and hp.metric == "mahalanobis":
+                self.mu.index_put_((y_all,), mu_slots.detach()[first])
+        # Gram matrix of the prototypes. Rows of present classes: one (S, D) x (D, K) product,
+        # the step's O(B K D) part, with the gradient on the row side. Where both classes are
+        # present, G_ij = r_ij + r_ji - r_ij.detach() (r_ij = t_i . stop(t_j)) has the value
+        # t_i . t_j and its exact gradient with respect to both t_i and t_j.
+        rows = one_hot @ (t_slots @ t_buffer.T)  # (K, K): row c from its representative, 0 if absent
+        both = present[:, None] & present
+        gram = torch.where(present[:, None], rows, torch.where(present, rows.T, self.gram))
+        gram = torch.where(both, rows + rows.T - rows.detach(), gram)  # (K, K)
+        d2 = gram_to_sq_distance(gram)
+        l_carrot, pair_stats = confusion_pair_loss(d2, omega, mask, hp.alpha)
+        lam_t = hp.lam * linear_ramp(batch.progress, hp.warmup_epochs)
+
+        if update:
+            with torch.no_grad():
+                self.seen = seen
+                self.conf = conf
+                self.gram = gram.detach()
+                self._steps += 1
+                self.steps.fill_(self._steps)
+
+        terms = {"carrot": lam_t * l_carrot}
+        if hp.metric == "whitening":
+            penalty = (orthogonality_penalty(self._whitener[0].weight, hp.whiten_probes)
+                       if self._whitener else l_carrot.new_zeros(()))
+            terms["whiten"] = hp.whiten_weight * penalty
+        stats = {"l_carrot": l_carrot, "lambda": torch.full((), lam_t, device=h.device), **pair_stats}
+        return terms, stats
+
+    def _update_covariance(self, h: Tensor, slot: Tensor, slot_means: Tensor, representative: Tensor,
+                           distributed: bool) -> None:
+        """EMA of the within-class covariance; refresh the metric factor every N steps."""
+        hp = self.hp
+        scatter = within_class_scatter(h, slot, slot_means)  # (D, D)
+        if distributed:
+            dist.all_reduce(scatter)
+        dof = len(representative) - representative.sum()  # sum_c (n_c - 1), global
+        # No bias correction for the zero start: the factor only sees Sigma / (tr Sigma / D).
+        step = torch.where(dof > 0, hp.cov_momentum, 0.0)
+        self.cov = (1.0 - step) * self.cov + step * scatter / dof.clamp_min(1)
+        if self._steps % hp.cov_refresh_every == 0:
+            self.metric_factor = shrunk_metric_factor(self.cov, hp.cov_shrinkage)
+            self.mu_metric = self.mu @ self.metric_factor
+            self.gram = self.mu_metric @ self.mu_metric.T
+
+    @staticmethod
+    def _gather_labels(y: Tensor) -> Tensor:
+        parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, y)
+        return torch.cat(parts)

@@ -1,0 +1,47 @@
+"""`carrot final`: best trial of each study, several seeds on the test split, resumable."""
+from __future__ import annotations
+
+import pytest
+
+from carrot.cli import main
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--epochs", "1", "--image-size", "16", "--no-progress", "--set", "eval.probe_max_train=200",
+        "--set", "data.batch_size=32"]
+
+
+def _final_runs(client):
+    exp = client.get_experiment_by_name("carrot")
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("carrot.role") == "final"]
+
+
+def test_study_all_then_final_resumes(store, mlflow_client, capsys):
+    assert main(["study", "--variant", "all", "--trials", "1"] + TINY) == 0
+    out = capsys.readouterr().out
+    from carrot.variants import list_variants
+
+    for name in list_variants():
+        assert f"digits-test_resnet-{name}" in out
+
+    assert main(["final", "--seeds", "2", "--variant", "baseline", "--no-progress"]) == 0
+    runs = _final_runs(mlflow_client)
+    assert sorted(int(r.data.tags["carrot.seed"]) for r in runs) == [0, 1]
+    for r in runs:
+        assert r.data.tags["carrot.split"] == "test"
+        assert r.data.tags["carrot.study"] == "digits-test_resnet-baseline"
+        assert "test/acc" in r.data.metrics and "val/acc" not in r.data.metrics
+        # the best trial's resolved configuration is what was re-trained
+        assert r.data.params["data.image_size"] == "16"
+
+    # a finished seed is not run again; a larger SEEDS adds only the missing ones
+    assert main(["final", "--seeds", "2", "--variant", "baseline", "--no-progress"]) == 0
+    assert len(_final_runs(mlflow_client)) == 2
+    assert main(["final", "--seeds", "3", "--variant", "baseline", "--no-progress"]) == 0
+    assert sorted(int(r.data.tags["carrot.seed"]) for r in _final_runs(mlflow_client)) == [0, 1, 2]
+
+
+def test_final_without_any_study_says_so(store, capsys):
+    assert main(["final", "--seeds", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no variant has a finished study" in err
