@@ -76,8 +76,12 @@ test: $(STAMP) ## the whole test suite (slow end-to-end tests included)
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: $(STAMP) ## variant cost as a ratio to the CE head (CPU, and CUDA when present)
-	$(BIN)/carrot bench
+bench: $(STAMP) ## variant cost as a ratio to the CE head (CPU, and CUDA with a ResNet-50 step when present)
+	$(BIN)/carrot bench --device cpu
+	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(BIN)/carrot bench --device cuda --resnet50 --image-size 448; \
+		$(BIN)/carrot bench throughput; \
+	else echo "no CUDA device: GPU benchmarks skipped"; fi
 
 clean: ## remove the virtual environment and caches (keeps mlruns/ and studies/)
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -210,7 +210,13 @@ def _preflight_data(cfg) -> None:
         build_dataset(cfg.data, ImageSpec(input_size=cfg.data.image_size or 224))
 
 
+PASSTHROUGH = {"tables": "cmd_tables", "plots": "cmd_plots", "bench": "cmd_bench"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:  # their own parsers take every flag that follows
+        return globals()[PASSTHROUGH[argv[0]]](argparse.Namespace(rest=argv[1:]))
     parser = argparse.ArgumentParser(prog="carrot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("study", help="Optuna search over one variant's hyperparameters (or all)")

@@ -42,8 +42,26 @@ def pk_sampler(labels: np.ndarray, m: int, batch_size: int, seed: int):
         )
     if len(classes) < 2:
         raise ConfigError("a P x K batch needs at least 2 classes in the training split")
-    torch.manual_seed(seed)  # MPerClassSampler draws from torch's global generator
-    return MPerClassSampler(labels.tolist(), m=m, batch_size=batch_size, length_before_new_iter=len(labels))
+
+    class SeededMPerClassSampler(MPerClassSampler):
+        """MPerClassSampler drawing from its own generator (seed + epoch), not numpy's global one,
+        so a run's batches do not depend on what else consumed the global state."""
+
+        def __iter__(self):
+            from pytorch_metric_learning.utils import common_functions as c_f
+
+            saved = c_f.NUMPY_RANDOM
+            c_f.NUMPY_RANDOM = np.random.RandomState(seed + self.epoch)
+            self.epoch += 1
+            try:
+                return super().__iter__()  # builds the whole index list before returning
+            finally:
+                c_f.NUMPY_RANDOM = saved
+
+    sampler = SeededMPerClassSampler(labels.tolist(), m=m, batch_size=batch_size,
+                                     length_before_new_iter=len(labels))
+    sampler.epoch = 0
+    return sampler
 
 
 def make_loader(dataset: Dataset, cfg: RunConfig, *, train: bool, labels: np.ndarray | None = None,

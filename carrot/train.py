@@ -161,6 +161,8 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     evaluator = Evaluator(cfg, splits, eval_split, model, device, logger, log)
 
     history: list[dict[str, float]] = []
+    # set-up (lazy imports, store look-ups) may have drawn from the global generators
+    seed_everything(cfg.seed)
     progress = Progress(total=cfg.optim.epochs, desc=name_for_progress(cfg, trial_number),
                         enabled=cfg.show_progress, log=log)
     status = "FAILED"

@@ -63,3 +63,20 @@ def test_final_split_trains_on_train_plus_val():
     assert np.array_equal(np.r_[splits.labels["train"], splits.labels["val"]], labels)
     n_total = sum(len(v) for v in splits.labels.values())
     assert n_total == 1797
+
+
+def test_pk_batches_do_not_depend_on_global_random_state():
+    import torch
+
+    from carrot.loaders import make_loader
+
+    cfg = tiny_config(**{"data.batch_size": 32})
+    labels = np.repeat(np.arange(10), 20)
+    ds = torch.utils.data.TensorDataset(torch.arange(len(labels)), torch.as_tensor(labels))
+    draws = []
+    for global_seed in (1, 2):
+        np.random.seed(global_seed)
+        loader = make_loader(ds, cfg, train=True, labels=labels, sampler_name="pk", m_per_class=4)
+        draws.append([x.tolist() for _ in range(2) for x, _ in loader])
+    assert draws[0] == draws[1]
+    assert draws[0][: len(draws[0]) // 2] != draws[0][len(draws[0]) // 2:]  # epochs differ

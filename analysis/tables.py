@@ -1,0 +1,666 @@
+"""The paper's tables from finished runs: Markdown, LaTeX (booktabs) and CSV for each.
+
+    python -m analysis.tables [--experiment carrot] [--out analysis/output] [--dataset d]
+                              [--backbone b] [--storage studies/optuna.journal] [--seeds n]
+
+Tables (file stem under ``--out``):
+
+- ``main_results``: test top-1 per dataset x variant over seeds (mean +- std, 95% t-interval),
+  paired differences to ``baseline`` and ``pairwise_confusion`` (``scipy.stats.ttest_rel`` over
+  the seeds both have), mean class accuracy;
+- ``confusable_pairs``: error on the baseline's reference pairs and on the run's own top pairs;
+- ``geometry``: rho per layer and prototype cosine on the reference pairs, linear-probe
+  accuracy per layer, NC1;
+- ``ablations``: study trials grouped by each variant's switches (:data:`ABLATION_SWITCHES`);
+- ``importance``: Optuna's fANOVA hyperparameter importance of each variant's study.
+
+Final runs are the finished runs tagged ``carrot.split=test`` (one per seed: the newest);
+study trials the finished runs tagged ``carrot.split=val``. Missing data is written into the
+table with a numbered note, never dropped. The output is deterministic: the same store gives
+byte-identical files.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from analysis.common import (
+    StoreMissing,
+    add_store_arguments,
+    connect,
+    dataset_groups,
+    final_runs,
+    known_variants,
+    layer_sort_key,
+    load_runs,
+    metric_keys,
+    metric_values,
+    natural_key,
+    study_trials,
+)
+
+# The ablation switches of each variant: hyperparameter names as logged under
+# ``variant.hparams.<name>``. A new variant is a new row; a name a run did not log is skipped.
+ABLATION_SWITCHES: dict[str, tuple[str, ...]] = {
+    "prototype": ("metric",),
+    "expansion": ("mode", "detach_stats"),
+    "nuisance": ("basis", "delta", "union"),
+    "bhattacharyya": ("scale", "layers"),
+    "barrier": ("use_var", "use_rank"),
+}
+COMMON_SWITCHES: tuple[str, ...] = ("sampler",)  # ablated for every variant
+# Continuous switches are binned: the bin edges (value < edge goes left).
+SWITCH_BINS: dict[str, tuple[float, ...]] = {"delta": (0.03, 0.1)}
+
+REFERENCES = ("baseline", "pairwise_confusion")  # variants every row is compared with (paired by seed)
+DEFAULT_STORAGE = "studies/optuna.journal"
+CONFIDENCE = 0.95
+CSV_FLOAT = "{:.10g}"
+NA = "n/a"
+DASH = "—"
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    mean: float
+    std: float  # sample standard deviation (ddof=1); NaN below 2 values
+    ci_low: float  # 95% t-interval of the mean; NaN below 2 values
+    ci_high: float
+
+
+def summarize(values: Iterable[float]) -> Summary:
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return Summary(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n < 2:
+        return Summary(1, mean, math.nan, math.nan, math.nan)
+    from scipy import stats
+
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Paired:
+    n: int  # seeds both have
+    diff: float  # mean of (variant - reference) over those seeds
+    p: float  # two-sided paired t-test; NaN below 2 pairs or with zero spread
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> Paired:
+    """Pair by seed; ``scipy.stats.ttest_rel(variant, reference)``."""
+    seeds = sorted(s for s in set(values) & set(reference)
+                   if math.isfinite(values[s]) and math.isfinite(reference[s]))
+    if not seeds:
+        return Paired(0, math.nan, math.nan)
+    a = np.array([values[s] for s in seeds])
+    b = np.array([reference[s] for s in seeds])
+    diff = float(np.mean(a - b))
+    if len(seeds) < 2:
+        return Paired(len(seeds), diff, math.nan)
+    from scipy import stats
+
+    with np.errstate(all="ignore"):
+        p = float(stats.ttest_rel(a, b).pvalue)
+    return Paired(len(seeds), diff, p)
+
+
+def by_seed(runs: pd.DataFrame, key: str) -> dict[int, float]:
+    values = metric_values(runs, key)
+    return {int(s): float(v) for s, v in zip(runs["seed"], values) if s is not None and math.isfinite(v)}
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt(x: float, digits: int = 2, scale: float = 1.0, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return NA
+    return f"{x * scale:+.{digits}f}" if sign else f"{x * scale:.{digits}f}"
+
+
+def fmt_pm(s: Summary, digits: int = 2, scale: float = 1.0) -> str:
+    """'mean ± std'; 'n/a' for no value; the std says n/a for a single value."""
+    if s.n == 0:
+        return NA
+    return f"{fmt(s.mean, digits, scale)} ± {fmt(s.std, digits, scale)}"
+
+
+def fmt_ci(s: Summary, digits: int = 2, scale: float = 1.0) -> str:
+    if s.n < 2:
+        return NA
+    return f"[{fmt(s.ci_low, digits, scale)}, {fmt(s.ci_high, digits, scale)}]"
+
+
+def fmt_p(p: float) -> str:
+    if not math.isfinite(p):
+        return f"p={NA}"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def csv_value(x: Any) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        return "" if not math.isfinite(x) else CSV_FLOAT.format(float(x))
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- table model
+@dataclass
+class Notes:
+    """Numbered footnotes; the same text gets the same number."""
+
+    texts: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # marked since the last ``take``
+
+    def mark(self, text: str) -> str:
+        if text not in self.texts:
+            self.texts.append(text)
+        if text not in self.pending:
+            self.pending.append(text)
+        return f"[{self.texts.index(text) + 1}]"
+
+    def take(self) -> str:
+        """The texts marked since the last call (one table row's notes, for the CSV)."""
+        out, self.pending = "; ".join(self.pending), []
+        return out
+
+    def lines(self) -> list[str]:
+        return [f"[{i + 1}] {t}" for i, t in enumerate(self.texts)]
+
+
+@dataclass
+class Table:
+    name: str  # file stem
+    title: str
+    columns: list[str]  # displayed (Markdown, LaTeX)
+    label_columns: int  # leading text columns (left-aligned in LaTeX)
+    rows: list[list[str]] = field(default_factory=list)
+    group_ends: list[int] = field(default_factory=list)  # row indices after which LaTeX draws a rule
+    csv_columns: list[str] = field(default_factory=list)
+    csv_rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: Notes = field(default_factory=Notes)
+    caption: str = ""  # one line under the title
+
+    def end_group(self) -> None:
+        if self.rows and (not self.group_ends or self.group_ends[-1] != len(self.rows) - 1):
+            self.group_ends.append(len(self.rows) - 1)
+
+    def markdown(self) -> str:
+        out = [f"## {self.title}", ""]
+        if self.caption:
+            out += [self.caption, ""]
+        esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+        out.append("| " + " | ".join(esc(c) for c in self.columns) + " |")
+        out.append("|" + "|".join(":---" if i < self.label_columns else "---:" for i in range(len(self.columns)))
+                   + "|")
+        for row in self.rows:
+            out.append("| " + " | ".join(esc(c) for c in row) + " |")
+        if not self.rows:
+            out.append("| " + " | ".join(["no data"] + [""] * (len(self.columns) - 1)) + " |")
+        if self.notes.texts:
+            out.append("")
+            out += [line + "  " if i < len(self.notes.texts) - 1 else line
+                    for i, line in enumerate(self.notes.lines())]
+        return "\n".join(out) + "\n"
+
+    def latex(self) -> str:
+        spec = "l" * self.label_columns + "r" * (len(self.columns) - self.label_columns)
+        out = [f"% {latex_escape(self.title)}", "% generated by analysis/tables.py from the MLflow store",
+               f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+               " & ".join(latex_escape(c) for c in self.columns) + r" \\", "\\midrule"]
+        rows = self.rows or [["no data"] + [""] * (len(self.columns) - 1)]
+        for i, row in enumerate(rows):
+            out.append(" & ".join(latex_escape(c) for c in row) + r" \\")
+            if i in self.group_ends and i != len(rows) - 1:
+                out.append("\\midrule")
+        out += ["\\bottomrule", "\\end{tabular}"]
+        for line in self.notes.lines():
+            out.append(f"\\par{{\\footnotesize {latex_escape(line)}}}")
+        return "\n".join(out) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.csv_columns, lineterminator="\n", extrasaction="raise")
+        writer.writeheader()
+        for row in self.csv_rows:
+            writer.writerow({k: csv_value(row.get(k)) for k in self.csv_columns})
+        return buf.getvalue()
+
+    def write(self, out: Path) -> list[Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for ext, text in (("md", self.markdown()), ("tex", self.latex()), ("csv", self.csv())):
+            path = out / f"{self.name}.{ext}"
+            with open(path, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
+            paths.append(path)
+        return paths
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "ρ": r"$\rho$", "≥": r"$\geq$", "—": "---", "<": r"$<$",
+                  ">": r"$>$"}
+
+
+def latex_escape(text: str) -> str:
+    out = []
+    for ch in str(text):
+        out.append(_LATEX_SPECIAL.get(ch) or _LATEX_SYMBOLS.get(ch) or ch)
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+@dataclass
+class Context:
+    runs: pd.DataFrame  # every run of the experiment (after --dataset/--backbone)
+    final: pd.DataFrame  # finished test runs, one per seed
+    duplicates: pd.DataFrame  # older runs of a seed that ``final`` replaced
+    trials: pd.DataFrame  # finished study trials
+    variants: list[str]  # known to the store, in table order
+    groups: list[tuple[str, str]]  # (dataset, backbone)
+    expected_seeds: int | None  # --seeds
+    storage: str
+
+
+def group_runs(frame: pd.DataFrame, dataset: str, backbone: str, variant: str | None = None) -> pd.DataFrame:
+    if not len(frame):
+        return frame
+    keep = (frame["dataset"] == dataset) & (frame["backbone"] == backbone)
+    if variant is not None:
+        keep &= frame["variant"] == variant
+    return frame[keep]
+
+
+def seeds_cell(ctx: Context, dataset: str, backbone: str, variant: str, notes: Notes) -> tuple[str, int, int]:
+    """'5', '2 of 5 [1]' or '0 of 5 [2]', and (n, expected)."""
+    group = group_runs(ctx.final, dataset, backbone)
+    counts = [len(group_runs(group, dataset, backbone, v)) for v in ctx.variants]
+    n = len(group_runs(group, dataset, backbone, variant))
+    most = max(counts) if counts else 0
+    expected = ctx.expected_seeds if ctx.expected_seeds else most
+    source = "--seeds" if ctx.expected_seeds else "the most-seeded variant of this dataset and backbone"
+    text = str(n)
+    if n == 0:
+        text = f"0 of {expected}" if expected else "0"
+        text += " " + notes.mark("no finished final (test-split) run of this variant: run `make final`")
+    elif n < expected:
+        text = f"{n} of {expected} " + notes.mark(
+            f"fewer seeds than expected ({source}); statistics are over the seeds available")
+    dup = group_runs(ctx.duplicates, dataset, backbone, variant)
+    if len(dup):
+        text += " " + notes.mark("a seed was run more than once; the newest finished run is used")
+    return text, n, expected
+
+
+def reference_cells(ctx: Context, dataset: str, backbone: str, variant: str, key: str, notes: Notes,
+                    scale: float, digits: int) -> tuple[list[str], dict[str, Any]]:
+    """'Δ (p, n)' against each reference variant, and the CSV fields."""
+    cells, fields = [], {}
+    values = by_seed(group_runs(ctx.final, dataset, backbone, variant), key)
+    for ref in REFERENCES:
+        prefix = f"diff_vs_{ref}"
+        if variant == ref:
+            cells.append(DASH)
+            fields.update({prefix: None, f"p_vs_{ref}": None, f"n_paired_vs_{ref}": None})
+            continue
+        ref_runs = group_runs(ctx.final, dataset, backbone, ref)
+        result = paired_difference(values, by_seed(ref_runs, key))
+        fields.update({prefix: result.diff if result.n >= 2 else None, f"p_vs_{ref}": result.p if result.n >= 2
+                       else None, f"n_paired_vs_{ref}": result.n})
+        if not values:
+            cells.append(NA)
+        elif not len(ref_runs):
+            cells.append(f"{NA} " + notes.mark(f"no finished final run of {ref} to compare with"))
+        elif result.n < 2:
+            cells.append(f"{NA} " + notes.mark(
+                "fewer than 2 seeds in common with the reference variant: no paired test"))
+        else:
+            cells.append(f"{fmt(result.diff, digits, scale, sign=True)} ({fmt_p(result.p)}, n={result.n})")
+    return cells, fields
+
+
+# ----------------------------------------------------------------------------- 1. main results
+def main_results(ctx: Context) -> Table:
+    table = Table(
+        "main_results", "Main results: test top-1 accuracy over seeds",
+        ["Dataset", "Backbone", "Variant", "Seeds", "Top-1 (%)", "95% CI", "Δ vs baseline (pp)", "Δ vs PC (pp)",
+         "Mean class acc. (%)"], label_columns=3,
+        caption="Final runs (split=test, finished), last epoch; mean ± std over seeds; 95% t-interval; "
+                "Δ = mean paired difference over common seeds with a paired t-test (scipy ttest_rel); "
+                "PC = pairwise_confusion.")
+    table.csv_columns = ["dataset", "backbone", "variant", "n_seeds", "n_expected", "acc_mean", "acc_std",
+                         "acc_ci_low", "acc_ci_high"]
+    for ref in REFERENCES:
+        table.csv_columns += [f"diff_vs_{ref}", f"p_vs_{ref}", f"n_paired_vs_{ref}"]
+    table.csv_columns += ["mean_class_acc_mean", "mean_class_acc_std", "seeds", "note"]
+    for dataset, backbone in ctx.groups:
+        for variant in ctx.variants:
+            runs = group_runs(ctx.final, dataset, backbone, variant)
+            seeds, n, expected = seeds_cell(ctx, dataset, backbone, variant, table.notes)
+            acc = summarize(metric_values(runs, "test/acc"))
+            mca = summarize(metric_values(runs, "test/mean_class_acc"))
+            refs, fields = reference_cells(ctx, dataset, backbone, variant, "test/acc", table.notes, 100.0, 2)
+            if n == 0:
+                row = [dataset, backbone, variant, seeds, "no finished runs", NA, *refs, NA]
+            else:
+                row = [dataset, backbone, variant, seeds, fmt_pm(acc, 2, 100), fmt_ci(acc, 2, 100), *refs,
+                       fmt_pm(mca, 2, 100)]
+            table.rows.append(row)
+            table.csv_rows.append({
+                "dataset": dataset, "backbone": backbone, "variant": variant, "n_seeds": n,
+                "n_expected": expected, "acc_mean": acc.mean, "acc_std": acc.std, "acc_ci_low": acc.ci_low,
+                "acc_ci_high": acc.ci_high, **fields, "mean_class_acc_mean": mca.mean,
+                "mean_class_acc_std": mca.std, "seeds": " ".join(str(s) for s in sorted(by_seed(runs, "test/acc"))),
+                "note": table.notes.take()})
+        table.end_group()
+    return table
+
+
+# ----------------------------------------------------------------------------- 2. confusable pairs
+def confusable_pairs(ctx: Context) -> Table:
+    table = Table(
+        "confusable_pairs", "Confusable pairs: error on the baseline's reference pairs",
+        ["Dataset", "Backbone", "Variant", "Seeds", "Ref-pair error (%)", "Δ vs baseline (pp)", "Δ vs PC (pp)",
+         "Top-pair error (%)"], label_columns=3,
+        caption="pairs/ref_error: mean pair error (C_ij + C_ji) / (n_i + n_j) over the baseline's top-N pairs; "
+                "pairs/top_error: over the run's own top-N pairs; final runs, last epoch, mean ± std over seeds.")
+    table.csv_columns = ["dataset", "backbone", "variant", "n_seeds", "ref_error_mean", "ref_error_std"]
+    for ref in REFERENCES:
+        table.csv_columns += [f"diff_vs_{ref}", f"p_vs_{ref}", f"n_paired_vs_{ref}"]
+    table.csv_columns += ["top_error_mean", "top_error_std", "runs_with_own_ref_pairs", "note"]
+    for dataset, backbone in ctx.groups:
+        for variant in ctx.variants:
+            runs = group_runs(ctx.final, dataset, backbone, variant)
+            seeds, n, _ = seeds_cell(ctx, dataset, backbone, variant, table.notes)
+            ref = summarize(metric_values(runs, "pairs/ref_error"))
+            top = summarize(metric_values(runs, "pairs/top_error"))
+            refs, fields = reference_cells(ctx, dataset, backbone, variant, "pairs/ref_error", table.notes, 100.0, 2)
+            source_col = "tags.carrot.ref_pairs_source"
+            own = int(runs[source_col].astype(str).str.startswith("self:").sum()) if source_col in runs else 0
+            ref_cell = fmt_pm(ref, 2, 100) if n else "no finished runs"
+            if own:
+                ref_cell += " " + table.notes.mark(
+                    "some runs scored their own first-epoch pairs as reference pairs (no finished baseline "
+                    "run existed when they started), so their ref-pair error is not on the baseline's pairs "
+                    f"({own} of {n} run(s) here)")
+            row = [dataset, backbone, variant, seeds, ref_cell, *refs, fmt_pm(top, 2, 100) if n else NA]
+            table.rows.append(row)
+            table.csv_rows.append({"dataset": dataset, "backbone": backbone, "variant": variant, "n_seeds": n,
+                                   "ref_error_mean": ref.mean, "ref_error_std": ref.std, **fields,
+                                   "top_error_mean": top.mean, "top_error_std": top.std,
+                                   "runs_with_own_ref_pairs": own, "note": table.notes.take()})
+        table.end_group()
+    return table
+
+
+# ----------------------------------------------------------------------------- 3. geometry
+def _layers(runs: pd.DataFrame, prefix: str, suffix: str) -> list[str]:
+    """Layer names in metric keys ``<prefix><layer><suffix>``, in network order."""
+    keys = metric_keys(runs, re.escape(prefix) + ".+" + re.escape(suffix))
+    return sorted({k[len(prefix):len(k) - len(suffix)] for k in keys}, key=layer_sort_key)
+
+
+def geometry(ctx: Context) -> Table:
+    rho_layers = _layers(ctx.final, "rho/", "/ref_mean")
+    probe_layers = _layers(ctx.final, "probe/", "/acc")
+    metrics: list[tuple[str, str, float, int]] = (  # key, column, scale, digits
+        [(f"rho/{layer}/ref_mean", f"ρ {layer} (ref)", 1.0, 3) for layer in rho_layers]
+        + [("proto_cos/ref_mean", "cos (ref)", 1.0, 3)]
+        + [(f"probe/{layer}/acc", f"probe {layer} (%)", 100.0, 2) for layer in probe_layers]
+        + [("nc/nc1", "NC1", 1.0, 3)])
+    table = Table(
+        "geometry", "Geometry: overlap, prototype cosine and linear separability",
+        ["Dataset", "Backbone", "Variant", "Seeds", *[m[1] for m in metrics]], label_columns=3,
+        caption="Final runs, last epoch, mean ± std over seeds. ρ: Bhattacharyya coefficient of the reference "
+                "pairs per layer (rho/<layer>/ref_mean); cos: prototype cosine of the reference pairs; probe: "
+                "linear-probe accuracy per layer; NC1 = Tr(Σ_W Σ_B^+)/K.")
+    table.csv_columns = ["dataset", "backbone", "variant", "n_seeds"]
+    for key, *_ in metrics:
+        table.csv_columns += [f"{key}:mean", f"{key}:std", f"{key}:n"]
+    table.csv_columns.append("note")
+    for dataset, backbone in ctx.groups:
+        for variant in ctx.variants:
+            runs = group_runs(ctx.final, dataset, backbone, variant)
+            seeds, n, _ = seeds_cell(ctx, dataset, backbone, variant, table.notes)
+            row, fields = [dataset, backbone, variant, seeds], {}
+            for key, _, scale, digits in metrics:
+                s = summarize(metric_values(runs, key))
+                if n == 0:
+                    cell = NA
+                elif s.n == 0:
+                    cell = f"{NA} " + table.notes.mark("metric not logged by these runs")
+                else:
+                    cell = fmt_pm(s, digits, scale)
+                    if s.n < n:
+                        cell += " " + table.notes.mark("logged by only some of the runs; statistics over those")
+                row.append(cell)
+                fields.update({f"{key}:mean": s.mean, f"{key}:std": s.std, f"{key}:n": s.n})
+            if n == 0:
+                row[4] = "no finished runs"
+            table.rows.append(row)
+            table.csv_rows.append({"dataset": dataset, "backbone": backbone, "variant": variant, "n_seeds": n,
+                                   **fields, "note": table.notes.take()})
+        table.end_group()
+    return table
+
+
+# ----------------------------------------------------------------------------- 4. ablations
+def switch_value(param: str, raw: Any) -> str:
+    """The setting a trial falls in: the logged value, or its bin for a continuous switch."""
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        return "(not logged)"
+    text = str(raw)
+    edges = SWITCH_BINS.get(param)
+    if not edges:
+        return text
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    labels = [f"< {edges[0]:g}"] + [f"[{lo:g}, {hi:g})" for lo, hi in zip(edges, edges[1:])] + [f"≥ {edges[-1]:g}"]
+    return labels[int(np.searchsorted(np.asarray(edges), x, side="right"))]
+
+
+def _setting_key(text: str) -> tuple:
+    """Numbers in numeric order (bins by their lower edge), then text in natural order."""
+    probe = text.lstrip("[<≥ ").split(",")[0].strip()
+    if text.startswith("<"):
+        return (0, -math.inf, text)
+    try:
+        return (0, float(probe), text)
+    except ValueError:
+        return (1, 0.0, tuple(natural_key(text)))
+
+
+def ablations(ctx: Context) -> Table:
+    table = Table(
+        "ablations", "Ablations within each variant (study trials)",
+        ["Dataset", "Backbone", "Variant", "Switch", "Setting", "Trials", "Val top-1 (%)"], label_columns=5,
+        caption="Finished study trials (split=val), last-epoch val/acc, grouped by one switch at a time and by "
+                "the variant's switches jointly; other hyperparameters vary across trials as the search chose them.")
+    table.csv_columns = ["dataset", "backbone", "variant", "switch", "setting", "n_trials", "val_acc_mean",
+                         "val_acc_std", "note"]
+    for dataset, backbone in ctx.groups:
+        for variant in ctx.variants:
+            trials = group_runs(ctx.trials, dataset, backbone, variant)
+            if not len(trials):
+                row = [dataset, backbone, variant, DASH, DASH, "0", "no finished trials " + table.notes.mark(
+                    "no finished study trial of this variant: run `make study VARIANT=<variant>`")]
+                table.rows.append(row)
+                table.csv_rows.append({"dataset": dataset, "backbone": backbone, "variant": variant, "switch": "",
+                                       "setting": "", "n_trials": 0, "note": table.notes.take()})
+                continue
+            acc = metric_values(trials, "val/acc")
+            switches = [p for p in ABLATION_SWITCHES.get(variant, ()) + COMMON_SWITCHES
+                        if f"params.variant.hparams.{p}" in trials.columns]
+            blocks: list[tuple[str, list[str]]] = [("(all trials)", [DASH] * len(trials))]
+            for p in switches:
+                column = trials[f"params.variant.hparams.{p}"]
+                blocks.append((p, [switch_value(p, v) for v in column]))
+            if len(switches) > 1:
+                joint = [", ".join(f"{p}={switch_value(p, v)}" for p, v in zip(switches, values))
+                         for values in zip(*(trials[f"params.variant.hparams.{p}"] for p in switches))]
+                blocks.append(("joint: " + ", ".join(switches), joint))
+            for switch, settings in blocks:
+                for setting in sorted(set(settings), key=_setting_key):
+                    mask = np.array([s == setting for s in settings])
+                    s = summarize(acc[mask])
+                    row = [dataset, backbone, variant, switch, setting, str(int(mask.sum())), fmt_pm(s, 2, 100)]
+                    table.rows.append(row)
+                    table.csv_rows.append({"dataset": dataset, "backbone": backbone, "variant": variant,
+                                           "switch": switch, "setting": setting, "n_trials": int(mask.sum()),
+                                           "val_acc_mean": s.mean, "val_acc_std": s.std, "note": ""})
+            table.end_group()
+        table.end_group()
+    return table
+
+
+# ----------------------------------------------------------------------------- 5. importance
+def open_study_storage(storage: str):
+    """(storage object or None, words for a note when it cannot be opened). Never creates a store."""
+    import optuna
+
+    if "://" in storage:
+        try:
+            return optuna.storages.get_storage(storage), ""
+        except Exception as exc:  # unreachable database, bad URL
+            return None, f"cannot open Optuna storage {storage}: {type(exc).__name__}: {exc}"
+    path = Path(storage)
+    if not path.is_file():
+        return None, f"no Optuna storage at {storage} (give one with --storage)"
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path))), ""
+
+
+def importance(ctx: Context) -> Table:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    table = Table(
+        "importance", "Hyperparameter importance per variant (Optuna fANOVA)",
+        ["Dataset", "Backbone", "Variant", "Study", "Hyperparameter", "Complete trials", "Importance"],
+        label_columns=5,
+        caption=f"optuna.importance.get_param_importances (fANOVA, seed 0) on the study in {ctx.storage}; "
+                "importances sum to 1 within a study.")
+    table.csv_columns = ["dataset", "backbone", "variant", "study", "n_complete", "param", "importance", "note"]
+    storage, problem = open_study_storage(ctx.storage)
+    names = set()
+    if storage is not None:
+        try:
+            names = set(optuna.get_all_study_names(storage))
+        except Exception as exc:
+            storage, problem = None, f"cannot read Optuna storage {ctx.storage}: {type(exc).__name__}: {exc}"
+    for dataset, backbone in ctx.groups:
+        for variant in ctx.variants:
+            name = f"{dataset}-{backbone}-{variant}"
+            base = {"dataset": dataset, "backbone": backbone, "variant": variant, "study": name}
+            rows, note = [], problem
+            n_complete: int | None = None
+            if storage is not None and name not in names:
+                note = f"no study of this name in {ctx.storage}"
+            elif storage is not None:
+                study = optuna.load_study(study_name=name, storage=storage)
+                complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                n_complete = len(complete)
+                if n_complete < 2:
+                    note = "fewer than 2 complete trials: importance needs at least 2"
+                else:
+                    try:
+                        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+                        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+                        rows = sorted(values.items(), key=lambda kv: (-round(kv[1], 12), kv[0]))
+                        if not rows:
+                            note = "no hyperparameter varied across the complete trials"
+                    except Exception as exc:  # e.g. no parameter common to every trial
+                        note = f"importance could not be computed: {type(exc).__name__}: {exc}"
+            trials_cell = NA if n_complete is None else str(n_complete)
+            if rows:
+                for param, value in rows:
+                    table.rows.append([dataset, backbone, variant, name, param, trials_cell, fmt(value, 3)])
+                    table.csv_rows.append({**base, "n_complete": n_complete, "param": param, "importance": value,
+                                           "note": ""})
+            else:
+                table.rows.append([dataset, backbone, variant, name, DASH, trials_cell,
+                                   f"{NA} " + table.notes.mark(note)])
+                table.notes.take()
+                table.csv_rows.append({**base, "n_complete": n_complete, "param": "", "importance": None,
+                                       "note": note})
+        table.end_group()
+    return table
+
+
+# ----------------------------------------------------------------------------- command line
+TABLES = (main_results, confusable_pairs, geometry, ablations, importance)
+
+
+def build_context(runs: pd.DataFrame, expected_seeds: int | None, storage: str) -> Context:
+    final, duplicates = final_runs(runs)
+    return Context(runs=runs, final=final, duplicates=duplicates, trials=study_trials(runs),
+                   variants=known_variants(runs), groups=dataset_groups(runs), expected_seeds=expected_seeds,
+                   storage=storage)
+
+
+def build_tables(ctx: Context) -> list[Table]:
+    return [make(ctx) for make in TABLES]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `carrot tables -- --flag ...` passes the separator through
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="carrot tables", description=__doc__.splitlines()[0])
+    add_store_arguments(parser)
+    parser.add_argument("--storage", default=DEFAULT_STORAGE,
+                        help="Optuna storage for hyperparameter importance: a journal file or a URL "
+                             "(default %(default)s)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds every variant should have (default: as many as the most-seeded variant)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        client = connect(args.tracking_uri)
+    except StoreMissing as exc:
+        print(f"carrot tables: {exc}", file=sys.stderr)
+        return 2
+    runs = load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
+    if not len(runs):
+        print(f"carrot tables: no runs in experiment {args.experiment!r}"
+              + (" matching the filters" if args.dataset or args.backbone else "")
+              + "; writing empty tables", file=sys.stderr)
+    ctx = build_context(runs, args.seeds, args.storage)
+    for table in build_tables(ctx):
+        paths = table.write(args.out)
+        print(f"{table.name}: {len(table.rows)} rows -> " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

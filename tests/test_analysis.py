@@ -1,0 +1,397 @@
+"""analysis/ end to end on a real MLflow store and a real Optuna journal in a temporary folder.
+
+The module's fixture trains tiny real runs with carrot's own training loop: two final runs
+(split=test, two seeds) of ``baseline`` and of ``barrier``, and a two-trial ``barrier``
+study (split=val). Every number a test checks is recomputed from MlflowClient or Optuna
+directly, never from analysis/.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config
+
+pytestmark = pytest.mark.slow
+
+DATASET, BACKBONE = "digits", "test_resnet"
+VARIANTS = ("baseline", "barrier")
+SEEDS = (0, 1)
+TABLES = ("main_results", "confusable_pairs", "geometry", "ablations", "importance")
+PLOTS = ("confusion_concentration.png", "proto_cos_ref.png", "pair_error_vs_baseline.png", "rho_per_layer.png",
+         "probe_per_layer.png", "variant_stats_barrier.png")
+# Small enough that the whole fixture trains in well under a minute on two shared cores.
+TINY = {"optim.epochs": 2, "data.limit_per_class": 30, "eval.probe_max_train": 100, "data.batch_size": 32}
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with 2 variants x 2 final seeds and a 2-trial barrier study, tables and plots built once."""
+    import mlflow
+
+    from carrot.study import run_study
+    from carrot.train import run
+
+    root = tmp_path_factory.mktemp("analysis_store")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    (root / "mlruns").mkdir()
+    previous_uri = mlflow.get_tracking_uri()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = _client(uri)
+        final_ids: dict[tuple[str, int], str] = {}
+        for variant in VARIANTS:  # baseline first: the later runs score its reference pairs
+            for seed in SEEDS:
+                cfg = tiny_config(**{"variant.name": variant, "split": "test", "seed": seed, **TINY})
+                result = run(cfg, run_name=f"final-{variant}-s{seed}", log=lambda s: None)
+                client.set_tag(result.run_id, "carrot.role", "final")
+                client.set_tag(result.run_id, "carrot.study", f"{DATASET}-{BACKBONE}-{variant}")
+                final_ids[(variant, seed)] = result.run_id
+        summary = run_study(tiny_config(**{"variant.name": "barrier", **TINY}), trials=2, log=lambda s: None)
+        assert summary.n_complete == 2, summary
+
+        from analysis import plots, tables
+
+        out = root / "out"
+        assert tables.main(["--out", str(out)]) == 0
+        assert plots.main(["--out", str(out)]) == 0
+        yield {"root": root, "uri": uri, "client": client, "out": out, "final": final_ids}
+    finally:
+        mp.undo()
+        mlflow.set_tracking_uri(previous_uri)
+
+
+# ----------------------------------------------------------------------------- helpers
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def md_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of the first Markdown table in a file, keyed by header."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    return [dict(zip(header, [c.strip() for c in line.strip().strip("|").split(" | ")])) for line in lines[1:]]
+
+
+def row(rows: list[dict[str, str]], **match) -> dict[str, str]:
+    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, rows)
+    return found[0]
+
+
+def last_epoch(client, run_id: str, key: str) -> float:
+    """The value at the highest step, read from the metric's full history."""
+    history = client.get_metric_history(run_id, key)
+    assert history, (run_id, key)
+    return max(history, key=lambda m: (m.step, m.timestamp)).value
+
+
+def final_values(st, variant: str, key: str) -> dict[int, float]:
+    return {seed: last_epoch(st["client"], st["final"][(variant, seed)], key) for seed in SEEDS}
+
+
+def val_trials(st) -> list:
+    exp = st["client"].get_experiment_by_name("carrot")
+    runs = st["client"].search_runs([exp.experiment_id], "tags.`carrot.split` = 'val'")
+    return [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("carrot.role") != "study"]
+
+
+def copy_store(st, dest: Path) -> str:
+    """A copy of the sqlite store (artifacts stay where they are); returns its URI."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(st["root"] / "mlruns" / "mlflow.db", dest / "mlflow.db")
+    return f"sqlite:///{dest / 'mlflow.db'}"
+
+
+# ----------------------------------------------------------------------------- tables
+def test_every_table_is_written_in_three_formats(store):
+    for name in TABLES:
+        md = (store["out"] / f"{name}.md").read_text()
+        tex = (store["out"] / f"{name}.tex").read_text()
+        rows = read_csv(store["out"] / f"{name}.csv")
+        assert md.startswith("## ") and "\n| Dataset | Backbone | Variant |" in md, name
+        for rule in (r"\begin{tabular}", r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}"):
+            assert rule in tex, (name, rule)
+        assert "±" not in tex and "_resnet" not in tex.replace(r"\_resnet", ""), "LaTeX special characters escaped"
+        assert rows and {r["variant"] for r in rows} == set(VARIANTS), name
+        # baseline first, then the others
+        assert [r["Variant"] for r in md_rows(store["out"] / f"{name}.md")][0] == "baseline"
+
+
+def test_main_results_cells_equal_the_runs_metrics(store):
+    from scipy import stats
+
+    csv_rows = read_csv(store["out"] / "main_results.csv")
+    md = md_rows(store["out"] / "main_results.md")
+    assert [r["variant"] for r in csv_rows] == ["baseline", "barrier"]
+    for variant in VARIANTS:
+        acc = np.array(list(final_values(store, variant, "test/acc").values()))
+        mca = np.array(list(final_values(store, variant, "test/mean_class_acc").values()))
+        c = row(csv_rows, variant=variant)
+        assert int(c["n_seeds"]) == 2 and c["seeds"] == "0 1"
+        assert float(c["acc_mean"]) == pytest.approx(acc.mean(), abs=1e-9)
+        assert float(c["acc_std"]) == pytest.approx(acc.std(ddof=1), abs=1e-9)
+        half = stats.t.ppf(0.975, 1) * acc.std(ddof=1) / math.sqrt(2)
+        assert float(c["acc_ci_low"]) == pytest.approx(acc.mean() - half, abs=1e-9)
+        assert float(c["acc_ci_high"]) == pytest.approx(acc.mean() + half, abs=1e-9)
+        assert float(c["mean_class_acc_mean"]) == pytest.approx(mca.mean(), abs=1e-9)
+        m = row(md, Variant=variant)
+        assert m["Seeds"] == "2"
+        assert m["Top-1 (%)"] == f"{100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}"
+        assert m["95% CI"] == f"[{100 * (acc.mean() - half):.2f}, {100 * (acc.mean() + half):.2f}]"
+        assert m["Mean class acc. (%)"] == f"{100 * mca.mean():.2f} ± {100 * mca.std(ddof=1):.2f}"
+
+
+def test_paired_difference_to_baseline_by_hand(store):
+    from scipy import stats
+
+    base = final_values(store, "baseline", "test/acc")
+    barrier = final_values(store, "barrier", "test/acc")
+    d = np.array([barrier[s] - base[s] for s in SEEDS])
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    p = 2 * stats.t.sf(abs(t), len(d) - 1)
+    c = row(read_csv(store["out"] / "main_results.csv"), variant="barrier")
+    assert float(c["diff_vs_baseline"]) == pytest.approx(d.mean(), abs=1e-9)
+    assert float(c["p_vs_baseline"]) == pytest.approx(p, rel=1e-9)
+    assert c["n_paired_vs_baseline"] == "2"
+    cell = row(md_rows(store["out"] / "main_results.md"), Variant="barrier")["Δ vs baseline (pp)"]
+    p_text = "p<0.001" if p < 0.001 else f"p={p:.3f}"
+    assert cell == f"{100 * d.mean():+.2f} ({p_text}, n=2)"
+    # the reference row compares with nothing; no pairwise_confusion run exists: said, not zero
+    assert row(md_rows(store["out"] / "main_results.md"), Variant="baseline")["Δ vs baseline (pp)"] == "—"
+    pc = row(md_rows(store["out"] / "main_results.md"), Variant="barrier")["Δ vs PC (pp)"]
+    assert pc.startswith("n/a [")
+    assert "no finished final run of pairwise_confusion" in (store["out"] / "main_results.md").read_text()
+
+
+def test_pairs_and_geometry_cells_equal_the_runs_metrics(store):
+    pairs = read_csv(store["out"] / "confusable_pairs.csv")
+    geometry = read_csv(store["out"] / "geometry.csv")
+    client = store["client"]
+    layers = sorted(k.split("/")[1] for k in client.get_run(store["final"][("baseline", 0)]).data.metrics
+                    if k.startswith("rho/") and k.endswith("/ref_mean"))
+    assert layers, "the runs log rho per layer"
+    for variant in VARIANTS:
+        for key, column, table in (("pairs/ref_error", "ref_error_mean", pairs),
+                                   ("pairs/top_error", "top_error_mean", pairs),
+                                   ("proto_cos/ref_mean", "proto_cos/ref_mean:mean", geometry),
+                                   ("nc/nc1", "nc/nc1:mean", geometry),
+                                   ("probe/embedding/acc", "probe/embedding/acc:mean", geometry),
+                                   *[(f"rho/{layer}/ref_mean", f"rho/{layer}/ref_mean:mean", geometry)
+                                     for layer in layers]):
+            values = np.array(list(final_values(store, variant, key).values()))
+            assert float(row(table, variant=variant)[column]) == pytest.approx(values.mean(), abs=1e-9), key
+    ref = np.array(list(final_values(store, "barrier", "pairs/ref_error").values()))
+    cell = row(md_rows(store["out"] / "confusable_pairs.md"), Variant="barrier")["Ref-pair error (%)"]
+    assert cell.startswith(f"{100 * ref.mean():.2f} ± {100 * ref.std(ddof=1):.2f}")
+
+
+def test_ablation_groups_match_the_study_trials(store):
+    trials = [r for r in val_trials(store) if r.data.tags["carrot.variant"] == "barrier"]
+    assert len(trials) == 2
+    rows = read_csv(store["out"] / "ablations.csv")
+    for switch in ("use_var", "use_rank", "sampler"):
+        groups: dict[str, list[float]] = {}
+        for r in trials:
+            groups.setdefault(r.data.params[f"variant.hparams.{switch}"], []).append(
+                last_epoch(store["client"], r.info.run_id, "val/acc"))
+        got = {r["setting"]: r for r in rows if r["variant"] == "barrier" and r["switch"] == switch}
+        assert set(got) == set(groups), switch
+        for setting, values in groups.items():
+            assert int(got[setting]["n_trials"]) == len(values)
+            assert float(got[setting]["val_acc_mean"]) == pytest.approx(np.mean(values), abs=1e-9)
+    everything = row([r for r in rows if r["variant"] == "barrier"], switch="(all trials)")
+    assert int(everything["n_trials"]) == 2
+    # the baseline has no study here: its row says so instead of disappearing
+    assert row(md_rows(store["out"] / "ablations.md"), Variant="baseline")["Val top-1 (%)"].startswith(
+        "no finished trials [")
+
+
+def test_importance_equals_optuna_on_the_journal(store):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(store["root"] / "studies" / "optuna.journal")))
+    study = optuna.load_study(study_name=f"{DATASET}-{BACKBONE}-barrier", storage=storage)
+    expected = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    rows = read_csv(store["out"] / "importance.csv")
+    got = {r["param"]: float(r["importance"]) for r in rows if r["variant"] == "barrier"}
+    assert set(got) == set(expected) and got
+    for param, value in expected.items():
+        assert got[param] == pytest.approx(value, abs=1e-9), param
+    assert all(r["n_complete"] == "2" for r in rows if r["variant"] == "barrier")
+    base = row(rows, variant="baseline")
+    assert base["importance"] == "" and "no study of this name" in base["note"]
+
+
+def test_tables_are_byte_identical_when_rebuilt(store, tmp_path):
+    from analysis import tables
+    from carrot.cli import main as carrot_main
+
+    # the fixture's arguments again (its environment and working folder are still in place):
+    # in this process, through `carrot tables`, and in a fresh process with another hash seed
+    assert Path.cwd() == store["root"]
+    assert tables.main(["--out", str(tmp_path / "again")]) == 0
+    assert carrot_main(["tables"]) == 0  # what `make tables` runs: default --out analysis/output
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "analysis.tables", "--out", str(tmp_path / "fresh")],
+                          cwd=store["root"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for build in (tmp_path / "again", store["root"] / "analysis" / "output", tmp_path / "fresh"):
+        for name in TABLES:
+            for ext in ("md", "tex", "csv"):
+                first = (store["out"] / f"{name}.{ext}").read_bytes()
+                assert (build / f"{name}.{ext}").read_bytes() == first, (build, f"{name}.{ext}")
+
+
+def test_fewer_seeds_than_expected_are_noted(store, tmp_path):
+    from analysis import tables
+
+    assert tables.main(["--out", str(tmp_path), "--tracking-uri", store["uri"], "--seeds", "3"]) == 0
+    md = (tmp_path / "main_results.md").read_text()
+    for variant in VARIANTS:
+        assert row(md_rows(tmp_path / "main_results.md"), Variant=variant)["Seeds"].startswith("2 of 3 [")
+    assert "fewer seeds than expected (--seeds)" in md
+    assert {r["n_expected"] for r in read_csv(tmp_path / "main_results.csv")} == {"3"}
+
+
+def test_failed_and_missing_runs_are_shown_not_dropped(store, tmp_path):
+    from analysis import tables
+
+    uri = copy_store(store, tmp_path / "store")
+    copy = _client(uri)
+    copy.set_terminated(store["final"][("barrier", 1)], "FAILED")
+    out = tmp_path / "one_seed"
+    assert tables.main(["--out", str(out), "--tracking-uri", uri]) == 0
+    barrier = row(md_rows(out / "main_results.md"), Variant="barrier")
+    assert barrier["Seeds"].startswith("1 of 2 [")
+    value = final_values(store, "barrier", "test/acc")[0]
+    assert barrier["Top-1 (%)"] == f"{100 * value:.2f} ± n/a" and barrier["95% CI"] == "n/a"
+    assert barrier["Δ vs baseline (pp)"].startswith("n/a [")
+    text = (out / "main_results.md").read_text()
+    assert "fewer seeds than expected" in text and "fewer than 2 seeds in common" in text
+    assert row(read_csv(out / "main_results.csv"), variant="barrier")["diff_vs_baseline"] == ""
+
+    copy.set_terminated(store["final"][("barrier", 0)], "FAILED")
+    out = tmp_path / "no_seed"
+    assert tables.main(["--out", str(out), "--tracking-uri", uri]) == 0
+    barrier = row(md_rows(out / "main_results.md"), Variant="barrier")
+    assert barrier["Seeds"].startswith("0 of 2 [") and barrier["Top-1 (%)"] == "no finished runs"
+    assert row(md_rows(out / "geometry.md"), Variant="barrier")["Seeds"].startswith("0 of 2 [")
+    assert "no finished final (test-split) run of this variant" in (out / "main_results.md").read_text()
+    # the baseline's numbers did not change
+    assert row(md_rows(out / "main_results.md"), Variant="baseline") == row(
+        md_rows(store["out"] / "main_results.md"), Variant="baseline")
+
+
+def test_missing_store_is_a_clear_error(tmp_path, capsys):
+    from analysis import tables
+
+    uri = f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}"
+    assert tables.main(["--out", str(tmp_path / "o"), "--tracking-uri", uri]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists(), "reading never creates a store"
+
+
+# ----------------------------------------------------------------------------- plots
+def test_every_plot_is_a_real_png(store):
+    import matplotlib.image as mpimg
+
+    folder = store["out"] / "plots" / f"{DATASET}-{BACKBONE}"
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(PLOTS)
+    for name in PLOTS:
+        path = folder / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert path.stat().st_size > 10_000, name
+        image = mpimg.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200, (name, image.shape)
+        assert float(image[..., :3].std()) > 0.01, f"{name} is blank"
+
+
+def test_plots_skip_absent_data_with_a_note(store, tmp_path, capsys):
+    from analysis import plots
+
+    uri = copy_store(store, tmp_path / "store")
+    copy = _client(uri)
+    for seed in SEEDS:
+        copy.set_terminated(store["final"][("baseline", seed)], "FAILED")
+    assert plots.main(["--out", str(tmp_path / "o"), "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "skipped pair error vs baseline: no baseline runs" in out
+    assert (tmp_path / "o" / "plots" / f"{DATASET}-{BACKBONE}" / "variant_stats_barrier.png").is_file()
+    # no final run at all: the study trials are drawn and the title says so
+    for seed in SEEDS:
+        copy.set_terminated(store["final"][("barrier", seed)], "FAILED")
+    assert plots.main(["--out", str(tmp_path / "val"), "--tracking-uri", uri]) == 0
+    assert (tmp_path / "val" / "plots" / f"{DATASET}-{BACKBONE}" / "proto_cos_ref.png").is_file()
+    assert plots.main(["--out", str(tmp_path / "x"), "--tracking-uri", uri, "--experiment", "nope"]) == 0
+    assert "no runs in experiment 'nope'" in capsys.readouterr().out
+
+
+def test_plot_sources_say_which_split(store):
+    from analysis.common import connect, load_runs, plot_source
+
+    runs = load_runs(connect(store["uri"]), "carrot")
+    chosen, split, words = plot_source(runs, DATASET, BACKBONE)
+    assert split == "test" and "final runs" in words
+    assert sorted(chosen["run_id"]) == sorted(store["final"].values())
+
+
+# ----------------------------------------------------------------------------- the boundary
+def test_analysis_never_imports_carrot():
+    code = ("import analysis.tables, analysis.plots, analysis.common, sys; "
+            "bad = sorted(m for m in sys.modules if m == 'carrot' or m.startswith('carrot.')); "
+            "assert not bad, bad")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def test_confusion_concentration_and_pair_error_by_hand():
+    from analysis.common import confusion_concentration, pair_error
+
+    cm = np.array([[5, 3, 1, 0],
+                   [0, 6, 0, 0],
+                   [2, 2, 4, 4],
+                   [0, 0, 0, 9]])
+    # rows with errors: 0 (off 3,1,0 -> 4) and 2 (off 2,2,4 -> 8)
+    got = confusion_concentration(cm, (1, 3))
+    assert got[1] == pytest.approx((3 / 4 + 4 / 8) / 2)
+    assert got[3] == pytest.approx(1.0)
+    assert math.isnan(confusion_concentration(np.eye(3) * 5, (1,))[1])
+    # e_ij = (C_ij + C_ji) / (n_i + n_j); n = row sums 9, 6, 12, 9
+    np.testing.assert_allclose(pair_error(cm, [(0, 1), (0, 2), (2, 3)]), [3 / 15, 3 / 21, 4 / 21])
+
+
+def test_variant_order_and_switch_bins():
+    from analysis.common import order_variants
+    from analysis.tables import ABLATION_SWITCHES, switch_value
+
+    assert order_variants(["prototype", "barrier", "", "pairwise_confusion", "baseline", "barrier"]) == [
+        "baseline", "pairwise_confusion", "barrier", "prototype"]
+    assert [switch_value("delta", v) for v in ("0.01", "0.05", "0.1", "0.3")] == [
+        "< 0.03", "[0.03, 0.1)", "≥ 0.1", "≥ 0.1"]
+    assert switch_value("union", "True") == "True"
+    assert ABLATION_SWITCHES["nuisance"] == ("basis", "delta", "union")
