@@ -52,7 +52,7 @@ train: $(STAMP) ## one run of VARIANT at its recommended setting
 	$(BIN)/carrot train --variant $(VARIANT) $(RUN_FLAGS)
 
 final: $(STAMP) ## best configuration of each studied variant, SEEDS seeds (default 5), test split
-	$(BIN)/carrot final $(if $(filter-out baseline,$(VARIANT)),--variant $(VARIANT)) \
+	$(BIN)/carrot final $(if $(filter command line environment,$(origin VARIANT)),--variant $(VARIANT)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(STORAGE),--storage $(STORAGE)) $(RUN_FLAGS)
 
 tables: $(STAMP) ## ablation and paper tables from finished runs (analysis/output/)

@@ -206,6 +206,7 @@ def final_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     so a table can say so.
     """
     test = finished(runs, "test")
+    test = test[test["role"] == "final"]  # not ad-hoc `carrot train --set split=test` runs
     if not len(test):
         return test, test
     test = test.assign(_seed=test["seed"].map(lambda s: -1 if s is None else s))

@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_final(args: argparse.Namespace) -> int:
-    from carrot.final import run_final
+    from carrot.final import FinalRunsFailed, run_final
     from carrot.tracking import client
 
     cfg = build_config(args, "baseline")
@@ -158,8 +158,13 @@ def cmd_final(args: argparse.Namespace) -> int:
         "optim.epochs": args.epochs, "device": args.device, "data.workers": args.workers,
         "data.root": args.data_root}.items() if value is not None}
     overrides["show_progress"] = not args.no_progress
+    _preflight_data(cfg)
     client()
-    run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage, overrides=overrides)
+    try:
+        run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage, overrides=overrides)
+    except FinalRunsFailed as exc:
+        print(f"carrot: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -45,6 +45,14 @@ class DataConfig:
     synthetic_per_class: int = 80
     synthetic_detail: float = 0.6  # amplitude of the sibling detail relative to the noise
 
+    @property
+    def dataset_id(self) -> str:
+        """The dataset as tagged and named in studies: ``aircraft`` at another label level is
+        ``aircraft_family`` / ``aircraft_manufacturer`` (the registered names of those levels)."""
+        if self.name == "aircraft" and self.level != "variant":
+            return f"aircraft_{self.level}"
+        return self.name
+
     def validate(self) -> None:
         _check(0.0 < self.val_fraction < 0.9, "data.val_fraction", self.val_fraction, "in (0, 0.9)")
         _check(0.0 < self.test_fraction < 0.9, "data.test_fraction", self.test_fraction, "in (0, 0.9)")
@@ -137,6 +145,7 @@ class RunConfig:
         from carrot.variants import get_variant_class, list_variants
 
         _check(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
+        _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _check(self.split in SPLITS, "split", self.split, f"one of {SPLITS}")
         if self.variant.name not in list_variants():
             raise ConfigError(f"unknown variant {self.variant.name!r}; valid: {', '.join(list_variants())} "
@@ -157,6 +166,19 @@ class RunConfig:
                 f"unknown backbone {self.model.backbone!r}; expected a timm model name"
                 + (f" (similar: {', '.join(close)})" if close else " (see timm.list_models())")
             )
+
+    def identity_hash(self) -> str:
+        """Hash of everything that defines the experiment (not the seed, the device, the
+        number of loader workers or the display): equal hashes mean comparable runs."""
+        import hashlib
+        import json
+
+        data = self.to_dict()
+        for key in ("seed", "device", "show_progress", "experiment"):
+            data.pop(key)
+        data["data"].pop("workers")
+        data["variant"]["hparams"] = self.resolved_hparams()
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def resolved_hparams(self) -> dict[str, Any]:
         from carrot.variants import get_variant_class

@@ -259,10 +259,22 @@ def pair_rho(
     NaN for a pair with an absent class. To score several pair sets on one layer, pass them
     concatenated and split the result (the moments are computed once per call).
     """
+    return pair_bhattacharyya(features, labels, num_classes, pairs, eps)[1]
+
+
+def pair_bhattacharyya(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    pairs: Tensor | Sequence[Sequence[int]],
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """(D_B, rho) (P,), (P,) for the given pairs, as in :func:`pair_rho`. On wide layers D_B
+    sums over many dimensions and rho = exp(-D_B) underflows to 0 in float32; D_B keeps the
+    information, so the evaluation logs both."""
     mu, var, _ = class_diag_gaussians(features, labels, num_classes)
     pairs = _as_pairs(pairs, mu.device)
-    _, coefficient = bhattacharyya_pairs(mu, var, pairs[:, 0], pairs[:, 1], eps)
-    return coefficient
+    return bhattacharyya_pairs(mu, var, pairs[:, 0], pairs[:, 1], eps)
 
 
 # ------------------------------------------------------------------------ collapse

@@ -7,8 +7,10 @@ are fixed at the start of the run so every variant is scored on the same pairs.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,7 +48,7 @@ def collect(model: CarrotModel, loader, device: torch.device, amp: bool = False,
     feats: dict[str, list[Tensor]] = {}
     for x, y in loader:
         x = x.to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else _null():
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
             out = model(x, with_features=with_features)
         emb.append(out.embedding.float())
         logits.append(out.logits.float())
@@ -58,16 +60,10 @@ def collect(model: CarrotModel, loader, device: torch.device, amp: bool = False,
                      {k: torch.cat(v) for k, v in feats.items()})
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def find_reference_pairs(cfg: RunConfig, top_n: int) -> tuple[list[list[int]] | None, str]:
-    """Top-N pairs of the newest finished baseline run on the same dataset and backbone."""
+def find_reference_pairs(cfg: RunConfig, num_classes: int, top_n: int) -> tuple[list[list[int]] | None, str]:
+    """Top-N pairs of the newest finished baseline *study trial* (validation split) on the same
+    dataset (and label level), backbone and number of classes. Test-split runs never supply
+    reference pairs, so the pairs are never chosen on test data."""
     from carrot.tracking import client, find_runs
 
     try:
@@ -75,7 +71,8 @@ def find_reference_pairs(cfg: RunConfig, top_n: int) -> tuple[list[list[int]] | 
         runs = find_runs(
             mlf, cfg.experiment,
             "tags.`carrot.variant` = 'baseline' and tags.`carrot.dataset` = '{}' and tags.`carrot.backbone` = '{}'"
-            " and attributes.status = 'FINISHED'".format(cfg.data.name, cfg.model.backbone),
+            " and tags.`carrot.split` = 'val' and tags.`carrot.num_classes` = '{}'"
+            " and attributes.status = 'FINISHED'".format(cfg.data.dataset_id, cfg.model.backbone, num_classes),
             order_by=["attributes.end_time DESC"],
         )
     except Exception:  # an unreachable store is reported by the run itself, not here
@@ -87,7 +84,7 @@ def find_reference_pairs(cfg: RunConfig, top_n: int) -> tuple[list[list[int]] | 
             continue
         with open(path) as fh:
             top = json.load(fh).get("top")
-        if top:
+        if top and all(0 <= i < num_classes and 0 <= j < num_classes for i, j in top):
             return [list(p) for p in top[:top_n]], r.info.run_id
     return None, ""
 
@@ -106,13 +103,12 @@ class Evaluator:
         self.ref_pairs: Tensor | None = None
         self.ref_source = ""
         if logger is not None:
-            pairs, source = find_reference_pairs(cfg, cfg.eval.top_n)
+            pairs, source = find_reference_pairs(cfg, self.num_classes, cfg.eval.top_n)
             if pairs:
                 self.ref_pairs = torch.tensor(pairs, dtype=torch.long)
                 self.ref_source = f"run:{source}"
 
-    def evaluate(self, epoch: int, loader, labels: np.ndarray, probe_loader, probe_labels: np.ndarray,
-                 amp: bool) -> dict[str, float]:
+    def evaluate(self, epoch: int, loader, probe_loader, amp: bool) -> dict[str, float]:
         start = time.time()
         K = self.num_classes
         got = collect(self.model, loader, self.device, amp)
@@ -155,10 +151,13 @@ class Evaluator:
         record["top_cos"], record["ref_cos"] = top_cos.tolist(), ref_cos.tolist()
 
         for layer, feats in got.features.items():
-            both = dg.pair_rho(feats, got.labels, K, torch.cat([top, ref]).to(feats.device))
-            top_rho, ref_rho = both[: len(top)], both[len(top):]
+            dist, rho = dg.pair_bhattacharyya(feats, got.labels, K, torch.cat([top, ref]).to(feats.device))
+            top_rho, ref_rho = rho[: len(top)], rho[len(top):]
             metrics[f"rho/{layer}/top_mean"] = _nanmean(top_rho)
             metrics[f"rho/{layer}/ref_mean"] = _nanmean(ref_rho)
+            # rho underflows to 0 on wide layers; the distance D_B = -log rho does not
+            metrics[f"bhattacharyya/{layer}/top_distance"] = _nanmean(dist[: len(top)])
+            metrics[f"bhattacharyya/{layer}/ref_distance"] = _nanmean(dist[len(top):])
             record[f"rho/{layer}/top"], record[f"rho/{layer}/ref"] = top_rho.tolist(), ref_rho.tolist()
 
         metrics["nc/nc1"] = float(dg.nc1(got.embeddings, got.labels, K))
@@ -192,7 +191,6 @@ class Evaluator:
         buf = io.BytesIO()
         np.savez_compressed(buf, confusion=np.stack(self.confusions),
                             epochs=np.arange(1, len(self.confusions) + 1), class_names=np.array(self.class_names))
-        import tempfile
         from pathlib import Path
 
         with tempfile.TemporaryDirectory() as tmp:

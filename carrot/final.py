@@ -14,8 +14,10 @@ from typing import Any, Callable
 import optuna
 
 from carrot.config import ConfigError, RunConfig
+from carrot.data import DatasetError
+from carrot.model import ModelError
 from carrot.study import open_storage, study_name
-from carrot.tracking import client, find_runs
+from carrot.tracking import StoreError, client, find_runs
 from carrot.variants import list_variants
 
 
@@ -29,7 +31,7 @@ class FinalPlan:
     seeds_todo: list[int]
 
 
-def best_trial_config(study: optuna.Study, experiment: str) -> tuple[int, dict[str, Any]] | None:
+def best_trial_config(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return None
@@ -58,7 +60,7 @@ def plan_final(base: RunConfig, seeds: int, variants: list[str] | None, storage:
         except KeyError:
             notes.append(f"{variant}: no study {name!r} (run `make study VARIANT={variant}` first)")
             continue
-        found = best_trial_config(study, base.experiment)
+        found = best_trial_config(study)
         if found is None:
             notes.append(f"{variant}: study {name!r} has no complete trial")
             continue
@@ -72,9 +74,12 @@ def plan_final(base: RunConfig, seeds: int, variants: list[str] | None, storage:
                 data[key] = value
         data.get("data", {}).pop("effective_batch_size", None)
         cfg = RunConfig.from_dict(data)
+        # a seed counts as done only for this exact configuration (a smoke run with fewer
+        # epochs does not stand in for the real one)
         done_runs = find_runs(mlf, base.experiment,
                               f"tags.`carrot.role` = 'final' and tags.`carrot.study` = '{name}' and "
-                              f"tags.`carrot.trial` = '{trial}' and attributes.status = 'FINISHED'")
+                              f"tags.`carrot.config_hash` = '{cfg.identity_hash()}' and "
+                              "attributes.status = 'FINISHED'")
         done = sorted({int(r.data.tags["carrot.seed"]) for r in done_runs})
         plans.append(FinalPlan(variant, name, trial, cfg, done, [s for s in range(seeds) if s not in done]))
     return plans, notes
@@ -98,6 +103,7 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
     if not plans:
         raise ConfigError("no variant has a finished study on "
                           f"{base.data.name}/{base.model.backbone}; run `make study VARIANT=...` first")
+    failed = []
     for plan in plans:
         log(f"final {plan.variant}: best trial {plan.trial} of {plan.study}; seeds done {plan.seeds_done}, "
             f"to run {plan.seeds_todo}")
@@ -108,6 +114,15 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
                 result = run(cfg, study=plan.study, run_name=f"final-{plan.variant}-s{seed}",
                              extra_tags={"carrot.role": "final", "carrot.trial": str(plan.trial)}, log=log)
                 log(f"final {plan.variant} seed {seed}: test/acc={result.objective:.4f}")
+            except (ConfigError, DatasetError, ModelError, StoreError):
+                raise  # the same for every seed: stop with one clear line
             except Exception as exc:  # one failing seed does not stop the others
+                failed.append(f"{plan.variant} seed {seed}")
                 log(f"final {plan.variant} seed {seed} failed: {type(exc).__name__}: {exc}")
+    if failed:
+        raise FinalRunsFailed(f"{len(failed)} final run(s) failed: {', '.join(failed)}")
     return plans
+
+
+class FinalRunsFailed(RuntimeError):
+    """Some seeds failed (the others finished); ``make final`` exits non-zero."""

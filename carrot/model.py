@@ -36,11 +36,13 @@ def default_probe_layers(backbone: nn.Module, count: int = 4) -> list[str]:
     return modules[-count:]
 
 
-def _pool(output: Tensor | tuple, has_class_token: bool) -> Tensor:
+def _pool(output: Tensor | tuple, has_class_token: bool, channels: int | None = None) -> Tensor:
     if isinstance(output, (tuple, list)):
         output = output[0]
-    if output.ndim == 4:  # (B, C, H, W) -> (B, C)
-        return output.float().mean(dim=(2, 3))
+    if output.ndim == 4:
+        if channels is not None and output.shape[1] != channels and output.shape[-1] == channels:
+            return output.float().mean(dim=(1, 2))  # (B, H, W, C) stages (Swin, ConvNeXt-V2 NHWC) -> (B, C)
+        return output.float().mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
     if output.ndim == 3:  # (B, N, D) tokens -> class token, else mean token
         return (output[:, 0] if has_class_token else output.mean(dim=1)).float()
     return output.float().flatten(1)
@@ -62,6 +64,7 @@ class CarrotModel(nn.Module):
                 f"{[e['module'] for e in getattr(backbone, 'feature_info', [])]}"
             )
         self._has_class_token = getattr(backbone, "cls_token", None) is not None
+        self._channels = {e["module"]: e.get("num_chs") for e in getattr(backbone, "feature_info", [])}
         self._captured: dict[str, Tensor] = {}
         self._capture = False
         for name in self.probe_layers:
@@ -70,7 +73,7 @@ class CarrotModel(nn.Module):
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
             if self._capture:
-                self._captured[name] = _pool(output, self._has_class_token)
+                self._captured[name] = _pool(output, self._has_class_token, self._channels.get(name))
 
         return hook
 

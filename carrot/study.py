@@ -11,6 +11,7 @@ machines).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import traceback
 from dataclasses import dataclass
@@ -19,24 +20,41 @@ from typing import Any, Callable
 
 import optuna
 
-from carrot.config import RunConfig
+from carrot.config import ConfigError, RunConfig
 from carrot.progress import Progress
 from carrot.space import Distribution, Float, suggest_all
-from carrot.tracking import RunLogger, StoreError, check_writable, client, find_runs, tracking_uri
+from carrot.tracking import RunLogger, StoreError, check_writable, client, find_runs, flatten, tracking_uri
 from carrot.variants import get_variant_class
 
 DEFAULT_STORAGE_DIR = Path("studies")
 DEFAULT_JOURNAL = DEFAULT_STORAGE_DIR / "optuna.journal"
 
-# Searched for every variant, so the baseline is tuned as fairly as the regularizers.
-TRAIN_SPACE: dict[str, Distribution] = {
-    "optim.lr": Float(3e-4, 1e-2, log=True),
-    "optim.weight_decay": Float(1e-4, 0.1, log=True),
-}
+
+def train_space(cfg: RunConfig) -> dict[str, Distribution]:
+    """Learning rate (and weight decay, when it is not 0) searched for every variant, so the
+    baseline is tuned as fairly as the regularizers; the ranges are centred on the configured
+    values, which trial 0 uses."""
+    space: dict[str, Distribution] = {"optim.lr": Float(cfg.optim.lr / 10, cfg.optim.lr * 3, log=True)}
+    if cfg.optim.weight_decay > 0:
+        space["optim.weight_decay"] = Float(cfg.optim.weight_decay / 10, cfg.optim.weight_decay * 3, log=True)
+    return space
 
 
 def study_name(cfg: RunConfig) -> str:
-    return f"{cfg.data.name}-{cfg.model.backbone}-{cfg.variant.name}"
+    return f"{cfg.data.dataset_id}-{cfg.model.backbone}-{cfg.variant.name}"
+
+
+def fixed_config(cfg: RunConfig) -> dict[str, Any]:
+    """The part of the configuration a study does not search: it must not change when a study
+    is continued, or trials trained under different budgets would be compared."""
+    data = cfg.to_dict()
+    for key in ("seed", "device", "show_progress", "experiment"):
+        data.pop(key)
+    data["data"].pop("workers")
+    data["optim"].pop("lr")
+    data["optim"].pop("weight_decay")
+    data["variant"].pop("hparams")
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 
 def open_storage(url: str | None):
@@ -54,8 +72,11 @@ def open_storage(url: str | None):
         raise StoreError(f"cannot open Optuna storage {url!r}: {exc}") from None
 
 
-def search_space(variant: str) -> dict[str, Distribution]:
-    return {**TRAIN_SPACE, **get_variant_class(variant).full_search_space()}
+def search_space(cfg: RunConfig) -> dict[str, Distribution]:
+    """Everything a study of ``cfg.variant`` searches, minus what the user pinned with
+    ``--set variant.hparams.<name>=...``."""
+    space = {**train_space(cfg), **get_variant_class(cfg.variant.name).full_search_space()}
+    return {k: v for k, v in space.items() if k not in cfg.variant.hparams}
 
 
 def recommended_params(cfg: RunConfig) -> dict[str, Any]:
@@ -63,8 +84,12 @@ def recommended_params(cfg: RunConfig) -> dict[str, Any]:
     rec = get_variant_class(cfg.variant.name).recommended()
     rec.update(cfg.variant.hparams)
     values = {"optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay, **rec}
-    space = search_space(cfg.variant.name)
-    return {k: values[k] for k in space if k in values and space[k].contains(values[k])}
+    space = search_space(cfg)
+    outside = sorted(k for k in space if k in values and not space[k].contains(values[k]))
+    if outside:
+        raise ConfigError(f"the recommended setting of {cfg.variant.name!r} lies outside its search space "
+                          f"for {outside}")
+    return {k: values[k] for k in space if k in values}
 
 
 def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:
@@ -133,15 +158,28 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None,
         sampler=optuna.samplers.TPESampler(seed=base.seed + existing, n_startup_trials=4),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
-    for key, value in {"dataset": base.data.name, "backbone": base.model.backbone,
-                       "variant": base.variant.name, "split": base.split}.items():
-        study.set_user_attr(key, value)
-    if not study.trials:
-        study.enqueue_trial(recommended_params(base), skip_if_exists=True)
+    fixed = fixed_config(base)
+    stored = study.user_attrs.get("fixed_config")
+    if stored is not None and stored != fixed:
+        before, now = flatten("", stored), flatten("", fixed)
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise ConfigError(f"study {name!r} was created with a different configuration ({', '.join(changed)} "
+                          "differ); continue it with the same settings, or start a new study in another storage "
+                          "(--storage / STORAGE=)")
+    if stored is None:
+        study.set_user_attr("fixed_config", fixed)
+        for key, value in {"dataset": base.data.dataset_id, "backbone": base.model.backbone,
+                           "variant": base.variant.name, "split": base.split}.items():
+            study.set_user_attr(key, value)
+    recommended = recommended_params(base)
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
+            optuna.trial.TrialState.WAITING)
+    if not any(t.state in live and t.params == recommended for t in study.trials):
+        study.enqueue_trial(recommended)  # trial 0, or again if it failed or was interrupted
 
     parent = _parent_run(base, name)
-    parent.log_params({"study.name": name, "study.storage": storage or str(DEFAULT_JOURNAL)})
-    space = search_space(base.variant.name)
+    parent.set_tags({"carrot.study_storage": storage or str(DEFAULT_JOURNAL)})
+    space = search_space(base)
     bar = Progress(total=trials, desc=f"study {name}", enabled=base.show_progress, log=log, unit="trial")
     done = 0
 
@@ -202,3 +240,4 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None,
         parent.log_metrics({"study/best_value": best.value, "study/n_trials": len(states)}, step=len(states))
         parent.set_tags({"carrot.best_trial": best.number, "carrot.best_run_id": summary.best_run_id or ""})
     return summary
+

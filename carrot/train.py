@@ -88,7 +88,8 @@ def run_tags(cfg: RunConfig, seed: int, study: str | None, trial: int | None) ->
         "carrot.variant": cfg.variant.name,
         "carrot.study": study or "",
         "carrot.trial": "" if trial is None else str(trial),
-        "carrot.dataset": cfg.data.name,
+        "carrot.dataset": cfg.data.dataset_id,
+        "carrot.config_hash": cfg.identity_hash(),
         "carrot.backbone": cfg.model.backbone,
         "carrot.seed": str(seed),
         "carrot.split": cfg.split,
@@ -113,7 +114,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     backbone = create_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.pretrained_path,
                                cfg.model.drop_rate, cfg.model.kwargs)
     splits = build_dataset(cfg.data, image_spec(backbone))
-    train_set, train_labels, eval_set, eval_labels, eval_split = training_split(splits, cfg.split)
+    train_set, train_labels, eval_set, _, eval_split = training_split(splits, cfg.split)
     model = CarrotModel(backbone, variant.build_neck(backbone.num_features), splits.num_classes,
                         cfg.model.probe_layers).to(device)
     variant.to(device)
@@ -128,7 +129,6 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     probe_set = splits.train_eval if cfg.split == "val" else torch.utils.data.ConcatDataset(
         [splits.train_eval, splits.val])
     probe_loader = make_loader(probe_set, cfg, train=False, pin=pin)
-    probe_labels = train_labels
 
     params = list(model.parameters()) + [p for p in variant.parameters() if p.requires_grad]
     optimizer = make_optimizer(nn.ModuleList([model, variant]), cfg)
@@ -150,27 +150,33 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     if track:
         from carrot.tracking import RunLogger, flatten
 
-        tags = {**run_tags(cfg, cfg.seed, study, trial_number), **(extra_tags or {})}
+        tags = {**run_tags(cfg, cfg.seed, study, trial_number), "carrot.num_classes": str(splits.num_classes),
+                **(extra_tags or {})}
         name = run_name or f"{cfg.variant.name}-s{cfg.seed}" + ("" if trial is None else f"-t{trial_number}")
         logger = RunLogger.start(cfg.experiment, name, tags, parent_run_id)
-        resolved = cfg.to_dict()
-        resolved["variant"]["hparams"] = hparams
-        resolved["data"]["effective_batch_size"] = train_loader.batch_size
-        logger.log_params({k: v for k, v in flatten("", resolved).items()})
-        logger.log_dict(resolved, "config.json")
-    evaluator = Evaluator(cfg, splits, eval_split, model, device, logger, log)
-
     history: list[dict[str, float]] = []
-    # set-up (lazy imports, store look-ups) may have drawn from the global generators
-    seed_everything(cfg.seed)
-    progress = Progress(total=cfg.optim.epochs, desc=name_for_progress(cfg, trial_number),
-                        enabled=cfg.show_progress, log=log)
+    progress = None
+    evaluator = None
     status = "FAILED"
     try:
+        if logger:
+            resolved = cfg.to_dict()
+            resolved["variant"]["hparams"] = hparams
+            resolved["data"]["effective_batch_size"] = train_loader.batch_size
+            logger.log_params(flatten("", resolved))
+            logger.log_dict(resolved, "config.json")
+            logger.log_dict({"num_classes": splits.num_classes, "class_names": splits.class_names,
+                             "sizes": {k: int(len(v)) for k, v in splits.labels.items()}, **splits.info},
+                            "dataset.json")
+        evaluator = Evaluator(cfg, splits, eval_split, model, device, logger, log)
+        # set-up (lazy imports, store look-ups) may have drawn from the global generators
+        seed_everything(cfg.seed)
+        progress = Progress(total=cfg.optim.epochs, desc=name_for_progress(cfg, trial_number),
+                            enabled=cfg.show_progress, log=log)
         for epoch in range(cfg.optim.epochs):
             model.train()
             variant.train()
-            sums: dict[str, torch.Tensor] = {}
+            sums: dict[str, torch.Tensor] = {}  # key -> (sum, count) on the device
             epoch_start = time.time()
             for step, (x, y) in enumerate(train_loader):
                 x = x.to(device, non_blocking=True)
@@ -191,9 +197,13 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
                 for key, value in [("train/loss", loss)] + [(f"train/{k}", v) for k, v in result.terms.items()] \
                         + [(f"var/{k}", v) for k, v in result.stats.items()]:
                     value = value.detach().float()
-                    sums[key] = sums[key] + value if key in sums else value
+                    # a statistic a step could not define (NaN) counts as missing, not as a value
+                    ok = torch.isfinite(value) if key.startswith("var/") else torch.ones((), dtype=torch.bool, device=value.device)
+                    pair = torch.stack([torch.where(ok, value, 0.0), ok.float()])
+                    sums[key] = sums[key] + pair if key in sums else pair
             # one host sync per epoch for all training statistics
-            train_metrics = {k: float(v) / steps_per_epoch for k, v in sums.items()}
+            train_metrics = {k: float(v[0] / v[1]) if float(v[1]) > 0 else float("nan") for k, v in
+                             ((k, v.cpu()) for k, v in sums.items())}
             train_metrics["train/lr"] = scheduler.get_last_lr()[0]
             train_metrics["time/train_epoch_s"] = time.time() - epoch_start
             if not all(math.isfinite(v) for k, v in train_metrics.items() if k.startswith("train/")):
@@ -202,8 +212,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
 
             last = epoch == cfg.optim.epochs - 1
             probe = last or (cfg.eval.probe_every > 0 and (epoch + 1) % cfg.eval.probe_every == 0)
-            eval_metrics = evaluator.evaluate(epoch, eval_loader, eval_labels,
-                                              probe_loader if probe else None, probe_labels, use_amp)
+            eval_metrics = evaluator.evaluate(epoch, eval_loader, probe_loader if probe else None, use_amp)
             metrics = {**train_metrics, **eval_metrics}
             history.append(metrics)
             if logger:
@@ -212,17 +221,21 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
             progress.update(epoch + 1, loss=train_metrics["train/loss"], acc=acc)
             if trial is not None:
                 trial.report(acc, epoch + 1)
-                if trial.should_prune():
+                if not last and trial.should_prune():  # a fully trained trial is kept
                     status = "KILLED"
                     raise TrialPruned(f"pruned after epoch {epoch + 1} ({eval_split}/acc={acc:.4f})")
         status = "FINISHED"
     finally:
-        progress.close()
+        if progress:
+            progress.close()
         if logger:
-            evaluator.save_artifacts()
-            logger.set_tags({"carrot.status": status.lower() if status != "KILLED" else "pruned",
-                             "carrot.epochs_done": len(history)})
-            logger.finish(status)
+            try:
+                if evaluator:
+                    evaluator.save_artifacts()
+                logger.set_tags({"carrot.status": status.lower() if status != "KILLED" else "pruned",
+                                 "carrot.epochs_done": len(history)})
+            finally:
+                logger.finish(status)
     final = history[-1]
     return RunResult(run_id=logger.run_id if logger else None, metrics=final, history=history,
                      objective=final[f"{eval_split}/acc"], epochs_done=len(history),

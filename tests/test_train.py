@@ -80,3 +80,14 @@ def test_pk_batches_do_not_depend_on_global_random_state():
         draws.append([x.tolist() for _ in range(2) for x, _ in loader])
     assert draws[0] == draws[1]
     assert draws[0][: len(draws[0]) // 2] != draws[0][len(draws[0]) // 2:]  # epochs differ
+
+
+def test_undefined_statistics_are_averaged_as_missing():
+    cfg = tiny_config(**{"variant.name": "nuisance", "optim.epochs": 2})
+    cfg.variant.hparams = {"warmup_epochs": 1.0}
+    result = run(cfg, track=False, log=lambda s: None)
+    first, second = result.history
+    assert first["var/frac_augmented"] == 0.0 and first["var/alpha_mean"] == 0.0
+    assert np.isnan(first["var/label_safety"])  # warm-up: no noise drawn, safety undefined
+    assert second["var/frac_augmented"] > 0
+    assert 0.0 <= second["var/label_safety"] <= 1.0

@@ -66,6 +66,8 @@ class Variant(nn.Module):
     Hparams: ClassVar[type[BaseHparams]] = BaseHparams
     search_space: ClassVar[dict[str, Distribution]] = {}
     statistics: ClassVar[tuple[str, ...]] = ()
+    # statistics a batch may leave undefined (NaN): the trainer averages them as missing
+    maybe_undefined: ClassVar[tuple[str, ...]] = ()
     default_sampler: ClassVar[str] = "random"
     uses_features: ClassVar[bool] = False  # needs intermediate layers in StepBatch.features
 

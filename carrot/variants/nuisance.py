@@ -321,6 +321,7 @@ class Nuisance(Variant):
         "basis": Categorical(list(BASES)),
     }
     statistics = ("alpha_mean", "frac_augmented", "label_safety", "subspace_rank")
+    maybe_undefined = ("label_safety", "subspace_rank")  # nothing augmented / still warming up
     default_sampler = "random"
 
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -328,8 +329,9 @@ class Nuisance(Variant):
         z, y, head = batch.embedding, batch.labels.long(), batch.head
         if batch.progress < hp.warmup_epochs:
             zero = ce.detach().new_zeros(())
+            undefined = zero + float("nan")  # no noise drawn: safety and rank are not defined
             return {"aug": ce * 0.0}, {
-                "alpha_mean": zero, "frac_augmented": zero, "label_safety": zero + 1.0, "subspace_rank": zero,
+                "alpha_mean": zero, "frac_augmented": zero, "label_safety": undefined, "subspace_rank": undefined,
             }
         logits = batch.logits
         if logits.dtype not in (torch.float32, torch.float64):
@@ -337,8 +339,11 @@ class Nuisance(Variant):
             with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
                 bias = None if head.bias is None else head.bias.float()
                 logits = F.linear(z.detach().float(), head.weight.float(), bias)
+        # With topk >= K-1 every class is a competitor, nothing outside the subspace bounds the
+        # noise and no sample would be augmented; keep at least one class outside it.
+        topk = min(hp.topk, max(1, logits.shape[1] - 2))
         z_aug, y_aug, st = nuisance_augment(
-            z, y, logits, head.weight, head.bias, topk=hp.topk, gamma_margin=hp.gamma_margin,
+            z, y, logits, head.weight, head.bias, topk=topk, gamma_margin=hp.gamma_margin,
             delta=hp.delta, n_aug=hp.n_aug, union=hp.union, basis=hp.basis, check_safety=False,
         )
         # Through the head only, in float32 even under autocast: z~ moves each logit by far
@@ -348,10 +353,12 @@ class Nuisance(Variant):
             logits_aug = F.linear(z_aug, head.weight.to(z_aug.dtype), bias)  # (B n, K)
         rows = st["augmented"].repeat_interleave(hp.n_aug)  # (B n,)
         ce_rows = F.cross_entropy(logits_aug.float(), y_aug, reduction="none", label_smoothing=batch.label_smoothing)
-        aug_ce = (ce_rows * rows).sum() / rows.sum().clamp_min(1)
+        # SPEC: w_aug * CE(head(z~), y) over every row; a row with alpha = 0 has z~ = z
+        aug_ce = ce_rows.mean()
+        safety = torch.where(rows.any(), label_safety(logits_aug, y_aug, rows), float("nan"))
         return {"aug": hp.w_aug * aug_ce}, {
             "alpha_mean": st["alpha_mean"],
             "frac_augmented": st["frac_augmented"],
-            "label_safety": label_safety(logits_aug, y_aug, rows),
+            "label_safety": safety,  # NaN when no row was augmented: averaged as missing
             "subspace_rank": st["subspace_rank"],
         }

@@ -1,0 +1,47 @@
+"""The model's feature taps: pooled widths match timm's feature_info for NCHW, NHWC and token layouts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from carrot.model import CarrotModel, ModelError, create_backbone
+
+
+@pytest.mark.parametrize("name, size", [("test_resnet", 64), ("test_vit", 160), ("test_convnext", 64),
+                                        ("swin_tiny_patch4_window7_224", 224)])
+def test_pooled_features_have_the_stage_widths(name, size):
+    backbone = create_backbone(name)
+    model = CarrotModel(backbone, torch.nn.Identity(), num_classes=7)
+    out = model(torch.randn(2, 3, size, size), with_features=True)
+    widths = {e["module"]: e["num_chs"] for e in backbone.feature_info}
+    assert len(out.features) == min(4, len(widths))
+    for layer, feats in out.features.items():
+        assert feats.shape == (2, widths[layer]) and feats.dtype == torch.float32
+    assert out.logits.shape == (2, 7) and out.embedding.shape == (2, backbone.num_features)
+    assert model(torch.randn(2, 3, size, size)).features == {}
+
+
+def test_probe_layer_mean_matches_manual_pooling():
+    backbone = create_backbone("test_resnet")
+    model = CarrotModel(backbone, torch.nn.Identity(), num_classes=3, probe_layers=["layer2"]).eval()
+    x = torch.randn(2, 3, 64, 64)
+    grabbed = {}
+    backbone.layer2.register_forward_hook(lambda m, a, o: grabbed.setdefault("x", o))
+    out = model(x, with_features=True)
+    torch.testing.assert_close(out.features["layer2"], grabbed["x"].mean(dim=(2, 3)))
+
+
+def test_unknown_probe_layer_and_weights_file_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="probe layer"):
+        CarrotModel(create_backbone("test_resnet"), torch.nn.Identity(), 3, probe_layers=["nope"])
+    with pytest.raises(ModelError, match="not found"):
+        create_backbone("test_resnet", pretrained_path=str(tmp_path / "missing.safetensors"))
+
+
+def test_local_pretrained_weights_are_loaded(tmp_path):
+    source = create_backbone("test_resnet")
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    loaded = create_backbone("test_resnet", pretrained_path=str(path))
+    for (k, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
