@@ -52,6 +52,13 @@ def test_study_runs_and_continues(store, mlflow_client, capsys):
     assert len([r for r in runs if r.data.tags.get("carrot.role") == "study"]) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(int(c.data.tags["carrot.trial"]) for c in children) == [0, 1, 2, 3, 4]
+    # continuing with another training budget is refused before any run is created
+    n_runs = len(mlflow_client.search_runs([exp.experiment_id]))
+    argv_changed = [a if a != "2" else "3" for a in argv]  # --epochs 3
+    assert main(argv_changed + ["--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "optim.epochs" in err
+    assert len(mlflow_client.search_runs([exp.experiment_id])) == n_runs
     # every trial's run id is recorded in the study
     ids = {t.user_attrs.get("mlflow_run_id") for t in study.trials if t.state.name == "COMPLETE"}
     assert ids <= {c.info.run_id for c in children}
