@@ -349,3 +349,24 @@ def confusion_concentration(confusion: np.ndarray, ks: Iterable[int] = (1, 3, 5)
         top = off[rows, :k].sum(axis=1)
         result[int(k)] = float(np.mean(top / total[rows]))
     return result
+
+
+def open_store(args, prog: str):
+    """(client, runs) for a command's ``--tracking-uri/--experiment/--dataset/--backbone``,
+    or (None, None) after printing why the store cannot be read."""
+    import logging
+    import sys
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        client = connect(args.tracking_uri)
+    except StoreMissing as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None, None
+    return client, load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
+
+
+def metric_layers(runs: pd.DataFrame, prefix: str, suffix: str) -> list[str]:
+    """Layer names in metric keys ``<prefix><layer><suffix>``, in network order."""
+    keys = metric_keys(runs, re.escape(prefix) + ".+" + re.escape(suffix))
+    return sorted({k[len(prefix):len(k) - len(suffix)] for k in keys}, key=layer_sort_key)

@@ -35,14 +35,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.common import (  # noqa: E402
-    StoreMissing,
     add_store_arguments,
+    metric_layers,
+    open_store,
     confusion_concentration,
-    connect,
     dataset_groups,
     known_variants,
     layer_sort_key,
-    load_runs,
     mean_history,
     metric_keys,
     metric_values,
@@ -142,11 +141,6 @@ def _log_if_wide(ax) -> None:
     values = values[np.isfinite(values)]
     if len(values) and (values > 0).all() and values.max() / values.min() > 1e3:
         ax.set_yscale("log")
-
-
-def _layers(runs: pd.DataFrame, prefix: str, suffix: str) -> list[str]:
-    keys = metric_keys(runs, re.escape(prefix) + ".+" + re.escape(suffix))
-    return sorted({k[len(prefix):len(k) - len(suffix)] for k in keys}, key=layer_sort_key)
 
 
 def _last_confusions(g: Group, runs: pd.DataFrame) -> list[np.ndarray]:
@@ -263,7 +257,7 @@ def plot_pair_error(g: Group) -> Path:
 
 # ----------------------------------------------------------------------------- (d)
 def plot_rho(g: Group) -> Path:
-    layers = _layers(g.runs, "rho/", "/ref_mean")
+    layers = metric_layers(g.runs, "rho/", "/ref_mean")
     if not layers:
         raise Skip("no run logged rho/<layer>/ref_mean")
     fig, axes = _panels(len(layers))
@@ -279,7 +273,7 @@ def plot_rho(g: Group) -> Path:
 
 # ----------------------------------------------------------------------------- (e)
 def plot_probe(g: Group) -> Path:
-    layers = _layers(g.runs, "probe/", "/acc")
+    layers = metric_layers(g.runs, "probe/", "/acc")
     if not layers:
         raise Skip("no run logged probe/<layer>/acc")
     bars = {}
@@ -382,15 +376,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    try:
-        client = connect(args.tracking_uri)
-    except StoreMissing as exc:
-        print(f"carrot plots: {exc}", file=sys.stderr)
+    client, runs = open_store(args, "carrot plots")
+    if client is None:
         return 2
-    runs = load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
     if not len(runs):
         print(f"carrot plots: no runs in experiment {args.experiment!r}"
               + (" matching the filters" if args.dataset or args.backbone else "") + "; no plots")

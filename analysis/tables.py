@@ -25,7 +25,6 @@ import argparse
 import csv
 import io
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +34,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.common import (
-    StoreMissing,
     add_store_arguments,
-    connect,
+    metric_layers,
+    open_store,
     dataset_groups,
     final_runs,
     known_variants,
-    layer_sort_key,
-    load_runs,
-    metric_keys,
     metric_values,
     natural_key,
     study_trials,
@@ -414,15 +410,9 @@ def confusable_pairs(ctx: Context) -> Table:
 
 
 # ----------------------------------------------------------------------------- 3. geometry
-def _layers(runs: pd.DataFrame, prefix: str, suffix: str) -> list[str]:
-    """Layer names in metric keys ``<prefix><layer><suffix>``, in network order."""
-    keys = metric_keys(runs, re.escape(prefix) + ".+" + re.escape(suffix))
-    return sorted({k[len(prefix):len(k) - len(suffix)] for k in keys}, key=layer_sort_key)
-
-
 def geometry(ctx: Context) -> Table:
-    rho_layers = _layers(ctx.final, "rho/", "/ref_mean")
-    probe_layers = _layers(ctx.final, "probe/", "/acc")
+    rho_layers = metric_layers(ctx.final, "rho/", "/ref_mean")
+    probe_layers = metric_layers(ctx.final, "probe/", "/acc")
     metrics: list[tuple[str, str, float, int]] = (  # key, column, scale, digits
         [(f"rho/{layer}/ref_mean", f"ρ {layer} (ref)", 1.0, 3) for layer in rho_layers]
         + [("proto_cos/ref_mean", "cos (ref)", 1.0, 3)]
@@ -642,15 +632,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    try:
-        client = connect(args.tracking_uri)
-    except StoreMissing as exc:
-        print(f"carrot tables: {exc}", file=sys.stderr)
+    client, runs = open_store(args, "carrot tables")
+    if client is None:
         return 2
-    runs = load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
     if not len(runs):
         print(f"carrot tables: no runs in experiment {args.experiment!r}"
               + (" matching the filters" if args.dataset or args.backbone else "")

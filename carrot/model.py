@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
-import torch
 from torch import Tensor, nn
 
 from carrot.data import ImageSpec

@@ -19,7 +19,7 @@ from torch import nn
 
 from carrot.config import RunConfig
 from carrot.data import build_dataset
-from carrot.evaluate import Evaluator, collect
+from carrot.evaluate import Evaluator
 from carrot.loaders import make_loader, training_split
 from carrot.model import CarrotModel, create_backbone, image_spec
 from carrot.progress import Progress

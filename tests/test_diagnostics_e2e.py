@@ -1,14 +1,10 @@
 """Every trial logs the paper's diagnostics, per epoch, and the artifacts load back to the numbers."""
 from __future__ import annotations
 
-import io
 import json
-import os
 
 import numpy as np
-import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 
 from carrot.cli import main
 from conftest import tiny_config
