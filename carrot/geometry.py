@@ -3,13 +3,15 @@
 Written once and used by the variants (inside a training step) and by the validation
 diagnostics. Everything here is sync-free on CUDA: no ``torch.unique``, no boolean
 indexing with data-dependent shapes, no ``.item()`` / ``.cpu()``. The one exception is
-``torch.linalg.eigvalsh`` in the effective ranks: PyTorch checks its solver's error codes
-on the host, one synchronisation per call (there is no ``eigh_ex``); the per-class version
-makes that one batched call per step. Classes present in a
-batch are compacted into ``B`` fixed *slots* (``B = len(y)``), unused slots have count 0
-and are masked out downstream, so every shape depends on ``B`` only.
+``torch.linalg.eigh`` in the effective ranks: PyTorch checks the solver's error codes on
+the host, one synchronisation per call (there is no ``eigh_ex``); the per-class version
+makes one call per step, for all classes at once (one B x B block-diagonal matrix).
+Classes present in a batch are compacted into ``B`` fixed *slots* (``B = len(y)``),
+unused slots have count 0 and are masked out downstream, so every shape depends on ``B``
+only.
 
-All statistics are computed in float32 whatever the input dtype (inputs are cast inside).
+All statistics are computed in float32 whatever the input dtype (inputs are cast inside,
+and the matrix products run with autocast off, so bf16 autocast does not round them).
 
 >>> import torch
 >>> y = torch.tensor([7, 3, 7, 3, 5])
@@ -18,6 +20,8 @@ All statistics are computed in float32 whatever the input dtype (inputs are cast
 ([2, 0, 2, 0, 1], [2.0, 1.0, 2.0, 0.0, 0.0], [3, 5, 7])
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -55,6 +59,11 @@ def class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # Every write into a slot carries the same label, so duplicate indices are harmless.
     labels_of_slot = torch.zeros_like(sorted_y).scatter_(0, slot_sorted, sorted_y)  # (B,)
     return inv, counts, labels_of_slot
+
+
+def no_autocast(t: Tensor):
+    """Context that turns autocast off on ``t``'s device: statistics stay float32 (SPEC)."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 # ------------------------------------------------------------------------- moments
@@ -104,7 +113,9 @@ def pairwise_distance(a: Tensor) -> Tensor:
     """
     a = a.float()
     sq = (a * a).sum(-1)  # (N,)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (a @ a.T)).clamp_min(0.0)  # (N, N)
+    with no_autocast(a):
+        inner = a @ a.T  # (N, N)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * inner).clamp_min(0.0)  # (N, N)
     d2 = d2 * (1.0 - torch.eye(a.shape[0], dtype=d2.dtype, device=d2.device))
     return torch.sqrt(d2.clamp_min(_P_FLOOR)) * (d2 > 0)
 
@@ -175,6 +186,104 @@ def bhattacharyya_diag(mu: Tensor, var: Tensor, eps: float = 1e-6) -> tuple[Tens
     return distance, torch.exp(-distance)
 
 
+def _column_block_sum(t: Tensor, widths: tuple[int, ...]) -> Tensor:
+    """(N, sum(widths)) -> (N, L): the sum over each block of columns."""
+    if len(widths) == 1:
+        return t.sum(1, keepdim=True)
+    return torch.stack([part.sum(1) for part in t.split(widths, 1)], 1)
+
+
+def _column_block_expand(g: Tensor, widths: tuple[int, ...]) -> Tensor:
+    """(N, L) -> (N, sum(widths)): column block l filled with g[:, l] (adjoint of the sum)."""
+    n = g.shape[0]
+    return torch.cat([g[:, k:k + 1].expand(n, w) for k, w in enumerate(widths)], 1)
+
+
+class _SamplePairBhattacharyya(torch.autograd.Function):
+    """D_B of class pairs straight from a batch's samples, with a hand-written backward.
+
+    The maths is :func:`bhattacharyya_pairs` on the moments of :func:`class_moments`
+    (two-pass, ``v = max(var, eps)``, ``vbar = (v_c + v_d) / 2 + eps``). Doing moments and
+    pair terms in one function lets forward and backward work in place on a handful of
+    (B, D), (C, D), (P, D) buffers, where autograd would keep and allocate one per op
+    (on CPU each fresh MiB-sized buffer costs page faults, more than the arithmetic).
+    Gradients, with ``r = (mu_c - mu_d) / vbar`` and ``n_c`` the class size:
+    ``dD/dmu_c = r / 4``, ``dD/dvbar = 1 / (2 vbar) - r^2 / 8``, ``dD/dv_c = -1 / (4 v_c)``
+    from the log-determinant, ``dvar_c / dx_i = 2 (x_i - mu_c) / n_c``,
+    ``dmu_c / dx_i = 1 / n_c``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, klass: Tensor, pairs: Tensor, num_classes: int, widths: tuple[int, ...],
+                eps: float) -> Tensor:
+        d = x.shape[1]
+        inv_n = 1.0 / torch.zeros(num_classes, dtype=x.dtype, device=x.device).index_add_(
+            0, klass, torch.ones_like(klass, dtype=x.dtype)).clamp_min(1.0)  # (C,)
+        mu = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, klass, x)
+        mu.mul_(inv_n[:, None])  # (C, D)
+        dev = mu.index_select(0, klass).neg_().add_(x)  # (B, D) x_i - mu_{c(i)}, one buffer
+        var = torch.zeros_like(mu).index_add_(0, klass, dev * dev).mul_(inv_n[:, None])  # (C, D)
+        keep = var >= eps  # where the clamp passes the gradient
+        v = var.clamp_min_(eps)
+        log_det = _column_block_sum(torch.log(v), widths)  # (C, L)
+
+        classes = torch.arange(num_classes, device=x.device)
+        pick_i = (pairs[0][:, None] == classes).to(x.dtype)  # (P, C)
+        pick_j = (pairs[1][:, None] == classes).to(x.dtype)
+        diff = (pick_i - pick_j) @ mu  # (P, D)
+        vbar = (0.5 * (pick_i + pick_j)) @ v  # (P, D)
+        vbar.add_(eps)
+        terms = torch.log(vbar)
+        ratio = diff / vbar  # (P, D) r
+        terms.addcmul_(diff, ratio, value=0.25)  # log vbar + (mu_c - mu_d)^2 / (4 vbar)
+        distance = 0.5 * _column_block_sum(terms, widths) - 0.25 * ((pick_i + pick_j) @ log_det)  # (P, L)
+        ctx.save_for_backward(dev, klass, inv_n, keep, v, vbar, ratio, pick_i, pick_j)
+        ctx.widths = widths
+        return distance
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        dev, klass, inv_n, keep, v, vbar, ratio, pick_i, pick_j = ctx.saved_tensors
+        widths = ctx.widths
+        g_terms = _column_block_expand(0.5 * grad, widths)  # (P, D)
+        g_vbar = torch.reciprocal(vbar).addcmul_(ratio, ratio, value=-0.25).mul_(g_terms)  # (P, D)
+        g_diff = g_terms.mul_(ratio).mul_(0.5)  # (P, D)
+        g_mu = (pick_i - pick_j).T @ g_diff  # (C, D)
+        g_v = (0.5 * (pick_i + pick_j)).T @ g_vbar  # (C, D)
+        g_log_det = -0.25 * ((pick_i + pick_j).T @ grad)  # (C, L)
+        g_v.addcdiv_(_column_block_expand(g_log_det, widths), v).mul_(keep)  # (C, D) d/dvar
+        g_x = g_v.mul_(inv_n[:, None]).index_select(0, klass).mul_(dev).mul_(2.0)  # (B, D)
+        g_x.add_(g_mu.mul_(inv_n[:, None]).index_select(0, klass))
+        return g_x, None, None, None, None, None
+
+
+def sample_pair_bhattacharyya(
+    x: Tensor, klass: Tensor, num_classes: int, pairs: Tensor, widths: Sequence[int] | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Bhattacharyya distance between the diagonal Gaussians of class pairs of a batch.
+
+    The same numbers as :func:`class_moments` + :func:`bhattacharyya_pairs`, in one pass
+    with a hand-written backward (:class:`_SamplePairBhattacharyya`), for the training step.
+
+    Args:
+        x: (B, D) samples, cast to float32 (autocast off). Several layers can share one call:
+            concatenate their features along dim 1 and pass their ``widths``; the distance is
+            then computed per block of columns.
+        klass: (B,) int64 class of each sample in ``[0, num_classes)``.
+        pairs: (2, P) int64 classes (c, d) of each pair.
+        widths: column widths of the blocks (default: one block of D).
+    Returns:
+        (P, L) float32 D_B per pair and block.
+    """
+    with no_autocast(x):
+        x = x.float()
+        widths = tuple(int(w) for w in widths) if widths is not None else (x.shape[1],)
+        assert sum(widths) == x.shape[1], f"widths {widths} do not add up to D = {x.shape[1]}"
+        return _SamplePairBhattacharyya.apply(x, klass, pairs, num_classes, widths, eps)
+
+
 # ------------------------------------------------------------------ effective rank
 def _entropy_rank(lam: Tensor) -> Tensor:
     """``exp(-sum p log p)`` with ``p = lam / sum lam`` over the last dim; lam >= 0.
@@ -198,21 +307,182 @@ def effective_rank(x: Tensor, center: bool = False) -> Tensor:
     A matrix with r equal non-zero singular values has erank exactly r; a zero matrix has
     erank 1. The input is assumed centred; ``center=True`` subtracts the column means.
     """
-    x = x.float()
-    if center:
-        x = x - x.mean(0, keepdim=True)
-    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x  # (min(n,D), min(n,D))
-    lam = torch.linalg.eigvalsh(gram)
-    return _entropy_rank(lam)
+    with no_autocast(x):
+        x = x.float()
+        if center:
+            x = x - x.mean(0, keepdim=True)
+        gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x  # (min(n,D), min(n,D))
+        lam = torch.linalg.eigvalsh(gram)
+        return _entropy_rank(lam)
+
+
+def class_centring_operator(inv: Tensor, counts: Tensor, rows: Tensor) -> Tensor:
+    """(R, B) float32 matrix ``C`` with ``(C @ x)_p = x_{rows_p} - mu_{inv[rows_p]}``.
+
+    ``C[p, i] = [i = rows_p] - [inv_i = inv_{rows_p}] / n_{inv[rows_p]}``: one matrix
+    product centres every sample on its class mean (and reorders the rows, e.g. into class
+    blocks with ``rows`` the samples sorted by class); its backward is one more product.
+    """
+    b = inv.shape[0]
+    ids = torch.arange(b, device=inv.device)
+    row_slot = inv[rows]  # (R,)
+    pick = (rows[:, None] == ids[None, :]).float()  # (R, B)
+    same = (row_slot[:, None] == inv[None, :]).float()  # (R, B)
+    return pick - same / counts[row_slot].clamp_min(1.0)[:, None]
+
+
+def symmetric_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a small symmetric matrix, ``torch.linalg.eigh``.
+
+    The one place the spectral code calls the solver (and, on CUDA, the one host sync of
+    the error check), so a different solver path is a one-line change.
+    """
+    return torch.linalg.eigh(gram)
+
+
+class BlockSpectrum:
+    """The block-diagonal within-class Gram of a batch and its spectrum, in pieces.
+
+    ``G = (C x)(C x)^T`` restricted to its diagonal blocks, ``C`` the centring operator
+    with rows in block order (:func:`class_centring_operator`), so ``G`` is block diagonal
+    with contiguous blocks. ONE ``eigh`` of ``G`` serves every block: any matrix function
+    of a block-diagonal matrix is block diagonal, so with ``G = V diag(lam) V^T``
+
+        tr f(G_s) = sum_k mass_sk f(lam_k),   mass_sk = sum_{i in s} V_ik^2,
+
+    exact for any orthonormal eigenbasis, also when blocks share eigenvalues. Here
+    ``f(lam) = max(lam, 0) log max(lam, floor)`` (``xlogx``), plus the traces ``T_s`` and
+    the batch scatter ``||x - mean(x)||_F^2`` (``total``).
+
+    :meth:`backward` is the analytic derivative: ``d tr f(G_s) / dG = f'(G)`` on block s
+    (``f'(G) = V diag(f'(lam)) V^T``, no ``1 / (lam_i - lam_j)`` eigenvector terms, so it
+    is finite on repeated eigenvalues), the identity on the diagonal for the trace, and
+    with ``dL/dG = Gg`` (symmetric) ``dL/dx = 2 C^T Gg C x``: every term folds into one
+    B x B matrix, so backward costs one (B, B) @ (B, D) product. The pieces are used inside
+    ``torch.autograd.Function`` s (no autograd graph of their own); the work before the
+    ``eigh`` (:meth:`__init__`) is split from the spectrum (:meth:`xlogx`), so a caller can
+    queue everything that does not need the eigenvalues before the solver's host sync.
+    """
+
+    def __init__(self, x: Tensor, centre: Tensor, block: Tensor, num_blocks: int) -> None:
+        # x is kept for backward as is (not via save_for_backward): it must not be modified in place.
+        self.x, self.centre, self.block = x, centre, block
+        ok = block >= 0
+        self.same = ((block[:, None] == block[None, :]) & ok[:, None]).to(x.dtype)  # (B, B) block mask
+        self.member = (block[None, :] == torch.arange(num_blocks, device=x.device)[:, None]).to(x.dtype)  # (S, B)
+        xc = centre @ x  # (B, D) class-centred, block order
+        self.gram = (xc @ xc.T) * self.same  # (B, B)
+        self.trace = self.member @ torch.diagonal(self.gram)  # (S,)
+        xb = (x - x.mean(0, keepdim=True)).reshape(-1)
+        self.total = torch.dot(xb, xb)  # no (B, D) square
+
+    def xlogx(self) -> Tensor:
+        """(S,) ``tr(G_s log G_s)``, eigenvalues clamped >= 0; the ``eigh`` (host sync on CUDA)."""
+        self.lam, self.vec = symmetric_eigh(self.gram)  # (B,), (B, B)
+        pos = self.lam.clamp_min(0.0)
+        log_pos = torch.log(pos.clamp_min(_P_FLOOR))
+        # f'(lam) for backward: log lam + 1, 0 for lam <= 0 (the clamp). Between 0 and the
+        # floor (1e-30, round-off of a zero eigenvalue) the exact derivative is log(floor).
+        self.dphi = (log_pos + 1.0) * (self.lam > 0)
+        return self.member @ ((self.vec * self.vec) @ (pos * log_pos))
+
+    def for_backward(self) -> "BlockSpectrum":
+        """Drop what backward does not need (the outputs: a ctx holding its own outputs is a
+        reference cycle) and return self, to keep on the autograd ctx."""
+        self.gram = self.trace = self.total = None
+        return self
+
+    def operator(self, g_trace: Tensor, g_xlogx: Tensor | None = None, g_total: Tensor | None = None) -> Tensor:
+        """(B, B) ``M`` with ``dL/dx = M @ x`` for dL/dtrace (S,), dL/dxlogx (S,), dL/dtotal (0-dim).
+
+        ``M = 2 C^T Gg C + 2 g_total (I - 11^T / B)``, ``Gg = dL/dG`` (symmetric); without
+        ``g_xlogx`` it needs no eigenvalues (so it can be built before the ``eigh``).
+        """
+        centre, b = self.centre, self.centre.shape[0]
+        grad_gram = torch.diag(g_trace @ self.member)  # (B, B) trace: identity on each block's diagonal
+        if g_xlogx is not None:
+            fprime = (self.vec * self.dphi) @ self.vec.T  # (B, B) f'(G)
+            grad_gram = grad_gram + fprime * self.same * (g_xlogx @ self.member)[:, None]
+        op = centre.T @ (2.0 * grad_gram) @ centre
+        if g_total is not None:
+            eye = torch.eye(b, dtype=centre.dtype, device=centre.device)
+            op = op + (2.0 * g_total) * (eye - 1.0 / b)
+        return op
+
+    def backward(self, g_trace: Tensor, g_xlogx: Tensor, g_total: Tensor) -> Tensor:
+        """dL/dx (B, D) from dL/dtrace (S,), dL/dxlogx (S,) and dL/dtotal (0-dim)."""
+        return self.operator(g_trace, g_xlogx, g_total) @ self.x
+
+
+def block_spectrum(x: Tensor, inv: Tensor, blocks: Tensor, num_blocks: int) -> BlockSpectrum:
+    """:class:`BlockSpectrum` of ``x`` (B, D) centred on its classes ``inv``, rows grouped by ``blocks``.
+
+    ``blocks`` (B,) int64 in ``[0, num_blocks)`` or -1 to leave a sample out. Computed in
+    ``x``'s dtype (cast to float32 first for SPEC) with no autograd graph: call it inside a
+    ``torch.autograd.Function``.
+    """
+    b = x.shape[0]
+    counts = torch.zeros(b, dtype=x.dtype, device=x.device).index_add_(
+        0, inv, torch.ones(b, dtype=x.dtype, device=x.device))
+    order = torch.sort(blocks, stable=True).indices  # (B,) rows in block order: contiguous blocks
+    centre = class_centring_operator(inv, counts, order).to(x.dtype)  # (B, B)
+    return BlockSpectrum(x, centre, blocks[order], num_blocks)
+
+
+class _WithinClassSpectrum(torch.autograd.Function):
+    """(trace, xlogx, total) of :class:`BlockSpectrum` with its analytic backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, inv: Tensor, blocks: Tensor, num_blocks: int):
+        spec = block_spectrum(x, inv, blocks, num_blocks)
+        outputs = spec.trace, spec.xlogx(), spec.total
+        ctx.spec = spec.for_backward()
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_trace: Tensor, g_xlogx: Tensor, g_total: Tensor):
+        return ctx.spec.backward(g_trace, g_xlogx, g_total), None, None, None
+
+
+def within_class_spectrum(x: Tensor, inv: Tensor, blocks: Tensor, num_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Spectral statistics of the classes of a batch from one B x B eigendecomposition.
+
+    Args:
+        x: (B, D) samples (computed in their own dtype: cast to float32 first for SPEC);
+        inv: (B,) class slot of each sample, for centring on its class mean;
+        blocks: (B,) int64 in ``[0, num_blocks)``, the block a sample's centred row enters, or -1
+            to leave it out (``inv`` itself, or a renumbering such as ``compact_slots``).
+    Returns:
+        trace (num_blocks,): ``T_s = sum_{i in s} ||x_i - mu_{inv_i}||^2``;
+        xlogx (num_blocks,): ``tr(G_s log G_s)`` of the block's Gram ``G_s`` (eigenvalues
+            clamped >= 0), so the spectral entropy is :func:`spectral_entropy`;
+        total (0-dim): ``sum_i ||x_i - mean(x)||^2``.
+    One ``eigh`` (one host sync on CUDA, PyTorch's error check) whatever the number of
+    classes; gradients from :meth:`BlockSpectrum.backward`.
+    """
+    return _WithinClassSpectrum.apply(x, inv, blocks, num_blocks)
+
+
+def spectral_entropy(trace: Tensor, xlogx: Tensor) -> Tensor:
+    """``H = -sum_k p_k log p_k`` with ``p = lam / T`` from ``T = sum lam``, ``xlogx = sum lam log lam``.
+
+    ``H = log T - xlogx / T``; 0 (zero gradient) where ``T`` is 0: a one-sample class or
+    identical samples have erank ``exp(0) = 1``.
+    """
+    spread = trace > torch.finfo(trace.dtype).tiny
+    safe = torch.where(spread, trace, torch.ones_like(trace))
+    return torch.where(spread, torch.log(safe) - xlogx / safe, torch.zeros_like(trace))
 
 
 def class_effective_rank(x: Tensor, inv: Tensor, slots: Tensor, num_slots: int) -> Tensor:
     """Effective rank of every slot's class covariance, batched (no per-class loop).
 
-    Each sample is centred on its class mean; slot ``s`` gets the masked Gram matrix
-    ``G_s = (m_s m_s^T) * (X_c X_c^T)`` (B, B), with ``m_s`` the indicator of its samples,
-    whose non-zero eigenvalues are ``n_s`` times those of the class covariance. Batched
-    ``eigvalsh`` over (S, B, B), eigenvalues clamped >= 0, then :func:`_entropy_rank`.
+    Each sample is centred on its class mean (``inv``); the centred samples of slot ``s``
+    form one diagonal block of the (B, B) within-class Gram matrix, whose non-zero
+    eigenvalues are ``n_s`` times those of the class covariance (the factor cancels in
+    ``p``). One ``eigh`` of that block-diagonal matrix gives every slot's spectral entropy
+    (:func:`within_class_spectrum`); ``erank = exp(H)``.
 
     Args:
         x: (B, D) samples; inv: (B,) class slot of each sample (for centring).
@@ -221,15 +491,9 @@ def class_effective_rank(x: Tensor, inv: Tensor, slots: Tensor, num_slots: int) 
     Returns:
         (num_slots,) float32 erank; 1 for a slot with fewer than two distinct samples.
     """
-    x = x.float()
-    means, _ = class_means(x, inv, int(inv.shape[0]))
-    xc = x - means[inv]  # (B, D) class-centred
-    gram = xc @ xc.T  # (B, B)
-    ids = torch.arange(num_slots, device=x.device)
-    member = (slots[None, :] == ids[:, None]).float()  # (S, B)
-    grams = gram[None] * member[:, :, None] * member[:, None, :]  # (S, B, B)
-    lam = torch.linalg.eigvalsh(grams)  # (S, B)
-    return _entropy_rank(lam)
+    with no_autocast(x):
+        trace, xlogx, _ = within_class_spectrum(x.float(), inv, slots, num_slots)
+        return torch.exp(spectral_entropy(trace, xlogx))
 
 
 # ------------------------------------------------------------------ soft confusion
@@ -258,8 +522,10 @@ def soft_confusion(probs: Tensor, inv: Tensor, counts: Tensor, labels_of_slot: T
 
 
 __all__ = [
-    "bhattacharyya_diag", "bhattacharyya_pairs", "class_effective_rank", "class_means",
-    "class_moments", "class_slots", "compact_slots", "effective_rank", "pairwise_distance", "rms_radius",
-    "soft_confusion",
+    "bhattacharyya_diag", "bhattacharyya_pairs", "class_centring_operator",
+    "class_effective_rank", "class_means", "class_moments", "class_slots", "compact_slots", "effective_rank",
+    "no_autocast", "pairwise_distance", "rms_radius", "sample_pair_bhattacharyya", "soft_confusion",
+    "spectral_entropy", "symmetric_eigh", "BlockSpectrum", "block_spectrum",
+    "within_class_spectrum",
 ]
 

@@ -11,7 +11,8 @@ from scipy import integrate
 from carrot import geometry
 from carrot.geometry import (
     bhattacharyya_diag, bhattacharyya_pairs, class_effective_rank, class_means, class_moments,
-    class_slots, compact_slots, effective_rank, pairwise_distance, rms_radius, soft_confusion,
+    class_slots, compact_slots, effective_rank, pairwise_distance, rms_radius, sample_pair_bhattacharyya,
+    soft_confusion, within_class_spectrum,
 )
 
 
@@ -235,3 +236,80 @@ def test_soft_confusion_against_loop() -> None:
     ref.fill_diagonal_(0)
     torch.testing.assert_close(a[:c, :c], ref)
     assert torch.all(a[c:] == 0) and torch.all(a[:, c:] == 0)
+
+
+# ------------------------------------------- one eigh for every class, sample-level D_B
+def test_within_class_spectrum_against_loop_and_gradcheck() -> None:
+    """Traces, tr(G log G) per block and the batch scatter from one B x B eigh, against a
+    per-class loop; float64 gradcheck of the hand-written backward, also with classes that
+    share their spectrum (eigenvalues repeated across blocks) and rows left out (-1)."""
+    y = _labels(3)
+    inv, counts, labels = class_slots(y)
+    x = torch.randn(len(y), 7, dtype=torch.float64, requires_grad=True)
+    trace, xlogx, total = within_class_spectrum(x, inv, inv, len(y))
+    torch.testing.assert_close(total, ((x - x.mean(0)) ** 2).sum())
+    for s in range(len(y)):
+        rows = x.detach()[y == labels[s]] if counts[s] > 0 else x.new_zeros(0, 7)
+        xc = rows - rows.mean(0) if len(rows) else rows
+        lam = torch.linalg.eigvalsh(xc @ xc.T).clamp_min(0) if len(rows) else x.new_zeros(0)
+        assert trace[s].item() == pytest.approx((xc**2).sum().item(), rel=1e-10, abs=1e-12)
+        ref = (lam * torch.log(lam.clamp_min(1e-30))).sum().item()
+        assert xlogx[s].item() == pytest.approx(ref, rel=1e-8, abs=1e-10)
+    assert torch.autograd.gradcheck(lambda t: within_class_spectrum(t, inv, inv, len(y)), (x,))
+    keep = compact_slots(counts >= 3)
+    assert torch.autograd.gradcheck(lambda t: within_class_spectrum(t, inv, keep[inv], 2), (x,))
+    a = torch.randn(4, 6, dtype=torch.float64)
+    shared = torch.cat([a, a + 3.0, a * 2.0, torch.randn(2, 6, dtype=torch.float64)]).requires_grad_(True)
+    y2 = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3] * 2)
+    assert torch.autograd.gradcheck(lambda t: within_class_spectrum(t, y2, y2, 14), (shared,))
+
+
+def test_class_effective_rank_degenerate_gradients_finite() -> None:
+    """Identical samples, one-sample classes and repeated spectra: finite values and gradients."""
+    base = torch.eye(6)[:2]
+    x = torch.cat([base, -base, base, -base, torch.ones(4, 6), torch.zeros(1, 6)]).requires_grad_(True)
+    y = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3])
+    inv, _, _ = class_slots(y)
+    er = class_effective_rank(x, inv, inv, len(y))
+    er.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert er[:4].tolist() == pytest.approx([2.0, 2.0, 1.0, 1.0], rel=1e-5)
+
+
+def test_statistics_ignore_bf16_autocast() -> None:
+    """SPEC: float32 statistics even under autocast (the products inside run with it off)."""
+    y = _labels(4)
+    x = torch.randn(len(y), 16) + 5.0
+    inv, _, _ = class_slots(y)
+    ref = class_effective_rank(x, inv, inv, len(y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = class_effective_rank(x, inv, inv, len(y))
+        d = pairwise_distance(x)
+        er = effective_rank(x, center=True)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(d, pairwise_distance(x))
+    assert er.item() == pytest.approx(effective_rank(x, center=True).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("widths", [(5,), (2, 3)])
+def test_sample_pair_bhattacharyya_against_moments_and_gradcheck(widths: tuple[int, ...]) -> None:
+    """Equals bhattacharyya_pairs on class_moments (per block of columns); float64 gradcheck
+    of the hand-written backward, with a zero-variance class (the eps clamp) in the pairs."""
+    y = _labels(5)
+    inv, counts, _ = class_slots(y)
+    x = torch.randn(len(y), 5, dtype=torch.float64)
+    first = int(torch.nonzero(counts == 2)[0])  # a two-sample class made zero-variance
+    x[inv == first] = x[inv == first][0]
+    x.requires_grad_(True)
+    pairs = torch.tensor([[0, 1, 2, first, 3], [1, 2, 3, 0, 3]])
+    eps = 1e-3
+    db = sample_pair_bhattacharyya(x, inv, len(y), pairs, widths, eps)
+    assert db.shape == (5, len(widths)) and db.dtype == torch.float32
+    mu, var, _ = class_moments(x.detach(), inv, len(y))
+    start = 0
+    for k, w in enumerate(widths):
+        ref, _ = bhattacharyya_pairs(mu[:, start:start + w], var[:, start:start + w], pairs[0], pairs[1], eps)
+        torch.testing.assert_close(db[:, k], ref, rtol=1e-5, atol=1e-5)
+        start += w
+    fn = lambda t: geometry._SamplePairBhattacharyya.apply(t, inv, pairs, len(y), widths, eps)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))

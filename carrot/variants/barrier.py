@@ -9,15 +9,92 @@ concentrating on few directions):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from carrot.geometry import class_effective_rank, class_moments, class_slots, compact_slots
+from carrot.geometry import block_spectrum, class_slots, no_autocast
 from carrot.space import Categorical, Float
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
+
+
+class _BarrierTerms(torch.autograd.Function):
+    """R_var and R_rank of a batch with a closed-form backward through the block spectrum.
+
+    Inside a CUDA training step ``eigh`` synchronises the host (PyTorch checks its error
+    codes), so every op queued after it, the rest of this forward and the whole backward of
+    the term, runs while the GPU waits (~30 us of host time each). Hence one function that
+    queues everything not needing eigenvalues before the solver: R_var, its statistics and
+    its gradient operator; after it, R_rank and its gradient operator (both terms are linear
+    in z's Gram, so each gradient is ``M @ z`` for a B x B ``M`` from
+    :meth:`carrot.geometry.BlockSpectrum.operator`); backward is then ``(g_var M_var +
+    g_rank M_rank) @ z``.
+
+    Forward returns ``r_var, r_rank`` (0-dim) and, not differentiable, ``ratio`` (S,) r_c,
+    ``erank`` (S,), ``min_r``, ``min_erank_ratio`` (0-dim).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, inv: Tensor, counts: Tensor, eps: float):
+        ctx.set_materialize_grads(False)
+        b, d = z.shape
+        spec = block_spectrum(z, inv, inv, b)
+        used = counts >= 2  # (S,)
+        any_used = used.any()
+        w = used.to(z.dtype) / used.sum().clamp_min(1)  # (S,) weights of the class means
+        one = torch.ones((), dtype=z.dtype, device=z.device)
+        inf = torch.full_like(w, float("inf"))
+        grads = ctx.needs_input_grad[0]
+
+        # Before the eigh. Variance barrier: S_bar = total / B, r_c = T_c / (n_c S_bar).
+        trace, scatter_all = spec.trace, spec.total / b
+        s_bar = scatter_all.clamp_min(eps)
+        ratio_raw = trace / counts.clamp_min(1.0) / s_bar
+        ratio = ratio_raw.clamp_min(eps)  # (S,)
+        r_var = -torch.dot(w, torch.log(ratio))
+        min_r = torch.where(any_used, torch.where(used, ratio, inf).min(), one)
+        spread = trace > torch.finfo(z.dtype).tiny  # H_c = 0 (erank 1) for a class with no spread
+        t_safe = torch.where(spread, trace, torch.ones_like(trace))
+        inv_t = 1.0 / t_safe
+        log_t = torch.log(t_safe)
+        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        if grads:
+            # r_var = -sum_c a_c log(T_c / (n_c S_bar)): dT_c = -a_c / T_c, dS_bar = sum a / S_bar
+            # (a_c = 0 where a clamp is active: clamp_min passes the gradient where input >= min).
+            a_var = w * (ratio_raw >= eps)
+            g_total = a_var.sum() / s_bar * (scatter_all >= eps) / b
+            ctx.op_var = spec.operator(-a_var * inv_t, None, g_total)
+            w_spread_inv_t = w * spread * inv_t
+
+        # The eigh (host sync), then as few ops as possible: the GPU idles until they are queued.
+        # Rank barrier: H_c = log T_c - tr(G_c log G_c) / T_c, -log(max(erank / D, eps)) = -q_c.
+        xlogx = spec.xlogx()
+        entropy = torch.where(spread, log_t - xlogx * inv_t, zero)
+        log_ratio = entropy - math.log(d)
+        q = log_ratio.clamp_min(math.log(eps))  # (S,) log(max(erank_c / D, eps))
+        r_rank = -torch.dot(w, q)
+        min_er = torch.where(any_used, torch.exp(torch.where(used, q, inf).min()), one)
+        if grads:
+            # dr_rank/dH_c = -a_c;  dH/dT = (1 + xlogx / T) / T,  dH/dxlogx = -1 / T.
+            a_inv_t = w_spread_inv_t * (log_ratio >= math.log(eps))
+            ctx.op_rank = spec.operator(-a_inv_t - a_inv_t * xlogx * inv_t, a_inv_t)
+            ctx.z = z
+        erank = torch.exp(entropy)
+        ctx.mark_non_differentiable(ratio, erank, min_r, min_er)
+        return r_var, r_rank, ratio, erank, min_r, min_er
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_var: Tensor | None, g_rank: Tensor | None, *_unused):
+        if g_var is None and g_rank is None:
+            return None, None, None, None
+        op = ctx.op_var * g_var if g_var is not None else 0.0
+        if g_rank is not None:
+            op = op + ctx.op_rank * g_rank
+        return op @ ctx.z, None, None, None
 
 
 def barrier_terms(z: Tensor, y: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -26,12 +103,18 @@ def barrier_terms(z: Tensor, y: Tensor, eps: float = 1e-12) -> tuple[Tensor, Ten
     S_bar = mean_i ||z_i - zbar||^2 (trace of the batch covariance, floored at eps); for
     every class c with n_c >= 2: S_c = mean_{i in c} ||z_i - mu_c||^2,
     r_c = max(S_c / S_bar, eps), erank_c = exp(H(p)) with p the normalised eigenvalues of
-    the class covariance (from masked per-class Gram matrices, one batched ``eigvalsh``).
+    the class covariance.
 
         R_var = mean_c -log r_c,   R_rank = mean_c -log(max(erank_c / D, eps))
 
+    Everything comes from the B x B within-class Gram matrix (samples centred on their class
+    mean by one matrix product, rows in class order so it is block diagonal): S_c are traces
+    of its blocks and one ``eigh`` gives every class's spectrum
+    (:class:`carrot.geometry.BlockSpectrum`); the gradient is written out by hand
+    (:class:`_BarrierTerms`). Float32 with autocast off.
+
     Both are 0 (with finite, zero gradients) when no class has two samples. No host sync
-    apart from the one inside the single batched ``eigvalsh`` (PyTorch's error check).
+    apart from the one inside ``eigh`` (PyTorch's error check).
 
     Args:
         z: (B, D) embeddings (computed in float32); y: (B,) labels.
@@ -40,44 +123,22 @@ def barrier_terms(z: Tensor, y: Tensor, eps: float = 1e-12) -> tuple[Tensor, Ten
         ``min_erank_ratio`` (min erank_c / D; both 1 when no class qualifies),
         ``classes_used``, and per-slot ``r`` / ``erank`` with ``used`` mask (S,).
     """
-    z = z.float()
-    b, d = z.shape
-    inv, counts, _ = class_slots(y)
-    _, var, _ = class_moments(z, inv, b)  # (S, D)
-    scatter_c = var.sum(-1)  # (S,) S_c
-    scatter_all = ((z - z.mean(0, keepdim=True)) ** 2).sum(-1).mean().clamp_min(eps)  # S_bar
-    ratio = (scatter_c / scatter_all).clamp_min(eps)  # (S,) r_c
-
-    used = counts >= 2  # (S,)
-    n_used = used.sum()
-    w = used.float()
-    denom = n_used.clamp_min(1).float()
-    r_var = (-torch.log(ratio) * w).sum() / denom
-
-    # At most B // 2 classes have two samples: only that many Gram matrices are needed.
-    n_slots = max(1, b // 2)
-    compact = compact_slots(used)  # (S,) index among used classes, -1 otherwise
-    erank_used = class_effective_rank(z, inv, compact[inv], n_slots)  # (B//2,)
-    in_use = torch.arange(n_slots, device=z.device) < n_used  # (B//2,)
-    erank_ratio = (erank_used / d).clamp_min(eps)
-    r_rank = (-torch.log(erank_ratio) * in_use.float()).sum() / denom
-
-    with torch.no_grad():
-        one = torch.ones((), device=z.device)
-        min_r = torch.where(used, ratio, torch.full_like(ratio, float("inf"))).min()
-        min_er = torch.where(in_use, erank_ratio, torch.full_like(erank_ratio, float("inf"))).min()
-        erank_slot = torch.ones_like(ratio)
-        erank_slot = torch.where(used, erank_used.detach()[compact.clamp_min(0)], erank_slot)
-        stats = {
-            "r_var": r_var.detach(),
-            "r_rank": r_rank.detach(),
-            "min_r": torch.where(n_used > 0, min_r, one),
-            "min_erank_ratio": torch.where(n_used > 0, min_er, one),
-            "classes_used": n_used.float(),
-            "r": ratio.detach(),
-            "erank": erank_slot,
-            "used": used,
-        }
+    with no_autocast(z):
+        inv, counts, _ = class_slots(y)
+        used = counts >= 2
+        classes_used = used.sum().float()
+        # erank is 1 (H = 0) for a slot with fewer than two samples: no spread.
+        r_var, r_rank, ratio, erank, min_r, min_er = _BarrierTerms.apply(z.float(), inv, counts, eps)
+    stats = {
+        "r_var": r_var.detach(),
+        "r_rank": r_rank.detach(),
+        "min_r": min_r,
+        "min_erank_ratio": min_er,
+        "classes_used": classes_used,
+        "r": ratio,
+        "erank": erank,
+        "used": used,
+    }
     return r_var, r_rank, stats
 
 
@@ -112,8 +173,9 @@ class Barrier(Variant):
         hp = self.hp
         r_var, r_rank, st = barrier_terms(batch.embedding, batch.labels)
         terms: dict[str, Tensor] = {}
+        # (no multiply at the parameter-free weight 1: each op after the eigh's sync costs host time)
         if hp.use_var:
-            terms["r_var"] = hp.weight * r_var
+            terms["r_var"] = r_var if hp.weight == 1.0 else hp.weight * r_var
         if hp.use_rank:
-            terms["r_rank"] = hp.weight * r_rank
+            terms["r_rank"] = r_rank if hp.weight == 1.0 else hp.weight * r_rank
         return terms, {k: st[k] for k in self.statistics}

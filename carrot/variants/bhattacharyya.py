@@ -8,18 +8,21 @@ P_e <= sqrt(w1 w2) rho:
     L = CE + s * mean_layers [ sum_{top-M pairs} a_cd rho_cd / sum a_cd ],
     s = CE.detach() / (L_bhat.detach() + eps)   ("auto"; a fixed lam is the ablation).
 
-Everything is vectorised over classes and pairs on fixed-size (B-slot) tensors: no
-``torch.unique``, no class-index remapping, no host sync.
+Everything is vectorised over classes, pairs and layers on fixed-size (B-slot) tensors: no
+``torch.unique``, no class-index remapping, no host sync. Labels, confusion and the pair
+selection are computed once per step; the layers are concatenated along the feature axis,
+so moments and pair terms are one pass for all of them, with a hand-written backward.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from carrot.geometry import bhattacharyya_pairs, class_moments, class_slots, soft_confusion
+from carrot.geometry import class_slots, compact_slots, no_autocast, sample_pair_bhattacharyya, soft_confusion
 from carrot.space import Categorical, Float, Int
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
@@ -36,6 +39,11 @@ class PairSelection:
     weight: Tensor  # (M',) float32 confusion a_cd; 0 for padding (invalid) entries
     valid: Tensor  # (M',) bool, a real pair of two classes with >= 2 samples
     usable_classes: Tensor  # 0-dim, classes with >= 2 samples
+    # The same pairs among the usable classes only, renumbered 0, 1, ... (at most
+    # num_usable = B // 2 of them): the moments need only those rows.
+    klass: Tensor  # (B,) int64 usable-class index of each sample; num_usable (no pair reads it) if < 2 samples
+    pair_class: Tensor  # (2, M') int64 usable-class indices of (c, d); 0 for padding entries
+    num_usable: int  # max(1, B // 2): rows of the per-class moments
 
 
 def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int) -> tuple[PairSelection, Tensor, Tensor]:
@@ -57,11 +65,54 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int) -> tuple[Pair
     score = torch.where(ok, a, torch.full_like(a, -1.0)).reshape(-1)  # (S*S,)
     vals, flat = torch.topk(score, k=min(top_m, s * s))
     valid = vals >= 0
+    i, j = flat // s, flat % s
+    compact = compact_slots(usable)  # (S,) usable-class index, -1 otherwise
+    pair_class = torch.where(valid, torch.stack([compact[i], compact[j]]), torch.zeros_like(i))  # (2, M')
     sel = PairSelection(
-        i=flat // s, j=flat % s, weight=torch.where(valid, vals, torch.zeros_like(vals)),
+        i=i, j=j, weight=torch.where(valid, vals, torch.zeros_like(vals)),
         valid=valid, usable_classes=usable.sum(),
+        klass=torch.where(usable[inv], compact[inv], torch.full_like(inv, max(1, s // 2))),
+        pair_class=pair_class, num_usable=max(1, s // 2),
     )
     return sel, inv, counts
+
+
+def multi_layer_bhattacharyya(
+    features: Sequence[Tensor], sel: PairSelection, normalize: bool = False, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every layer's confusion-weighted overlap ``sum a rho / sum a``, all layers at once.
+
+    The layers' pooled features (B, D_l) are concatenated along the feature axis (float32,
+    optionally L2-normalised per layer first), so the per-class mean and biased diagonal
+    variance (usable classes only) and the per-pair terms are one pass over
+    ``D_1 + ... + D_L`` columns, summed per layer at the end
+    (:func:`carrot.geometry.sample_pair_bhattacharyya`). For the selected pairs, with
+    ``v = max(var, eps)`` and ``vbar = (v_c + v_d) / 2 + eps`` (as
+    :func:`carrot.geometry.bhattacharyya_pairs`):
+
+        D_B = 1/2 [ sum_j (log vbar_j + (mu_cj - mu_dj)^2 / (4 vbar_j)) - 1/2 (sum_j log v_cj + sum_j log v_dj) ]
+
+    Returns ``(loss, rho_mean, db_mean)``, each (L,): the weighted loss (0 when no pair is
+    valid or all weights are 0) and the unweighted means of rho and D_B over the valid pairs.
+    """
+    with no_autocast(features[0]):
+        fs = [f.float() for f in features]
+        if normalize:
+            fs = [F.normalize(f, dim=1) for f in fs]
+        x = torch.cat(fs, 1) if len(fs) > 1 else fs[0]  # (B, D) all layers side by side
+        widths = [f.shape[1] for f in fs]
+        db = sample_pair_bhattacharyya(x, sel.klass, sel.num_usable + 1, sel.pair_class, widths, eps)  # (M', L)
+        # Padding entries: D_B = 0 before exp, so no inf * 0 in the loss or its gradient.
+        db = torch.where(sel.valid[:, None], db, torch.zeros_like(db))
+        rho = torch.exp(-db)  # (M', L)
+        w = sel.weight
+        loss = (w @ rho) / w.sum().clamp_min(torch.finfo(torch.float32).tiny)  # (L,)
+        with torch.no_grad():
+            valid = sel.valid.float()
+            n = valid.sum().clamp_min(1.0)
+            rho_mean = (valid @ rho) / n
+            db_mean = (valid @ db) / n
+    return loss, rho_mean, db_mean
 
 
 def layer_bhattacharyya(
@@ -69,26 +120,12 @@ def layer_bhattacharyya(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer's confusion-weighted overlap ``sum a rho / sum a`` over the selected pairs.
 
-    Per-slot mean and biased diagonal variance of ``features`` (B, D_l) in float32
-    (optionally L2-normalised per sample first); D_B and rho from
-    :func:`carrot.geometry.bhattacharyya_pairs` (variance clamped >= eps).
-
-    Returns ``(loss, rho_mean, db_mean)``: the weighted loss (0 when no pair is valid or
-    all weights are 0) and the unweighted means of rho and D_B over the valid pairs.
+    :func:`multi_layer_bhattacharyya` for one layer (``inv`` is kept for callers; the
+    selection carries the class of every sample). Returns ``(loss, rho_mean, db_mean)``,
+    0-dim.
     """
-    f = features.float()
-    if normalize:
-        f = F.normalize(f, dim=1)
-    mu, var, _ = class_moments(f, inv, inv.shape[0])  # (S, D_l)
-    db, rho = bhattacharyya_pairs(mu, var, sel.i, sel.j, eps=eps)  # (M',)
-    w = sel.weight
-    loss = (w * rho).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
-    v = sel.valid.float()
-    n = v.sum().clamp_min(1.0)
-    with torch.no_grad():
-        rho_mean = (rho * v).sum() / n
-        db_mean = (torch.where(sel.valid, db, torch.zeros_like(db))).sum() / n
-    return loss, rho_mean, db_mean
+    loss, rho_mean, db_mean = multi_layer_bhattacharyya([features], sel, normalize, eps)
+    return loss[0], rho_mean[0], db_mean[0]
 
 
 def pick_layers(names: list[str], layers: int | str) -> list[str]:
@@ -147,18 +184,17 @@ class Bhattacharyya(Variant):
         if not batch.features:
             raise ValueError("bhattacharyya needs StepBatch.features (pooled intermediate layers)")
         names = pick_layers(list(batch.features), hp.layers)
-        sel, inv, _ = select_confusable_pairs(batch.logits, batch.labels, hp.top_M)
+        sel, _, _ = select_confusable_pairs(batch.logits, batch.labels, hp.top_M)
         layer_ok = (sel.usable_classes >= 2).float()  # same for every layer
 
+        losses, rho_mean, db_mean = multi_layer_bhattacharyya(
+            [batch.features[name] for name in names], sel, hp.normalize, hp.eps)  # (L,) each
         stats: dict[str, Tensor] = {}
-        losses = []
-        for name in names:  # a handful of layers, each vectorised over classes and pairs
-            loss, rho_mean, db_mean = layer_bhattacharyya(batch.features[name], inv, sel, hp.normalize, hp.eps)
-            losses.append(loss)
-            stats[f"rho_{name}"] = rho_mean
-            stats[f"db_{name}"] = db_mean
+        for k, name in enumerate(names):
+            stats[f"rho_{name}"] = rho_mean[k]
+            stats[f"db_{name}"] = db_mean[k]
         n_ok = layer_ok * len(names)
-        l_bhat = (torch.stack(losses) * layer_ok).sum() / n_ok.clamp_min(1.0)
+        l_bhat = losses.sum() * layer_ok / n_ok.clamp_min(1.0)
 
         if hp.scale == "auto":
             # 0 when no layer had two usable classes (L_bhat = 0), so the logged scale is not CE / eps.
