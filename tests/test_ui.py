@@ -22,28 +22,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(target: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(["make", "-s", "-C", str(REPO), *target], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            out = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
+            pytest.fail(f"server did not come up at {url}: {out[-2000:]}")
+        time.sleep(1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_make_dashboard_serves_the_study(store):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = store / "studies" / "optuna.journal"
+    journal.parent.mkdir()
+    study = optuna.create_study(study_name="digits-test_resnet-baseline",
+                                storage=JournalStorage(JournalFileBackend(str(journal))))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    port = _free_port()
+    proc = _serve(["dashboard", f"DASHBOARD_PORT={port}", f"STORAGE={journal}"])
+    try:
+        _wait_for(proc, f"http://127.0.0.1:{port}/api/studies")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as r:
+            names = [s["study_name"] for s in json.load(r)["study_summaries"]]
+        assert names == ["digits-test_resnet-baseline"]
+    finally:
+        _stop(proc)
+
+
 def test_make_ui_serves_runs_over_rest(store):
     from carrot.train import run
 
     result = run(tiny_config(**{"optim.epochs": 1}), log=lambda s: None)
     port = _free_port()
-    env = dict(os.environ)
-    proc = subprocess.Popen(["make", "-s", "-C", str(REPO), "ui", f"PORT={port}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _serve(["ui", f"PORT={port}"])
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                out = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
-                pytest.fail(f"MLflow UI did not come up on {base}: {out[-2000:]}")
-            time.sleep(1)
+        _wait_for(proc, base + "/health")
         req = urllib.request.Request(
             base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=carrot")
         with urllib.request.urlopen(req, timeout=10) as r:
@@ -59,8 +95,4 @@ def test_make_ui_serves_runs_over_rest(store):
         tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
         assert tags["carrot.variant"] == "baseline"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
