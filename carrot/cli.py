@@ -20,23 +20,11 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            from carrot.config import ConfigError
-
-            raise ConfigError(f"invalid override {key}: {part} is not a section")
-    node[parts[-1]] = value
-
-
 def build_config(args: argparse.Namespace, variant: str | None = None):
     """Config file, then command-line flags, then ``--set key=value`` overrides."""
     import yaml
 
-    from carrot.config import ConfigError, RunConfig
+    from carrot.config import ConfigError, RunConfig, set_dotted
 
     data: dict[str, Any] = {}
     if getattr(args, "config", None):
@@ -62,15 +50,24 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
     }
     for key, value in flags.items():
         if value is not None and value != "":
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
     if getattr(args, "no_progress", False):
         data["show_progress"] = False
+    for key, value in _set_items(args):
+        set_dotted(data, key, value)
+    return RunConfig.from_dict(data)
+
+
+def _set_items(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from carrot.config import ConfigError
+
+    items = []
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise ConfigError(f"invalid --set {item!r}: expected key=value, e.g. optim.lr=0.001")
         key, value = item.split("=", 1)
-        _set_dotted(data, key.strip(), _parse_value(value))
-    return RunConfig.from_dict(data)
+        items.append((key.strip(), _parse_value(value)))
+    return items
 
 
 def _int_arg(text: str) -> int:
@@ -158,6 +155,8 @@ def cmd_final(args: argparse.Namespace) -> int:
         "optim.epochs": args.epochs, "device": args.device, "data.workers": args.workers,
         "data.root": args.data_root}.items() if value is not None}
     overrides["show_progress"] = not args.no_progress
+    for key, value in _set_items(args):  # --set applies on top of the best trial's configuration
+        overrides[key] = value
     _preflight_data(cfg)
     client()
     try:

@@ -187,6 +187,17 @@ class RunConfig:
         return {**variant_cls.recommended(), **self.variant.hparams}
 
 
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """``set_dotted(d, "variant.hparams.lam", 0.5)`` sets d["variant"]["hparams"]["lam"]."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"invalid override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"invalid {key}={value!r}: expected {expected}")

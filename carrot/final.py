@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import optuna
 
-from carrot.config import ConfigError, RunConfig
+from carrot.config import ConfigError, RunConfig, set_dotted
 from carrot.data import DatasetError
 from carrot.model import ModelError
 from carrot.study import open_storage, study_name
@@ -67,11 +67,7 @@ def plan_final(base: RunConfig, seeds: int, variants: list[str] | None, storage:
         trial, data = found
         data["split"] = "test"
         for key, value in (overrides or {}).items():
-            section, _, field = key.partition(".")
-            if field:
-                data.setdefault(section, {})[field] = value
-            else:
-                data[key] = value
+            set_dotted(data, key, value)
         data.get("data", {}).pop("effective_batch_size", None)
         cfg = RunConfig.from_dict(data)
         # a seed counts as done only for this exact configuration (a smoke run with fewer
