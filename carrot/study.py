@@ -156,7 +156,7 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None,
     study = optuna.create_study(
         study_name=name, storage=store, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=base.seed + existing, n_startup_trials=4),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),  # never before 4 full trials
     )
     fixed = fixed_config(base)
     stored = study.user_attrs.get("fixed_config")

@@ -15,7 +15,7 @@ name                       layout under ``data.root``
                            cars_train/, cars_test/, devkit/cars_meta.mat,
                            devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat
                            (also accepted inside devkit/)
-``flowers``                Flowers-102 (or torchvision's flowers-102/): jpg/image_XXXXX.jpg,
+``flowers``                Flowers-102 (or torchvision's flowers-102/): jpg/image_NNNNN.jpg,
                            imagelabels.mat, setid.mat (trnid / valid / tstid)
 ``nabirds``                nabirds/ (or its parent): images.txt, train_test_split.txt,
                            image_class_labels.txt, classes.txt, images/<dir>/<file>.jpg;
