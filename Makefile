@@ -61,12 +61,12 @@ tables: $(STAMP) ## ablation and paper tables from finished runs (analysis/outpu
 plots: $(STAMP) ## sanity-check plots from finished runs (analysis/output/plots/)
 	$(BIN)/carrot plots
 
-ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(PORT)
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:PORT (default 5000)
 	mkdir -p mlruns
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
 		--host 127.0.0.1 --port $(PORT)
 
-dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:$(DASHBOARD_PORT)
+dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:DASHBOARD_PORT (default 8080)
 	$(BIN)/optuna-dashboard $(if $(STORAGE),$(STORAGE),studies/optuna.journal) \
 		--host 127.0.0.1 --port $(DASHBOARD_PORT)
 
