@@ -51,7 +51,7 @@ ABLATION_SWITCHES: dict[str, tuple[str, ...]] = {
     "prototype": ("metric",),
     "expansion": ("mode", "detach_stats"),
     "nuisance": ("basis", "delta", "union"),
-    "bhattacharyya": ("scale", "layers"),
+    "bhattacharyya": ("scale", "layers", "distance"),
     "barrier": ("use_var", "use_rank"),
 }
 COMMON_SWITCHES: tuple[str, ...] = ("sampler",)  # ablated for every variant

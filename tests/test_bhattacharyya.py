@@ -201,3 +201,25 @@ def test_variant_under_bf16_autocast_matches_float32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = create_variant("bhattacharyya")(batch)
     assert got.stats["l_bhat"].item() == pytest.approx(ref.stats["l_bhat"].item(), rel=1e-6)
+
+
+def test_mean_distance_divides_each_layer_by_its_width() -> None:
+    """distance="mean": rho = exp(-D_B / D_l) per layer, against the per-pair loop."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(len(Y), 10, generator=g)
+    feats = [torch.randn(len(Y), d, generator=g) + torch.randn(10, d, generator=g)[Y] for d in (3, 6)]
+    sel, _, _ = select_confusable_pairs(logits, Y, 4)
+    pairs = sorted(_confusion_reference(logits, Y).items(), key=lambda kv: -kv[1])[:4]
+    _, _, db_sum = multi_layer_bhattacharyya(feats, sel, eps=1e-6)
+    loss, rho_mean, db_mean = multi_layer_bhattacharyya(feats, sel, eps=1e-6, distance="mean")
+    for k, f in enumerate(feats):
+        width = f.shape[1]
+        assert db_mean[k].item() == pytest.approx(db_sum[k].item() / width, rel=1e-5)
+        num = den = 0.0
+        for (c, d), a in pairs:
+            ref = _layer_reference(f, Y, [((c, d), a)], 1e-6, False)[2]  # D_B of the one pair
+            num += a * math.exp(-ref / width)
+            den += a
+        assert loss[k].item() == pytest.approx(num / den, rel=1e-4)
+    with pytest.raises(ValueError, match="distance"):
+        create_variant("bhattacharyya", distance="max")

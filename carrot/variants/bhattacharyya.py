@@ -78,7 +78,8 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int) -> tuple[Pair
 
 
 def multi_layer_bhattacharyya(
-    features: Sequence[Tensor], sel: PairSelection, normalize: bool = False, eps: float = 1e-6
+    features: Sequence[Tensor], sel: PairSelection, normalize: bool = False, eps: float = 1e-6,
+    distance: str = "sum",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Every layer's confusion-weighted overlap ``sum a rho / sum a``, all layers at once.
 
@@ -92,6 +93,10 @@ def multi_layer_bhattacharyya(
 
         D_B = 1/2 [ sum_j (log vbar_j + (mu_cj - mu_dj)^2 / (4 vbar_j)) - 1/2 (sum_j log v_cj + sum_j log v_dj) ]
 
+    ``distance="mean"`` divides each layer's D_B by its width D_l before rho = exp(-D_B): the
+    sum over thousands of dimensions makes rho underflow to 0 on wide layers, which silences
+    the term; the mean keeps it alive (an ablation switch; ``"sum"`` is the method).
+
     Returns ``(loss, rho_mean, db_mean)``, each (L,): the weighted loss (0 when no pair is
     valid or all weights are 0) and the unweighted means of rho and D_B over the valid pairs.
     """
@@ -102,6 +107,8 @@ def multi_layer_bhattacharyya(
         x = torch.cat(fs, 1) if len(fs) > 1 else fs[0]  # (B, D) all layers side by side
         widths = [f.shape[1] for f in fs]
         db = sample_pair_bhattacharyya(x, sel.klass, sel.num_usable + 1, sel.pair_class, widths, eps)  # (M', L)
+        if distance == "mean":
+            db = db / torch.tensor(widths, dtype=db.dtype, device=db.device)
         # Padding entries: D_B = 0 before exp, so no inf * 0 in the loss or its gradient.
         db = torch.where(sel.valid[:, None], db, torch.zeros_like(db))
         rho = torch.exp(-db)  # (M', L)
@@ -143,12 +150,15 @@ class BhattacharyyaHparams(BaseHparams):
     scale: str = "auto"  # "auto": s = CE / L_bhat (detached); "fixed": s = lam
     lam: float = 1.0  # weight when scale == "fixed"
     eps: float = 1e-6  # variance floor in D_B and denominator of the auto scale
+    distance: str = "sum"  # "sum": D_B over all dimensions (the method); "mean": D_B / D_l per layer
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layers != "all" and not (isinstance(self.layers, int) and not isinstance(self.layers, bool)
                                          and self.layers >= 1):
             raise ValueError(f"layers must be an int >= 1 or 'all', got {self.layers!r}")
+        if self.distance not in ("sum", "mean"):
+            raise ValueError(f"distance must be 'sum' or 'mean', got {self.distance!r}")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.top_M < 1 or self.eps <= 0 or self.lam < 0:
@@ -173,6 +183,7 @@ class Bhattacharyya(Variant):
         "normalize": Categorical([False, True]),
         "scale": Categorical(list(SCALES)),
         "lam": Float(0.01, 10.0, log=True),
+        "distance": Categorical(["sum", "mean"]),
     }
     statistics = ("l_bhat", "scale", "classes_used", "pairs_used", "layers_used")
     default_sampler = "pk"
@@ -188,7 +199,7 @@ class Bhattacharyya(Variant):
         layer_ok = (sel.usable_classes >= 2).float()  # same for every layer
 
         losses, rho_mean, db_mean = multi_layer_bhattacharyya(
-            [batch.features[name] for name in names], sel, hp.normalize, hp.eps)  # (L,) each
+            [batch.features[name] for name in names], sel, hp.normalize, hp.eps, hp.distance)  # (L,) each
         stats: dict[str, Tensor] = {}
         for k, name in enumerate(names):
             stats[f"rho_{name}"] = rho_mean[k]
