@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from carrot.geometry import class_moments, class_slots, pairwise_distance, rms_radius
 from carrot.space import Categorical, Float
 from carrot.variants import register_variant
-from carrot.variants.base import BaseHparams, StepBatch, Variant
+from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant
 
 MODES = ("kl", "supcon")
 
@@ -126,13 +126,6 @@ def expansion_kl(logits: Tensor, logits_plus: Tensor, temperature: float) -> Ten
     log_p = F.log_softmax(logits.float() / temperature, dim=1)
     log_q = F.log_softmax(logits_plus.float() / temperature, dim=1)
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
-
-
-class L2Normalize(nn.Module):
-    """``z / ||z||`` along the last dim (in float32, returned in the input dtype)."""
-
-    def forward(self, z: Tensor) -> Tensor:
-        return F.normalize(z.float(), dim=-1).to(z.dtype)
 
 
 @dataclass

@@ -71,7 +71,7 @@ from torch import Tensor, nn
 
 from carrot.space import Categorical, Float, Int
 from carrot.variants import register_variant
-from carrot.variants.base import BaseHparams, StepBatch, Variant, linear_ramp
+from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant, linear_ramp
 
 METRICS = ("euclidean", "mahalanobis", "whitening")
 
@@ -197,13 +197,6 @@ def orthogonality_penalty(v: Tensor, probes: int = 0, generator: torch.Generator
     g = torch.randint(0, 2, (d, probes), generator=generator, device=v.device).to(v.dtype) * 2.0 - 1.0  # (D, s)
     ag = v.T @ (v @ g) - g  # (D, s)
     return (ag * ag).sum() / probes
-
-
-class L2Normalize(nn.Module):
-    """h = z / ||z|| (computed in float32, returned in the input dtype)."""
-
-    def forward(self, z: Tensor) -> Tensor:
-        return unit_rows(z.float()).to(z.dtype)
 
 
 def _distributed() -> bool:
