@@ -1,0 +1,147 @@
+"""The names and formulas that the training side (``carrot``) and ``analysis`` share.
+
+Tag keys, metric keys, artifact names, the study-name format, the default stores, and the
+confusion-matrix formulas that both sides compute (confusable-pair scores, the top pairs, the
+pair error). ``analysis`` imports this module and nothing else of ``carrot``, so a name
+changes in one place. Only the standard library and NumPy are imported here.
+
+>>> study_name("digits", "test_resnet", "expansion")
+'digits-test_resnet-expansion'
+>>> cm = np.array([[8, 2, 0], [1, 9, 0], [0, 0, 10]])
+>>> confusable_pairs(cm, top_n=20).tolist()      # only pairs that were confused
+[[0, 1]]
+>>> pair_error(cm, [[0, 1]]).round(3).tolist()
+[0.15]
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- stores
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_EXPERIMENT = "carrot"
+DEFAULT_STORAGE = "studies/optuna.journal"
+DEFAULT_OUT = "analysis/output"
+
+# ----------------------------------------------------------------------------- run tags
+TAG_PREFIX = "carrot."
+TAG_VARIANT = "carrot.variant"
+TAG_STUDY = "carrot.study"
+TAG_STUDY_ID = "carrot.study_id"
+TAG_TRIAL = "carrot.trial"
+TAG_DATASET = "carrot.dataset"
+TAG_BACKBONE = "carrot.backbone"
+TAG_SEED = "carrot.seed"
+TAG_SPLIT = "carrot.split"
+TAG_ROLE = "carrot.role"  # study (a study's parent run), trial, final, train
+TAG_GIT_COMMIT = "carrot.git_commit"
+TAG_CONFIG_HASH = "carrot.config_hash"
+TAG_NUM_CLASSES = "carrot.num_classes"
+TAG_STATUS = "carrot.status"
+TAG_EPOCHS_DONE = "carrot.epochs_done"
+TAG_REF_PAIRS_SOURCE = "carrot.ref_pairs_source"
+TAG_STUDY_STORAGE = "carrot.study_storage"
+TAG_BEST_TRIAL = "carrot.best_trial"
+TAG_BEST_RUN_ID = "carrot.best_run_id"
+TAG_WORLD_SIZE = "carrot.world_size"
+TAG_ERROR = "carrot.error"
+TAG_CHECKPOINT = "carrot.checkpoint"
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+MLFLOW_RUN_NAME = "mlflow.runName"
+
+ROLE_STUDY = "study"
+ROLE_TRIAL = "trial"
+ROLE_FINAL = "final"
+ROLE_TRAIN = "train"
+
+# ----------------------------------------------------------------------------- artifacts
+CONFIG_ARTIFACT = "config.json"
+DATASET_ARTIFACT = "dataset.json"
+CONFUSION_ARTIFACT = "confusion.npz"
+PAIRS_ARTIFACT = "pairs.json"
+DIAGNOSTICS_ARTIFACT = "diagnostics.json"
+
+# ----------------------------------------------------------------------------- metric keys
+TRAIN_PREFIX = "train/"
+VARIANT_STAT_PREFIX = "var/"
+TOP_ERROR = "pairs/top_error"
+REF_ERROR = "pairs/ref_error"
+PROTO_COS_TOP = "proto_cos/top_mean"
+PROTO_COS_REF = "proto_cos/ref_mean"
+PROTO_COS_OFFDIAG_MEAN = "proto_cos/offdiag_mean"
+PROTO_COS_OFFDIAG_STD = "proto_cos/offdiag_std"
+NC1 = "nc/nc1"
+
+
+def split_metric(split: str, name: str) -> str:
+    """``split_metric("val", "acc")`` -> ``val/acc`` (``test/acc`` in final runs)."""
+    return f"{split}/{name}"
+
+
+def proto_cos_pair(i: int, j: int) -> str:
+    return f"proto_cos/ref/{i}-{j}"
+
+
+def rho_metric(layer: str, which: str) -> str:
+    """``which`` is ``top`` or ``ref``."""
+    return f"rho/{layer}/{which}_mean"
+
+
+def bhattacharyya_distance_metric(layer: str, which: str) -> str:
+    return f"bhattacharyya/{layer}/{which}_distance"
+
+
+def probe_metric(layer: str) -> str:
+    return f"probe/{layer}/acc"
+
+
+# ----------------------------------------------------------------------------- studies
+def study_name(dataset: str, backbone: str, variant: str) -> str:
+    """The default study name of one (dataset, backbone, variant)."""
+    return f"{dataset}-{backbone}-{variant}"
+
+
+# ----------------------------------------------------------------------------- confusion maths
+def pair_scores(cm: np.ndarray) -> np.ndarray:
+    """Symmetric confusability S (K, K) float64: S_ij = (C_ij / n_i + C_ji / n_j) / 2 with n_i
+    the samples of class i (rows of C are true classes); an empty class contributes 0, and the
+    diagonal is 0."""
+    cm = np.asarray(cm, dtype=np.float64)
+    n = cm.sum(axis=1, keepdims=True)  # (K, 1)
+    rates = np.divide(cm, n, out=np.zeros_like(cm), where=n > 0)  # (K, K) C_ij / n_i
+    np.fill_diagonal(rates, 0.0)
+    return (rates + rates.T) / 2
+
+
+def confusable_pairs(cm: np.ndarray, top_n: int = 20, include_zero: bool = False) -> np.ndarray:
+    """The top-``top_n`` unordered pairs (i < j) by :func:`pair_scores`, as (P, 2) int64.
+
+    Order: S descending, ties broken by i then j. A pair with S_ij = 0 (never confused) is not
+    returned unless ``include_zero``, which fills up to min(top_n, K (K - 1) / 2) pairs with
+    zero-score pairs in index order.
+    """
+    if top_n < 0:
+        raise ValueError(f"top_n must be >= 0, got {top_n}")
+    scores = pair_scores(cm)
+    i, j = np.triu_indices(scores.shape[0], k=1)  # row-major, so a stable sort keeps the tie-break
+    s = scores[i, j]  # (M,)
+    order = np.argsort(-s, kind="stable")  # (M,)
+    n = min(top_n, order.size)
+    if not include_zero:
+        n = min(n, int((s > 0).sum()))
+    keep = order[:n]
+    return np.stack([i[keep], j[keep]], axis=1).astype(np.int64).reshape(-1, 2)  # (P, 2)
+
+
+def pair_error(cm: np.ndarray, pairs: Iterable[Iterable[int]]) -> np.ndarray:
+    """e_ij = (C_ij + C_ji) / (n_i + n_j) per pair (P,) float64: the share of the two classes'
+    samples mistaken for the other class of the pair; NaN when both classes are empty."""
+    cm = np.asarray(cm, dtype=np.float64)
+    pairs = np.asarray(list(pairs) if not isinstance(pairs, np.ndarray) else pairs, dtype=np.int64).reshape(-1, 2)
+    n = cm.sum(axis=1)  # (K,)
+    i, j = pairs[:, 0], pairs[:, 1]
+    swaps = cm[i, j] + cm[j, i]  # (P,)
+    den = n[i] + n[j]  # (P,)
+    return np.divide(swaps, den, out=np.full(len(pairs), np.nan), where=den > 0)
