@@ -270,11 +270,12 @@ def make_flowers(tmp: Path, classes: int = 3, per_split=(3, 2, 4), torchvision_l
 IMAGEFOLDER_CLASSES = ["wren", "finch", "sparrow"]  # sorted: finch, sparrow, wren
 
 
-def make_imagefolder(tmp: Path, with_val: bool, per_split=(5, 2, 3), seed: int = 5) -> Fixture:
+def make_imagefolder(tmp: Path, with_val: bool, per_split=(5, 2, 3), seed: int = 5,
+                     classes=IMAGEFOLDER_CLASSES) -> Fixture:
     """train/ val/ test/ of class folders; one PNG per train class and a stray non-image file."""
     rng = np.random.default_rng(seed)
     base = tmp / "folders"
-    order = sorted(IMAGEFOLDER_CLASSES)
+    order = sorted(classes)
     splits, colour = {}, {}
     names = ("train", "val", "test") if with_val else ("train", "test")
     counts = dict(zip(("train", "val", "test"), per_split))

@@ -1,7 +1,8 @@
 """Dataset registry: every dataset is a builder ``(DataConfig, ImageSpec) -> DatasetSplits``.
 
 Builders register with ``@register_dataset("name")``; the modules of this package are
-imported on first use, so a new dataset is one new file.
+imported on first use, so a new dataset is one new file. :func:`preflight` builds a
+dataset and checks it (at least two classes, readable image files) before any run exists.
 """
 from __future__ import annotations
 
@@ -97,7 +98,53 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
+def _names(class_names: list[str], ids, shown: int = 5) -> str:
+    ids = [int(c) for c in ids]
+    named = [class_names[c] if 0 <= c < len(class_names) else str(c) for c in ids[:shown]]
+    return ", ".join(named) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+
+
+def preflight(cfg, verify_images: bool = False) -> DatasetSplits:
+    """Build the dataset of ``cfg`` (a ``DataConfig``) and check it before any run exists.
+
+    Raises :class:`DatasetError` with one message when
+
+    * the training split holds fewer than 2 classes (a one-class run would report 100 %
+      accuracy), or a class of the val/test splits has no training image;
+    * an image file of any split is unusable: by default PIL opens every file and reads its
+      header (no decoding: about the cost of listing the files); with ``verify_images`` every
+      image is decoded completely, which also catches files cut short after their header.
+      The message names the first bad file, its reason and how many bad files there are.
+
+    Embedded datasets (``digits``, ``synthetic``) have no files; only their classes are
+    checked. Nothing is written. Returns the built splits.
+    """
+    splits = build_dataset(cfg, ImageSpec(input_size=cfg.image_size or 224))
+    where = f"{cfg.name}: {cfg.root}" if getattr(cfg, "root", None) else str(cfg.name)
+    train = np.unique(splits.labels["train"])
+    if len(train) < 2:
+        raise DatasetError(
+            f"{where}: the training split has {len(train)} class{'es' if len(train) != 1 else ''}"
+            f"{' (' + _names(splits.class_names, train) + ')' if len(train) else ''}; "
+            f"expected at least 2 classes with training images"
+        )
+    for split in ("val", "test"):
+        absent = np.setdiff1d(np.unique(splits.labels[split]), train)
+        if len(absent):
+            raise DatasetError(
+                f"{where}: {len(absent)} class(es) of the {split} split have no training images: "
+                f"{_names(splits.class_names, absent)}; expected every evaluated class in the "
+                f"training split"
+            )
+    paths = [p for part in (splits.train, splits.val, splits.test) for p in getattr(part, "paths", ())]
+    if paths:
+        from carrot.data._images import check_images
+
+        check_images(str(cfg.name), paths, full=verify_images)
+    return splits
+
+
 __all__ = [
-    "DatasetError", "DatasetSplits", "ImageSpec", "build_dataset", "list_datasets",
+    "DatasetError", "DatasetSplits", "ImageSpec", "build_dataset", "list_datasets", "preflight",
     "register_dataset", "stratified_split",
 ]

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from carrot.data import DatasetError, DatasetSplits, ImageSpec, stratified_split
@@ -312,6 +312,61 @@ def check_files(dataset: str, root: Path, paths: Sequence[str]) -> None:
         raise DatasetError(
             f"{dataset}: {root} is incomplete: {len(missing)} of {len(paths)} listed image files "
             f"are missing: {shown}{more}"
+        )
+
+
+def image_problem(path: str, full: bool = False) -> str | None:
+    """Why ``path`` is not a usable image, or None when it is.
+
+    Cheap (``full=False``): PIL's lazy ``Image.open`` reads the header only (format, size),
+    enough for a missing, empty, unreadable or non-image file, not for a file cut short after
+    its header. Full: also ``verify()`` (PNG chunk checksums) and a complete decode (``load()``),
+    which catches truncated and corrupt pixel data. The file is only read.
+    """
+    try:
+        if full:
+            with Image.open(path) as img:
+                img.verify()
+        with Image.open(path) as img:
+            if img.format is None:
+                return "unknown image format"
+            w, h = img.size
+            if w < 1 or h < 1:
+                return f"empty image ({w}x{h} px)"
+            if full:
+                img.load()
+    except UnidentifiedImageError:
+        return "cannot identify image file"
+    except OSError as exc:
+        return (exc.strerror or str(exc)) if isinstance(exc.errno, int) else str(exc)
+    except Exception as exc:  # PIL raises SyntaxError, ValueError, ... on some malformed files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_images(dataset: str, paths: Sequence[str], full: bool = False, threads: int = 8) -> None:
+    """DatasetError naming the first unusable image file of ``paths`` and how many there are.
+
+    Every file is checked (none is skipped), in a small thread pool; see :func:`image_problem`.
+    """
+    paths = list(dict.fromkeys(str(p) for p in paths))  # each file once, first-seen order
+    if not paths:
+        return
+    workers = max(1, min(threads, len(paths) // 64 + 1))
+    if workers == 1:
+        problems = [image_problem(p, full) for p in paths]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            problems = list(pool.map(lambda p: image_problem(p, full), paths))
+    bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+    if bad:
+        first, why = bad[0]
+        n = len(bad)
+        check = "full decode" if full else "header check"
+        raise DatasetError(
+            f"{dataset}: {n} unreadable image{'s' if n > 1 else ''} of {len(paths)} ({check}), "
+            f"first: {first} ({why}); expected readable image files (JPEG, PNG, ...) "
+            f"that PIL can decode; fix or remove them"
         )
 
 
