@@ -9,7 +9,7 @@ from torch import nn
 
 from carrot.variants import StepBatch, create_variant
 from carrot.variants.bhattacharyya import (
-    layer_bhattacharyya, multi_layer_bhattacharyya, pick_layers, select_confusable_pairs,
+    multi_layer_bhattacharyya, pick_layers, select_confusable_pairs,
 )
 
 # classes with 1, 2 and many samples
@@ -78,9 +78,9 @@ def test_layer_loss_against_loop(normalize: bool) -> None:
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(len(Y), 10, generator=g)
     f = torch.randn(len(Y), 3, generator=g) * 0.5 + torch.randn(10, 3, generator=g)[Y] * 0.7
-    sel, inv, _ = select_confusable_pairs(logits, Y, 3)
+    sel, _, _ = select_confusable_pairs(logits, Y, 3)
     pairs = sorted(_confusion_reference(logits, Y).items(), key=lambda kv: -kv[1])[:3]
-    loss, rho_mean, db_mean = layer_bhattacharyya(f, inv, sel, normalize=normalize, eps=1e-6)
+    (loss,), (rho_mean,), (db_mean,) = multi_layer_bhattacharyya([f], sel, normalize=normalize, eps=1e-6)
     ref_loss, ref_rho, ref_db = _layer_reference(f, Y, pairs, 1e-6, normalize)
     assert loss.item() == pytest.approx(ref_loss, rel=1e-4)
     assert rho_mean.item() == pytest.approx(ref_rho, rel=1e-4)
@@ -123,14 +123,14 @@ def test_layers_hparam_and_per_layer_stats() -> None:
     logits = torch.randn(len(Y), 12, generator=g)
     emb, batch = _batch(Y)
     batch.logits = logits
-    sel, inv, _ = select_confusable_pairs(logits, Y, 64)
+    sel, _, _ = select_confusable_pairs(logits, Y, 64)
     out = create_variant("bhattacharyya", layers=1)(batch)
     assert "rho_l4" in out.stats and "db_l4" in out.stats and "rho_l2" not in out.stats
-    only_last, rho4, db4 = layer_bhattacharyya(batch.features["l4"], inv, sel)
+    (only_last,), (rho4,), _ = multi_layer_bhattacharyya([batch.features["l4"]], sel)
     assert out.stats["l_bhat"].item() == pytest.approx(only_last.item(), rel=1e-5)
     assert out.stats["rho_l4"].item() == pytest.approx(rho4.item(), rel=1e-5)
     both = create_variant("bhattacharyya", layers=2)(batch)
-    l3, _, _ = layer_bhattacharyya(batch.features["l3"], inv, sel)
+    (l3,), _, _ = multi_layer_bhattacharyya([batch.features["l3"]], sel)
     assert both.stats["l_bhat"].item() == pytest.approx((l3.item() + only_last.item()) / 2, rel=1e-5)
     assert both.stats["layers_used"].item() == 2 and both.stats["pairs_used"].item() == 6
     assert both.stats["classes_used"].item() == 4

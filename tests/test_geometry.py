@@ -8,12 +8,12 @@ import pytest
 import torch
 from scipy import integrate
 
-from carrot import geometry
 from carrot.geometry import (
-    bhattacharyya_diag, bhattacharyya_pairs, class_effective_rank, class_means, class_moments,
-    class_slots, compact_slots, effective_rank, pairwise_distance, rms_radius, sample_pair_bhattacharyya,
-    soft_confusion, within_class_spectrum,
+    bhattacharyya_diag, bhattacharyya_pairs, block_spectrum, class_means, class_moments, class_slots, class_sums,
+    compact_slots, effective_rank, l2_normalize, pairwise_distance, rms_radius, sample_pair_bhattacharyya,
+    soft_confusion, spectral_entropy, symmetric_confusion, xlogx_sum,
 )
+from carrot.geometry import bhattacharyya as bhattacharyya_module
 
 
 def _labels(seed: int = 0) -> torch.Tensor:
@@ -66,11 +66,25 @@ def test_class_moments_against_loop() -> None:
     assert torch.all(mu[counts == 0] == 0) and torch.all(var[counts == 0] == 0)
     means, _ = class_means(x, inv, len(y))
     torch.testing.assert_close(means, mu)
+    sums, n64 = class_sums(x, inv, len(y), dtype=torch.float64)
+    means64, _ = class_means(x, inv, len(y), dtype=torch.float64)
+    assert sums.dtype == means64.dtype == n64.dtype == torch.float64
+    torch.testing.assert_close(means64, sums / n64.clamp_min(1)[:, None])
+    torch.testing.assert_close(means64.float(), mu)
     s7 = labels.tolist().index(7)  # the class with four samples
     rows = x[y == 7]
     np.testing.assert_allclose(
         rms_radius(var[s7:s7 + 1]).numpy(), [math.sqrt(((rows - rows.mean(0)) ** 2).sum(1).mean())], rtol=1e-5
     )
+
+
+def test_l2_normalize_is_f_normalize_with_finite_gradient_at_zero() -> None:
+    x = torch.cat([torch.randn(5, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)]).requires_grad_(True)
+    h = l2_normalize(x)
+    torch.testing.assert_close(h, torch.nn.functional.normalize(x, dim=1))
+    assert torch.all(h[-1] == 0)
+    h.sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_pairwise_distance_and_zero_gradient() -> None:
@@ -141,7 +155,7 @@ def test_bhattacharyya_eps_formula_and_pairs_agree_with_diag() -> None:
 def test_bhattacharyya_diag_blocks_match_single_block(monkeypatch: pytest.MonkeyPatch) -> None:
     mu, var = torch.randn(9, 5), torch.rand(9, 5) + 0.1
     whole = bhattacharyya_diag(mu, var)
-    monkeypatch.setattr(geometry, "_PAIR_BLOCK_ELEMENTS", 2 * 9 * 5)  # 2 rows per block
+    monkeypatch.setattr(bhattacharyya_module, "_PAIR_BLOCK_ELEMENTS", 2 * 9 * 5)  # 2 rows per block
     blocked = bhattacharyya_diag(mu, var)
     torch.testing.assert_close(blocked[0], whole[0])
     torch.testing.assert_close(blocked[1], whole[1])
@@ -197,25 +211,14 @@ def test_effective_rank_gradient_finite(make) -> None:
         assert er.item() == pytest.approx(1.0)
 
 
-def test_class_effective_rank_against_loop() -> None:
-    y = _labels(1)
-    x = torch.randn(len(y), 7, requires_grad=True)
-    inv, counts, labels = class_slots(y)
-    er = class_effective_rank(x, inv, inv, len(y))
-    er.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    for s in range(len(y)):
-        if counts[s] == 0:
-            assert er[s].item() == pytest.approx(1.0)
-            continue
-        rows = x.detach()[y == labels[s]]
-        assert er[s].item() == pytest.approx(effective_rank(rows, center=True).item(), rel=1e-4)
-    # leaving samples out with slot -1 and renumbering
-    keep = counts >= 3
-    compact = compact_slots(keep)
-    er2 = class_effective_rank(x, inv, compact[inv], 2)
-    big = [s for s in range(len(y)) if counts[s] >= 3]
-    torch.testing.assert_close(er2, er[big].detach(), rtol=1e-4, atol=1e-5)
+def test_spectral_entropy_of_trace_and_xlogx() -> None:
+    """H = log T - sum lam log lam / T equals -sum p log p; 0 for a zero spectrum."""
+    lam = torch.tensor([[4.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [2.0, 2.0, -1e-9, 0.0]], dtype=torch.float64)
+    h = spectral_entropy(*xlogx_sum(lam))
+    for row, got in zip(lam.clamp_min(0), h):
+        p = row[row > 0] / row.sum() if row.sum() > 0 else row[:0]
+        assert got.item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-12)
+    assert h[2].item() == pytest.approx(math.log(2))
 
 
 # ----------------------------------------------------------------- soft confusion
@@ -236,43 +239,47 @@ def test_soft_confusion_against_loop() -> None:
     ref.fill_diagonal_(0)
     torch.testing.assert_close(a[:c, :c], ref)
     assert torch.all(a[c:] == 0) and torch.all(a[:, c:] == 0)
+    m = torch.rand(4, 4)
+    torch.testing.assert_close(symmetric_confusion(m), (m + m.T).fill_diagonal_(0) / 2)
 
 
 # ------------------------------------------- one eigh for every class, sample-level D_B
-def test_within_class_spectrum_against_loop_and_gradcheck() -> None:
-    """Traces, tr(G log G) per block and the batch scatter from one B x B eigh, against a
-    per-class loop; float64 gradcheck of the hand-written backward, also with classes that
-    share their spectrum (eigenvalues repeated across blocks) and rows left out (-1)."""
+def test_block_spectrum_against_loop() -> None:
+    """Traces, tr(G log G) and the spectral entropy per block and the batch scatter from one
+    B x B eigh, against a per-class loop, also with rows left out (-1). (The hand-written
+    backward is checked through the barrier that uses it, tests/test_barrier.py.)"""
     y = _labels(3)
     inv, counts, labels = class_slots(y)
-    x = torch.randn(len(y), 7, dtype=torch.float64, requires_grad=True)
-    trace, xlogx, total = within_class_spectrum(x, inv, inv, len(y))
-    torch.testing.assert_close(total, ((x - x.mean(0)) ** 2).sum())
+    x = torch.randn(len(y), 7, dtype=torch.float64)
+    spec = block_spectrum(x, inv, inv, len(y))
+    xlogx = spec.xlogx()
+    erank = torch.exp(spec.entropy(xlogx))
+    torch.testing.assert_close(spec.total, ((x - x.mean(0)) ** 2).sum())
     for s in range(len(y)):
-        rows = x.detach()[y == labels[s]] if counts[s] > 0 else x.new_zeros(0, 7)
+        rows = x[y == labels[s]] if counts[s] > 0 else x.new_zeros(0, 7)
         xc = rows - rows.mean(0) if len(rows) else rows
         lam = torch.linalg.eigvalsh(xc @ xc.T).clamp_min(0) if len(rows) else x.new_zeros(0)
-        assert trace[s].item() == pytest.approx((xc**2).sum().item(), rel=1e-10, abs=1e-12)
+        assert spec.trace[s].item() == pytest.approx((xc**2).sum().item(), rel=1e-10, abs=1e-12)
         ref = (lam * torch.log(lam.clamp_min(1e-30))).sum().item()
         assert xlogx[s].item() == pytest.approx(ref, rel=1e-8, abs=1e-10)
-    assert torch.autograd.gradcheck(lambda t: within_class_spectrum(t, inv, inv, len(y)), (x,))
+        want = effective_rank(rows, center=True).item() if len(rows) else 1.0
+        assert erank[s].item() == pytest.approx(want, rel=1e-4)
     keep = compact_slots(counts >= 3)
-    assert torch.autograd.gradcheck(lambda t: within_class_spectrum(t, inv, keep[inv], 2), (x,))
-    a = torch.randn(4, 6, dtype=torch.float64)
-    shared = torch.cat([a, a + 3.0, a * 2.0, torch.randn(2, 6, dtype=torch.float64)]).requires_grad_(True)
-    y2 = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3] * 2)
-    assert torch.autograd.gradcheck(lambda t: within_class_spectrum(t, y2, y2, 14), (shared,))
+    big = [s for s in range(len(y)) if counts[s] >= 3]
+    part = block_spectrum(x, inv, keep[inv], 2)
+    torch.testing.assert_close(part.trace, spec.trace[big])
+    torch.testing.assert_close(part.xlogx(), xlogx[big])
 
 
-def test_class_effective_rank_degenerate_gradients_finite() -> None:
-    """Identical samples, one-sample classes and repeated spectra: finite values and gradients."""
+def test_block_spectrum_degenerate_classes() -> None:
+    """Identical samples, one-sample classes and repeated spectra: erank 2, 2, 1, 1."""
     base = torch.eye(6)[:2]
-    x = torch.cat([base, -base, base, -base, torch.ones(4, 6), torch.zeros(1, 6)]).requires_grad_(True)
+    x = torch.cat([base, -base, base, -base, torch.ones(4, 6), torch.zeros(1, 6)])
     y = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3])
     inv, _, _ = class_slots(y)
-    er = class_effective_rank(x, inv, inv, len(y))
-    er.sum().backward()
-    assert torch.isfinite(x.grad).all()
+    spec = block_spectrum(x, inv, inv, len(y))
+    er = torch.exp(spec.entropy(spec.xlogx()))
+    assert torch.isfinite(er).all()
     assert er[:4].tolist() == pytest.approx([2.0, 2.0, 1.0, 1.0], rel=1e-5)
 
 
@@ -281,12 +288,13 @@ def test_statistics_ignore_bf16_autocast() -> None:
     y = _labels(4)
     x = torch.randn(len(y), 16) + 5.0
     inv, _, _ = class_slots(y)
-    ref = class_effective_rank(x, inv, inv, len(y))
+    ref = class_moments(x, inv, len(y))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = class_effective_rank(x, inv, inv, len(y))
+        got = class_moments(x, inv, len(y))
         d = pairwise_distance(x)
         er = effective_rank(x, center=True)
-    torch.testing.assert_close(got, ref)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
     torch.testing.assert_close(d, pairwise_distance(x))
     assert er.item() == pytest.approx(effective_rank(x, center=True).item(), rel=1e-6)
 
@@ -311,5 +319,5 @@ def test_sample_pair_bhattacharyya_against_moments_and_gradcheck(widths: tuple[i
         ref, _ = bhattacharyya_pairs(mu[:, start:start + w], var[:, start:start + w], pairs[0], pairs[1], eps)
         torch.testing.assert_close(db[:, k], ref, rtol=1e-5, atol=1e-5)
         start += w
-    fn = lambda t: geometry._SamplePairBhattacharyya.apply(t, inv, pairs, len(y), widths, eps)  # noqa: E731
+    fn = lambda t: bhattacharyya_module._SamplePairBhattacharyya.apply(t, inv, pairs, len(y), widths, eps)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))

@@ -118,7 +118,7 @@ def test_declarations(name: str) -> None:
     rec = cls.recommended()
     assert rec["sampler"] == cls.default_sampler
     variant = create_variant(name, **rec)
-    assert variant.hparams_dict() == rec
+    assert dataclasses.asdict(variant.hp) == rec
     assert isinstance(cls.statistics, tuple) and all(isinstance(s, str) for s in cls.statistics)
     fields = {f.name for f in dataclasses.fields(cls.Hparams)}
     for key, dist in cls.full_search_space().items():

@@ -56,11 +56,7 @@ class _BarrierTerms(torch.autograd.Function):
         ratio = ratio_raw.clamp_min(eps)  # (S,)
         r_var = -torch.dot(w, torch.log(ratio))
         min_r = torch.where(any_used, torch.where(used, ratio, inf).min(), one)
-        spread = trace > torch.finfo(z.dtype).tiny  # H_c = 0 (erank 1) for a class with no spread
-        t_safe = torch.where(spread, trace, torch.ones_like(trace))
-        inv_t = 1.0 / t_safe
-        log_t = torch.log(t_safe)
-        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        spread, _, inv_t = spec.trace_terms  # H_c = 0 (erank 1) for a class with no spread
         if grads:
             # r_var = -sum_c a_c log(T_c / (n_c S_bar)): dT_c = -a_c / T_c, dS_bar = sum a / S_bar
             # (a_c = 0 where a clamp is active: clamp_min passes the gradient where input >= min).
@@ -72,7 +68,7 @@ class _BarrierTerms(torch.autograd.Function):
         # The eigh (host sync), then as few ops as possible: the GPU idles until they are queued.
         # Rank barrier: H_c = log T_c - tr(G_c log G_c) / T_c, -log(max(erank / D, eps)) = -q_c.
         xlogx = spec.xlogx()
-        entropy = torch.where(spread, log_t - xlogx * inv_t, zero)
+        entropy = spec.entropy(xlogx)  # (S,)
         log_ratio = entropy - math.log(d)
         q = log_ratio.clamp_min(math.log(eps))  # (S,) log(max(erank_c / D, eps))
         r_rank = -torch.dot(w, q)

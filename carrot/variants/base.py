@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from carrot.geometry import l2_normalize
 from carrot.space import Categorical, Distribution
 
 SAMPLERS = ("pk", "random")
@@ -101,9 +102,6 @@ class Variant(nn.Module):
         """Module between the pooled embedding and the head (identity unless overridden)."""
         return nn.Identity()
 
-    def hparams_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.hp)
-
     def forward(self, batch: StepBatch) -> VariantOutput:
         if batch.embedding.ndim != 2 or batch.logits.ndim != 2 or batch.labels.ndim != 1:
             raise ValueError(
@@ -121,13 +119,11 @@ class Variant(nn.Module):
 
 
 class L2Normalize(nn.Module):
-    """Neck ``h = z / max(||z||, 1e-12)`` along the last dim, in float32, returned in the input
-    dtype (written as a product with rsqrt: on the CPU its backward is faster than
-    ``F.normalize``'s division)."""
+    """Neck ``h = z / max(||z||, 1e-12)`` along the last dim (:func:`carrot.geometry.l2_normalize`),
+    in float32, returned in the input dtype."""
 
     def forward(self, z: Tensor) -> Tensor:
-        x = z.float()
-        return (x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True).clamp_min(1e-24))).to(z.dtype)
+        return l2_normalize(z.float()).to(z.dtype)
 
 
 def linear_ramp(progress: float, warmup_epochs: float) -> float:

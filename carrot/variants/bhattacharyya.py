@@ -122,19 +122,6 @@ def multi_layer_bhattacharyya(
     return loss, rho_mean, db_mean
 
 
-def layer_bhattacharyya(
-    features: Tensor, inv: Tensor, sel: PairSelection, normalize: bool = False, eps: float = 1e-6
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer's confusion-weighted overlap ``sum a rho / sum a`` over the selected pairs.
-
-    :func:`multi_layer_bhattacharyya` for one layer (``inv`` is kept for callers; the
-    selection carries the class of every sample). Returns ``(loss, rho_mean, db_mean)``,
-    0-dim.
-    """
-    loss, rho_mean, db_mean = multi_layer_bhattacharyya([features], sel, normalize, eps)
-    return loss[0], rho_mean[0], db_mean[0]
-
-
 def pick_layers(names: list[str], layers: int | str) -> list[str]:
     """The last ``layers`` names in network order (all of them for ``"all"``)."""
     if layers == "all":

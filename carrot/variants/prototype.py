@@ -41,8 +41,8 @@ One step (B samples, C classes present):
 Cost: only the present rows of t change in a step, so d2 comes from the cached Gram of the
 stored prototypes with the rows and columns of the present classes recomputed: one
 (B, D) x (D, K) product, O(B K D) like the head itself, instead of O(K^2 D) for all pairs or
-O(K m D) for gathered pair differences. Slot s of a batch holds the class of sample s, and
-the first slot of each class is its representative (a (K, B) one-hot picks them): fixed
+O(K m D) for gathered pair differences. The classes of a batch occupy its class slots
+(:func:`carrot.geometry.class_slots`; a (K, B) one-hot maps each class to its slot): fixed
 shapes, no host sync. Where both classes are present the product t_i . stop(t_j) is
 symmetrised as r_ij + r_ji - stop(r_ij), which keeps the value and the exact gradient with
 respect to both prototypes without a second (B, B, D) product.
@@ -69,6 +69,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from carrot.geometry import class_slots, class_sums, l2_normalize, symmetric_confusion
 from carrot.space import Categorical, Float, Int
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant, linear_ramp
@@ -77,22 +78,13 @@ METRICS = ("euclidean", "mahalanobis", "whitening")
 
 
 # ------------------------------------------------------------------ functional core
-def unit_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """x / max(||x||, eps) row-wise, (N, D).
-
-    Same value as ``F.normalize``, written as a product with a (N, 1) factor: on the CPU
-    its backward is several times faster than ``F.normalize``'s expanded division.
-    """
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True).clamp_min(eps * eps))
-
-
 def blend_prototypes(mu: Tensor, means: Tensor, momentum: float) -> Tensor:
     """mu~ = normalize((1 - beta) mu.detach() + beta * means), row-wise, (R, D).
 
     ``means`` are this batch's class means, so mu~ carries the batch gradient (the fix to the
     sketch). A never-seen class (mu = 0) starts at its normalised batch mean.
     """
-    return unit_rows((1.0 - momentum) * mu.detach() + momentum * means)
+    return l2_normalize((1.0 - momentum) * mu.detach() + momentum * means)
 
 
 def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0) -> Tensor:
@@ -107,7 +99,7 @@ def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0) -> Tensor:
         if 0 < topk < k:
             vals, idx = p.topk(topk, dim=1)  # (B, topk)
             p = torch.zeros_like(p).scatter_(1, idx, vals)
-        return torch.zeros(k, k, dtype=p.dtype, device=p.device).index_add_(0, y, p)
+        return class_sums(p, y, k)[0]
 
 
 def update_confusion(conf: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
@@ -325,55 +317,50 @@ class PrototypeVariant(Variant):
         distributed = _distributed()
 
         with torch.no_grad():
-            # Slots: slot s holds the class of sample s (of all ranks' samples under DDP); the
-            # first slot of each class is its representative. Fixed shapes, no host sync.
+            # Class slots of all ranks' samples (S = world size x B under DDP); one_hot maps each
+            # present class to its slot. Fixed shapes, no host sync.
             y_all = self._gather_labels(y) if distributed else y  # (S,)
-            same = y_all[:, None] == y_all[None, :]  # (S, S)
-            slots = torch.arange(len(y_all), device=h.device)
-            first = same.to(torch.uint8).argmax(dim=1)  # (S,) first slot of each slot's class
-            representative = first == slots  # (S,)
-            slot_counts = same.sum(dim=1).float()  # (S,) samples of the slot's class
-            one_hot = (torch.arange(k, device=h.device)[:, None] == y_all[None, :]) & representative  # (K, S)
-            one_hot = one_hot.float()
+            inv_all, slot_counts, slot_labels = class_slots(y_all)  # (S,) each
+            one_hot = (torch.arange(k, device=h.device)[:, None] == slot_labels[None, :]) & (slot_counts > 0)
+            one_hot = one_hot.float()  # (K, S)
             counts = one_hot @ slot_counts  # (K,)
             present = counts > 0  # (K,)
             conf_sums = confusion_sums(batch.logits, y, hp.conf_topk)  # (K, K)
             if distributed:
                 dist.all_reduce(conf_sums)
             conf = update_confusion(self.conf, conf_sums, counts, hp.conf_momentum)
-            omega = 0.5 * (conf + conf.T)
+            omega = symmetric_confusion(conf)
             seen = self.seen | present
             mask = neighbour_pairs(omega, hp.top_m, seen)  # (K, K)
 
-        # Sums land in each class's representative slot (the others stay 0 and are never read).
-        local_first = first[dist.get_rank() * b:][:b] if distributed else first  # (B,) this rank's samples
-        slot_sums = h.new_zeros(len(y_all), d).index_add(0, local_first, h)  # (S, D), this rank's gradient
+        inv = inv_all[dist.get_rank() * b:][:b] if distributed else inv_all  # (B,) this rank's samples
+        slot_sums, _ = class_sums(h, inv, len(y_all))  # (S, D), this rank's gradient
         if distributed:
             global_sums = slot_sums.detach().clone()
             dist.all_reduce(global_sums)
             slot_sums = slot_sums + (global_sums - slot_sums.detach())  # global values, local gradient
-        slot_means = slot_sums / slot_counts[:, None]  # (S, D) class means on representative slots
+        slot_means = slot_sums / slot_counts.clamp_min(1.0)[:, None]  # (S, D) class means, 0 on unused slots
         if hp.metric == "mahalanobis" and update:
-            self._update_covariance(h, local_first, slot_means, representative, distributed)
+            self._update_covariance(h, inv, slot_means, slot_counts, distributed)
 
         # mu~ of the present classes, carrying the batch gradient (the fix), (S, D); rows of
-        # non-representative slots are never read.
-        mu_slots = blend_prototypes(self.mu[y_all], slot_means, hp.mu_momentum)
+        # unused slots are never read.
+        mu_slots = blend_prototypes(self.mu[slot_labels], slot_means, hp.mu_momentum)
         t_slots = mu_slots @ self.metric_factor if hp.metric == "mahalanobis" else mu_slots  # (S, D)
         # The stored prototypes with the present rows replaced by mu~ (detached). Training
         # writes them into the buffer in place before the graph reads it; evaluation copies.
-        # Every slot of a class writes its representative's row: repeated indices, equal values.
+        # Every sample writes its class's row: repeated indices, equal values.
         with torch.no_grad():
             buffer = self.mu_metric if hp.metric == "mahalanobis" else self.mu
-            new_rows = (y_all,), t_slots.detach()[first]
+            new_rows = (y_all,), t_slots.detach()[inv_all]
             t_buffer = buffer.index_put_(*new_rows) if update else buffer.index_put(*new_rows)  # (K, D)
             if update and hp.metric == "mahalanobis":
-                self.mu.index_put_((y_all,), mu_slots.detach()[first])
+                self.mu.index_put_((y_all,), mu_slots.detach()[inv_all])
         # Gram matrix of the prototypes. Rows of present classes: one (S, D) x (D, K) product,
         # the step's O(B K D) part, with the gradient on the row side. Where both classes are
         # present, G_ij = r_ij + r_ji - r_ij.detach() (r_ij = t_i . stop(t_j)) has the value
         # t_i . t_j and its exact gradient with respect to both t_i and t_j.
-        rows = one_hot @ (t_slots @ t_buffer.T)  # (K, K): row c from its representative, 0 if absent
+        rows = one_hot @ (t_slots @ t_buffer.T)  # (K, K): row c from its slot, 0 if absent
         both = present[:, None] & present
         gram = torch.where(present[:, None], rows, torch.where(present, rows.T, self.gram))
         gram = torch.where(both, rows + rows.T - rows.detach(), gram)  # (K, K)
@@ -397,14 +384,14 @@ class PrototypeVariant(Variant):
         stats = {"l_carrot": l_carrot, "lambda": torch.full((), lam_t, device=h.device), **pair_stats}
         return terms, stats
 
-    def _update_covariance(self, h: Tensor, slot: Tensor, slot_means: Tensor, representative: Tensor,
+    def _update_covariance(self, h: Tensor, slot: Tensor, slot_means: Tensor, slot_counts: Tensor,
                            distributed: bool) -> None:
         """EMA of the within-class covariance; refresh the metric factor every N steps."""
         hp = self.hp
         scatter = within_class_scatter(h, slot, slot_means)  # (D, D)
         if distributed:
             dist.all_reduce(scatter)
-        dof = len(representative) - representative.sum()  # sum_c (n_c - 1), global
+        dof = len(slot_counts) - (slot_counts > 0).sum()  # sum_c (n_c - 1), global
         # No bias correction for the zero start: the factor only sees Sigma / (tr Sigma / D).
         step = torch.where(dof > 0, hp.cov_momentum, 0.0)
         self.cov = (1.0 - step) * self.cov + step * scatter / dof.clamp_min(1)

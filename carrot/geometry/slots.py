@@ -1,0 +1,142 @@
+"""Class slots of a batch, per-class sums, means and moments, L2 normalisation, distances.
+
+Classes present in a batch are compacted into ``B`` fixed *slots* (``B = len(y)``) without
+a host sync; unused slots have count 0 and are masked out downstream, so every shape
+depends on ``B`` only. The same per-class routines serve a whole evaluation split, with
+the labels themselves as slots (``inv = labels``, ``num_slots = K``).
+
+>>> import torch
+>>> y = torch.tensor([7, 3, 7, 3, 5])
+>>> inv, counts, labels = class_slots(y)
+>>> inv.tolist(), counts.tolist(), labels[:3].tolist()
+([2, 0, 2, 0, 1], [2.0, 1.0, 2.0, 0.0, 0.0], [3, 5, 7])
+>>> means, counts = class_means(torch.tensor([[1.0], [3.0], [5.0]]), torch.tensor([0, 0, 1]), 2)
+>>> means.squeeze(1).tolist(), counts.tolist()
+([2.0, 5.0], [2.0, 1.0])
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Floor inside sqrt and log (p log p), so their derivatives stay finite at 0.
+FLOOR = 1e-30
+
+
+def no_autocast(t: Tensor):
+    """Context that turns autocast off on ``t``'s device: statistics stay float32 (SPEC)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------- slots
+def class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Compact the labels of a batch into ``B = len(y)`` slots without a host sync.
+
+    Labels are sorted, a new slot starts wherever the sorted label changes, and the slot
+    index is the cumulative sum of those changes. Slots follow ascending label order and
+    the ``C`` present classes occupy slots ``0 .. C-1``.
+
+    Returns:
+        inv: (B,) int64, slot of each sample, in [0, C).
+        counts: (B,) float32, samples per slot (0 for unused slots ``>= C``).
+        labels_of_slot: (B,) int64, the label owning each slot (meaningful where counts > 0,
+            0 elsewhere).
+    """
+    y = y.reshape(-1).long()
+    b = y.shape[0]
+    sorted_y, order = torch.sort(y)  # (B,), (B,)
+    change = torch.ones_like(sorted_y)  # (B,) 1 where a new class starts in sorted order
+    if b > 1:
+        change[1:] = (sorted_y[1:] != sorted_y[:-1]).long()
+    slot_sorted = torch.cumsum(change, 0) - 1  # (B,)
+    inv = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)  # (B,)
+    counts = torch.zeros(b, dtype=torch.float32, device=y.device)
+    counts.index_add_(0, inv, torch.ones(b, dtype=torch.float32, device=y.device))
+    # Every write into a slot carries the same label, so duplicate indices are harmless.
+    labels_of_slot = torch.zeros_like(sorted_y).scatter_(0, slot_sorted, sorted_y)  # (B,)
+    return inv, counts, labels_of_slot
+
+
+def compact_slots(keep: Tensor) -> Tensor:
+    """Renumber the slots where ``keep`` is true as 0, 1, ... in order; others get -1.
+
+    ``keep`` (S,) bool, e.g. ``counts >= 2``. Sync-free (a cumulative sum), so a caller
+    that knows an upper bound on the kept slots (``B // 2`` classes can have two samples)
+    can work on that many slots instead of ``B``.
+    """
+    k = keep.long()
+    return torch.where(keep, torch.cumsum(k, 0) - 1, torch.full_like(k, -1))
+
+
+# ------------------------------------------------------------------------- moments
+def class_sums(x: Tensor, inv: Tensor, num_slots: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Per-slot sums ``sum_{i: inv_i = s} x_i`` and counts, in ``dtype`` (float32 by default).
+
+    Returns ``(sums (S, D), counts (S,))``; empty slots have sum 0 and count 0. The sums
+    are what data-parallel callers all-reduce before dividing.
+    """
+    x = x.to(dtype)
+    counts = torch.zeros(num_slots, dtype=dtype, device=x.device)
+    counts.index_add_(0, inv, torch.ones_like(inv, dtype=dtype))
+    sums = torch.zeros(num_slots, x.shape[1], dtype=dtype, device=x.device)
+    sums.index_add_(0, inv, x)  # (S, D)
+    return sums, counts
+
+
+def class_means(x: Tensor, inv: Tensor, num_slots: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Per-slot means ``mu_s = (1/n_s) sum_{i: inv_i = s} x_i`` in ``dtype`` (float32 by default).
+
+    Returns ``(means (S, D), counts (S,))``; empty slots have mean 0 and count 0.
+    """
+    sums, counts = class_sums(x, inv, num_slots, dtype)
+    return sums / counts.clamp_min(1.0)[:, None], counts
+
+
+def class_moments(x: Tensor, inv: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-slot mean and biased diagonal variance in float32.
+
+    ``var_sj = (1/n_s) sum_{i in s} (x_ij - mu_sj)^2`` (two-pass: deviations from the mean,
+    not E[x^2] - mu^2, so no cancellation). A slot with one sample has variance 0; an
+    empty slot has mean 0, variance 0 and count 0.
+
+    Returns ``(means (S, D), var (S, D), counts (S,))``.
+    """
+    x = x.float()
+    means, counts = class_means(x, inv, num_slots)
+    dev = x - means[inv]  # (B, D)
+    sq = torch.zeros_like(means).index_add_(0, inv, dev * dev)  # (S, D)
+    return means, sq / counts.clamp_min(1.0)[:, None], counts
+
+
+def rms_radius(var: Tensor) -> Tensor:
+    """RMS radius ``r_s = sqrt(mean_i ||x_i - mu_s||^2) = sqrt(sum_j var_sj)``, (S,) float32.
+
+    The sum is floored at 1e-30 inside the sqrt so a zero-spread class has a finite (zero)
+    gradient instead of ``inf * 0 = nan``.
+    """
+    return torch.sqrt(var.float().sum(-1).clamp_min(FLOOR))
+
+
+# ------------------------------------------------------------------- norms, distances
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """``x / max(||x||, eps)`` along the last dim, in ``x``'s dtype.
+
+    The same value as ``F.normalize``, written as a product with a (N, 1) factor: on the CPU
+    its backward is several times faster than ``F.normalize``'s expanded division.
+    """
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True).clamp_min(eps * eps))
+
+
+def pairwise_distance(a: Tensor) -> Tensor:
+    """Euclidean distances ``||a_i - a_j||`` (N, N) float32, finite gradient at 0.
+
+    Uses ``||a_i||^2 + ||a_j||^2 - 2 a_i.a_j`` (no (N, N, D) tensor), clamped >= 0 against
+    round-off; the diagonal is exactly 0.
+    """
+    a = a.float()
+    sq = (a * a).sum(-1)  # (N,)
+    with no_autocast(a):
+        inner = a @ a.T  # (N, N)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * inner).clamp_min(0.0)  # (N, N)
+    d2 = d2 * (1.0 - torch.eye(a.shape[0], dtype=d2.dtype, device=d2.device))
+    return torch.sqrt(d2.clamp_min(FLOOR)) * (d2 > 0)

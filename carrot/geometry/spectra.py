@@ -1,0 +1,182 @@
+"""Spectra of batch covariances: effective rank and spectral entropy.
+
+``erank = exp(H)``, ``H = -sum_k p_k log p_k`` with ``p = lam / sum lam`` the normalised
+eigenvalues. Written once as :func:`spectral_entropy` of the trace ``T = sum lam`` and
+``sum lam log lam``: ``H = log T - (sum lam log lam) / T``. :func:`effective_rank` applies it
+to one matrix; :class:`BlockSpectrum` to every class of a batch from ONE ``eigh`` of the
+block-diagonal within-class Gram (the ``barrier`` variant).
+
+``torch.linalg.eigh`` is the one host sync here: PyTorch checks the solver's error codes on
+the host, one synchronisation per call (there is no ``eigh_ex``); the per-class version
+makes one call per step, for all classes at once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from carrot.geometry.slots import FLOOR, no_autocast
+
+
+# ---------------------------------------------------------------- spectral entropy
+def trace_terms(trace: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(spread, log T, 1 / T)`` for :func:`spectral_entropy`, with T = 1 where there is no spread.
+
+    Split from the entropy so a caller can queue them before the ``eigh`` that gives
+    ``sum lam log lam`` (its host sync), and reuse ``1 / T`` in a backward.
+    """
+    spread = trace > torch.finfo(trace.dtype).tiny
+    safe = torch.where(spread, trace, torch.ones_like(trace))
+    return spread, torch.log(safe), 1.0 / safe
+
+
+def spectral_entropy(trace: Tensor, xlogx: Tensor, terms: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """``H = -sum_k p_k log p_k`` with ``p = lam / T`` from ``T = sum lam``, ``xlogx = sum lam log lam``.
+
+    ``H = log T - xlogx / T``; 0 (zero gradient) where ``T`` is 0: a one-sample class or
+    identical samples have erank ``exp(0) = 1``. ``terms``: :func:`trace_terms` of ``trace``,
+    if already computed.
+    """
+    spread, log_t, inv_t = trace_terms(trace) if terms is None else terms
+    return torch.where(spread, log_t - xlogx * inv_t, torch.zeros((), dtype=trace.dtype, device=trace.device))
+
+
+def xlogx_sum(lam: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum lam, sum lam log lam)`` over the last dim, eigenvalues clamped >= 0.
+
+    ``lam`` is floored at 1e-30 inside the log only, so the gradient stays finite at zero
+    eigenvalues.
+    """
+    pos = lam.clamp_min(0.0)
+    return pos.sum(-1), (pos * torch.log(pos.clamp_min(FLOOR))).sum(-1)
+
+
+def effective_rank(x: Tensor, center: bool = False) -> Tensor:
+    """Effective rank of the covariance of a centred (n, D) matrix, a float32 scalar.
+
+    ``erank = exp(H(p))``, ``p_k = lam_k / sum lam``, ``lam`` the eigenvalues of
+    ``X^T X / n`` (the normalisation cancels in p). The eigenvalues come from the smaller
+    of the n x n Gram ``X X^T`` and the D x D scatter ``X^T X`` (same non-zero spectrum).
+    A matrix with r equal non-zero singular values has erank exactly r; a zero matrix has
+    erank 1. The input is assumed centred; ``center=True`` subtracts the column means.
+
+    >>> effective_rank(torch.eye(3)).item()
+    3.0
+    """
+    with no_autocast(x):
+        x = x.float()
+        if center:
+            x = x - x.mean(0, keepdim=True)
+        gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x  # (min(n,D), min(n,D))
+        lam = torch.linalg.eigvalsh(gram)
+        return torch.exp(spectral_entropy(*xlogx_sum(lam)))
+
+
+# ------------------------------------------------- every class from one eigh
+def class_centring_operator(inv: Tensor, counts: Tensor, rows: Tensor) -> Tensor:
+    """(R, B) float32 matrix ``C`` with ``(C @ x)_p = x_{rows_p} - mu_{inv[rows_p]}``.
+
+    ``C[p, i] = [i = rows_p] - [inv_i = inv_{rows_p}] / n_{inv[rows_p]}``: one matrix
+    product centres every sample on its class mean (and reorders the rows, e.g. into class
+    blocks with ``rows`` the samples sorted by class); its backward is one more product.
+    """
+    b = inv.shape[0]
+    ids = torch.arange(b, device=inv.device)
+    row_slot = inv[rows]  # (R,)
+    pick = (rows[:, None] == ids[None, :]).float()  # (R, B)
+    same = (row_slot[:, None] == inv[None, :]).float()  # (R, B)
+    return pick - same / counts[row_slot].clamp_min(1.0)[:, None]
+
+
+def symmetric_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a small symmetric matrix, ``torch.linalg.eigh``.
+
+    The one place the spectral code calls the solver (and, on CUDA, the one host sync of
+    the error check), so a different solver path is a one-line change.
+    """
+    return torch.linalg.eigh(gram)
+
+
+class BlockSpectrum:
+    """The block-diagonal within-class Gram of a batch and its spectrum, in pieces.
+
+    ``G = (C x)(C x)^T`` restricted to its diagonal blocks, ``C`` the centring operator
+    with rows in block order (:func:`class_centring_operator`), so ``G`` is block diagonal
+    with contiguous blocks. ONE ``eigh`` of ``G`` serves every block: any matrix function
+    of a block-diagonal matrix is block diagonal, so with ``G = V diag(lam) V^T``
+
+        tr f(G_s) = sum_k mass_sk f(lam_k),   mass_sk = sum_{i in s} V_ik^2,
+
+    exact for any orthonormal eigenbasis, also when blocks share eigenvalues. Here
+    ``f(lam) = max(lam, 0) log max(lam, floor)`` (``xlogx``), plus the traces ``T_s`` and
+    the batch scatter ``||x - mean(x)||_F^2`` (``total``); the non-zero eigenvalues of a
+    block are ``n_s`` times those of the class covariance (the factor cancels in ``p``), so
+    :meth:`entropy` is each class's spectral entropy.
+
+    :meth:`operator` gives the analytic derivative: ``d tr f(G_s) / dG = f'(G)`` on block s
+    (``f'(G) = V diag(f'(lam)) V^T``, no ``1 / (lam_i - lam_j)`` eigenvector terms, so it
+    is finite on repeated eigenvalues), the identity on the diagonal for the trace, and
+    with ``dL/dG = Gg`` (symmetric) ``dL/dx = 2 C^T Gg C x``: every term folds into one
+    B x B matrix, so backward costs one (B, B) @ (B, D) product. The pieces are used inside
+    ``torch.autograd.Function`` s (no autograd graph of their own); the work before the
+    ``eigh`` (:meth:`__init__`) is split from the spectrum (:meth:`xlogx`), so a caller can
+    queue everything that does not need the eigenvalues before the solver's host sync.
+    """
+
+    def __init__(self, x: Tensor, centre: Tensor, block: Tensor, num_blocks: int) -> None:
+        self.centre = centre
+        ok = block >= 0
+        self.same = ((block[:, None] == block[None, :]) & ok[:, None]).to(x.dtype)  # (B, B) block mask
+        self.member = (block[None, :] == torch.arange(num_blocks, device=x.device)[:, None]).to(x.dtype)  # (S, B)
+        xc = centre @ x  # (B, D) class-centred, block order
+        self.gram = (xc @ xc.T) * self.same  # (B, B)
+        self.trace = self.member @ torch.diagonal(self.gram)  # (S,)
+        xb = (x - x.mean(0, keepdim=True)).reshape(-1)
+        self.total = torch.dot(xb, xb)  # no (B, D) square
+        self.trace_terms = trace_terms(self.trace)  # (spread, log T, 1 / T) of every block, for the entropy
+
+    def xlogx(self) -> Tensor:
+        """(S,) ``tr(G_s log G_s)``, eigenvalues clamped >= 0; the ``eigh`` (host sync on CUDA)."""
+        self.lam, self.vec = symmetric_eigh(self.gram)  # (B,), (B, B)
+        pos = self.lam.clamp_min(0.0)
+        log_pos = torch.log(pos.clamp_min(FLOOR))
+        # f'(lam) for backward: log lam + 1, 0 for lam <= 0 (the clamp). Between 0 and the
+        # floor (1e-30, round-off of a zero eigenvalue) the exact derivative is log(floor).
+        self.dphi = (log_pos + 1.0) * (self.lam > 0)
+        return self.member @ ((self.vec * self.vec) @ (pos * log_pos))
+
+    def entropy(self, xlogx: Tensor) -> Tensor:
+        """(S,) spectral entropy of every block from its :meth:`xlogx` (0 for a block without spread)."""
+        return spectral_entropy(self.trace, xlogx, self.trace_terms)
+
+    def operator(self, g_trace: Tensor, g_xlogx: Tensor | None = None, g_total: Tensor | None = None) -> Tensor:
+        """(B, B) ``M`` with ``dL/dx = M @ x`` for dL/dtrace (S,), dL/dxlogx (S,), dL/dtotal (0-dim).
+
+        ``M = 2 C^T Gg C + 2 g_total (I - 11^T / B)``, ``Gg = dL/dG`` (symmetric); without
+        ``g_xlogx`` it needs no eigenvalues (so it can be built before the ``eigh``).
+        """
+        centre, b = self.centre, self.centre.shape[0]
+        grad_gram = torch.diag(g_trace @ self.member)  # (B, B) trace: identity on each block's diagonal
+        if g_xlogx is not None:
+            fprime = (self.vec * self.dphi) @ self.vec.T  # (B, B) f'(G)
+            grad_gram = grad_gram + fprime * self.same * (g_xlogx @ self.member)[:, None]
+        op = centre.T @ (2.0 * grad_gram) @ centre
+        if g_total is not None:
+            eye = torch.eye(b, dtype=centre.dtype, device=centre.device)
+            op = op + (2.0 * g_total) * (eye - 1.0 / b)
+        return op
+
+
+def block_spectrum(x: Tensor, inv: Tensor, blocks: Tensor, num_blocks: int) -> BlockSpectrum:
+    """:class:`BlockSpectrum` of ``x`` (B, D) centred on its classes ``inv``, rows grouped by ``blocks``.
+
+    ``blocks`` (B,) int64 in ``[0, num_blocks)`` or -1 to leave a sample out. Computed in
+    ``x``'s dtype (cast to float32 first for SPEC) with no autograd graph: call it inside a
+    ``torch.autograd.Function`` (as ``carrot.variants.barrier`` does).
+    """
+    b = x.shape[0]
+    counts = torch.zeros(b, dtype=x.dtype, device=x.device).index_add_(
+        0, inv, torch.ones(b, dtype=x.dtype, device=x.device))
+    order = torch.sort(blocks, stable=True).indices  # (B,) rows in block order: contiguous blocks
+    centre = class_centring_operator(inv, counts, order).to(x.dtype)  # (B, B)
+    return BlockSpectrum(x, centre, blocks[order], num_blocks)
