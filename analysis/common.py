@@ -1,7 +1,8 @@
 """Loading finished runs from MLflow into pandas: the one way ``analysis`` reads the store.
 
-Only MLflow (and, in :mod:`analysis.tables`, Optuna) is read; nothing here imports the
-training code. Names of tags, metrics and artifacts are the contract in SPEC.md.
+Only MLflow (and, in :mod:`analysis.tables`, Optuna) is read. Names of tags, metrics and
+artifacts come from :mod:`carrot.contract`, the one module of ``carrot`` that ``analysis``
+imports (it needs nothing but NumPy); the training code is never imported.
 
 >>> client = connect()                                   # doctest: +SKIP
 >>> runs = load_runs(client, "carrot")                   # one row per run
@@ -18,33 +19,27 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
-DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
-DEFAULT_EXPERIMENT = "carrot"
-DEFAULT_OUT = Path("analysis") / "output"
+from carrot import contract
 
 # Control rows first in every table and legend, then the rest alphabetically.
 LEADING_VARIANTS = ("baseline", "pairwise_confusion")
 
 # Convenience columns taken from the run tags (column -> tag key).
 TAG_COLUMNS = {
-    "variant": "carrot.variant",
-    "study": "carrot.study",
-    "dataset": "carrot.dataset",
-    "backbone": "carrot.backbone",
-    "split": "carrot.split",
-    "role": "carrot.role",
+    "variant": contract.TAG_VARIANT,
+    "study": contract.TAG_STUDY,
+    "dataset": contract.TAG_DATASET,
+    "backbone": contract.TAG_BACKBONE,
+    "split": contract.TAG_SPLIT,
+    "role": contract.TAG_ROLE,
 }
 BASE_COLUMNS = ["run_id", "run_name", "status", "start_time", "end_time", "parent_run_id", "variant", "study",
                 "trial", "dataset", "backbone", "seed", "split", "role"]
-
-CONFUSION_ARTIFACT = "confusion.npz"
-PAIRS_ARTIFACT = "pairs.json"
-DIAGNOSTICS_ARTIFACT = "diagnostics.json"
 
 
 class StoreMissing(RuntimeError):
@@ -75,7 +70,7 @@ def layer_sort_key(layer: str) -> tuple:
 
 # ----------------------------------------------------------------------------- store
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or contract.DEFAULT_TRACKING_URI
 
 
 def connect(uri: str | None = None):
@@ -94,15 +89,17 @@ def connect(uri: str | None = None):
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags :mod:`analysis.tables` and :mod:`analysis.plots` share."""
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+    parser.add_argument("--experiment", default=contract.DEFAULT_EXPERIMENT,
                         help="MLflow experiment name (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path(contract.DEFAULT_OUT),
+                        help="output folder (default %(default)s)")
     parser.add_argument("--dataset", action="append", default=None,
-                        help="only this dataset (carrot.dataset tag); repeat for several")
+                        help=f"only this dataset ({contract.TAG_DATASET} tag); repeat for several")
     parser.add_argument("--backbone", action="append", default=None,
-                        help="only this backbone (carrot.backbone tag); repeat for several")
+                        help=f"only this backbone ({contract.TAG_BACKBONE} tag); repeat for several")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else " + DEFAULT_URI + ")")
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                             f"{contract.DEFAULT_TRACKING_URI})")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -130,7 +127,7 @@ def empty_runs() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in BASE_COLUMNS})
 
 
-def load_runs(client, experiment: str = DEFAULT_EXPERIMENT, *, dataset: Iterable[str] | None = None,
+def load_runs(client, experiment: str = contract.DEFAULT_EXPERIMENT, *, dataset: Iterable[str] | None = None,
               backbone: Iterable[str] | None = None) -> pd.DataFrame:
     """One row per run (deleted runs excluded), in a fixed order.
 
@@ -147,13 +144,13 @@ def load_runs(client, experiment: str = DEFAULT_EXPERIMENT, *, dataset: Iterable
         tags = r.data.tags
         row: dict[str, Any] = {
             "run_id": r.info.run_id,
-            "run_name": tags.get("mlflow.runName", ""),
+            "run_name": tags.get(contract.MLFLOW_RUN_NAME, ""),
             "status": r.info.status,
             "start_time": r.info.start_time or 0,
             "end_time": r.info.end_time or 0,
-            "parent_run_id": tags.get("mlflow.parentRunId", ""),
-            "seed": _int_or_none(tags.get("carrot.seed")),
-            "trial": _int_or_none(tags.get("carrot.trial")),
+            "parent_run_id": tags.get(contract.MLFLOW_PARENT_RUN_ID, ""),
+            "seed": _int_or_none(tags.get(contract.TAG_SEED)),
+            "trial": _int_or_none(tags.get(contract.TAG_TRIAL)),
         }
         for column, key in TAG_COLUMNS.items():
             row[column] = tags.get(key, "")
@@ -195,7 +192,7 @@ def finished(runs: pd.DataFrame, split: str) -> pd.DataFrame:
     """Training runs (not a study's parent run) of ``split`` whose MLflow status is FINISHED."""
     if not len(runs):
         return runs
-    keep = (runs["status"] == "FINISHED") & (runs["split"] == split) & (runs["role"] != "study")
+    keep = (runs["status"] == "FINISHED") & (runs["split"] == split) & (runs["role"] != contract.ROLE_STUDY)
     return runs[keep].reset_index(drop=True)
 
 
@@ -205,8 +202,8 @@ def final_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     Returns the kept runs and the older duplicates that were dropped (a re-run of a seed),
     so a table can say so.
     """
-    test = finished(runs, "test")
-    test = test[test["role"] == "final"]  # not ad-hoc `carrot train --set split=test` runs
+    test = finished(runs, contract.SPLIT_TEST)
+    test = test[test["role"] == contract.ROLE_FINAL]  # not ad-hoc `carrot train --set split=test` runs
     if not len(test):
         return test, test
     test = test.assign(_seed=test["seed"].map(lambda s: -1 if s is None else s))
@@ -217,7 +214,7 @@ def final_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def study_trials(runs: pd.DataFrame) -> pd.DataFrame:
     """Finished validation-split runs (the study trials)."""
-    return finished(runs, "val")
+    return finished(runs, contract.SPLIT_VAL)
 
 
 def _table_order(runs: pd.DataFrame) -> pd.DataFrame:
@@ -239,8 +236,8 @@ def plot_source(runs: pd.DataFrame, dataset: str, backbone: str) -> tuple[pd.Dat
     group = runs[(runs["dataset"] == dataset) & (runs["backbone"] == backbone)] if len(runs) else runs
     final, _ = final_runs(group)
     if len(final):
-        return final, "test", "final runs, test split"
-    return study_trials(group), "val", "study trials, val split"
+        return final, contract.SPLIT_TEST, "final runs, test split"
+    return study_trials(group), contract.SPLIT_VAL, "study trials, val split"
 
 
 def metric_keys(runs: pd.DataFrame, pattern: str) -> list[str]:
@@ -302,36 +299,36 @@ def download_artifact(client, run_id: str, path: str, dst: str | Path) -> Path |
         return None
 
 
-def read_json_artifact(client, run_id: str, path: str) -> Any | None:
+def read_artifact(client, run_id: str, path: str, read: Callable[[Path], Any]) -> Any | None:
+    """``read(local file)`` on a temporary copy of one artifact; None when the run has none."""
     with tempfile.TemporaryDirectory(prefix="carrot-analysis-") as tmp:
         local = download_artifact(client, run_id, path, tmp)
         if local is None or not local.is_file():
             return None
-        return json.loads(local.read_text())
+        return read(local)
+
+
+def read_json_artifact(client, run_id: str, path: str) -> Any | None:
+    return read_artifact(client, run_id, path, lambda local: json.loads(local.read_text()))
+
+
+def _read_npz(local: Path) -> dict[str, np.ndarray]:
+    with np.load(local, allow_pickle=False) as data:
+        return {k: np.array(data[k]) for k in data.files}
 
 
 def read_confusion(client, run_id: str) -> dict[str, np.ndarray] | None:
     """``confusion`` (E, K, K) counts, ``epochs`` (E,), ``class_names`` (K,) of one run."""
-    with tempfile.TemporaryDirectory(prefix="carrot-analysis-") as tmp:
-        local = download_artifact(client, run_id, CONFUSION_ARTIFACT, tmp)
-        if local is None or not local.is_file():
-            return None
-        with np.load(local, allow_pickle=False) as data:
-            return {k: np.array(data[k]) for k in data.files}
+    return read_artifact(client, run_id, contract.CONFUSION_ARTIFACT, _read_npz)
+
+
+def reference_pairs(client, run_id: str) -> tuple[tuple[int, int], ...]:
+    """The reference pairs a run was scored on (its pairs artifact); empty when it has none."""
+    pairs = read_json_artifact(client, run_id, contract.PAIRS_ARTIFACT) or {}
+    return tuple(tuple(int(i) for i in p) for p in pairs.get(contract.PAIRS_REFERENCE_KEY) or [])
 
 
 # ----------------------------------------------------------------------------- confusion maths
-def pair_error(confusion: np.ndarray, pairs: Iterable[Iterable[int]]) -> np.ndarray:
-    """e_ij = (C_ij + C_ji) / (n_i + n_j) per pair (SPEC), NaN when both classes are empty."""
-    cm = np.asarray(confusion, dtype=float)
-    n = cm.sum(axis=1)
-    out = []
-    for i, j in pairs:
-        den = n[i] + n[j]
-        out.append((cm[i, j] + cm[j, i]) / den if den > 0 else math.nan)
-    return np.asarray(out, dtype=float)
-
-
 def confusion_concentration(confusion: np.ndarray, ks: Iterable[int] = (1, 3, 5)) -> dict[int, float]:
     """For each k: the mean over rows (true classes with any error) of the share of the row's
     off-diagonal mass that sits in its k largest off-diagonal cells. NaN when no row has an
@@ -366,7 +363,16 @@ def open_store(args, prog: str):
     return client, load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
 
 
-def metric_layers(runs: pd.DataFrame, prefix: str, suffix: str) -> list[str]:
-    """Layer names in metric keys ``<prefix><layer><suffix>``, in network order."""
+def rho_ref(layer: str) -> str:
+    """The metric key of one layer's rho on the reference pairs."""
+    return contract.rho_metric(layer, "ref")
+
+
+def metric_layers(runs: pd.DataFrame, key_of: Callable[[str], str]) -> list[str]:
+    """The layers ``L`` for which the runs logged the metric ``key_of(L)``, in network order.
+
+    ``key_of`` is a per-layer key of :mod:`carrot.contract`, e.g. ``contract.probe_metric``, so
+    the key format is written in one place."""
+    prefix, suffix = key_of("\0").split("\0")
     keys = metric_keys(runs, re.escape(prefix) + ".+" + re.escape(suffix))
     return sorted({k[len(prefix):len(k) - len(suffix)] for k in keys}, key=layer_sort_key)

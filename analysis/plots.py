@@ -36,23 +36,25 @@ import pandas as pd  # noqa: E402
 
 from analysis.common import (  # noqa: E402
     add_store_arguments,
-    metric_layers,
-    open_store,
     confusion_concentration,
     dataset_groups,
     known_variants,
     layer_sort_key,
     mean_history,
     metric_keys,
+    metric_layers,
     metric_values,
+    open_store,
     order_variants,
-    pair_error,
     plot_source,
     read_confusion,
-    read_json_artifact,
+    reference_pairs,
+    rho_ref,
 )
+from carrot import contract  # noqa: E402
 
-# The statistics SPEC names for each variant (``var/<name>``; a trailing * is a prefix).
+# The statistics SPEC names for each variant (``var/<name>``, contract.VARIANT_STAT_PREFIX; a
+# trailing * is a prefix).
 # A variant without a row gets every ``var/`` statistic its runs logged.
 VARIANT_STATS: dict[str, tuple[str, ...]] = {
     "expansion": ("gamma_mean",),
@@ -63,8 +65,6 @@ VARIANT_STATS: dict[str, tuple[str, ...]] = {
 CONCENTRATION_K = (1, 3, 5)
 MAX_PANELS_PER_ROW = 4
 DPI = 110
-
-
 
 
 class Group:
@@ -143,12 +143,27 @@ def _log_if_wide(ax) -> None:
         ax.set_yscale("log")
 
 
+def _grouped_bars(ax, g: Group, bars: dict[str, tuple[np.ndarray, np.ndarray | None, int]],
+                  ticks: list[str]) -> None:
+    """One bar per variant beside each tick; ``bars``: variant -> (heights, error bars or None, runs)."""
+    width = 0.8 / len(bars)
+    x = np.arange(len(ticks))
+    for i, (variant, (heights, err, n)) in enumerate(bars.items()):
+        errors = {} if err is None else {"yerr": err, "capsize": 2}
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, heights, width, color=g.colors[variant],
+               label=g.label(variant, n), **errors)
+    ax.set_xticks(x, ticks)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def _last_confusions(g: Group, runs: pd.DataFrame) -> list[np.ndarray]:
     out = []
     for run_id in runs["run_id"]:
         data = read_confusion(g.client, run_id)
-        if data is not None and data.get("confusion") is not None and len(data["confusion"]):
-            out.append(np.asarray(data["confusion"][-1]))
+        counts = None if data is None else data.get(contract.CONFUSION_KEY)
+        if counts is not None and len(counts):
+            out.append(np.asarray(counts[-1]))
     return out
 
 
@@ -165,19 +180,13 @@ def plot_confusion_concentration(g: Group) -> Path:
             with np.errstate(all="ignore"):
                 shares[variant] = (np.nanmean(np.where(np.isfinite(per_run), per_run, np.nan), axis=0), len(cms))
     if not shares:
-        raise Skip("no confusion.npz artifact with any off-diagonal count")
+        raise Skip(f"no {contract.CONFUSION_ARTIFACT} artifact with any off-diagonal count")
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(CONCENTRATION_K) * max(1, len(shares)) ** 0.5, 4.2))
-    width = 0.8 / len(shares)
-    x = np.arange(len(CONCENTRATION_K))
-    for i, (variant, (values, n)) in enumerate(shares.items()):
-        ax.bar(x + (i - (len(shares) - 1) / 2) * width, values, width, color=g.colors[variant],
-               label=g.label(variant, n))
-    ax.set_xticks(x, [f"top {k}" for k in CONCENTRATION_K])
+    _grouped_bars(ax, g, {v: (values, None, n) for v, (values, n) in shares.items()},
+                  [f"top {k}" for k in CONCENTRATION_K])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of a row's off-diagonal errors")
     ax.set_xlabel("classes a true class is most confused with")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
     ax.set_title(g.title("Confusion concentration (last epoch, mean over rows and runs)"), fontsize=10)
     return g.save(fig, "confusion_concentration.png")
 
@@ -185,9 +194,9 @@ def plot_confusion_concentration(g: Group) -> Path:
 # ----------------------------------------------------------------------------- (b)
 def plot_proto_cos(g: Group) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    if not _history_lines(ax, g, "proto_cos/ref_mean"):
+    if not _history_lines(ax, g, contract.PROTO_COS_REF):
         plt.close(fig)
-        raise Skip("no run logged proto_cos/ref_mean")
+        raise Skip(f"no run logged {contract.PROTO_COS_REF}")
     ax.set_ylabel("mean cosine of reference-pair prototypes")
     ax.legend(fontsize=8)
     ax.set_title(g.title("Prototype cosine of the confusable (reference) pairs"), fontsize=10)
@@ -195,12 +204,11 @@ def plot_proto_cos(g: Group) -> Path:
 
 
 # ----------------------------------------------------------------------------- (c)
-def reference_pairs(g: Group) -> list[tuple[int, int]]:
-    """The reference pairs most runs of the group were scored on (pairs.json ``reference``)."""
+def common_reference_pairs(g: Group) -> list[tuple[int, int]]:
+    """The reference pairs most runs of the group were scored on (ties: the smallest)."""
     counts: Counter = Counter()
     for run_id in g.runs["run_id"]:
-        pairs = read_json_artifact(g.client, run_id, "pairs.json") or {}
-        ref = tuple(tuple(int(i) for i in p) for p in pairs.get("reference") or [])
+        ref = reference_pairs(g.client, run_id)
         if ref:
             counts[ref] += 1
     if not counts:
@@ -215,7 +223,7 @@ def pair_errors_by_variant(g: Group, pairs: list[tuple[int, int]]) -> dict[str, 
     for variant in g.variants:
         cms = _last_confusions(g, g.of(variant))
         if cms:
-            errors = np.array([pair_error(cm, pairs) for cm in cms])  # (runs, P)
+            errors = np.array([contract.pair_error(cm, pairs) for cm in cms])  # (runs, P)
             with np.errstate(all="ignore"):
                 out[variant] = (np.nanmean(errors, axis=0), len(cms))
     return out
@@ -224,12 +232,12 @@ def pair_errors_by_variant(g: Group, pairs: list[tuple[int, int]]) -> dict[str, 
 def plot_pair_error(g: Group) -> Path:
     if "baseline" not in g.variants:
         raise Skip("no baseline runs to compare with")
-    pairs = reference_pairs(g)
+    pairs = common_reference_pairs(g)
     if not pairs:
-        raise Skip("no pairs.json with reference pairs")
+        raise Skip(f"no {contract.PAIRS_ARTIFACT} with reference pairs")
     errors = pair_errors_by_variant(g, pairs)
     if "baseline" not in errors:
-        raise Skip("no confusion.npz from the baseline runs")
+        raise Skip(f"no {contract.CONFUSION_ARTIFACT} from the baseline runs")
     others = [v for v in errors if v != "baseline"]
     if not others:
         raise Skip("no variant besides the baseline")
@@ -257,12 +265,12 @@ def plot_pair_error(g: Group) -> Path:
 
 # ----------------------------------------------------------------------------- (d)
 def plot_rho(g: Group) -> Path:
-    layers = metric_layers(g.runs, "rho/", "/ref_mean")
+    layers = metric_layers(g.runs, rho_ref)
     if not layers:
-        raise Skip("no run logged rho/<layer>/ref_mean")
+        raise Skip(f"no run logged {rho_ref('<layer>')}")
     fig, axes = _panels(len(layers))
     for ax, layer in zip(axes, layers):
-        _history_lines(ax, g, f"rho/{layer}/ref_mean")
+        _history_lines(ax, g, rho_ref(layer))
         _log_if_wide(ax)
         ax.set_title(layer, fontsize=9)
         ax.set_ylabel("rho (Bhattacharyya coeff.)")
@@ -273,13 +281,13 @@ def plot_rho(g: Group) -> Path:
 
 # ----------------------------------------------------------------------------- (e)
 def plot_probe(g: Group) -> Path:
-    layers = metric_layers(g.runs, "probe/", "/acc")
+    layers = metric_layers(g.runs, contract.probe_metric)
     if not layers:
-        raise Skip("no run logged probe/<layer>/acc")
+        raise Skip(f"no run logged {contract.probe_metric('<layer>')}")
     bars = {}
     for variant in g.variants:
         runs = g.of(variant)
-        values = np.array([metric_values(runs, f"probe/{layer}/acc") for layer in layers])  # (L, runs)
+        values = np.array([metric_values(runs, contract.probe_metric(layer)) for layer in layers])  # (L, runs)
         if np.isfinite(values).any():
             with np.errstate(all="ignore"):
                 mean = np.nanmean(values, axis=1)
@@ -288,31 +296,25 @@ def plot_probe(g: Group) -> Path:
     if not bars:
         raise Skip("no probe accuracy in the runs")
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(layers) * max(1, len(bars)) ** 0.5 + 2), 4.2))
-    width = 0.8 / len(bars)
-    x = np.arange(len(layers))
-    for i, (variant, (mean, std, n)) in enumerate(bars.items()):
-        ax.bar(x + (i - (len(bars) - 1) / 2) * width, 100 * mean, width, yerr=100 * std, capsize=2,
-               color=g.colors[variant], label=g.label(variant, n))
+    _grouped_bars(ax, g, {v: (100 * mean, 100 * std, n) for v, (mean, std, n) in bars.items()}, layers)
     low = min(100 * np.nanmin(m) for m, _, _ in bars.values())
     ax.set_ylim(max(0.0, low - 10), 100.5)
-    ax.set_xticks(x, layers)
     ax.set_xlabel("probed layer (shallow to deep)")
     ax.set_ylabel("linear-probe accuracy (%)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
     ax.set_title(g.title("Linear-probe accuracy per layer (last epoch, mean ± std over runs)"), fontsize=10)
     return g.save(fig, "probe_per_layer.png")
 
 
 # ----------------------------------------------------------------------------- (f)
 def variant_stat_keys(runs: pd.DataFrame, variant: str) -> list[str]:
-    logged = metric_keys(runs, r"var/.+")
+    prefix = re.escape(contract.VARIANT_STAT_PREFIX)
+    logged = metric_keys(runs, prefix + ".+")
     wanted = VARIANT_STATS.get(variant)
     if wanted is None:
         return logged
     keys = []
     for stat in wanted:
-        rx = re.compile("var/" + (re.escape(stat[:-1]) + ".+" if stat.endswith("*") else re.escape(stat)))
+        rx = re.compile(prefix + (re.escape(stat[:-1]) + ".+" if stat.endswith("*") else re.escape(stat)))
         keys += sorted((k for k in logged if rx.fullmatch(k)), key=layer_sort_key)
     return keys
 
@@ -321,12 +323,12 @@ def plot_variant_stats(g: Group, variant: str) -> Path:
     runs = g.of(variant)
     keys = [k for k in variant_stat_keys(runs, variant) if np.isfinite(metric_values(runs, k)).any()]
     if not keys:
-        raise Skip(f"{variant} logged no var/ statistics")
+        raise Skip(f"{variant} logged no {contract.VARIANT_STAT_PREFIX} statistics")
     fig, axes = _panels(len(keys))
     for ax, key in zip(axes, keys):
         _history_lines(ax, g, key, [variant])
         ax.set_title(key, fontsize=9)
-        ax.set_ylabel(key.split("/", 1)[1])
+        ax.set_ylabel(key[len(contract.VARIANT_STAT_PREFIX):])
     axes[0].legend(fontsize=7)
     fig.suptitle(g.title(f"{variant}: its own statistics over training (mean ± std over runs)"), fontsize=10)
     return g.save(fig, f"variant_stats_{variant}.png")

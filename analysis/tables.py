@@ -16,37 +16,38 @@ Tables (file stem under ``--out``):
 
 Final runs are the finished runs tagged ``carrot.split=test`` (one per seed: the newest);
 study trials the finished runs tagged ``carrot.split=val``. Missing data is written into the
-table with a numbered note, never dropped. The output is deterministic: the same store gives
-byte-identical files.
+table with a numbered note, never dropped. Each table is one DataFrame (:meth:`Table.frame`),
+rendered by :func:`render` to all three formats. The output is deterministic: the same store
+gives byte-identical files.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from analysis.common import (
     add_store_arguments,
-    metric_layers,
-    open_store,
     dataset_groups,
     final_runs,
     known_variants,
+    metric_layers,
     metric_values,
     natural_key,
+    open_store,
+    rho_ref,
     study_trials,
 )
+from carrot import contract
 
 # The ablation switches of each variant: hyperparameter names as logged under
-# ``variant.hparams.<name>``. A new variant is a new row; a name a run did not log is skipped.
+# ``contract.HPARAM_PARAM_PREFIX + name``. A new variant is a new row; a name a run did not log is skipped.
 ABLATION_SWITCHES: dict[str, tuple[str, ...]] = {
     "prototype": ("metric",),
     "expansion": ("mode", "detach_stats"),
@@ -59,7 +60,6 @@ COMMON_SWITCHES: tuple[str, ...] = ("sampler",)  # ablated for every variant
 SWITCH_BINS: dict[str, tuple[float, ...]] = {"delta": (0.03, 0.1)}
 
 REFERENCES = ("baseline", "pairwise_confusion")  # variants every row is compared with (paired by seed)
-DEFAULT_STORAGE = "studies/optuna.journal"
 CONFIDENCE = 0.95
 CSV_FLOAT = "{:.10g}"
 NA = "n/a"
@@ -183,73 +183,95 @@ class Notes:
         return [f"[{i + 1}] {t}" for i, t in enumerate(self.texts)]
 
 
+DISPLAY, VALUES = "display", "csv"  # the two column blocks of :meth:`Table.frame`
+
+
 @dataclass
 class Table:
+    """One table. A row is added once, with its displayed cells and its CSV values together;
+    :meth:`frame` is the table as one DataFrame and :func:`render` writes it out."""
+
     name: str  # file stem
     title: str
     columns: list[str]  # displayed (Markdown, LaTeX)
-    label_columns: int  # leading text columns (left-aligned in LaTeX)
-    rows: list[list[str]] = field(default_factory=list)
-    group_ends: list[int] = field(default_factory=list)  # row indices after which LaTeX draws a rule
-    csv_columns: list[str] = field(default_factory=list)
-    csv_rows: list[dict[str, Any]] = field(default_factory=list)
-    notes: Notes = field(default_factory=Notes)
+    label_columns: int  # leading text columns (left-aligned)
+    csv_columns: list[str]
     caption: str = ""  # one line under the title
+    notes: Notes = field(default_factory=Notes)
+    group_ends: list[int] = field(default_factory=list)  # row indices after which LaTeX draws a rule
+    _rows: list[tuple[list[str], dict[str, Any]]] = field(default_factory=list)  # (cells, CSV values)
+
+    def add(self, cells: list[str], values: dict[str, Any]) -> None:
+        """One row: its displayed cells and its CSV values. The CSV ``note`` is the notes the
+        row's cells marked, unless ``values`` gives its own."""
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{self.name}: {len(cells)} cells for {len(self.columns)} columns")
+        unknown = sorted(set(values) - set(self.csv_columns))
+        if unknown:
+            raise ValueError(f"{self.name}: CSV values {unknown} have no column")
+        self._rows.append((list(cells), {"note": self.notes.take(), **values}))
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
     def end_group(self) -> None:
-        if self.rows and (not self.group_ends or self.group_ends[-1] != len(self.rows) - 1):
-            self.group_ends.append(len(self.rows) - 1)
+        if len(self) and (not self.group_ends or self.group_ends[-1] != len(self) - 1):
+            self.group_ends.append(len(self) - 1)
 
-    def markdown(self) -> str:
-        out = [f"## {self.title}", ""]
-        if self.caption:
-            out += [self.caption, ""]
-        esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
-        out.append("| " + " | ".join(esc(c) for c in self.columns) + " |")
-        out.append("|" + "|".join(":---" if i < self.label_columns else "---:" for i in range(len(self.columns)))
-                   + "|")
-        for row in self.rows:
-            out.append("| " + " | ".join(esc(c) for c in row) + " |")
-        if not self.rows:
-            out.append("| " + " | ".join(["no data"] + [""] * (len(self.columns) - 1)) + " |")
-        if self.notes.texts:
-            out.append("")
-            out += [line + "  " if i < len(self.notes.texts) - 1 else line
-                    for i, line in enumerate(self.notes.lines())]
-        return "\n".join(out) + "\n"
+    def frame(self) -> pd.DataFrame:
+        """The whole table: columns ``(DISPLAY, <shown column>)`` hold the cells as shown,
+        ``(VALUES, <csv column>)`` the numbers at full precision (None where there is none)."""
+        display = pd.DataFrame([cells for cells, _ in self._rows], columns=self.columns, dtype=object)
+        values = pd.DataFrame([v for _, v in self._rows], columns=self.csv_columns, dtype=object)
+        return pd.concat({DISPLAY: display, VALUES: values.where(values.notna(), None)}, axis=1)
 
-    def latex(self) -> str:
-        spec = "l" * self.label_columns + "r" * (len(self.columns) - self.label_columns)
-        out = [f"% {latex_escape(self.title)}", "% generated by analysis/tables.py from the MLflow store",
-               f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
-               " & ".join(latex_escape(c) for c in self.columns) + r" \\", "\\midrule"]
-        rows = self.rows or [["no data"] + [""] * (len(self.columns) - 1)]
-        for i, row in enumerate(rows):
-            out.append(" & ".join(latex_escape(c) for c in row) + r" \\")
-            if i in self.group_ends and i != len(rows) - 1:
-                out.append("\\midrule")
-        out += ["\\bottomrule", "\\end{tabular}"]
-        for line in self.notes.lines():
-            out.append(f"\\par{{\\footnotesize {latex_escape(line)}}}")
-        return "\n".join(out) + "\n"
 
-    def csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.csv_columns, lineterminator="\n", extrasaction="raise")
-        writer.writeheader()
-        for row in self.csv_rows:
-            writer.writerow({k: csv_value(row.get(k)) for k in self.csv_columns})
-        return buf.getvalue()
+def render(table: Table) -> dict[str, str]:
+    """The table's Markdown, LaTeX (booktabs) and CSV text, keyed by file extension."""
+    frame = table.frame()
+    shown = frame[DISPLAY]
+    if not len(shown):  # a table with no data still says so
+        shown = pd.DataFrame([["no data"] + [""] * (len(table.columns) - 1)], columns=table.columns)
+    return {"md": _markdown(table, shown), "tex": _latex(table, shown),
+            "csv": frame[VALUES].map(csv_value).to_csv(index=False, lineterminator="\n")}
 
-    def write(self, out: Path) -> list[Path]:
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for ext, text in (("md", self.markdown()), ("tex", self.latex()), ("csv", self.csv())):
-            path = out / f"{self.name}.{ext}"
-            with open(path, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-            paths.append(path)
-        return paths
+
+def _markdown(table: Table, shown: pd.DataFrame) -> str:
+    # written here rather than with DataFrame.to_markdown: that needs `tabulate`, which the
+    # project does not depend on, and pads cells to width (noisy diffs of the paper's tables)
+    def line(cells: Iterable[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    align = ["---:" if i >= table.label_columns else ":---" for i in range(shown.shape[1])]
+    out = [f"## {table.title}", ""] + ([table.caption, ""] if table.caption else [])
+    out += [line(shown.columns), "|" + "|".join(align) + "|", *(line(r) for r in shown.itertuples(index=False))]
+    if table.notes.texts:  # two trailing spaces: a Markdown line break between notes
+        out += [""] + [n + "  " for n in table.notes.lines()[:-1]] + table.notes.lines()[-1:]
+    return "\n".join(out) + "\n"
+
+
+def _latex(table: Table, shown: pd.DataFrame) -> str:
+    spec = "l" * table.label_columns + "r" * (shown.shape[1] - table.label_columns)
+    styler = shown.style.hide(axis="index").format(latex_escape).format_index(latex_escape, axis=1)
+    lines = styler.to_latex(column_format=spec, hrules=True).splitlines()
+    first = lines.index(r"\midrule") + 1  # the first body row: one line per row
+    assert lines.index(r"\bottomrule") - first == len(shown), "a LaTeX row spans one line"
+    for end in sorted((i for i in table.group_ends if i < len(shown) - 1), reverse=True):
+        lines.insert(first + end + 1, r"\midrule")  # a rule between datasets or variants
+    header = [f"% {latex_escape(table.title)}", "% generated by analysis/tables.py from the MLflow store"]
+    notes = [f"\\par{{\\footnotesize {latex_escape(line)}}}" for line in table.notes.lines()]
+    return "\n".join(header + lines + notes) + "\n"
+
+
+def write_table(table: Table, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext, text in render(table).items():
+        path = out / f"{table.name}.{ext}"
+        with open(path, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        paths.append(path)
+    return paths
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -258,11 +280,8 @@ _LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "ρ": r"$\rho$", "≥": r"$
                   ">": r"$>$"}
 
 
-def latex_escape(text: str) -> str:
-    out = []
-    for ch in str(text):
-        out.append(_LATEX_SPECIAL.get(ch) or _LATEX_SYMBOLS.get(ch) or ch)
-    return "".join(out)
+def latex_escape(text: Any) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch) or _LATEX_SYMBOLS.get(ch) or ch for ch in str(text))
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -287,6 +306,31 @@ def group_runs(frame: pd.DataFrame, dataset: str, backbone: str, variant: str | 
     return frame[keep]
 
 
+@dataclass
+class Slot:
+    """One (dataset, backbone, variant) row of a table."""
+
+    dataset: str
+    backbone: str
+    variant: str
+
+    @property
+    def labels(self) -> list[str]:  # the leading displayed cells
+        return [self.dataset, self.backbone, self.variant]
+
+    @property
+    def keys(self) -> dict[str, str]:  # the leading CSV values
+        return {"dataset": self.dataset, "backbone": self.backbone, "variant": self.variant}
+
+
+def slots(ctx: Context, table: Table) -> Iterator[Slot]:
+    """Every dataset, backbone and variant in table order; a rule after each dataset and backbone."""
+    for dataset, backbone in ctx.groups:
+        for variant in ctx.variants:
+            yield Slot(dataset, backbone, variant)
+        table.end_group()
+
+
 def seeds_cell(ctx: Context, dataset: str, backbone: str, variant: str, notes: Notes) -> tuple[str, int, int]:
     """'5', '2 of 5 [1]' or '0 of 5 [2]', and (n, expected)."""
     group = group_runs(ctx.final, dataset, backbone)
@@ -308,18 +352,39 @@ def seeds_cell(ctx: Context, dataset: str, backbone: str, variant: str, notes: N
     return text, n, expected
 
 
-def reference_cells(ctx: Context, dataset: str, backbone: str, variant: str, key: str, notes: Notes,
-                    scale: float, digits: int) -> tuple[list[str], dict[str, Any]]:
-    """'Δ (p, n)' against each reference variant, and the CSV fields."""
+@dataclass
+class FinalSlot(Slot):
+    """A row of a final-run table: its runs and its seeds cell."""
+
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # the final runs of this slot, one per seed
+    seeds: str = ""  # the displayed seeds cell, notes marked
+    n: int = 0  # seeds (runs) present
+    expected: int = 0
+
+
+def final_slots(ctx: Context, table: Table) -> Iterator[FinalSlot]:
+    """:func:`slots` with each slot's final runs; marks the seeds cell's notes in ``table``."""
+    for slot in slots(ctx, table):
+        seeds, n, expected = seeds_cell(ctx, slot.dataset, slot.backbone, slot.variant, table.notes)
+        yield FinalSlot(slot.dataset, slot.backbone, slot.variant,
+                        group_runs(ctx.final, slot.dataset, slot.backbone, slot.variant), seeds, n, expected)
+
+
+REFERENCE_COLUMNS = [c for ref in REFERENCES for c in (f"diff_vs_{ref}", f"p_vs_{ref}", f"n_paired_vs_{ref}")]
+
+
+def reference_cells(ctx: Context, slot: FinalSlot, key: str, notes: Notes, scale: float,
+                    digits: int) -> tuple[list[str], dict[str, Any]]:
+    """'Δ (p, n)' against each reference variant, and the CSV fields (:data:`REFERENCE_COLUMNS`)."""
     cells, fields = [], {}
-    values = by_seed(group_runs(ctx.final, dataset, backbone, variant), key)
+    values = by_seed(slot.runs, key)
     for ref in REFERENCES:
         prefix = f"diff_vs_{ref}"
-        if variant == ref:
+        if slot.variant == ref:
             cells.append(DASH)
             fields.update({prefix: None, f"p_vs_{ref}": None, f"n_paired_vs_{ref}": None})
             continue
-        ref_runs = group_runs(ctx.final, dataset, backbone, ref)
+        ref_runs = group_runs(ctx.final, slot.dataset, slot.backbone, ref)
         result = paired_difference(values, by_seed(ref_runs, key))
         fields.update({prefix: result.diff if result.n >= 2 else None, f"p_vs_{ref}": result.p if result.n >= 2
                        else None, f"n_paired_vs_{ref}": result.n})
@@ -336,39 +401,34 @@ def reference_cells(ctx: Context, dataset: str, backbone: str, variant: str, key
 
 
 # ----------------------------------------------------------------------------- 1. main results
+TEST_ACC = contract.split_metric(contract.SPLIT_TEST, "acc")
+TEST_MEAN_CLASS_ACC = contract.split_metric(contract.SPLIT_TEST, "mean_class_acc")
+VAL_ACC = contract.split_metric(contract.SPLIT_VAL, "acc")
+
+
 def main_results(ctx: Context) -> Table:
     table = Table(
         "main_results", "Main results: test top-1 accuracy over seeds",
         ["Dataset", "Backbone", "Variant", "Seeds", "Top-1 (%)", "95% CI", "Δ vs baseline (pp)", "Δ vs PC (pp)",
          "Mean class acc. (%)"], label_columns=3,
+        csv_columns=["dataset", "backbone", "variant", "n_seeds", "n_expected", "acc_mean", "acc_std",
+                     "acc_ci_low", "acc_ci_high", *REFERENCE_COLUMNS, "mean_class_acc_mean", "mean_class_acc_std",
+                     "seeds", "note"],
         caption="Final runs (split=test, finished), last epoch; mean ± std over seeds; 95% t-interval; "
                 "Δ = mean paired difference over common seeds with a paired t-test (scipy ttest_rel); "
                 "PC = pairwise_confusion.")
-    table.csv_columns = ["dataset", "backbone", "variant", "n_seeds", "n_expected", "acc_mean", "acc_std",
-                         "acc_ci_low", "acc_ci_high"]
-    for ref in REFERENCES:
-        table.csv_columns += [f"diff_vs_{ref}", f"p_vs_{ref}", f"n_paired_vs_{ref}"]
-    table.csv_columns += ["mean_class_acc_mean", "mean_class_acc_std", "seeds", "note"]
-    for dataset, backbone in ctx.groups:
-        for variant in ctx.variants:
-            runs = group_runs(ctx.final, dataset, backbone, variant)
-            seeds, n, expected = seeds_cell(ctx, dataset, backbone, variant, table.notes)
-            acc = summarize(metric_values(runs, "test/acc"))
-            mca = summarize(metric_values(runs, "test/mean_class_acc"))
-            refs, fields = reference_cells(ctx, dataset, backbone, variant, "test/acc", table.notes, 100.0, 2)
-            if n == 0:
-                row = [dataset, backbone, variant, seeds, "no finished runs", NA, *refs, NA]
-            else:
-                row = [dataset, backbone, variant, seeds, fmt_pm(acc, 2, 100), fmt_ci(acc, 2, 100), *refs,
-                       fmt_pm(mca, 2, 100)]
-            table.rows.append(row)
-            table.csv_rows.append({
-                "dataset": dataset, "backbone": backbone, "variant": variant, "n_seeds": n,
-                "n_expected": expected, "acc_mean": acc.mean, "acc_std": acc.std, "acc_ci_low": acc.ci_low,
-                "acc_ci_high": acc.ci_high, **fields, "mean_class_acc_mean": mca.mean,
-                "mean_class_acc_std": mca.std, "seeds": " ".join(str(s) for s in sorted(by_seed(runs, "test/acc"))),
-                "note": table.notes.take()})
-        table.end_group()
+    for slot in final_slots(ctx, table):
+        acc = summarize(metric_values(slot.runs, TEST_ACC))
+        mca = summarize(metric_values(slot.runs, TEST_MEAN_CLASS_ACC))
+        refs, fields = reference_cells(ctx, slot, TEST_ACC, table.notes, 100.0, 2)
+        if slot.n == 0:
+            cells = [slot.seeds, "no finished runs", NA, *refs, NA]
+        else:
+            cells = [slot.seeds, fmt_pm(acc, 2, 100), fmt_ci(acc, 2, 100), *refs, fmt_pm(mca, 2, 100)]
+        table.add(slot.labels + cells, {
+            **slot.keys, "n_seeds": slot.n, "n_expected": slot.expected, "acc_mean": acc.mean, "acc_std": acc.std,
+            "acc_ci_low": acc.ci_low, "acc_ci_high": acc.ci_high, **fields, "mean_class_acc_mean": mca.mean,
+            "mean_class_acc_std": mca.std, "seeds": " ".join(str(s) for s in sorted(by_seed(slot.runs, TEST_ACC)))})
     return table
 
 
@@ -378,79 +438,63 @@ def confusable_pairs(ctx: Context) -> Table:
         "confusable_pairs", "Confusable pairs: error on the baseline's reference pairs",
         ["Dataset", "Backbone", "Variant", "Seeds", "Ref-pair error (%)", "Δ vs baseline (pp)", "Δ vs PC (pp)",
          "Top-pair error (%)"], label_columns=3,
-        caption="pairs/ref_error: mean pair error (C_ij + C_ji) / (n_i + n_j) over the baseline's top-N pairs; "
-                "pairs/top_error: over the run's own top-N pairs; final runs, last epoch, mean ± std over seeds.")
-    table.csv_columns = ["dataset", "backbone", "variant", "n_seeds", "ref_error_mean", "ref_error_std"]
-    for ref in REFERENCES:
-        table.csv_columns += [f"diff_vs_{ref}", f"p_vs_{ref}", f"n_paired_vs_{ref}"]
-    table.csv_columns += ["top_error_mean", "top_error_std", "runs_with_own_ref_pairs", "note"]
-    for dataset, backbone in ctx.groups:
-        for variant in ctx.variants:
-            runs = group_runs(ctx.final, dataset, backbone, variant)
-            seeds, n, _ = seeds_cell(ctx, dataset, backbone, variant, table.notes)
-            ref = summarize(metric_values(runs, "pairs/ref_error"))
-            top = summarize(metric_values(runs, "pairs/top_error"))
-            refs, fields = reference_cells(ctx, dataset, backbone, variant, "pairs/ref_error", table.notes, 100.0, 2)
-            source_col = "tags.carrot.ref_pairs_source"
-            own = int(runs[source_col].astype(str).str.startswith("self:").sum()) if source_col in runs else 0
-            ref_cell = fmt_pm(ref, 2, 100) if n else "no finished runs"
-            if own:
-                ref_cell += " " + table.notes.mark(
-                    "some runs scored their own first-epoch pairs as reference pairs (no finished baseline "
-                    "run existed when they started), so their ref-pair error is not on the baseline's pairs "
-                    f"({own} of {n} run(s) here)")
-            row = [dataset, backbone, variant, seeds, ref_cell, *refs, fmt_pm(top, 2, 100) if n else NA]
-            table.rows.append(row)
-            table.csv_rows.append({"dataset": dataset, "backbone": backbone, "variant": variant, "n_seeds": n,
-                                   "ref_error_mean": ref.mean, "ref_error_std": ref.std, **fields,
-                                   "top_error_mean": top.mean, "top_error_std": top.std,
-                                   "runs_with_own_ref_pairs": own, "note": table.notes.take()})
-        table.end_group()
+        csv_columns=["dataset", "backbone", "variant", "n_seeds", "ref_error_mean", "ref_error_std",
+                     *REFERENCE_COLUMNS, "top_error_mean", "top_error_std", "runs_with_own_ref_pairs", "note"],
+        caption=f"{contract.REF_ERROR}: mean pair error (C_ij + C_ji) / (n_i + n_j) over the baseline's top-N "
+                f"pairs; {contract.TOP_ERROR}: over the run's own top-N pairs; final runs, last epoch, mean ± std "
+                "over seeds.")
+    source = f"tags.{contract.TAG_REF_PAIRS_SOURCE}"
+    for slot in final_slots(ctx, table):
+        ref = summarize(metric_values(slot.runs, contract.REF_ERROR))
+        top = summarize(metric_values(slot.runs, contract.TOP_ERROR))
+        refs, fields = reference_cells(ctx, slot, contract.REF_ERROR, table.notes, 100.0, 2)
+        own = (int(slot.runs[source].astype(str).str.startswith(contract.REF_SOURCE_SELF_PREFIX).sum())
+               if source in slot.runs else 0)
+        ref_cell = fmt_pm(ref, 2, 100) if slot.n else "no finished runs"
+        if own:
+            ref_cell += " " + table.notes.mark(
+                "some runs scored their own first-epoch pairs as reference pairs (no finished baseline "
+                "run existed when they started), so their ref-pair error is not on the baseline's pairs "
+                f"({own} of {slot.n} run(s) here)")
+        table.add(slot.labels + [slot.seeds, ref_cell, *refs, fmt_pm(top, 2, 100) if slot.n else NA], {
+            **slot.keys, "n_seeds": slot.n, "ref_error_mean": ref.mean, "ref_error_std": ref.std, **fields,
+            "top_error_mean": top.mean, "top_error_std": top.std, "runs_with_own_ref_pairs": own})
     return table
 
 
 # ----------------------------------------------------------------------------- 3. geometry
 def geometry(ctx: Context) -> Table:
-    rho_layers = metric_layers(ctx.final, "rho/", "/ref_mean")
-    probe_layers = metric_layers(ctx.final, "probe/", "/acc")
     metrics: list[tuple[str, str, float, int]] = (  # key, column, scale, digits
-        [(f"rho/{layer}/ref_mean", f"ρ {layer} (ref)", 1.0, 3) for layer in rho_layers]
-        + [("proto_cos/ref_mean", "cos (ref)", 1.0, 3)]
-        + [(f"probe/{layer}/acc", f"probe {layer} (%)", 100.0, 2) for layer in probe_layers]
-        + [("nc/nc1", "NC1", 1.0, 3)])
+        [(rho_ref(layer), f"ρ {layer} (ref)", 1.0, 3) for layer in metric_layers(ctx.final, rho_ref)]
+        + [(contract.PROTO_COS_REF, "cos (ref)", 1.0, 3)]
+        + [(contract.probe_metric(layer), f"probe {layer} (%)", 100.0, 2)
+           for layer in metric_layers(ctx.final, contract.probe_metric)]
+        + [(contract.NC1, "NC1", 1.0, 3)])
     table = Table(
         "geometry", "Geometry: overlap, prototype cosine and linear separability",
         ["Dataset", "Backbone", "Variant", "Seeds", *[m[1] for m in metrics]], label_columns=3,
+        csv_columns=["dataset", "backbone", "variant", "n_seeds",
+                     *[f"{key}:{stat}" for key, *_ in metrics for stat in ("mean", "std", "n")], "note"],
         caption="Final runs, last epoch, mean ± std over seeds. ρ: Bhattacharyya coefficient of the reference "
-                "pairs per layer (rho/<layer>/ref_mean); cos: prototype cosine of the reference pairs; probe: "
+                f"pairs per layer ({rho_ref('<layer>')}); cos: prototype cosine of the reference pairs; probe: "
                 "linear-probe accuracy per layer; NC1 = Tr(Σ_W Σ_B^+)/K.")
-    table.csv_columns = ["dataset", "backbone", "variant", "n_seeds"]
-    for key, *_ in metrics:
-        table.csv_columns += [f"{key}:mean", f"{key}:std", f"{key}:n"]
-    table.csv_columns.append("note")
-    for dataset, backbone in ctx.groups:
-        for variant in ctx.variants:
-            runs = group_runs(ctx.final, dataset, backbone, variant)
-            seeds, n, _ = seeds_cell(ctx, dataset, backbone, variant, table.notes)
-            row, fields = [dataset, backbone, variant, seeds], {}
-            for key, _, scale, digits in metrics:
-                s = summarize(metric_values(runs, key))
-                if n == 0:
-                    cell = NA
-                elif s.n == 0:
-                    cell = f"{NA} " + table.notes.mark("metric not logged by these runs")
-                else:
-                    cell = fmt_pm(s, digits, scale)
-                    if s.n < n:
-                        cell += " " + table.notes.mark("logged by only some of the runs; statistics over those")
-                row.append(cell)
-                fields.update({f"{key}:mean": s.mean, f"{key}:std": s.std, f"{key}:n": s.n})
-            if n == 0:
-                row[4] = "no finished runs"
-            table.rows.append(row)
-            table.csv_rows.append({"dataset": dataset, "backbone": backbone, "variant": variant, "n_seeds": n,
-                                   **fields, "note": table.notes.take()})
-        table.end_group()
+    for slot in final_slots(ctx, table):
+        cells, fields = [slot.seeds], {}
+        for key, _, scale, digits in metrics:
+            s = summarize(metric_values(slot.runs, key))
+            if slot.n == 0:
+                cell = NA
+            elif s.n == 0:
+                cell = f"{NA} " + table.notes.mark("metric not logged by these runs")
+            else:
+                cell = fmt_pm(s, digits, scale)
+                if s.n < slot.n:
+                    cell += " " + table.notes.mark("logged by only some of the runs; statistics over those")
+            cells.append(cell)
+            fields.update({f"{key}:mean": s.mean, f"{key}:std": s.std, f"{key}:n": s.n})
+        if slot.n == 0:
+            cells[1] = "no finished runs"
+        table.add(slot.labels + cells, {**slot.keys, "n_seeds": slot.n, **fields})
     return table
 
 
@@ -482,45 +526,43 @@ def _setting_key(text: str) -> tuple:
         return (1, 0.0, tuple(natural_key(text)))
 
 
+def hparam_column(name: str) -> str:
+    """The runs-frame column of a variant hyperparameter's logged value."""
+    return f"params.{contract.HPARAM_PARAM_PREFIX}{name}"
+
+
 def ablations(ctx: Context) -> Table:
     table = Table(
         "ablations", "Ablations within each variant (study trials)",
         ["Dataset", "Backbone", "Variant", "Switch", "Setting", "Trials", "Val top-1 (%)"], label_columns=5,
+        csv_columns=["dataset", "backbone", "variant", "switch", "setting", "n_trials", "val_acc_mean",
+                     "val_acc_std", "note"],
         caption="Finished study trials (split=val), last-epoch val/acc, grouped by one switch at a time and by "
                 "the variant's switches jointly; other hyperparameters vary across trials as the search chose them.")
-    table.csv_columns = ["dataset", "backbone", "variant", "switch", "setting", "n_trials", "val_acc_mean",
-                         "val_acc_std", "note"]
-    for dataset, backbone in ctx.groups:
-        for variant in ctx.variants:
-            trials = group_runs(ctx.trials, dataset, backbone, variant)
-            if not len(trials):
-                row = [dataset, backbone, variant, DASH, DASH, "0", "no finished trials " + table.notes.mark(
-                    "no finished study trial of this variant: run `make study VARIANT=<variant>`")]
-                table.rows.append(row)
-                table.csv_rows.append({"dataset": dataset, "backbone": backbone, "variant": variant, "switch": "",
-                                       "setting": "", "n_trials": 0, "note": table.notes.take()})
-                continue
-            acc = metric_values(trials, "val/acc")
-            switches = [p for p in ABLATION_SWITCHES.get(variant, ()) + COMMON_SWITCHES
-                        if f"params.variant.hparams.{p}" in trials.columns]
-            blocks: list[tuple[str, list[str]]] = [("(all trials)", [DASH] * len(trials))]
-            for p in switches:
-                column = trials[f"params.variant.hparams.{p}"]
-                blocks.append((p, [switch_value(p, v) for v in column]))
-            if len(switches) > 1:
-                joint = [", ".join(f"{p}={switch_value(p, v)}" for p, v in zip(switches, values))
-                         for values in zip(*(trials[f"params.variant.hparams.{p}"] for p in switches))]
-                blocks.append(("joint: " + ", ".join(switches), joint))
-            for switch, settings in blocks:
-                for setting in sorted(set(settings), key=_setting_key):
-                    mask = np.array([s == setting for s in settings])
-                    s = summarize(acc[mask])
-                    row = [dataset, backbone, variant, switch, setting, str(int(mask.sum())), fmt_pm(s, 2, 100)]
-                    table.rows.append(row)
-                    table.csv_rows.append({"dataset": dataset, "backbone": backbone, "variant": variant,
-                                           "switch": switch, "setting": setting, "n_trials": int(mask.sum()),
-                                           "val_acc_mean": s.mean, "val_acc_std": s.std, "note": ""})
-            table.end_group()
+    for slot in slots(ctx, table):
+        trials = group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant)
+        if not len(trials):
+            table.add(slot.labels + [DASH, DASH, "0", "no finished trials " + table.notes.mark(
+                "no finished study trial of this variant: run `make study VARIANT=<variant>`")],
+                {**slot.keys, "switch": "", "setting": "", "n_trials": 0})
+            continue
+        acc = metric_values(trials, VAL_ACC)
+        switches = [p for p in ABLATION_SWITCHES.get(slot.variant, ()) + COMMON_SWITCHES
+                    if hparam_column(p) in trials.columns]
+        blocks: list[tuple[str, list[str]]] = [("(all trials)", [DASH] * len(trials))]
+        for p in switches:
+            blocks.append((p, [switch_value(p, v) for v in trials[hparam_column(p)]]))
+        if len(switches) > 1:
+            joint = [", ".join(f"{p}={switch_value(p, v)}" for p, v in zip(switches, values))
+                     for values in zip(*(trials[hparam_column(p)] for p in switches))]
+            blocks.append(("joint: " + ", ".join(switches), joint))
+        for switch, settings in blocks:
+            for setting in sorted(set(settings), key=_setting_key):
+                mask = np.array([s == setting for s in settings])
+                s = summarize(acc[mask])
+                table.add(slot.labels + [switch, setting, str(int(mask.sum())), fmt_pm(s, 2, 100)],
+                          {**slot.keys, "switch": switch, "setting": setting, "n_trials": int(mask.sum()),
+                           "val_acc_mean": s.mean, "val_acc_std": s.std})
         table.end_group()
     return table
 
@@ -552,9 +594,9 @@ def importance(ctx: Context) -> Table:
         "importance", "Hyperparameter importance per variant (Optuna fANOVA)",
         ["Dataset", "Backbone", "Variant", "Study", "Hyperparameter", "Complete trials", "Importance"],
         label_columns=5,
+        csv_columns=["dataset", "backbone", "variant", "study", "n_complete", "param", "importance", "note"],
         caption=f"optuna.importance.get_param_importances (fANOVA, seed 0) on the study in {ctx.storage}; "
                 "importances sum to 1 within a study.")
-    table.csv_columns = ["dataset", "backbone", "variant", "study", "n_complete", "param", "importance", "note"]
     storage, problem = open_study_storage(ctx.storage)
     names = set()
     if storage is not None:
@@ -562,42 +604,35 @@ def importance(ctx: Context) -> Table:
             names = set(optuna.get_all_study_names(storage))
         except Exception as exc:
             storage, problem = None, f"cannot read Optuna storage {ctx.storage}: {type(exc).__name__}: {exc}"
-    for dataset, backbone in ctx.groups:
-        for variant in ctx.variants:
-            name = f"{dataset}-{backbone}-{variant}"
-            base = {"dataset": dataset, "backbone": backbone, "variant": variant, "study": name}
-            rows, note = [], problem
-            n_complete: int | None = None
-            if storage is not None and name not in names:
-                note = f"no study of this name in {ctx.storage}"
-            elif storage is not None:
-                study = optuna.load_study(study_name=name, storage=storage)
-                complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                n_complete = len(complete)
-                if n_complete < 2:
-                    note = "fewer than 2 complete trials: importance needs at least 2"
-                else:
-                    try:
-                        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-                        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
-                        rows = sorted(values.items(), key=lambda kv: (-round(kv[1], 12), kv[0]))
-                        if not rows:
-                            note = "no hyperparameter varied across the complete trials"
-                    except Exception as exc:  # e.g. no parameter common to every trial
-                        note = f"importance could not be computed: {type(exc).__name__}: {exc}"
-            trials_cell = NA if n_complete is None else str(n_complete)
-            if rows:
-                for param, value in rows:
-                    table.rows.append([dataset, backbone, variant, name, param, trials_cell, fmt(value, 3)])
-                    table.csv_rows.append({**base, "n_complete": n_complete, "param": param, "importance": value,
-                                           "note": ""})
+    for slot in slots(ctx, table):
+        name = contract.study_name(slot.dataset, slot.backbone, slot.variant)
+        rows, note = [], problem
+        n_complete: int | None = None
+        if storage is not None and name not in names:
+            note = f"no study of this name in {ctx.storage}"
+        elif storage is not None:
+            study = optuna.load_study(study_name=name, storage=storage)
+            complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            n_complete = len(complete)
+            if n_complete < 2:
+                note = "fewer than 2 complete trials: importance needs at least 2"
             else:
-                table.rows.append([dataset, backbone, variant, name, DASH, trials_cell,
-                                   f"{NA} " + table.notes.mark(note)])
-                table.notes.take()
-                table.csv_rows.append({**base, "n_complete": n_complete, "param": "", "importance": None,
-                                       "note": note})
-        table.end_group()
+                try:
+                    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+                    values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+                    rows = sorted(values.items(), key=lambda kv: (-round(kv[1], 12), kv[0]))
+                    if not rows:
+                        note = "no hyperparameter varied across the complete trials"
+                except Exception as exc:  # e.g. no parameter common to every trial
+                    note = f"importance could not be computed: {type(exc).__name__}: {exc}"
+        trials_cell = NA if n_complete is None else str(n_complete)
+        base = {**slot.keys, "study": name, "n_complete": n_complete}
+        for param, value in rows:
+            table.add(slot.labels + [name, param, trials_cell, fmt(value, 3)],
+                      {**base, "param": param, "importance": value})
+        if not rows:
+            table.add(slot.labels + [name, DASH, trials_cell, f"{NA} " + table.notes.mark(note)],
+                      {**base, "param": "", "importance": None, "note": note})
     return table
 
 
@@ -622,7 +657,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="carrot tables", description=__doc__.splitlines()[0])
     add_store_arguments(parser)
-    parser.add_argument("--storage", default=DEFAULT_STORAGE,
+    parser.add_argument("--storage", default=contract.DEFAULT_STORAGE,
                         help="Optuna storage for hyperparameter importance: a journal file or a URL "
                              "(default %(default)s)")
     parser.add_argument("--seeds", type=int, default=None,
@@ -641,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
               + "; writing empty tables", file=sys.stderr)
     ctx = build_context(runs, args.seeds, args.storage)
     for table in build_tables(ctx):
-        paths = table.write(args.out)
-        print(f"{table.name}: {len(table.rows)} rows -> " + ", ".join(str(p) for p in paths))
+        paths = write_table(table, args.out)
+        print(f"{table.name}: {len(table)} rows -> " + ", ".join(str(p) for p in paths))
     return 0
 
 

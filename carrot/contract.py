@@ -56,12 +56,21 @@ ROLE_TRIAL = "trial"
 ROLE_FINAL = "final"
 ROLE_TRAIN = "train"
 
+SPLIT_VAL = "val"  # TAG_SPLIT of study trials: trained on train, evaluated on val
+SPLIT_TEST = "test"  # TAG_SPLIT of final runs: trained on train+val, evaluated on test
+REF_SOURCE_SELF_PREFIX = "self:"  # TAG_REF_PAIRS_SOURCE of a run scored on its own first-epoch pairs
+
+# ----------------------------------------------------------------------------- parameters
+HPARAM_PARAM_PREFIX = "variant.hparams."  # a variant hyperparameter's MLflow parameter: prefix + name
+
 # ----------------------------------------------------------------------------- artifacts
 CONFIG_ARTIFACT = "config.json"
 DATASET_ARTIFACT = "dataset.json"
 CONFUSION_ARTIFACT = "confusion.npz"
 PAIRS_ARTIFACT = "pairs.json"
 DIAGNOSTICS_ARTIFACT = "diagnostics.json"
+CONFUSION_KEY = "confusion"  # CONFUSION_ARTIFACT array: (E, K, K) counts, one matrix per epoch
+PAIRS_REFERENCE_KEY = "reference"  # PAIRS_ARTIFACT field: the reference pairs, [[i, j], ...]
 
 # ----------------------------------------------------------------------------- metric keys
 TRAIN_PREFIX = "train/"

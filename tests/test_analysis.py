@@ -358,19 +358,44 @@ def test_plot_sources_say_which_split(store):
 
 
 # ----------------------------------------------------------------------------- the boundary
-def test_analysis_never_imports_carrot():
-    code = ("import analysis.tables, analysis.plots, analysis.common, sys; "
-            "bad = sorted(m for m in sys.modules if m == 'carrot' or m.startswith('carrot.')); "
-            "assert not bad, bad")
+ANALYSIS_MODULES = ["analysis"] + sorted(f"analysis.{p.stem}" for p in (REPO / "analysis").glob("*.py")
+                                         if p.stem != "__init__")
+# In a fresh interpreter: import, then list every carrot module and every top-level package loaded.
+BOUNDARY_PROBE = """
+import sys
+before = set(sys.modules)
+import {modules}
+carrot = sorted(m for m in sys.modules if m == "carrot" or m.startswith("carrot."))
+assert set(carrot) <= {{"carrot", "carrot.contract"}}, "analysis imports carrot beyond carrot.contract: %s" % carrot
+packages = {{m.split(".")[0] for m in set(sys.modules) - before}}
+print(" ".join(sorted(packages - set(sys.stdlib_module_names))))
+"""
+
+
+def _import_fresh(*modules: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", BOUNDARY_PROBE.format(modules=", ".join(modules))], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_analysis_imports_carrot_contract_and_nothing_else_of_carrot():
+    assert {"analysis.common", "analysis.tables", "analysis.plots"} <= set(ANALYSIS_MODULES)
+    done = _import_fresh(*ANALYSIS_MODULES)
     assert done.returncode == 0, done.stderr
+    # carrot.contract is what crosses the boundary, so it must not pull the training stack in:
+    # the standard library and NumPy only
+    done = _import_fresh("carrot.contract")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["carrot", "numpy"], done.stdout
+    # the probe catches a breach: the same imports plus one training module fail
+    done = _import_fresh(*ANALYSIS_MODULES, "carrot.diagnostics")
+    assert done.returncode != 0 and "beyond carrot.contract" in done.stderr and "carrot.diagnostics" in done.stderr
 
 
 # ----------------------------------------------------------------------------- pure helpers
 def test_confusion_concentration_and_pair_error_by_hand():
-    from analysis.common import confusion_concentration, pair_error
+    from analysis.common import confusion_concentration
+    from carrot.contract import pair_error
 
     cm = np.array([[5, 3, 1, 0],
                    [0, 6, 0, 0],
@@ -387,11 +412,45 @@ def test_confusion_concentration_and_pair_error_by_hand():
 
 def test_variant_order_and_switch_bins():
     from analysis.common import order_variants
-    from analysis.tables import ABLATION_SWITCHES, switch_value
+    from analysis.tables import ABLATION_SWITCHES, COMMON_SWITCHES, SWITCH_BINS, switch_value
+    from carrot.variants import get_variant_class
 
     assert order_variants(["prototype", "barrier", "", "pairwise_confusion", "baseline", "barrier"]) == [
         "baseline", "pairwise_confusion", "barrier", "prototype"]
     assert [switch_value("delta", v) for v in ("0.01", "0.05", "0.1", "0.3")] == [
         "< 0.03", "[0.03, 0.1)", "≥ 0.1", "≥ 0.1"]
     assert switch_value("union", "True") == "True"
-    assert ABLATION_SWITCHES["nuisance"] == ("basis", "delta", "union")
+    # every switch the ablation table groups by is a hyperparameter the variant really declares
+    # (a switch it does not have would silently drop out of the table)
+    for variant, switches in ABLATION_SWITCHES.items():
+        declared = set(get_variant_class(variant).recommended())
+        assert set(switches + COMMON_SWITCHES) <= declared, (variant, sorted(declared))
+    assert set(SWITCH_BINS) <= {s for switches in ABLATION_SWITCHES.values() for s in switches}
+
+
+def test_one_table_frame_rendered_three_ways():
+    import io
+
+    from analysis.tables import Table, render
+
+    table = Table("t", "T", ["Dataset", "Variant", "Top-1 (%)"], label_columns=2,
+                  csv_columns=["dataset", "variant", "acc", "note"])
+    table.add(["a_1", "baseline", "50.00 ± 1.00"], {"dataset": "a_1", "variant": "baseline", "acc": 0.5})
+    table.add(["a_1", "x|y", "n/a " + table.notes.mark("why")], {"dataset": "a_1", "variant": "x|y", "acc": None})
+    table.end_group()
+    table.add(["b", "baseline", "1/3"], {"dataset": "b", "variant": "baseline", "acc": 1 / 3})
+    table.end_group()
+    out = render(table)
+    # CSV: the values at full precision, the row's marked note, nothing for a missing value
+    got = list(csv.DictReader(io.StringIO(out["csv"])))
+    assert [r["acc"] for r in got] == ["0.5", "", "0.3333333333"]
+    assert [r["note"] for r in got] == ["", "why", ""]
+    # Markdown: one line per row, '|' escaped inside a cell, the note under the table
+    assert "| a_1 | x\\|y | n/a [1] |" in out["md"].splitlines() and out["md"].endswith("[1] why\n")
+    # LaTeX (booktabs): escaped cells, a rule between the two datasets and none after the last row
+    tex = out["tex"].splitlines()
+    body = tex[tex.index(r"\midrule") + 1:tex.index(r"\bottomrule")]
+    assert body == [r"a\_1 & baseline & 50.00 $\pm$ 1.00 \\", r"a\_1 & x|y & n/a [1] \\", r"\midrule",
+                    r"b & baseline & 1/3 \\"]
+    assert tex[tex.index(r"\begin{tabular}{llr}") + 1] == r"\toprule"
+    assert render(table) == out, "rendering is deterministic"
