@@ -26,7 +26,7 @@ Typical epoch-end use (``pred``, ``labels``: (N,); ``emb``: (N, D); ``feats[laye
     protos = class_prototypes(emb, labels, K)
     prototype_cosine(protos, top).nanmean()                      # proto_cos/top_mean
     mean, std = offdiag_cosine_stats(protos)                     # proto_cos/offdiag_*
-    pair_rho(feats[layer], labels, K, top).nanmean()             # rho/<layer>/top_mean
+    pair_bhattacharyya(feats[layer], labels, K, top)[1].nanmean()  # rho/<layer>/top_mean
     nc1(emb, labels, K)                                          # nc/nc1
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from carrot.geometry import bhattacharyya_pairs, class_moments
+from carrot import contract
+from carrot.geometry import bhattacharyya_pairs, class_means, class_moments, l2_normalize
 
 STAT_DTYPE = torch.float64  # the diagnostics compute in this dtype (rho and the probe aside)
 
@@ -47,14 +48,13 @@ __all__ = [
     "per_class_accuracy",
     "mean_class_accuracy",
     "accuracy",
-    "pair_scores",
     "confusable_pairs",
     "pair_error",
     "class_prototypes",
     "prototype_cosine",
     "offdiag_cosine_stats",
     "class_diag_gaussians",
-    "pair_rho",
+    "pair_bhattacharyya",
     "nc1",
     "stratified_holdout",
     "fit_logistic_regression",
@@ -91,12 +91,9 @@ def _class_counts(labels: Tensor, num_classes: int) -> Tensor:
     return torch.bincount(labels, minlength=num_classes)  # (K,) int64
 
 
-def _class_means(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class means (K, D), NaN rows for absent classes, and counts (K,) int64."""
-    counts = _class_counts(labels, num_classes)  # (K,)
-    sums = x.new_zeros(num_classes, x.shape[1]).index_add_(0, labels, x)  # (K, D)
-    means = sums / counts.unsqueeze(1).to(x.dtype)  # 0/0 = NaN for absent classes
-    return means, counts
+def _nan_absent(rows: Tensor, counts: Tensor) -> Tensor:
+    """Per-class rows (K, D) with NaN for the classes that have no sample (counts (K,))."""
+    return rows.masked_fill((counts == 0).unsqueeze(1), torch.nan)
 
 
 # ----------------------------------------------------------------- confusion and accuracy
@@ -137,22 +134,19 @@ def accuracy(cm: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------- pairs
-def pair_scores(cm: Tensor) -> Tensor:
-    """Symmetric confusability S (K, K) float64, S_ij = (C_ij / n_i + C_ji / n_j) / 2 with
-    n_i the number of samples of class i; a class with n = 0 contributes 0 (its row of rates
-    is zero), and the diagonal is 0.
-    """
-    n = _row_counts(cm).unsqueeze(1)  # (K, 1)
-    rates = torch.where(n > 0, cm.to(STAT_DTYPE) / n.clamp_min(1), 0.0)  # (K, K) C_ij / n_i
-    rates.fill_diagonal_(0.0)
-    return (rates + rates.T) / 2
+# The formulas are ``carrot.contract``'s (NumPy), shared with the analysis that re-scores
+# finished runs; here they take and return tensors on the confusion matrix's device.
+def _numpy(cm: Tensor):
+    assert cm.ndim == 2 and cm.shape[0] == cm.shape[1], f"cm must be (K, K), got {tuple(cm.shape)}"
+    return cm.detach().cpu().numpy()
 
 
 def confusable_pairs(cm: Tensor, top_n: int = 20, include_zero: bool = False) -> Tensor:
-    """The top-``top_n`` unordered pairs (i < j) by ``pair_scores``, as (P, 2) int64.
+    """The top-``top_n`` unordered pairs (i < j) by the symmetric confusability
+    S_ij = (C_ij / n_i + C_ji / n_j) / 2 (:func:`carrot.contract.pair_scores`), as (P, 2) int64.
 
-    Order: S descending, ties broken by i then j (ascending); ties are ties of the float64
-    scores, which are bitwise identical on CPU and CUDA, so the pair set is deterministic.
+    Order: S descending, ties broken by i then j (ascending); the float64 scores are computed
+    on the host whatever ``cm``'s device, so the pair set is deterministic.
 
     Zero-score pairs: by default a pair with S_ij = 0 (never confused either way) is *not*
     returned, because below the last confused pair the order would be only the index
@@ -161,28 +155,16 @@ def confusable_pairs(cm: Tensor, top_n: int = 20, include_zero: bool = False) ->
     exactly min(top_n, K (K - 1) / 2) pairs, filling up with zero-score pairs in index order.
     """
     assert top_n >= 0, f"top_n must be >= 0, got {top_n}"
-    num_classes = cm.shape[0]
-    scores = pair_scores(cm)  # (K, K)
-    iu = torch.triu_indices(num_classes, num_classes, offset=1, device=cm.device)  # (2, K(K-1)/2), row-major
-    s = scores[iu[0], iu[1]]  # (M,) in (i, j) order, so a stable sort keeps the index tie-break
-    order = torch.sort(s, descending=True, stable=True).indices  # (M,)
-    n = min(top_n, order.numel())
-    if not include_zero:
-        n = min(n, int((s > 0).sum()))
-    return iu[:, order[:n]].T.contiguous()  # (P, 2)
+    pairs = contract.confusable_pairs(_numpy(cm), top_n, include_zero)  # (P, 2)
+    return torch.from_numpy(pairs).to(cm.device)
 
 
 def pair_error(cm: Tensor, pairs: Tensor | Sequence[Sequence[int]]) -> Tensor:
     """Pair error e_ij = (C_ij + C_ji) / (n_i + n_j) for each pair (P,) float64: the fraction
     of the two classes' samples mistaken for the other class of the pair. NaN when both
-    classes are absent from the split."""
-    n = _row_counts(cm)  # (K,)
-    pairs = _as_pairs(pairs, cm.device)
-    i, j = pairs[:, 0], pairs[:, 1]
-    cm64 = cm.to(STAT_DTYPE)
-    swaps = cm64[i, j] + cm64[j, i]  # (P,)
-    den = n[i] + n[j]  # (P,)
-    return torch.where(den > 0, swaps / den.clamp_min(1), torch.nan)
+    classes are absent from the split (:func:`carrot.contract.pair_error`)."""
+    pairs = _as_pairs(pairs, torch.device("cpu")).numpy()  # (P, 2)
+    return torch.from_numpy(contract.pair_error(_numpy(cm), pairs)).to(cm.device)
 
 
 # ----------------------------------------------------------------------- prototypes
@@ -194,15 +176,15 @@ def class_prototypes(embeddings: Tensor, labels: Tensor, num_classes: int) -> Te
     involving them is NaN rather than a misleading 0.
     """
     labels = _check_labels(labels, num_classes)
-    h = F.normalize(_check_features(embeddings, labels, "embeddings"), dim=1)  # (N, D)
-    means, _ = _class_means(h, labels.to(h.device), num_classes)
-    return means
+    h = l2_normalize(_check_features(embeddings, labels, "embeddings"))  # (N, D)
+    means, counts = class_means(h, labels.to(h.device), num_classes, dtype=STAT_DTYPE)  # (K, D), (K,)
+    return _nan_absent(means, counts)
 
 
 def prototype_cosine(prototypes: Tensor, pairs: Tensor | Sequence[Sequence[int]]) -> Tensor:
     """cos(mu_i, mu_j) for each pair (P,) float64; NaN if either class is absent
     (NaN prototype row); 0 for an exactly zero prototype."""
-    unit = F.normalize(prototypes.to(STAT_DTYPE), dim=1)  # (K, D)
+    unit = l2_normalize(prototypes.to(STAT_DTYPE))  # (K, D)
     pairs = _as_pairs(pairs, prototypes.device)
     return (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(1)
 
@@ -215,7 +197,7 @@ def offdiag_cosine_stats(prototypes: Tensor) -> tuple[Tensor, Tensor]:
     with fewer than two present classes. Returns two 0-dim float64 tensors.
     """
     present = ~torch.isnan(prototypes).any(dim=1)  # (K,)
-    unit = F.normalize(prototypes[present].to(STAT_DTYPE), dim=1)  # (K', D)
+    unit = l2_normalize(prototypes[present].to(STAT_DTYPE))  # (K', D)
     k = unit.shape[0]
     if k < 2:
         nan = unit.new_tensor(torch.nan)
@@ -232,7 +214,7 @@ def class_diag_gaussians(features: Tensor, labels: Tensor, num_classes: int) -> 
     Computed by the shared ``carrot.geometry.class_moments`` (the same statistics the
     ``bhattacharyya`` variant uses in a batch), so in float32: mu (K, D), var (K, D) the
     maximum-likelihood (population, divide by n_c) per-dimension variance, two-pass. A class
-    with one sample has var 0 (``pair_rho`` floors it at eps); absent classes have NaN rows.
+    with one sample has var 0 (``pair_bhattacharyya`` floors it at eps); absent classes have NaN rows.
     counts (K,) int64.
     """
     labels = _check_labels(labels, num_classes)
@@ -241,25 +223,7 @@ def class_diag_gaussians(features: Tensor, labels: Tensor, num_classes: int) -> 
     )
     labels = labels.to(features.device)
     mu, var, counts = class_moments(features, labels, num_classes)  # (K, D), (K, D), (K,) float32
-    absent = (counts == 0).unsqueeze(1)  # (K, 1)
-    return mu.masked_fill(absent, torch.nan), var.masked_fill(absent, torch.nan), counts.long()
-
-
-def pair_rho(
-    features: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    pairs: Tensor | Sequence[Sequence[int]],
-    eps: float = 1e-6,
-) -> Tensor:
-    """Bhattacharyya coefficient rho_ij = exp(-D_B) (P,) float32 between the diagonal
-    Gaussians fitted to the features of classes i and j (``class_diag_gaussians``), via
-    ``carrot.geometry.bhattacharyya_pairs`` (variances floored at / smoothed by ``eps``;
-    float32 like the ``bhattacharyya`` variant's own rho, so the two are comparable).
-    NaN for a pair with an absent class. To score several pair sets on one layer, pass them
-    concatenated and split the result (the moments are computed once per call).
-    """
-    return pair_bhattacharyya(features, labels, num_classes, pairs, eps)[1]
+    return _nan_absent(mu, counts), _nan_absent(var, counts), counts.long()
 
 
 def pair_bhattacharyya(
@@ -269,9 +233,15 @@ def pair_bhattacharyya(
     pairs: Tensor | Sequence[Sequence[int]],
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
-    """(D_B, rho) (P,), (P,) for the given pairs, as in :func:`pair_rho`. On wide layers D_B
-    sums over many dimensions and rho = exp(-D_B) underflows to 0 in float32; D_B keeps the
-    information, so the evaluation logs both."""
+    """Bhattacharyya distance D_B and coefficient rho_ij = exp(-D_B), (P,) and (P,) float32,
+    between the diagonal Gaussians fitted to the features of classes i and j
+    (``class_diag_gaussians``), via ``carrot.geometry.bhattacharyya_pairs`` (variances floored
+    at / smoothed by ``eps``; float32 like the ``bhattacharyya`` variant's own rho, so the two
+    are comparable). NaN for a pair with an absent class. On wide layers D_B sums over many
+    dimensions and rho underflows to 0 in float32; D_B keeps the information, so the
+    evaluation logs both. To score several pair sets on one layer, pass them concatenated and
+    split the result (the moments are computed once per call).
+    """
     mu, var, _ = class_diag_gaussians(features, labels, num_classes)
     pairs = _as_pairs(pairs, mu.device)
     return bhattacharyya_pairs(mu, var, pairs[:, 0], pairs[:, 1], eps)
@@ -299,7 +269,7 @@ def nc1(embeddings: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     labels = _check_labels(labels, num_classes)
     h = _check_features(embeddings, labels, "embeddings")  # (N, D)
     labels = labels.to(h.device)
-    mu, counts = _class_means(h, labels, num_classes)
+    mu, counts = class_means(h, labels, num_classes, dtype=STAT_DTYPE)  # (K, D), (K,)
     present = counts > 0
     k = int(present.sum())
     if k < 2:

@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from carrot import contract
 from carrot import diagnostics as dg
 
 
@@ -85,7 +86,7 @@ def test_pair_scores_and_pair_error_match_a_double_loop():
     cm[5, 2] = 4  # absent class 2 is still predicted: pair (2, 5) has a score and an error
     c = cm.numpy()
     n = c.sum(1)
-    scores = dg.pair_scores(cm)
+    scores = contract.pair_scores(c)  # the formula diagnostics and analysis share
     ref = _loop_scores(c)
     for (i, j), s in ref.items():
         assert scores[i, j].item() == s and scores[j, i].item() == s  # bitwise: same float ops
@@ -93,6 +94,7 @@ def test_pair_scores_and_pair_error_match_a_double_loop():
 
     pairs = torch.tensor(list(ref))  # every i < j
     errors = dg.pair_error(cm, pairs)
+    assert errors.dtype == torch.float64 and errors.device == cm.device
     for p, (i, j) in enumerate(ref):
         assert math.isclose(errors[p].item(), (c[i, j] + c[j, i]) / (n[i] + n[j]), rel_tol=1e-15)
     assert errors[pairs.tolist().index([2, 5])].item() == 4 / n[5]
@@ -204,7 +206,8 @@ def test_rho_converges_to_the_closed_form_of_the_true_gaussians():
     labels = np.repeat(np.arange(3), n)
     x = mean[labels] + sd[labels] * rng.standard_normal((3 * n, d))
     pairs = torch.tensor([[0, 1], [0, 2], [1, 2]])
-    rho = dg.pair_rho(torch.from_numpy(x), torch.from_numpy(labels), 3, pairs)
+    dist, rho = dg.pair_bhattacharyya(torch.from_numpy(x), torch.from_numpy(labels), 3, pairs)
+    torch.testing.assert_close(rho, torch.exp(-dist))
     for p, (i, j) in enumerate(pairs.tolist()):
         want = np.prod(_bhattacharyya_coefficient_1d(mean[i], sd[i], mean[j], sd[j]))
         assert rho[p].item() == pytest.approx(want, rel=0.01), (i, j)
@@ -226,15 +229,16 @@ def test_rho_matches_a_loop_over_the_empirical_moments():
     assert (var[6] == 0).all()  # one sample
 
     pairs = [[i, j] for i in range(k) for j in range(i + 1, k)]
-    rho = dg.pair_rho(x, labels, k, pairs, eps=eps)
+    db, rho = dg.pair_bhattacharyya(x, labels, k, pairs, eps=eps)
     for p, (i, j) in enumerate(pairs):
         if not ((y == i).any() and (y == j).any()):
-            assert math.isnan(rho[p].item())
+            assert math.isnan(rho[p].item()) and math.isnan(db[p].item())
             continue
         mi, mj = xn[y == i].mean(0), xn[y == j].mean(0)
         vi, vj = np.maximum(xn[y == i].var(0), eps), np.maximum(xn[y == j].var(0), eps)
         vbar = (vi + vj) / 2 + eps
         dist = np.sum((mi - mj) ** 2 / vbar) / 8 + 0.5 * (np.sum(np.log(vbar)) - 0.5 * (np.sum(np.log(vi)) + np.sum(np.log(vj))))
+        assert db[p].item() == pytest.approx(dist, rel=1e-4), (i, j)
         assert rho[p].item() == pytest.approx(np.exp(-dist), rel=1e-4, abs=1e-30), (i, j)
 
 
@@ -286,7 +290,7 @@ def test_statistics_accept_half_precision_inputs():
     ref = x.half().double()  # the same values, upcast by hand
     torch.testing.assert_close(dg.class_prototypes(h, labels, k), dg.class_prototypes(ref, labels, k), equal_nan=True)
     torch.testing.assert_close(dg.nc1(h, labels, k), dg.nc1(ref, labels, k))
-    assert torch.isfinite(dg.pair_rho(h, labels, k, [[0, 1]])).all()
+    assert all(torch.isfinite(t).all() for t in dg.pair_bhattacharyya(h, labels, k, [[0, 1]]))
 
 
 # -------------------------------------------------------------------- linear probe
@@ -414,7 +418,8 @@ def test_cuda_matches_cpu():
     for a, b in zip(dg.offdiag_cosine_stats(protos_gpu), dg.offdiag_cosine_stats(protos)):
         torch.testing.assert_close(a.cpu(), b)
     torch.testing.assert_close(
-        dg.pair_rho(xc, lc, k, pairs.cuda()).cpu(), dg.pair_rho(x, labels, k, pairs), equal_nan=True, rtol=1e-4, atol=1e-6
+        dg.pair_bhattacharyya(xc, lc, k, pairs.cuda())[1].cpu(), dg.pair_bhattacharyya(x, labels, k, pairs)[1],
+        equal_nan=True, rtol=1e-4, atol=1e-6,
     )
     torch.testing.assert_close(dg.nc1(xc, lc, k).cpu(), dg.nc1(x, labels, k))
     xtr, xte, ytr, yte = (torch.from_numpy(a) for a in _digits())
