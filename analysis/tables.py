@@ -55,7 +55,7 @@ ABLATION_SWITCHES: dict[str, tuple[str, ...]] = {
     "bhattacharyya": ("scale", "layers", "distance"),
     "barrier": ("use_var", "use_rank"),
 }
-COMMON_SWITCHES: tuple[str, ...] = ("sampler",)  # ablated for every variant
+COMMON_SWITCHES: tuple[str, ...] = ("data.sampler",)  # ablated for every variant (a config key)
 # Continuous switches are binned: the bin edges (value < edge goes left).
 SWITCH_BINS: dict[str, tuple[float, ...]] = {"delta": (0.03, 0.1)}
 
@@ -527,8 +527,9 @@ def _setting_key(text: str) -> tuple:
 
 
 def hparam_column(name: str) -> str:
-    """The runs-frame column of a variant hyperparameter's logged value."""
-    return f"params.{contract.HPARAM_PARAM_PREFIX}{name}"
+    """The runs-frame column of a switch's logged value: a dotted name is a config key, any
+    other a variant hyperparameter."""
+    return f"params.{name}" if "." in name else f"params.{contract.HPARAM_PARAM_PREFIX}{name}"
 
 
 def ablations(ctx: Context) -> Table:

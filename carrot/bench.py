@@ -35,7 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carrot.variants import StepBatch, create_variant, list_variants
+from carrot.model import ModelOutput
+from carrot.runtime import resolve_device
+from carrot.train import forward_step
+from carrot.variants import create_variant, list_variants
 
 CPU_TARGET_RATIO = 3.0
 GPU_TARGET_PERCENT = 5.0
@@ -95,6 +98,19 @@ def pk_labels(batch: int, classes_in_batch: int, num_classes: int, device: torch
     return torch.cat([y, classes[: batch - len(y)]]).to(device)  # (B,)
 
 
+class EmbeddingModel(nn.Module):
+    """Stands in for the backbone at the embedding level: the leaf embedding goes through the
+    variant's neck and the head, with fixed leaf tensors as the probed features."""
+
+    def __init__(self, neck: nn.Module, head: nn.Linear, features: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.neck, self.head, self.features = neck, head, features
+
+    def forward(self, z: Tensor, with_features: bool = False) -> ModelOutput:
+        embedding = self.neck(z)
+        return ModelOutput(embedding, self.head(embedding), self.features if with_features else {})
+
+
 def bench_variants(
     device: str | torch.device = "cpu",
     batch: int = 64,
@@ -138,16 +154,14 @@ def bench_variants(
             layer: torch.randn(batch, d, device=device, requires_grad=True)
             for layer, d in (FEATURE_DIMS.items() if variant.uses_features else ())
         }
+        model = EmbeddingModel(neck, head, features)
         leaves = [z, *features.values()]
-        params = [*head.parameters(), *neck.parameters(), *variant.parameters()]
+        params = [*model.parameters(), *variant.parameters()]
 
         def step() -> None:
             for t in leaves + params:
                 t.grad = None
-            emb = neck(z)
-            out = variant(StepBatch(embedding=emb, logits=head(emb), labels=y, head=head,
-                                    features=features, progress=PROGRESS))
-            out.loss.backward()
+            forward_step(model, variant, z, y, PROGRESS).loss.backward()
 
         # Blocks CE, step, CE (each warm in cache); the two CE medians bracket any drift.
         ce_before = median_ms(ce_step, device, repeats, warmup)
@@ -196,9 +210,7 @@ def bench_resnet50(
 
         def step() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(x, with_features=variant.uses_features)
-                result = variant(StepBatch(embedding=out.embedding, logits=out.logits, labels=y,
-                                           head=model.head, features=out.features, progress=PROGRESS))
+                result = forward_step(model, variant, x, y, PROGRESS)
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             optimizer.step()
@@ -244,9 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args(argv)
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device).type
     rows = bench_variants(device, args.batch, args.classes_in_batch, args.num_classes, args.dim,
                           args.repeats, args.warmup, args.variants)
     for row in rows:

@@ -55,7 +55,11 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
         data["show_progress"] = False
     for key, value in _set_items(args):
         set_dotted(data, key, value)
-    return RunConfig.from_dict(data)
+    from carrot.checks import check_names
+
+    cfg = RunConfig.from_dict(data)
+    check_names(cfg)
+    return cfg
 
 
 def _set_items(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -94,6 +98,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=0.001 --set variant.hparams.lam=0.5")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--verify-images", action="store_true",
+                   help="decode every image before training (default: read each image's header only)")
 
 
 def _variants_arg(name: str | None) -> list[str]:
@@ -114,13 +120,19 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ConfigError(f"invalid trials={args.trials}: expected a positive integer")
     configs = [build_config(args, v) for v in _variants_arg(args.variant)]
     # fail on an unusable dataset or store before any run is created
-    _preflight_data(configs[0])
+    _preflight_data(configs[0], args)
     client()
     open_storage(args.storage)
+    if args.study_name and len(configs) > 1:
+        from carrot.config import ConfigError
+
+        raise ConfigError("--study-name names one study; use it with one variant, not VARIANT=all")
     for cfg in configs:
-        print(f"study {study_name(cfg)}: {args.trials} trial(s) of {cfg.optim.epochs} epoch(s) on "
+        name = args.study_name or study_name(cfg)
+        print(f"study {name}: {args.trials} trial(s) of {cfg.optim.epochs} epoch(s) on "
               f"{_device_name(cfg.device)}", flush=True)
-        s = run_study(cfg, args.trials, args.storage)
+        s = run_study(cfg, args.trials, args.storage, name=args.study_name,
+                      keep_checkpoints=args.keep_checkpoints)
         print(f"study {s.name}: {s.n_trials} trials in total ({s.n_complete} complete, {s.n_pruned} pruned, "
               f"{s.n_failed} failed)")
         if s.best_number is not None:
@@ -133,13 +145,22 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from carrot import contract
+    from carrot.reference import count_classes, find_reference_pairs
     from carrot.tracking import client
     from carrot.train import run
 
     cfg = build_config(args)
-    _preflight_data(cfg)
+    _preflight_data(cfg, args)
     client()
-    result = run(cfg)
+    try:
+        result = run(cfg, reference=find_reference_pairs(cfg, count_classes(cfg)),
+                     extra_tags={contract.TAG_ROLE: contract.ROLE_TRAIN})
+    except (FloatingPointError, RuntimeError) as exc:  # a diverging or broken run: one line, exit 1
+        from carrot.train import failure_reason
+
+        print(f"carrot: error: the run failed: {contract.redact(failure_reason(exc))}", file=sys.stderr)
+        return 1
     print(f"run {result.run_id}: {cfg.split}/acc={result.objective:.4f} after {result.epochs_done} epochs "
           f"({result.seconds:.0f} s)")
     return 0
@@ -157,7 +178,7 @@ def cmd_final(args: argparse.Namespace) -> int:
     overrides["show_progress"] = not args.no_progress
     for key, value in _set_items(args):  # --set applies on top of the best trial's configuration
         overrides[key] = value
-    _preflight_data(cfg)
+    _preflight_data(cfg, args)
     client()
     try:
         run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage, overrides=overrides)
@@ -199,19 +220,19 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 
 def _device_name(device: str) -> str:
-    import torch
+    from carrot.runtime import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return resolve_device(device).type
 
 
-def _preflight_data(cfg) -> None:
-    """Build the dataset once so a wrong root fails before any run exists."""
-    from carrot.data import ImageSpec, build_dataset
+def _preflight_data(cfg, args: argparse.Namespace) -> None:
+    """Build the dataset once, check its classes and image files, and that a training batch
+    can be filled, so bad data fails before any run exists."""
+    from carrot.data import preflight
+    from carrot.loaders import check_batch
 
-    if cfg.data.name not in ("digits", "synthetic"):
-        build_dataset(cfg.data, ImageSpec(input_size=cfg.data.image_size or 224))
+    splits = preflight(cfg.data, verify_images=getattr(args, "verify_images", False))
+    check_batch(cfg, splits)
 
 
 PASSTHROUGH = {"tables": "cmd_tables", "plots": "cmd_plots", "bench": "cmd_bench"}
@@ -227,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--trials", type=_int_arg, default=DEFAULT_TRIALS, help="trials to add (default %(default)s)")
     p.add_argument("--storage", help="Optuna storage: journal file path or URL (default studies/optuna.journal)")
+    p.add_argument("--study-name", help="study name (default <dataset>-<backbone>-<variant>); a new name forks "
+                                        "a new study")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished trial's last checkpoint (default: removed when the trial ends)")
     p.set_defaults(fn=cmd_study)
     p = sub.add_parser("train", help="one run at the recommended setting")
     _common(p)
@@ -254,11 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     from carrot.model import ModelError
     from carrot.tracking import StoreError
 
+    from carrot import interrupt
+    from carrot.contract import redact
+
     try:
-        return args.fn(args)
+        with interrupt.graceful():
+            return args.fn(args)
     except (ConfigError, DatasetError, ModelError, StoreError) as exc:
-        print(f"carrot: error: {exc}", file=sys.stderr)
+        print(f"carrot: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except interrupt.Interrupted as exc:
+        print(f"carrot: {exc}: the current run ended KILLED; run the same command again to resume",
+              file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("carrot: interrupted", file=sys.stderr)
         return 130

@@ -9,7 +9,10 @@ logged with every run. Unknown keys and wrong types are errors that name the key
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +20,11 @@ from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("val", "test")
+SAMPLERS = ("auto", "pk", "random")
+# keys a study searches (besides the variant's hyperparameters): they vary between its trials
+SEARCHED_KEYS = ("optim.lr", "optim.weight_decay", "data.sampler", "data.m_per_class")
+# keys that do not change what is computed: the seed is a run's, the rest is display and plumbing
+NON_IDENTITY_KEYS = ("seed", "device", "show_progress", "experiment", "data.workers")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -38,6 +46,8 @@ class DataConfig:
     augment: str = "basic"  # none | basic (random crop + flip) | randaugment (real datasets)
     cache: bool = False  # keep decoded images in memory (small real datasets)
     limit_per_class: int | None = None  # cap training images per class (smoke runs)
+    sampler: str = "auto"  # pk: P classes x m_per_class per batch; random: shuffled; auto: the variant's preference
+    m_per_class: int = 4  # samples per class in a pk batch
     level: str = "variant"  # aircraft label level: variant | family | manufacturer
     # synthetic dataset: groups of sibling classes that differ only in a small detail
     synthetic_groups: int = 5
@@ -63,6 +73,8 @@ class DataConfig:
                "one of none, basic, randaugment")
         _check(self.level in ("variant", "family", "manufacturer"), "data.level", self.level,
                "one of variant, family, manufacturer")
+        _check(self.sampler in SAMPLERS, "data.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
+        _check(self.m_per_class >= 2, "data.m_per_class", self.m_per_class, ">= 2")
         _check(self.synthetic_groups >= 1 and self.synthetic_siblings >= 2, "data.synthetic_groups/siblings",
                (self.synthetic_groups, self.synthetic_siblings), "groups >= 1 and siblings >= 2")
 
@@ -141,50 +153,47 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        from carrot.data import list_datasets
-        from carrot.variants import get_variant_class, list_variants
-
+        """Types and ranges only (no heavy import); names of variants, datasets and backbones
+        are checked by :func:`carrot.checks.check_names`."""
         _check(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
         _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _check(self.split in SPLITS, "split", self.split, f"one of {SPLITS}")
-        if self.variant.name not in list_variants():
-            raise ConfigError(f"unknown variant {self.variant.name!r}; valid: {', '.join(list_variants())} "
-                              "(or all, for a study)")
-        if self.data.name not in list_datasets():
-            raise ConfigError(f"unknown dataset {self.data.name!r}; valid: {', '.join(list_datasets())}")
         for section in (self.data, self.optim, self.eval):
             section.validate()
-        try:  # hyperparameters are validated by the variant itself
-            get_variant_class(self.variant.name)(**self.variant.hparams)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"variant {self.variant.name!r}: {exc}") from None
-        import timm
 
-        if not timm.is_model(self.model.backbone):
-            close = timm.list_models(f"*{self.model.backbone.split('_')[0]}*")[:8]
-            raise ConfigError(
-                f"unknown backbone {self.model.backbone!r}; expected a timm model name"
-                + (f" (similar: {', '.join(close)})" if close else " (see timm.list_models())")
-            )
-
-    def identity_hash(self) -> str:
-        """Hash of everything that defines the experiment (not the seed, the device, the
-        number of loader workers or the display): equal hashes mean comparable runs."""
-        import hashlib
-        import json
-
-        data = self.to_dict()
-        for key in ("seed", "device", "show_progress", "experiment"):
-            data.pop(key)
-        data["data"].pop("workers")
-        data["variant"]["hparams"] = self.resolved_hparams()
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-    def resolved_hparams(self) -> dict[str, Any]:
+    def resolved(self) -> "RunConfig":
+        """A copy with every "use the default" filled in: the variant's recommended
+        hyperparameters under the given ones, and its preferred sampler for ``auto``."""
         from carrot.variants import get_variant_class
 
         variant_cls = get_variant_class(self.variant.name)
-        return {**variant_cls.recommended(), **self.variant.hparams}
+        cfg = copy.deepcopy(self)
+        cfg.variant.hparams = {**variant_cls.recommended(), **self.variant.hparams}
+        if cfg.data.sampler == "auto":
+            cfg.data.sampler = variant_cls.default_sampler
+        return cfg
+
+    def resolved_hparams(self) -> dict[str, Any]:
+        return self.resolved().variant.hparams
+
+    def experiment_dict(self, searched: bool = True) -> dict[str, Any]:
+        """What defines one experiment: the resolved configuration without the seed, the
+        device, the loader workers and the display. ``searched=False`` also drops what a
+        study searches (its trials differ there), leaving what must not change when a study
+        is continued."""
+        data = self.resolved().to_dict()
+        drop = NON_IDENTITY_KEYS + (() if searched else SEARCHED_KEYS + ("variant.hparams",))
+        for key in drop:
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node.pop(leaf)
+        return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+    def identity_hash(self) -> str:
+        """Equal hashes mean runs of the same experiment (they may differ in seed)."""
+        return hashlib.sha256(json.dumps(self.experiment_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:

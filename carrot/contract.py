@@ -42,12 +42,15 @@ TAG_NUM_CLASSES = "carrot.num_classes"
 TAG_STATUS = "carrot.status"
 TAG_EPOCHS_DONE = "carrot.epochs_done"
 TAG_REF_PAIRS_SOURCE = "carrot.ref_pairs_source"
+TAG_REF_PAIRS_PROBLEM = "carrot.ref_pairs_problem"
 TAG_STUDY_STORAGE = "carrot.study_storage"
 TAG_BEST_TRIAL = "carrot.best_trial"
 TAG_BEST_RUN_ID = "carrot.best_run_id"
 TAG_WORLD_SIZE = "carrot.world_size"
 TAG_ERROR = "carrot.error"
-TAG_CHECKPOINT = "carrot.checkpoint"
+TAG_CHECKPOINT = "carrot.checkpoint"  # the run's checkpoint folder
+TAG_RESUMED_FROM = "carrot.resumed_from"  # the checkpoint a retried trial started from
+MLFLOW_NOTE = "mlflow.note.content"  # the run description in the MLflow UI
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 MLFLOW_RUN_NAME = "mlflow.runName"
 
@@ -69,6 +72,7 @@ DATASET_ARTIFACT = "dataset.json"
 CONFUSION_ARTIFACT = "confusion.npz"
 PAIRS_ARTIFACT = "pairs.json"
 DIAGNOSTICS_ARTIFACT = "diagnostics.json"
+WEIGHTS_ARTIFACT = "weights.pt"  # final runs: the trained model's state dict
 CONFUSION_KEY = "confusion"  # CONFUSION_ARTIFACT array: (E, K, K) counts, one matrix per epoch
 PAIRS_REFERENCE_KEY = "reference"  # PAIRS_ARTIFACT field: the reference pairs, [[i, j], ...]
 
@@ -154,3 +158,40 @@ def pair_error(cm: np.ndarray, pairs: Iterable[Iterable[int]]) -> np.ndarray:
     swaps = cm[i, j] + cm[j, i]  # (P,)
     den = n[i] + n[j]  # (P,)
     return np.divide(swaps, den, out=np.full(len(pairs), np.nan), where=den > 0)
+
+
+# ----------------------------------------------------------------------------- secrets
+def redact(text: str, *urls: str) -> str:
+    """``text`` with the password of every URL in it (and of ``urls``) replaced by ``***``:
+    ``postgresql://alice:s3cret@host/db`` -> ``postgresql://alice:***@host/db``. Also masks
+    ``token=`` / ``password=`` query values."""
+    import re
+
+    secrets = set()
+    for url in urls:
+        m = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:([^@\s]+)@", url or "")
+        if m:
+            secrets.add(m.group(1))
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = re.sub(r"(?i)([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)", r"\1***\3", text)
+    return re.sub(r"(?i)((?:password|passwd|token|secret)=)[^&\s]+", r"\1***", text)
+
+
+# ----------------------------------------------------------------------------- run search
+def search_runs(client, experiment_name: str, filter_string: str = "", order_by: Iterable[str] = ()) -> list:
+    """Every active run of the experiment that matches ``filter_string``, all pages.
+
+    ``client`` is an ``mlflow.tracking.MlflowClient``; the one run search of both sides.
+    """
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id], filter_string=filter_string,
+                                  order_by=list(order_by), max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import optuna
 
+from carrot import contract, interrupt
 from carrot.config import ConfigError, RunConfig, set_dotted
 from carrot.data import DatasetError
 from carrot.model import ModelError
@@ -40,7 +41,7 @@ def best_trial_config(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
     if not run_id:
         return None
     mlf = client()
-    path = mlf.download_artifacts(run_id, "config.json")
+    path = mlf.download_artifacts(run_id, contract.CONFIG_ARTIFACT)
     with open(path) as fh:
         return best.number, json.load(fh)
 
@@ -73,10 +74,11 @@ def plan_final(base: RunConfig, seeds: int, variants: list[str] | None, storage:
         # a seed counts as done only for this exact configuration (a smoke run with fewer
         # epochs does not stand in for the real one)
         done_runs = find_runs(mlf, base.experiment,
-                              f"tags.`carrot.role` = 'final' and tags.`carrot.study` = '{name}' and "
-                              f"tags.`carrot.config_hash` = '{cfg.identity_hash()}' and "
+                              f"tags.`{contract.TAG_ROLE}` = '{contract.ROLE_FINAL}' and "
+                              f"tags.`{contract.TAG_STUDY}` = '{name}' and "
+                              f"tags.`{contract.TAG_CONFIG_HASH}` = '{cfg.identity_hash()}' and "
                               "attributes.status = 'FINISHED'")
-        done = sorted({int(r.data.tags["carrot.seed"]) for r in done_runs})
+        done = sorted({int(r.data.tags[contract.TAG_SEED]) for r in done_runs})
         plans.append(FinalPlan(variant, name, trial, cfg, done, [s for s in range(seeds) if s not in done]))
     return plans, notes
 
@@ -89,6 +91,7 @@ def _section_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None, storage: str | None = None,
               overrides: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> list[FinalPlan]:
+    from carrot.reference import count_classes, find_reference_pairs
     from carrot.train import run
 
     if seeds < 1:
@@ -99,6 +102,7 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
     if not plans:
         raise ConfigError("no variant has a finished study on "
                           f"{base.data.name}/{base.model.backbone}; run `make study VARIANT=...` first")
+    reference = find_reference_pairs(base, count_classes(base), log)
     failed = []
     for plan in plans:
         log(f"final {plan.variant}: best trial {plan.trial} of {plan.study}; seeds done {plan.seeds_done}, "
@@ -107,11 +111,12 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
             cfg = RunConfig.from_dict({**plan.config.to_dict(), "seed": seed,
                                        "show_progress": base.show_progress})
             try:
-                result = run(cfg, study=plan.study, run_name=f"final-{plan.variant}-s{seed}",
-                             extra_tags={"carrot.role": "final", "carrot.trial": str(plan.trial)}, log=log)
+                result = run(cfg, study=plan.study, run_name=f"final-{plan.variant}-s{seed}", log=log,
+                             reference=reference, save_weights=True,
+                             extra_tags={contract.TAG_ROLE: contract.ROLE_FINAL, contract.TAG_TRIAL: str(plan.trial)})
                 log(f"final {plan.variant} seed {seed}: test/acc={result.objective:.4f}")
-            except (ConfigError, DatasetError, ModelError, StoreError):
-                raise  # the same for every seed: stop with one clear line
+            except (ConfigError, DatasetError, ModelError, StoreError, interrupt.Interrupted):
+                raise  # the same for every seed (or a stop was asked for): stop with one clear line
             except Exception as exc:  # one failing seed does not stop the others
                 failed.append(f"{plan.variant} seed {seed}")
                 log(f"final {plan.variant} seed {seed} failed: {type(exc).__name__}: {exc}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from carrot.data import ImageSpec
@@ -36,11 +37,14 @@ def default_probe_layers(backbone: nn.Module, count: int = 4) -> list[str]:
 
 
 def _pool(output: Tensor | tuple, has_class_token: bool, channels: int | None = None) -> Tensor:
+    """A probed layer's output as (B, D_l) float32: (B, C, H, W) maps are average-pooled,
+    (B, N, D) tokens give their class token (else the token mean). A hook's output may be
+    (B, H, W, C) (Swin, ConvNeXt-V2): ``channels``, the stage's width, tells them apart."""
     if isinstance(output, (tuple, list)):
         output = output[0]
     if output.ndim == 4:
         if channels is not None and output.shape[1] != channels and output.shape[-1] == channels:
-            return output.float().mean(dim=(1, 2))  # (B, H, W, C) stages (Swin, ConvNeXt-V2 NHWC) -> (B, C)
+            return output.float().mean(dim=(1, 2))  # (B, H, W, C) -> (B, C)
         return output.float().mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
     if output.ndim == 3:  # (B, N, D) tokens -> class token, else mean token
         return (output[:, 0] if has_class_token else output.mean(dim=1)).float()
@@ -48,26 +52,35 @@ def _pool(output: Tensor | tuple, has_class_token: bool, channels: int | None = 
 
 
 class CarrotModel(nn.Module):
+    """Backbone -> neck -> head. The probed layers come from timm's ``forward_intermediates``
+    (one pass; NCHW maps whatever the backbone's own layout) when the backbone has it and every
+    probed layer is one of its feature stages; otherwise from forward hooks."""
+
     def __init__(self, backbone: nn.Module, neck: nn.Module, num_classes: int,
-                 probe_layers: list[str] | None = None) -> None:
+                 probe_layers: list[str] | None = None, taps: str = "auto") -> None:
         super().__init__()
+        assert taps in ("auto", "hooks"), f"taps must be auto or hooks, got {taps!r}"
         self.backbone = backbone
         self.neck = neck
         self.head = nn.Linear(backbone.num_features, num_classes)
         self.probe_layers = list(probe_layers if probe_layers is not None else default_probe_layers(backbone))
         modules = dict(backbone.named_modules())
+        stages = [e["module"] for e in getattr(backbone, "feature_info", [])]
         missing = [name for name in self.probe_layers if name not in modules]
         if missing:
-            raise ModelError(
-                f"probe layer(s) {missing} not in backbone; valid stage names: "
-                f"{[e['module'] for e in getattr(backbone, 'feature_info', [])]}"
-            )
+            raise ModelError(f"probe layer(s) {missing} not in backbone; valid stage names: {stages}")
         self._has_class_token = getattr(backbone, "cls_token", None) is not None
-        self._channels = {e["module"]: e.get("num_chs") for e in getattr(backbone, "feature_info", [])}
+        self._tokens = getattr(backbone, "num_prefix_tokens", None) is not None  # ViT-style token output
+        self._stage_index: dict[str, int] | None = None
+        if taps == "auto" and hasattr(backbone, "forward_intermediates") and \
+                all(n in stages for n in self.probe_layers):
+            self._stage_index = {name: stages.index(name) for name in self.probe_layers}
         self._captured: dict[str, Tensor] = {}
         self._capture = False
-        for name in self.probe_layers:
-            modules[name].register_forward_hook(self._make_hook(name))
+        self._channels = {e["module"]: e.get("num_chs") for e in getattr(backbone, "feature_info", [])}
+        if self._stage_index is None:
+            for name in self.probe_layers:
+                modules[name].register_forward_hook(self._make_hook(name))
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
@@ -76,17 +89,35 @@ class CarrotModel(nn.Module):
 
         return hook
 
+    def _intermediate_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(pooled embedding (B, D), layer -> (B, D_l)) from one ``forward_intermediates`` pass."""
+        order = sorted(self._stage_index, key=self._stage_index.get)  # timm returns them by index
+        kwargs = {"indices": [self._stage_index[n] for n in order]}
+        if self._tokens:
+            kwargs.update(output_fmt="NLC", return_prefix_tokens=True)
+        final, inter = self.backbone.forward_intermediates(x, **kwargs)
+        features = {}
+        for name, out in zip(order, inter):
+            if self._tokens:  # (spatial (B, L, D), prefix (B, P, D))
+                spatial, prefix = out
+                out = prefix[:, 0] if self._has_class_token else torch.cat([prefix, spatial], dim=1).mean(dim=1)
+            features[name] = _pool(out, self._has_class_token)
+        return self.backbone.forward_head(final, pre_logits=True), features
+
     def forward(self, x: Tensor, with_features: bool = False) -> ModelOutput:
-        self._capture = with_features
-        self._captured = {}
-        try:
-            pooled = self.backbone(x)  # (B, D): timm with num_classes=0 returns pre-logits
-        finally:
-            self._capture = False
+        if with_features and self._stage_index is not None and self.probe_layers:
+            pooled, captured = self._intermediate_features(x)
+        else:
+            self._capture = with_features
+            self._captured = {}
+            try:
+                pooled = self.backbone(x)  # (B, D): timm with num_classes=0 returns pre-logits
+            finally:
+                self._capture = False
+            captured, self._captured = self._captured, {}
         embedding = self.neck(pooled)
         logits = self.head(embedding)
-        features = {name: self._captured[name] for name in self.probe_layers if name in self._captured}
-        self._captured = {}
+        features = {name: captured[name] for name in self.probe_layers if name in captured}
         return ModelOutput(embedding=embedding, logits=logits, features=features)
 
 

@@ -10,51 +10,75 @@ machines).
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
 
-from carrot.config import ConfigError, RunConfig
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from carrot import checkpoint, contract, interrupt, liveness
+from carrot.config import ConfigError, RunConfig, set_dotted
+from carrot.contract import redact
 from carrot.progress import Progress
-from carrot.space import Distribution, Float, suggest_all
 from carrot.tracking import RunLogger, StoreError, check_writable, client, find_runs, flatten, tracking_uri
 from carrot.variants import get_variant_class
 
-DEFAULT_STORAGE_DIR = Path("studies")
-DEFAULT_JOURNAL = DEFAULT_STORAGE_DIR / "optuna.journal"
+DEFAULT_JOURNAL = Path(contract.DEFAULT_STORAGE)
+DEFAULT_CHECKPOINTS = DEFAULT_JOURNAL.parent / "checkpoints"
+STUDY_ID_ATTR = "study_id"
+PK_M_CHOICES = [2, 4, 8]  # samples per class in a P x K batch: divisors of the usual batch sizes
 
 
-def train_space(cfg: RunConfig) -> dict[str, Distribution]:
-    """Learning rate (and weight decay, when it is not 0) searched for every variant, so the
-    baseline is tuned as fairly as the regularizers; the ranges are centred on the configured
-    values, which trial 0 uses."""
-    space: dict[str, Distribution] = {"optim.lr": Float(cfg.optim.lr / 10, cfg.optim.lr * 3, log=True)}
+def train_space(cfg: RunConfig) -> dict[str, BaseDistribution]:
+    """Searched for every variant, so the baseline is tuned as fairly as the regularizers:
+    the learning rate (and weight decay, when it is not 0), with ranges centred on the
+    configured values that trial 0 uses, and the sampler (unless the config pins it)."""
+    space: dict[str, BaseDistribution] = {
+        "optim.lr": FloatDistribution(cfg.optim.lr / 10, cfg.optim.lr * 3, log=True)}
     if cfg.optim.weight_decay > 0:
-        space["optim.weight_decay"] = Float(cfg.optim.weight_decay / 10, cfg.optim.weight_decay * 3, log=True)
+        space["optim.weight_decay"] = FloatDistribution(cfg.optim.weight_decay / 10, cfg.optim.weight_decay * 3,
+                                                        log=True)
+    if cfg.data.sampler == "auto":
+        space["data.sampler"] = CategoricalDistribution(["pk", "random"])
+        space["data.m_per_class"] = CategoricalDistribution(PK_M_CHOICES)
     return space
 
 
 def study_name(cfg: RunConfig) -> str:
-    return f"{cfg.data.dataset_id}-{cfg.model.backbone}-{cfg.variant.name}"
+    return contract.study_name(cfg.data.dataset_id, cfg.model.backbone, cfg.variant.name)
 
 
 def fixed_config(cfg: RunConfig) -> dict[str, Any]:
     """The part of the configuration a study does not search: it must not change when a study
     is continued, or trials trained under different budgets would be compared."""
-    data = cfg.to_dict()
-    for key in ("seed", "device", "show_progress", "experiment"):
-        data.pop(key)
-    data["data"].pop("workers")
-    data["optim"].pop("lr")
-    data["optim"].pop("weight_decay")
-    data["variant"].pop("hparams")
-    return json.loads(json.dumps(data, sort_keys=True, default=str))
+    return cfg.experiment_dict(searched=False)
+
+
+def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    """Draw ``name`` from ``trial`` with the distribution ``dist``."""
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    raise TypeError(f"unsupported distribution for {name!r}: {dist!r}")
+
+
+def contains(dist: BaseDistribution, value: Any) -> bool:
+    """Whether ``value`` is a point of ``dist`` (a recommended setting must be one)."""
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(dist, IntDistribution) and not isinstance(value, int):
+        return False
+    return dist.low <= value <= dist.high
 
 
 def open_storage(url: str | None):
@@ -66,13 +90,15 @@ def open_storage(url: str | None):
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(str(path)))
-    try:
-        return optuna.storages.RDBStorage(url)
+    try:  # Optuna's heartbeat fails the trials of dead workers; the callback retries them
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=int(liveness.HEARTBEAT_INTERVAL_S), grace_period=int(liveness.GRACE_PERIOD_S),
+            heartbeat_stale_trial_callback=liveness.RetryDeadTrial(max_retry=liveness.MAX_RETRY))
     except Exception as exc:
-        raise StoreError(f"cannot open Optuna storage {url!r}: {exc}") from None
+        raise StoreError(redact(f"cannot open Optuna storage {url}: {exc}", url)) from None
 
 
-def search_space(cfg: RunConfig) -> dict[str, Distribution]:
+def search_space(cfg: RunConfig) -> dict[str, BaseDistribution]:
     """Everything a study of ``cfg.variant`` searches, minus what the user pinned with
     ``--set variant.hparams.<name>=...``."""
     space = {**train_space(cfg), **get_variant_class(cfg.variant.name).full_search_space()}
@@ -81,11 +107,12 @@ def search_space(cfg: RunConfig) -> dict[str, Distribution]:
 
 def recommended_params(cfg: RunConfig) -> dict[str, Any]:
     """Trial 0: the design note's setting and the configured optimiser values."""
-    rec = get_variant_class(cfg.variant.name).recommended()
-    rec.update(cfg.variant.hparams)
-    values = {"optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay, **rec}
+    resolved = cfg.resolved()
+    values = {"optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
+              "data.sampler": resolved.data.sampler, "data.m_per_class": cfg.data.m_per_class,
+              **resolved.variant.hparams}
     space = search_space(cfg)
-    outside = sorted(k for k in space if k in values and not space[k].contains(values[k]))
+    outside = sorted(k for k in space if k in values and not contains(space[k], values[k]))
     if outside:
         raise ConfigError(f"the recommended setting of {cfg.variant.name!r} lies outside its search space "
                           f"for {outside}")
@@ -93,17 +120,11 @@ def recommended_params(cfg: RunConfig) -> dict[str, Any]:
 
 
 def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:
-    cfg = copy.deepcopy(base)
-    hparams = dict(cfg.variant.hparams)
+    """``base`` with a trial's parameters: dotted keys are config keys, the rest the variant's."""
+    data = base.to_dict()
     for key, value in params.items():
-        if key == "optim.lr":
-            cfg.optim.lr = float(value)
-        elif key == "optim.weight_decay":
-            cfg.optim.weight_decay = float(value)
-        else:
-            hparams[key] = value
-    cfg.variant.hparams = hparams
-    return cfg
+        set_dotted(data, key if "." in key else f"variant.hparams.{key}", value)
+    return RunConfig.from_dict(data)
 
 
 @dataclass
@@ -120,12 +141,16 @@ class StudySummary:
     best_value: float | None
     best_params: dict[str, Any]
     best_run_id: str | None
+    study_id: str = ""
 
 
-def _parent_run(cfg: RunConfig, name: str) -> RunLogger:
+def _parent_run(cfg: RunConfig, name: str, study_id: str, storage_label: str) -> RunLogger:
+    """The study's one parent run, found by the study's id (a study is its storage and its
+    name, never its name alone)."""
     mlf = client()
     found = find_runs(mlf, cfg.experiment,
-                      f"tags.`carrot.study` = '{name}' and tags.`carrot.role` = 'study'",
+                      f"tags.`{contract.TAG_STUDY_ID}` = '{study_id}' and "
+                      f"tags.`{contract.TAG_ROLE}` = '{contract.ROLE_STUDY}'",
                       order_by=["attributes.start_time ASC"])
     if found:
         logger = RunLogger(mlf, found[0].info.run_id)
@@ -133,18 +158,37 @@ def _parent_run(cfg: RunConfig, name: str) -> RunLogger:
         return logger
     from carrot.train import run_tags
 
-    tags = run_tags(cfg, cfg.seed, name, None)
-    tags.update({"carrot.role": "study", "carrot.trial": ""})
-    return RunLogger.start(cfg.experiment, f"study {name}", tags)
+    tags = run_tags(cfg, name, None)
+    tags.update({contract.TAG_ROLE: contract.ROLE_STUDY, contract.TAG_TRIAL: "", contract.TAG_STUDY_ID: study_id,
+                 contract.TAG_STUDY_STORAGE: storage_label})
+    return RunLogger.start(cfg.experiment, name, tags)
 
 
-def run_study(base: RunConfig, trials: int, storage: str | None = None,
-              log: Callable[[str], None] = print) -> StudySummary:
-    """Add ``trials`` trials to the study of ``base``'s dataset, backbone and variant."""
-    from carrot.train import TrialPruned, run
+def study_id_of(study: optuna.Study) -> str:
+    """The study's unique id, given at creation and kept in its user attrs."""
+    sid = study.user_attrs.get(STUDY_ID_ATTR)
+    if sid is None:
+        sid = uuid.uuid4().hex[:16]
+        study.set_user_attr(STUDY_ID_ATTR, sid)
+    return sid
 
-    name = study_name(base)
+
+def checkpoint_folder(root: Path, study_id: str, number: int) -> Path:
+    return root / study_id / f"trial-{number}"
+
+
+def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Callable[[str], None] = print,
+              name: str | None = None, checkpoint_root: Path = DEFAULT_CHECKPOINTS,
+              keep_checkpoints: bool = False) -> StudySummary:
+    """Add ``trials`` trials to the study of ``base``'s dataset, backbone and variant (or the
+    study ``name``). A signal stops it after the current step: the trial fails with the reason
+    and is queued again, resuming from its checkpoint, when the study is continued."""
+    from carrot.reference import count_classes, find_reference_pairs
+    from carrot.train import TrialPruned, failure_reason, run
+
+    name = name or study_name(base)
     store = open_storage(storage)
+    label = redact(storage or str(DEFAULT_JOURNAL))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The sampler's seed moves with the study's length so a continued study does not
     # replay the random start-up draws of the first session.
@@ -164,33 +208,50 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None,
         before, now = flatten("", stored), flatten("", fixed)
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         raise ConfigError(f"study {name!r} was created with a different configuration ({', '.join(changed)} "
-                          "differ); continue it with the same settings, or start a new study in another storage "
-                          "(--storage / STORAGE=)")
+                          "differ); continue it with the same settings, or fork a new study with --study-name "
+                          "(STUDY=)")
     if stored is None:
         study.set_user_attr("fixed_config", fixed)
         for key, value in {"dataset": base.data.dataset_id, "backbone": base.model.backbone,
                            "variant": base.variant.name, "split": base.split}.items():
             study.set_user_attr(key, value)
+    study_id = study_id_of(study)
+    liveness.reap(study, log)  # trials of dead workers: closed, queued again
     recommended = recommended_params(base)
     live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
             optuna.trial.TrialState.WAITING)
     if not any(t.state in live and t.params == recommended for t in study.trials):
-        study.enqueue_trial(recommended)  # trial 0, or again if it failed or was interrupted
+        study.enqueue_trial(recommended)  # trial 0, or again if it failed
 
-    parent = _parent_run(base, name)
-    parent.set_tags({"carrot.study_storage": storage or str(DEFAULT_JOURNAL)})
+    parent = _parent_run(base, name, study_id, label)
     space = search_space(base)
+    reference = find_reference_pairs(base, count_classes(base), log)
     bar = Progress(total=trials, desc=f"study {name}", enabled=base.show_progress, log=log, unit="trial")
     done = 0
+    stopped: list[BaseException] = []
+    retry = liveness.RetryDeadTrial(max_retry=liveness.MAX_RETRY)
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest_all(trial, space)
+        trial.set_user_attr(liveness.ERROR_ATTR, None)  # a retry inherits the failed trial's attrs
+        params = {key: suggest(trial, key, dist) for key, dist in space.items()}
         cfg = trial_config(base, params)
-        try:
-            result = run(cfg, trial, study=name, parent_run_id=parent.run_id, log=log)
-        except TrialPruned as exc:
-            raise optuna.TrialPruned(str(exc)) from None
-        trial.set_user_attr("mlflow_run_id", result.run_id)
+        frozen = study._storage.get_trial(trial._trial_id)
+        history = frozen.system_attrs.get("retry_history", [])  # set by the retry callback
+        resume = None
+        if history:  # a retry: continue from the last checkpoint of the trial it retries
+            path = checkpoint_folder(checkpoint_root, study_id, history[-1]) / checkpoint.CHECKPOINT_FILE
+            resume = path if path.exists() else None
+        with liveness.Heartbeat(study, trial):
+            try:
+                result = run(cfg, trial, study=name, parent_run_id=parent.run_id, log=log, reference=reference,
+                             extra_tags={contract.TAG_ROLE: contract.ROLE_TRIAL, contract.TAG_STUDY_ID: study_id},
+                             checkpoint_dir=checkpoint_folder(checkpoint_root, study_id, trial.number),
+                             resume_from=resume, keep_checkpoint=keep_checkpoints)
+            except TrialPruned as exc:
+                trial.set_user_attr("pruned_reason", str(exc))
+                raise optuna.TrialPruned(str(exc)) from None
+        for number in history:  # the trials this one retried are done with their checkpoints
+            checkpoint.remove(checkpoint_folder(checkpoint_root, study_id, number))
         return result.objective
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -201,19 +262,28 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None,
         bar.update(done, trial=trial.number, value=float("nan") if trial.value is None else trial.value,
                    best=float("nan") if best is None else best)
         if trial.state == optuna.trial.TrialState.FAIL:
-            log(f"trial {trial.number} failed: {trial.user_attrs.get('error', 'see the log above')}")
+            log(f"trial {trial.number} failed: {trial.user_attrs.get(liveness.ERROR_ATTR) or 'see the log above'}")
+            if stopped:  # interrupted, not broken: its configuration runs again when the study goes on
+                retry(study, trial)
         elif trial.state == optuna.trial.TrialState.PRUNED:
-            log(f"trial {trial.number} pruned")
+            log(f"trial {trial.number} pruned: {trial.user_attrs.get('pruned_reason', '')}".rstrip(": "))
         else:
             log(f"trial {trial.number} finished: {base.split}/acc={value}")
+        if not stopped:
+            liveness.reap(study, log)
 
     def guarded(trial: optuna.Trial) -> float:
         try:
             return objective(trial)
         except optuna.TrialPruned:
             raise
+        except interrupt.Interrupted as exc:
+            trial.set_user_attr(liveness.ERROR_ATTR, str(exc))
+            stopped.append(exc)
+            study.stop()
+            raise
         except Exception as exc:  # one failing trial never takes the study down
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr(liveness.ERROR_ATTR, redact(failure_reason(exc)))
             logging.getLogger("carrot").debug(traceback.format_exc())
             raise
 
@@ -222,22 +292,24 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None,
                        gc_after_trial=True)
     finally:
         bar.close()
-        parent.finish("FINISHED")
+        parent.finish("KILLED" if stopped else "FINISHED")
+    if stopped:
+        raise stopped[0]
 
     states = [t.state for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     summary = StudySummary(
-        name=name, storage=storage or str(DEFAULT_JOURNAL), tracking_uri=tracking_uri(),
+        name=name, storage=label, tracking_uri=redact(tracking_uri()),
         parent_run_id=parent.run_id, n_trials=len(states),
         n_complete=len(complete), n_pruned=states.count(optuna.trial.TrialState.PRUNED),
         n_failed=states.count(optuna.trial.TrialState.FAIL),
         best_number=best.number if best else None, best_value=best.value if best else None,
         best_params=dict(best.params) if best else {},
         best_run_id=best.user_attrs.get("mlflow_run_id") if best else None,
+        study_id=study_id,
     )
     if best is not None:
         parent.log_metrics({"study/best_value": best.value, "study/n_trials": len(states)}, step=len(states))
-        parent.set_tags({"carrot.best_trial": best.number, "carrot.best_run_id": summary.best_run_id or ""})
+        parent.set_tags({contract.TAG_BEST_TRIAL: best.number, contract.TAG_BEST_RUN_ID: summary.best_run_id or ""})
     return summary
-

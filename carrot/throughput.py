@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     from carrot.data import build_dataset
     from carrot.loaders import make_loader
     from carrot.model import create_backbone, image_spec
-    from carrot.train import resolve_device, run
+    from carrot.runtime import resolve_device
+    from carrot.train import run
     from carrot.variants import list_variants
 
     p = argparse.ArgumentParser(prog="carrot bench throughput", description=__doc__.splitlines()[0])
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": {"probe_max_train": 64, "probe_l2_grid": [1e-2]},
             "device": str(device.type), "show_progress": False,
         }
-        cfg = RunConfig.from_dict(base)
+        cfg = RunConfig.from_dict(base).resolved()
         splits = build_dataset(cfg.data, image_spec(create_backbone(args.backbone)))
         loader = make_loader(splits.train, cfg, train=True, pin=device.type == "cuda")
         amp = device.type == "cuda"

@@ -17,8 +17,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
-TAG_PREFIX = "carrot."
+from carrot import contract
+
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
@@ -27,7 +27,7 @@ class StoreError(RuntimeError):
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or contract.DEFAULT_TRACKING_URI
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -107,9 +107,9 @@ class RunLogger:
     @classmethod
     def start(cls, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> "RunLogger":
         mlf = client()
-        all_tags = {"mlflow.runName": name, **tags}
+        all_tags = {contract.MLFLOW_RUN_NAME: name, **tags}
         if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
+            all_tags[contract.MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = mlf.create_run(experiment_id(mlf, experiment), tags=all_tags, run_name=name)
         return cls(mlf, run.info.run_id)
 
@@ -130,6 +130,12 @@ class RunLogger:
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    def log_bytes(self, content: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, artifact_file)
+            path.write_bytes(content)
+            self.client.log_artifact(self.run_id, str(path))
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
@@ -141,8 +147,4 @@ class RunLogger:
 
 
 def find_runs(mlf: MlflowClient, experiment: str, filter_string: str = "", order_by: Iterable[str] = ()) -> list:
-    exp = mlf.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return mlf.search_runs([exp.experiment_id], filter_string=filter_string, order_by=list(order_by),
-                           max_results=5000)
+    return contract.search_runs(mlf, experiment, filter_string, order_by)

@@ -1,33 +1,42 @@
-"""One training run: ``run(config, trial=None)`` is used by ``carrot train`` and by every trial.
+"""One training run, in steps: build it, train an epoch, evaluate, log.
 
-Data flows one way: dataset -> model (backbone, the variant's neck, head, feature taps)
--> variant (loss terms and statistics) -> optimiser; after every epoch the evaluation split
-goes through :mod:`carrot.evaluate` and every number is logged to MLflow.
+    build_run(cfg)                -> RunParts: model, variant, loaders, optimiser, scheduler
+    forward_step(model, variant)  -> VariantOutput: one batch through model and variant
+    train_one_epoch(parts, epoch) -> the epoch's training metrics (one host sync)
+    Evaluator.evaluate(...)       -> the epoch's diagnostics (carrot.evaluate)
+    Run                           -> the MLflow run and the Optuna trial of one training
+
+``run(cfg, trial=None)`` strings them together; ``carrot train``, every study trial and every
+final run go through it, and the benchmark times the same ``forward_step``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from carrot.config import RunConfig
-from carrot.data import build_dataset
+from carrot import checkpoint, contract, interrupt
+from carrot.checks import check_names
+from carrot.config import ConfigError, RunConfig
+from carrot.data import DatasetSplits, build_dataset
 from carrot.evaluate import Evaluator
 from carrot.loaders import make_loader, training_split
 from carrot.model import CarrotModel, create_backbone, image_spec
 from carrot.progress import Progress
-from carrot.variants import StepBatch, create_variant
+from carrot.reference import ReferencePairs
+from carrot.runtime import resolve_device, seed_everything
+from carrot.variants import StepBatch, Variant, VariantOutput, create_variant
 
 
 class TrialPruned(Exception):
-    """Raised when the study's pruner stops a trial (re-raised as optuna.TrialPruned)."""
+    """Raised when the study's pruner stops a trial, or its loss diverged (re-raised as
+    optuna.TrialPruned)."""
 
 
 @dataclass
@@ -38,23 +47,6 @@ class RunResult:
     objective: float = float("nan")  # last-epoch accuracy on the evaluation split
     epochs_done: int = 0
     seconds: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from carrot.config import ConfigError
-
-        raise ConfigError("invalid device='cuda': no CUDA device is available here; use cpu or auto")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -81,36 +73,40 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def run_tags(cfg: RunConfig, seed: int, study: str | None, trial: int | None) -> dict[str, str]:
-    from carrot.tracking import git_commit
+# ----------------------------------------------------------------------------- build
+@dataclass
+class RunParts:
+    """Everything one run trains with; ``cfg`` is resolved (hyperparameters, sampler)."""
 
-    return {
-        "carrot.variant": cfg.variant.name,
-        "carrot.study": study or "",
-        "carrot.trial": "" if trial is None else str(trial),
-        "carrot.dataset": cfg.data.dataset_id,
-        "carrot.config_hash": cfg.identity_hash(),
-        "carrot.backbone": cfg.model.backbone,
-        "carrot.seed": str(seed),
-        "carrot.split": cfg.split,
-        "carrot.git_commit": git_commit(),
-    }
+    cfg: RunConfig
+    device: torch.device
+    model: CarrotModel
+    variant: Variant
+    splits: DatasetSplits
+    eval_split: str  # "val" for study trials, "test" for final runs
+    train_loader: torch.utils.data.DataLoader
+    eval_loader: torch.utils.data.DataLoader
+    probe_loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[nn.Parameter]  # what gradient clipping sees
+    use_amp: bool
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else contextlib.nullcontext()
 
 
-def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: str | None = None,
-        run_name: str | None = None, log: Callable[[str], None] = print, track: bool = True,
-        extra_tags: dict[str, str] | None = None) -> RunResult:
-    """Train one configuration and evaluate it after every epoch.
-
-    ``trial`` (an Optuna trial) receives the per-epoch accuracy for pruning; a pruned run
-    raises :class:`optuna.TrialPruned` after its MLflow run is closed as KILLED.
-    """
-    started = time.time()
+def build_run(cfg: RunConfig) -> RunParts:
+    """Model, variant, data loaders, optimiser and LR schedule of ``cfg``, seeded."""
+    check_names(cfg)
+    cfg = cfg.resolved()
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    hparams = cfg.resolved_hparams()
-    variant = create_variant(cfg.variant.name, **hparams)
-
+    variant = create_variant(cfg.variant.name, **cfg.variant.hparams)
     backbone = create_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.pretrained_path,
                                cfg.model.drop_rate, cfg.model.kwargs)
     splits = build_dataset(cfg.data, image_spec(backbone))
@@ -123,123 +119,329 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
         for ds in (splits.train, splits.val, splits.test, splits.train_eval, splits.val_train):
             if hasattr(ds, "fill_cache"):
                 ds.fill_cache()
-    train_loader = make_loader(train_set, cfg, train=True, labels=train_labels, sampler_name=variant.hp.sampler,
-                               m_per_class=variant.hp.m_per_class, pin=pin)
+    train_loader = make_loader(train_set, cfg, train=True, labels=train_labels, pin=pin)
     eval_loader = make_loader(eval_set, cfg, train=False, pin=pin)
     probe_set = splits.train_eval if cfg.split == "val" else torch.utils.data.ConcatDataset(
         [splits.train_eval, splits.val])
     probe_loader = make_loader(probe_set, cfg, train=False, pin=pin)
+    if len(train_loader) == 0:
+        raise ConfigError(f"invalid data.batch_size={cfg.data.batch_size}: larger than the training split "
+                          f"({len(train_set)} samples)")
 
     params = list(model.parameters()) + [p for p in variant.parameters() if p.requires_grad]
     optimizer = make_optimizer(nn.ModuleList([model, variant]), cfg)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        from carrot.config import ConfigError
+    total_steps = cfg.optim.epochs * len(train_loader)
+    warmup_steps = int(round(cfg.optim.warmup_epochs * len(train_loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+    return RunParts(cfg=cfg, device=device, model=model, variant=variant, splits=splits, eval_split=eval_split,
+                    train_loader=train_loader, eval_loader=eval_loader, probe_loader=probe_loader,
+                    optimizer=optimizer, scheduler=scheduler, params=params,
+                    use_amp=cfg.amp and device.type == "cuda")
 
-        raise ConfigError(f"invalid data.batch_size={cfg.data.batch_size}: larger than the training split "
-                          f"({len(train_set)} samples)")
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
-    use_amp = cfg.amp and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
-    trial_number = None if trial is None else trial.number
-    logger = None
-    if track:
+# ----------------------------------------------------------------------------- one step, one epoch
+def forward_step(model: nn.Module, variant: Variant, x: Tensor, y: Tensor, progress: float,
+                 label_smoothing: float = 0.0) -> VariantOutput:
+    """One batch through the model (embedding, logits, and the probed features when the
+    variant uses them) and the variant (CE and its terms, its statistics)."""
+    out = model(x, with_features=variant.uses_features)
+    return variant(StepBatch(embedding=out.embedding, logits=out.logits, labels=y, head=model.head,
+                             features=out.features, progress=progress, label_smoothing=label_smoothing))
+
+
+class MeanAggregator:
+    """Running means of 0-dim tensors, kept on their device: adding never syncs with the host,
+    :meth:`compute` syncs once. With ``skip_nonfinite`` a NaN/inf value counts as missing."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}  # key -> (sum, count)
+
+    def add(self, key: str, value: Tensor, skip_nonfinite: bool = False) -> None:
+        value = value.detach().float()
+        ok = torch.isfinite(value) if skip_nonfinite else torch.ones((), dtype=torch.bool, device=value.device)
+        pair = torch.stack([torch.where(ok, value, 0.0), ok.float()])
+        self._sums[key] = self._sums[key] + pair if key in self._sums else pair
+
+    def compute(self) -> dict[str, float]:
+        """Key -> mean (NaN for a key that never had a finite value)."""
+        if not self._sums:
+            return {}
+        keys = list(self._sums)
+        sums = torch.stack([self._sums[k] for k in keys]).cpu()  # (n, 2)
+        return {k: float(s[0] / s[1]) if float(s[1]) > 0 else float("nan") for k, s in zip(keys, sums)}
+
+
+def train_one_epoch(parts: RunParts, epoch: int) -> dict[str, float]:
+    """One pass over the training loader; returns the mean loss, each term and statistic, the
+    learning rate and the epoch's wall time. A non-finite mean loss raises FloatingPointError."""
+    cfg, model, variant = parts.cfg, parts.model, parts.variant
+    model.train()
+    variant.train()
+    means = MeanAggregator()
+    start = time.time()
+    steps = parts.steps_per_epoch
+    for step, (x, y) in enumerate(parts.train_loader):
+        interrupt.check()
+        x = x.to(parts.device, non_blocking=True)
+        y = y.to(parts.device, non_blocking=True)
+        with parts.autocast():
+            result = forward_step(model, variant, x, y, epoch + step / steps, cfg.optim.label_smoothing)
+            loss = result.loss
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(parts.params, cfg.optim.grad_clip)
+        parts.optimizer.step()
+        parts.scheduler.step()
+        means.add(contract.TRAIN_PREFIX + "loss", loss)
+        for name, value in result.terms.items():
+            means.add(contract.TRAIN_PREFIX + name, value)
+        for name, value in result.stats.items():
+            # a statistic a step could not define (NaN) counts as missing, not as a value
+            means.add(contract.VARIANT_STAT_PREFIX + name, value, skip_nonfinite=True)
+    metrics = means.compute()
+    metrics["train/lr"] = parts.scheduler.get_last_lr()[0]
+    metrics["time/train_epoch_s"] = time.time() - start
+    losses = {k: v for k, v in metrics.items() if k.startswith(contract.TRAIN_PREFIX)}
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}: {losses}")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the tracked run
+def run_tags(cfg: RunConfig, study: str | None, trial: int | None) -> dict[str, str]:
+    from carrot.tracking import git_commit
+
+    return {
+        contract.TAG_VARIANT: cfg.variant.name,
+        contract.TAG_STUDY: study or "",
+        contract.TAG_TRIAL: "" if trial is None else str(trial),
+        contract.TAG_DATASET: cfg.data.dataset_id,
+        contract.TAG_CONFIG_HASH: cfg.identity_hash(),
+        contract.TAG_BACKBONE: cfg.model.backbone,
+        contract.TAG_SEED: str(cfg.seed),
+        contract.TAG_SPLIT: cfg.split,
+        contract.TAG_GIT_COMMIT: git_commit(),
+    }
+
+
+class Run:
+    """The MLflow run (none when not tracking) and the Optuna trial of one training."""
+
+    def __init__(self, parts: RunParts, trial=None, logger=None) -> None:
+        self.parts, self.trial, self.logger = parts, trial, logger
+        self.status = "FAILED"
+
+    @classmethod
+    def start(cls, parts: RunParts, trial=None, *, track: bool = True, study: str | None = None,
+              parent_run_id: str | None = None, run_name: str | None = None,
+              extra_tags: dict[str, str] | None = None) -> "Run":
+        if not track:
+            return cls(parts, trial)
         from carrot.tracking import RunLogger, flatten
 
-        tags = {**run_tags(cfg, cfg.seed, study, trial_number), "carrot.num_classes": str(splits.num_classes),
+        cfg, splits = parts.cfg, parts.splits
+        number = None if trial is None else trial.number
+        tags = {**run_tags(cfg, study, number), contract.TAG_NUM_CLASSES: str(splits.num_classes),
                 **(extra_tags or {})}
-        name = run_name or f"{cfg.variant.name}-s{cfg.seed}" + ("" if trial is None else f"-t{trial_number}")
+        name = run_name or f"{cfg.variant.name}-s{cfg.seed}" + ("" if trial is None else f"-t{number}")
         logger = RunLogger.start(cfg.experiment, name, tags, parent_run_id)
-    history: list[dict[str, float]] = []
-    progress = None
-    evaluator = None
-    status = "FAILED"
-    try:
-        if logger:
+        self = cls(parts, trial, logger)
+        try:
+            if trial is not None:  # from the start, so a worker that dies leaves a run to close
+                trial.set_user_attr("mlflow_run_id", logger.run_id)
             resolved = cfg.to_dict()
-            resolved["variant"]["hparams"] = hparams
-            resolved["data"]["effective_batch_size"] = train_loader.batch_size
+            resolved["data"]["effective_batch_size"] = parts.train_loader.batch_size
             logger.log_params(flatten("", resolved))
-            logger.log_dict(resolved, "config.json")
+            logger.log_dict(resolved, contract.CONFIG_ARTIFACT)
             logger.log_dict({"num_classes": splits.num_classes, "class_names": splits.class_names,
                              "sizes": {k: int(len(v)) for k, v in splits.labels.items()}, **splits.info},
-                            "dataset.json")
-        evaluator = Evaluator(cfg, splits, eval_split, model, device, logger, log)
-        # set-up (lazy imports, store look-ups) may have drawn from the global generators
-        seed_everything(cfg.seed)
-        progress = Progress(total=cfg.optim.epochs, desc=name_for_progress(cfg, trial_number),
-                            enabled=cfg.show_progress, log=log)
-        for epoch in range(cfg.optim.epochs):
-            model.train()
-            variant.train()
-            sums: dict[str, torch.Tensor] = {}  # key -> (sum, count) on the device
-            epoch_start = time.time()
-            for step, (x, y) in enumerate(train_loader):
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                with autocast():
-                    out = model(x, with_features=variant.uses_features)
-                    batch = StepBatch(embedding=out.embedding, logits=out.logits, labels=y, head=model.head,
-                                      features=out.features, progress=epoch + step / steps_per_epoch,
-                                      label_smoothing=cfg.optim.label_smoothing)
-                    result = variant(batch)
-                    loss = result.loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                for key, value in [("train/loss", loss)] + [(f"train/{k}", v) for k, v in result.terms.items()] \
-                        + [(f"var/{k}", v) for k, v in result.stats.items()]:
-                    value = value.detach().float()
-                    # a statistic a step could not define (NaN) counts as missing, not as a value
-                    ok = torch.isfinite(value) if key.startswith("var/") else torch.ones((), dtype=torch.bool, device=value.device)
-                    pair = torch.stack([torch.where(ok, value, 0.0), ok.float()])
-                    sums[key] = sums[key] + pair if key in sums else pair
-            # one host sync per epoch for all training statistics
-            train_metrics = {k: float(v[0] / v[1]) if float(v[1]) > 0 else float("nan") for k, v in
-                             ((k, v.cpu()) for k, v in sums.items())}
-            train_metrics["train/lr"] = scheduler.get_last_lr()[0]
-            train_metrics["time/train_epoch_s"] = time.time() - epoch_start
-            if not all(math.isfinite(v) for k, v in train_metrics.items() if k.startswith("train/")):
-                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}: "
-                                         f"{ {k: v for k, v in train_metrics.items() if k.startswith('train/')} }")
+                            contract.DATASET_ARTIFACT)
+        except BaseException:
+            logger.finish("FAILED")
+            raise
+        return self
 
+    @property
+    def run_id(self) -> str | None:
+        return self.logger.run_id if self.logger else None
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float], evaluator: Evaluator,
+                  report_only: bool = False) -> None:
+        """Log the epoch's metrics, report to the trial, and raise TrialPruned when it says so
+        (``report_only``: an epoch replayed from a checkpoint, never pruned)."""
+        if self.logger:
+            if epoch == 0:
+                tags = {contract.TAG_REF_PAIRS_SOURCE: evaluator.ref_source}
+                if evaluator.ref_problem:
+                    tags[contract.TAG_REF_PAIRS_PROBLEM] = evaluator.ref_problem
+                self.logger.set_tags(tags)
+            self.logger.log_metrics(metrics, step=epoch + 1)
+        if self.trial is not None:
+            key = contract.split_metric(self.parts.eval_split, "acc")
+            self.trial.report(metrics[key], epoch + 1)
+            last = epoch == self.parts.cfg.optim.epochs - 1
+            if not last and not report_only and self.trial.should_prune():  # a fully trained trial is kept
+                self.status = "KILLED"
+                raise TrialPruned(f"pruned after epoch {epoch + 1} ({key}={metrics[key]:.4f})")
+
+    def close(self, evaluator: Evaluator | None, epochs_done: int, error: str = "") -> None:
+        if not self.logger:
+            return
+        try:
+            if evaluator is not None:
+                for name, content in evaluator.artifacts().items():
+                    if isinstance(content, bytes):
+                        self.logger.log_bytes(content, name)
+                    else:
+                        self.logger.log_dict(content, name)
+            tags = {contract.TAG_STATUS: "pruned" if self.status == "KILLED" and not error else self.status.lower(),
+                    contract.TAG_EPOCHS_DONE: epochs_done}
+            if error:
+                tags[contract.TAG_ERROR] = error
+                tags[contract.MLFLOW_NOTE] = f"{self.status.lower()}: {error}"
+            self.logger.set_tags(tags)
+        finally:
+            self.logger.finish(self.status)
+
+    def log_weights(self, model: nn.Module) -> None:
+        """The trained weights as an artifact (final runs: a test number can be re-checked)."""
+        if self.logger:
+            import io
+
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            self.logger.log_bytes(buf.getvalue(), contract.WEIGHTS_ARTIFACT)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line: what stopped a run."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"out of memory: {exc}".splitlines()[0]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: str | None = None,
+        run_name: str | None = None, log: Callable[[str], None] = print, track: bool = True,
+        extra_tags: dict[str, str] | None = None, reference: ReferencePairs | None = None,
+        checkpoint_dir: Path | None = None, resume_from: Path | None = None,
+        keep_checkpoint: bool = False, save_weights: bool = False) -> RunResult:
+    """Train one configuration and evaluate it after every epoch.
+
+    ``trial`` (an Optuna trial) receives the per-epoch accuracy for pruning; a pruned run (or
+    one whose loss diverged) raises :class:`TrialPruned` after its MLflow run is closed as
+    KILLED with the reason. ``reference`` holds the reference pairs resolved by the caller
+    (none: the run's own first pairs). With ``checkpoint_dir`` every epoch ends with a
+    checkpoint there (removed when the run finishes, unless ``keep_checkpoint``);
+    ``resume_from`` continues from a checkpoint. A signal (:mod:`carrot.interrupt`) stops the
+    run at the next step: its MLflow run ends KILLED and :class:`~carrot.interrupt.Interrupted`
+    propagates.
+    """
+    started = time.time()
+    parts = build_run(cfg)
+    cfg = parts.cfg
+    tags = dict(extra_tags or {})
+    if checkpoint_dir is not None:
+        tags[contract.TAG_CHECKPOINT] = str(checkpoint_dir)
+    if resume_from is not None:
+        tags[contract.TAG_RESUMED_FROM] = str(resume_from)
+    tracked = Run.start(parts, trial, track=track, study=study, parent_run_id=parent_run_id,
+                        run_name=run_name, extra_tags=tags)
+    history: list[dict[str, float]] = []
+    evaluator = None
+    progress = None
+    error = ""
+    try:
+        evaluator = Evaluator(cfg, parts.splits, parts.eval_split, parts.model, parts.device, reference)
+        # set-up (lazy imports, store calls) may have drawn from the global generators
+        seed_everything(cfg.seed)
+        first = 0
+        if resume_from is not None:
+            first, history = restore(parts, evaluator, checkpoint.load(resume_from))
+            for epoch, metrics in enumerate(history):  # the new run holds the whole history
+                tracked.log_epoch(epoch, metrics, evaluator, report_only=True)
+            log(f"resumed {name_for_progress(cfg, None)} from {resume_from} after epoch {first}")
+        number = None if trial is None else trial.number
+        progress = Progress(total=cfg.optim.epochs, desc=name_for_progress(cfg, number),
+                            enabled=cfg.show_progress, log=log)
+        for epoch in range(first, cfg.optim.epochs):
+            try:
+                train_metrics = train_one_epoch(parts, epoch)
+            except FloatingPointError as exc:
+                if trial is None:
+                    raise
+                tracked.status = "KILLED"
+                raise TrialPruned(str(exc)) from None
             last = epoch == cfg.optim.epochs - 1
             probe = last or (cfg.eval.probe_every > 0 and (epoch + 1) % cfg.eval.probe_every == 0)
-            eval_metrics = evaluator.evaluate(epoch, eval_loader, probe_loader if probe else None, use_amp)
+            eval_metrics = evaluator.evaluate(epoch, parts.eval_loader, parts.probe_loader if probe else None,
+                                              parts.use_amp)
             metrics = {**train_metrics, **eval_metrics}
             history.append(metrics)
-            if logger:
-                logger.log_metrics(metrics, step=epoch + 1)
-            acc = metrics[f"{eval_split}/acc"]
+            acc = metrics[contract.split_metric(parts.eval_split, "acc")]
             progress.update(epoch + 1, loss=train_metrics["train/loss"], acc=acc)
-            if trial is not None:
-                trial.report(acc, epoch + 1)
-                if not last and trial.should_prune():  # a fully trained trial is kept
-                    status = "KILLED"
-                    raise TrialPruned(f"pruned after epoch {epoch + 1} ({eval_split}/acc={acc:.4f})")
-        status = "FINISHED"
+            tracked.log_epoch(epoch, metrics, evaluator)
+            if checkpoint_dir is not None:
+                checkpoint.save(checkpoint_dir / checkpoint.CHECKPOINT_FILE,
+                                snapshot(parts, evaluator, epoch + 1, history))
+        if save_weights:
+            tracked.log_weights(parts.model)
+        tracked.status = "FINISHED"
+    except TrialPruned as exc:
+        error = "" if tracked.status == "KILLED" and str(exc).startswith("pruned") else str(exc)
+        raise
+    except interrupt.Interrupted as exc:
+        tracked.status, error = "KILLED", str(exc)
+        raise
+    except BaseException as exc:
+        if interrupt.requested():  # e.g. loader workers killed by the same Ctrl-C
+            tracked.status, error = "KILLED", str(interrupt.Interrupted(interrupt.requested()))
+            raise interrupt.Interrupted(interrupt.requested()) from None
+        error = failure_reason(exc)
+        raise
     finally:
         if progress:
             progress.close()
-        if logger:
-            try:
-                if evaluator:
-                    evaluator.save_artifacts()
-                logger.set_tags({"carrot.status": status.lower() if status != "KILLED" else "pruned",
-                                 "carrot.epochs_done": len(history)})
-            finally:
-                logger.finish(status)
+        tracked.close(evaluator, len(history), error)
+    if checkpoint_dir is not None:
+        checkpoint.remove(checkpoint_dir, keep_last=keep_checkpoint)
     final = history[-1]
-    return RunResult(run_id=logger.run_id if logger else None, metrics=final, history=history,
-                     objective=final[f"{eval_split}/acc"], epochs_done=len(history),
+    return RunResult(run_id=tracked.run_id, metrics=final, history=history,
+                     objective=final[contract.split_metric(parts.eval_split, "acc")], epochs_done=len(history),
                      seconds=time.time() - started)
+
+
+def snapshot(parts: RunParts, evaluator: Evaluator, epochs_done: int,
+             history: list[dict[str, float]]) -> dict[str, Any]:
+    """Everything the next epoch depends on (see :mod:`carrot.checkpoint`)."""
+    return {
+        "epochs_done": epochs_done,
+        "config_hash": parts.cfg.identity_hash(),
+        "model": parts.model.state_dict(),
+        "variant": parts.variant.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "sampler": checkpoint.sampler_state(parts.train_loader),
+        "rng": checkpoint.rng_state(),
+        "history": history,
+        "evaluator": evaluator.state_dict(),
+    }
+
+
+def restore(parts: RunParts, evaluator: Evaluator, state: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
+    """Load a :func:`snapshot` into freshly built parts; returns (epochs done, history)."""
+    if state["config_hash"] != parts.cfg.identity_hash():
+        raise ConfigError("the checkpoint was written by another configuration "
+                          f"({state['config_hash']} != {parts.cfg.identity_hash()}); not resuming from it")
+    parts.model.load_state_dict(state["model"])
+    parts.variant.load_state_dict(state["variant"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_sampler_state(parts.train_loader, state["sampler"])
+    evaluator.load_state_dict(state["evaluator"])
+    checkpoint.set_rng_state(state["rng"])
+    return int(state["epochs_done"]), list(state["history"])
 
 
 def name_for_progress(cfg: RunConfig, trial_number: int | None) -> str:

@@ -40,7 +40,7 @@ def test_one_epoch_on_each_layout(tmp_path, name):
 def test_one_epoch_pk_sampler_on_real_layout(tmp_path):
     fixture = fx.make_cub(tmp_path)
     cfg = _cfg("cub", fixture.root, **{"variant.name": "barrier"})
-    cfg.variant.hparams = {"m_per_class": 2}
+    cfg.data.m_per_class = 2
     result = run(cfg, track=False, log=lambda s: None)
     assert result.metrics["var/classes_used"] >= 1
 
@@ -50,7 +50,7 @@ def test_study_on_imagefolder_via_cli(store, capsys):
     fixture = fx.make_imagefolder(store / "data", with_val=True)
     argv = ["study", "--variant", "barrier", "--dataset", "imagefolder", "--data-root", str(fixture.root),
             "--trials", "1", "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--no-progress",
-            "--set", "variant.hparams.m_per_class=2"]
+            "--set", "data.m_per_class=2"]
     assert main(argv) == 0
     assert "imagefolder-test_resnet-barrier" in capsys.readouterr().out
 

@@ -18,12 +18,12 @@ FIXTURE = Path(__file__).parent / "fixtures" / "golden_metrics.json"
 CASES = json.loads(FIXTURE.read_text())
 
 
-def golden_run(variant: str, hparams: dict) -> list[dict[str, float]]:
+def golden_run(variant: str, hparams: dict, data: dict) -> list[dict[str, float]]:
     from carrot.config import RunConfig
     from carrot.train import run
 
     cfg = RunConfig.from_dict({"variant": {"name": variant, "hparams": dict(hparams)}, "optim": {"epochs": 2},
-                               "device": "cpu", "show_progress": False, "data": {"limit_per_class": 40}})
+                               "device": "cpu", "show_progress": False, "data": {"limit_per_class": 40, **data}})
     result = run(cfg, track=False, log=lambda s: None)
     return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in result.history]
 
@@ -31,7 +31,7 @@ def golden_run(variant: str, hparams: dict) -> list[dict[str, float]]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_metrics_match_the_recorded_run(case):
     expected = CASES[case]["history"]
-    got = golden_run(CASES[case]["variant"], CASES[case]["hparams"])
+    got = golden_run(CASES[case]["variant"], CASES[case]["hparams"], CASES[case]["data"])
     assert len(got) == len(expected)
     for epoch, (g, e) in enumerate(zip(got, expected), start=1):
         assert sorted(g) == sorted(e), f"epoch {epoch}: keys differ: {sorted(set(g) ^ set(e))}"
@@ -43,5 +43,5 @@ def test_metrics_match_the_recorded_run(case):
 
 
 if __name__ == "__main__" and "--record" in sys.argv:
-    out = {case: {**spec, "history": golden_run(spec["variant"], spec["hparams"])} for case, spec in CASES.items()}
+    out = {case: {**spec, "history": golden_run(spec["variant"], spec["hparams"], spec["data"])} for case, spec in CASES.items()}
     FIXTURE.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")

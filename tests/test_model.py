@@ -45,3 +45,25 @@ def test_local_pretrained_weights_are_loaded(tmp_path):
     loaded = create_backbone("test_resnet", pretrained_path=str(path))
     for (k, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.parametrize("name, size", [("test_resnet", 64), ("test_vit", 160), ("test_convnext", 64),
+                                        ("swin_tiny_patch4_window7_224", 224)])
+def test_forward_intermediates_equal_the_hooks(name, size):
+    """timm's forward_intermediates (one pass, NCHW whatever the layout) gives the embedding and
+    the pooled stage features that forward hooks on the same modules give."""
+    torch.manual_seed(0)
+    backbone = create_backbone(name).eval()
+    fast = CarrotModel(backbone, torch.nn.Identity(), num_classes=5)
+    hooked = CarrotModel(backbone, torch.nn.Identity(), num_classes=5, taps="hooks")
+    hooked.head.load_state_dict(fast.head.state_dict())
+    assert fast._stage_index is not None and hooked._stage_index is None
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        a, b = fast(x, with_features=True), hooked(x, with_features=True)
+        plain = backbone(x)
+    torch.testing.assert_close(a.embedding, plain)
+    torch.testing.assert_close(a.embedding, b.embedding)
+    assert list(a.features) == list(b.features) == fast.probe_layers
+    for layer in a.features:
+        torch.testing.assert_close(a.features[layer], b.features[layer], msg=layer)

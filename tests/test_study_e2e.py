@@ -37,13 +37,13 @@ def test_study_runs_and_continues(store, mlflow_client, capsys):
             for key in METRICS:
                 history = mlflow_client.get_metric_history(child.info.run_id, key)
                 assert [m.step for m in history] == [1, 2], key
-            assert "optim.lr" in child.data.params and "variant.hparams.sampler" in child.data.params
+            assert "optim.lr" in child.data.params and "data.sampler" in child.data.params
     assert sorted(int(c.data.tags["carrot.trial"]) for c in children) == [0, 1, 2]
 
     # trial 0 is the recommended setting
     study = optuna.load_study(study_name="digits-test_resnet-baseline", storage=_journal(store))
     assert study.trials[0].params["optim.lr"] == pytest.approx(3e-3)
-    assert study.trials[0].params["sampler"] == "random"
+    assert study.trials[0].params["data.sampler"] == "random"
 
     # running again continues the same study under the same parent run
     assert main(argv + ["--trials", "2"]) == 0

@@ -37,18 +37,18 @@ def test_lr_schedule_warmup_then_cosine():
 def test_pk_sampler_batches_hold_m_per_class():
     from carrot.loaders import make_loader
 
-    cfg = tiny_config(**{"data.batch_size": 32})
+    cfg = tiny_config(**{"data.batch_size": 32, "data.sampler": "pk", "data.m_per_class": 4})
     labels = np.repeat(np.arange(10), 20)
     import torch
 
     ds = torch.utils.data.TensorDataset(torch.zeros(len(labels), 1), torch.as_tensor(labels))
-    loader = make_loader(ds, cfg, train=True, labels=labels, sampler_name="pk", m_per_class=4)
+    loader = make_loader(ds, cfg, train=True, labels=labels)
     for _, y in loader:
         counts = np.bincount(y.numpy(), minlength=10)
         assert set(counts[counts > 0]) == {4} and len(y) == 32
     with pytest.raises(ConfigError, match="fewer than m_per_class"):
-        make_loader(ds, cfg, train=True, labels=np.r_[labels[:-17], [9, 9, 9]][: len(labels)],
-                    sampler_name="pk", m_per_class=8)
+        make_loader(ds, tiny_config(**{"data.batch_size": 32, "data.sampler": "pk", "data.m_per_class": 8}),
+                    train=True, labels=np.r_[labels[:-17], [9, 9, 9]][: len(labels)])
 
 
 def test_final_split_trains_on_train_plus_val():
@@ -70,13 +70,13 @@ def test_pk_batches_do_not_depend_on_global_random_state():
 
     from carrot.loaders import make_loader
 
-    cfg = tiny_config(**{"data.batch_size": 32})
+    cfg = tiny_config(**{"data.batch_size": 32, "data.sampler": "pk", "data.m_per_class": 4})
     labels = np.repeat(np.arange(10), 20)
     ds = torch.utils.data.TensorDataset(torch.arange(len(labels)), torch.as_tensor(labels))
     draws = []
     for global_seed in (1, 2):
         np.random.seed(global_seed)
-        loader = make_loader(ds, cfg, train=True, labels=labels, sampler_name="pk", m_per_class=4)
+        loader = make_loader(ds, cfg, train=True, labels=labels)
         draws.append([x.tolist() for _ in range(2) for x, _ in loader])
     assert draws[0] == draws[1]
     assert draws[0][: len(draws[0]) // 2] != draws[0][len(draws[0]) // 2:]  # epochs differ

@@ -1,8 +1,9 @@
 """The contract every registered variant keeps (parametrised over ``list_variants()``).
 
 Finite loss and gradients on normal and degenerate batches (one class, singleton classes,
-identical embeddings, half-precision inputs), declared statistics present, a valid search
-space whose bounds contain the recommended setting, and strict hyperparameter checking.
+identical embeddings, half-precision inputs), a gradient on the embeddings from the variant's
+own term (not just from CE), declared statistics present, a valid search space whose bounds
+contain the recommended setting, and strict hyperparameter checking.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from carrot.space import Categorical, Float, Int
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from carrot.study import contains
 from carrot.variants import StepBatch, Variant, create_variant, get_variant_class, list_variants
 from carrot.variants.base import BaseHparams
 
@@ -32,15 +35,27 @@ def _labels(kind: str) -> torch.Tensor:
     raise KeyError(kind)
 
 
-def _run(name: str, y: torch.Tensor, dtype: torch.dtype = torch.float32, identical: bool = False, seed: int = 0):
-    """One training step. For half dtypes it runs as the trainer does: float32 parameters
-    under ``torch.autocast``, so embeddings, logits and features arrive in ``dtype``."""
+def _embeddings(kind: str, y: torch.Tensor) -> torch.Tensor:
+    if kind == "identical":
+        return torch.ones(len(y), D).mul(0.7)
+    if kind == "random":
+        return torch.randn(len(y), D) + 2.0 * torch.eye(K, D)[y]
+    if kind == "active":
+        # Classes apart but not far apart, around a shared direction: prototypes at moderate
+        # distances (exp(-alpha d2) well above 0), classes separated enough to be expanded
+        # (gamma > 1), some samples beyond the nuisance margin, overlapping Gaussians (rho > 0).
+        return 2.0 * torch.ones(D) / D**0.5 + 0.2 * torch.randn(len(y), D) + torch.eye(K, D)[y]
+    raise KeyError(kind)
+
+
+def _run(name: str, y: torch.Tensor, dtype: torch.dtype = torch.float32, embeddings: str = "random", seed: int = 0,
+         backward: bool = True):
+    """One training step (past every warm-up: progress = 10 epochs), with ``loss.backward()``
+    unless ``backward`` is false. For half dtypes it runs as the trainer does: float32
+    parameters under ``torch.autocast``, so embeddings, logits and features arrive in ``dtype``."""
     torch.manual_seed(seed)
     variant = create_variant(name, **get_variant_class(name).recommended())
-    if identical:
-        emb0 = torch.ones(len(y), D).mul(0.7)
-    else:
-        emb0 = torch.randn(len(y), D) + 2.0 * torch.eye(K, D)[y]
+    emb0 = _embeddings(embeddings, y)
     emb = emb0.to(dtype).requires_grad_(True)  # leaf the gradient must reach
     neck = variant.build_neck(D)
     head = nn.Linear(D, K)
@@ -57,7 +72,8 @@ def _run(name: str, y: torch.Tensor, dtype: torch.dtype = torch.float32, identic
             assert logits.dtype == dtype and all(f.dtype == dtype for f in features.values())
         batch = StepBatch(embedding=z, logits=logits, labels=y, head=head, features=features, progress=10.0)
         out = variant(batch)
-    out.loss.backward()
+    if backward:
+        out.loss.backward()
     return variant, out, emb, head
 
 
@@ -87,6 +103,27 @@ def test_normal_batch_finite_and_gradient_reaches_embedding(name: str) -> None:
     assert out.loss.item() == pytest.approx(sum(t.item() for t in out.terms.values()), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_own_term_carries_gradient_to_embeddings(name: str) -> None:
+    """CE alone always reaches the embeddings, so back-propagate only the variant's own terms
+    (``loss - ce``) on a batch where they are active: a term computed from detached
+    statistics (the sketch's prototype bug) has no gradient here. Round-off alone gives
+    ~1e-9, hence the floor."""
+    variant, out, emb, _ = _run(name, _labels("normal"), embeddings="active", backward=False)
+    own = [term for key, term in out.terms.items() if key != "ce"]
+    if name == "baseline":
+        assert not own, f"baseline is CE only, got terms {sorted(out.terms)}"
+        return
+    assert own, f"{name}: no term besides ce"
+    total = torch.stack([t.float() for t in own]).sum()
+    assert total.item() != 0, f"{name}: its term is inactive on this batch ({total.item()})"
+    assert total.requires_grad, f"{name}: its own term is detached from the embeddings"
+    (grad,) = torch.autograd.grad(total, emb, allow_unused=True)
+    assert grad is not None, f"{name}: its own term is not connected to the embeddings"
+    assert torch.isfinite(grad).all(), f"{name}: non-finite gradient from its own term"
+    assert grad.abs().max() > 1e-7, f"{name}: its own term gives no gradient on the embeddings"
+
+
 @pytest.mark.parametrize("kind", ["one_class", "singletons", "mixed"])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_degenerate_batches(name: str, kind: str) -> None:
@@ -96,7 +133,7 @@ def test_degenerate_batches(name: str, kind: str) -> None:
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_identical_embeddings(name: str) -> None:
-    variant, out, emb, head = _run(name, _labels("normal"), identical=True)
+    variant, out, emb, head = _run(name, _labels("normal"), embeddings="identical")
     _assert_finite(variant, out, emb, head)
 
 
@@ -116,21 +153,22 @@ def test_declarations(name: str) -> None:
     assert cls.name == name
     assert issubclass(cls.Hparams, BaseHparams) and dataclasses.is_dataclass(cls.Hparams)
     rec = cls.recommended()
-    assert rec["sampler"] == cls.default_sampler
+    assert cls.default_sampler in ("pk", "random") and cls.default_m_per_class >= 2
+    assert not {"sampler", "m_per_class"} & set(rec), "the batch sampler is a data setting, not a hyperparameter"
     variant = create_variant(name, **rec)
     assert dataclasses.asdict(variant.hp) == rec
     assert isinstance(cls.statistics, tuple) and all(isinstance(s, str) for s in cls.statistics)
     fields = {f.name for f in dataclasses.fields(cls.Hparams)}
     for key, dist in cls.full_search_space().items():
-        assert isinstance(dist, (Float, Int, Categorical)), f"{name}.{key}: {dist!r}"
+        assert isinstance(dist, (FloatDistribution, IntDistribution, CategoricalDistribution)), f"{name}.{key}: {dist!r}"
         assert key in fields, f"{name}: search space key {key!r} is not a hyperparameter"
-        if isinstance(dist, (Float, Int)):
+        if isinstance(dist, (FloatDistribution, IntDistribution)):
             assert dist.low <= dist.high
             if dist.log:
                 assert dist.low > 0
         else:
             assert len(dist.choices) >= 1
-        assert dist.contains(rec[key]), f"{name}.{key}: recommended {rec[key]!r} outside {dist!r}"
+        assert contains(dist, rec[key]), f"{name}.{key}: recommended {rec[key]!r} outside {dist!r}"
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor
 
 from carrot.geometry import block_spectrum, class_slots, no_autocast
-from carrot.space import Categorical, Float
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
 
@@ -157,9 +157,9 @@ class Barrier(Variant):
     name = "barrier"
     Hparams = BarrierHparams
     search_space = {
-        "use_var": Categorical([True, False]),
-        "use_rank": Categorical([True, False]),
-        "weight": Float(0.01, 10.0, log=True),
+        "use_var": CategoricalDistribution([True, False]),
+        "use_rank": CategoricalDistribution([True, False]),
+        "weight": FloatDistribution(0.01, 10.0, log=True),
     }
     statistics = ("r_var", "r_rank", "min_r", "min_erank_ratio", "classes_used")
     default_sampler = "pk"

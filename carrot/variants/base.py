@@ -5,9 +5,11 @@ cross-entropy on the logits, dtype checks) and calls ``compute``, where the vari
 maths lives. Each variant also declares
 
 - ``Hparams``: a dataclass whose defaults are the design note's recommended setting;
-- ``search_space``: name -> ``carrot.space`` distribution, searched by the study;
+- ``search_space``: name -> ``optuna.distributions`` object, searched by the study;
 - ``statistics``: the names of the statistics ``compute`` returns (logged as ``var/<name>``);
-- ``default_sampler``: ``"pk"`` for variants that estimate per-class statistics in a batch.
+- ``default_sampler``: the batch sampler the variant prefers when ``data.sampler`` is ``auto``:
+  ``"pk"`` for variants that estimate per-class statistics in a batch (``default_m_per_class``
+  samples per class).
 """
 from __future__ import annotations
 
@@ -17,12 +19,10 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from optuna.distributions import BaseDistribution
 from torch import Tensor, nn
 
 from carrot.geometry import l2_normalize
-from carrot.space import Categorical, Distribution
-
-SAMPLERS = ("pk", "random")
 
 
 @dataclass
@@ -50,31 +50,27 @@ class VariantOutput:
 
 @dataclass
 class BaseHparams:
-    """Hyperparameters every variant has."""
-
-    sampler: str = "random"  # "pk": P classes x m samples per batch; "random": shuffled
-    m_per_class: int = 4  # samples per class in a pk batch
+    """Base of every variant's hyperparameters (the batch sampler is a data setting,
+    ``data.sampler`` and ``data.m_per_class``)."""
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.m_per_class < 2:
-            raise ValueError(f"m_per_class must be >= 2, got {self.m_per_class}")
+        """Subclasses check their fields here (and call this first)."""
 
 
 class Variant(nn.Module):
     name: ClassVar[str] = ""
     Hparams: ClassVar[type[BaseHparams]] = BaseHparams
-    search_space: ClassVar[dict[str, Distribution]] = {}
+    search_space: ClassVar[dict[str, BaseDistribution]] = {}
     statistics: ClassVar[tuple[str, ...]] = ()
     # statistics a batch may leave undefined (NaN): the trainer averages them as missing
     maybe_undefined: ClassVar[tuple[str, ...]] = ()
+    # the batch sampler when data.sampler is "auto": "pk" (P classes x m samples) or "random"
     default_sampler: ClassVar[str] = "random"
+    default_m_per_class: ClassVar[int] = 4  # samples per class of a "pk" batch it is designed for
     uses_features: ClassVar[bool] = False  # needs intermediate layers in StepBatch.features
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
-        hparams.setdefault("sampler", self.default_sampler)
         known = {f.name for f in dataclasses.fields(self.Hparams)}
         unknown = sorted(set(hparams) - known)
         if unknown:
@@ -86,17 +82,12 @@ class Variant(nn.Module):
     @classmethod
     def recommended(cls) -> dict[str, Any]:
         """The design note's recommended setting (trial 0 of every study)."""
-        hp = dataclasses.asdict(cls.Hparams())
-        hp["sampler"] = cls.default_sampler
-        return hp
+        return dataclasses.asdict(cls.Hparams())
 
     @classmethod
-    def full_search_space(cls) -> dict[str, Distribution]:
-        space = dict(cls.search_space)
-        space.setdefault("sampler", Categorical(list(SAMPLERS)))
-        if "m_per_class" not in space and "sampler" in space:
-            space["m_per_class"] = Categorical([2, 4, 8])  # divisors of the usual batch sizes
-        return space
+    def full_search_space(cls) -> dict[str, BaseDistribution]:
+        """The variant's own hyperparameters (the study adds the training and data ones)."""
+        return dict(cls.search_space)
 
     def build_neck(self, dim: int) -> nn.Module:
         """Module between the pooled embedding and the head (identity unless overridden)."""

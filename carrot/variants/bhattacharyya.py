@@ -20,10 +20,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor
 
 from carrot.geometry import class_slots, compact_slots, no_autocast, sample_pair_bhattacharyya, soft_confusion
-from carrot.space import Categorical, Float, Int
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
 
@@ -165,12 +165,12 @@ class Bhattacharyya(Variant):
     name = "bhattacharyya"
     Hparams = BhattacharyyaHparams
     search_space = {
-        "layers": Categorical([1, 2, 3, "all"]),
-        "top_M": Int(16, 256, log=True),
-        "normalize": Categorical([False, True]),
-        "scale": Categorical(list(SCALES)),
-        "lam": Float(0.01, 10.0, log=True),
-        "distance": Categorical(["sum", "mean"]),
+        "layers": CategoricalDistribution([1, 2, 3, "all"]),
+        "top_M": IntDistribution(16, 256, log=True),
+        "normalize": CategoricalDistribution([False, True]),
+        "scale": CategoricalDistribution(SCALES),
+        "lam": FloatDistribution(0.01, 10.0, log=True),
+        "distance": CategoricalDistribution(["sum", "mean"]),
     }
     statistics = ("l_bhat", "scale", "classes_used", "pairs_used", "layers_used")
     default_sampler = "pk"

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
 
 from carrot.geometry import class_moments, class_slots, pairwise_distance, rms_radius
-from carrot.space import Categorical, Float
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant
 
@@ -154,12 +154,12 @@ class Expansion(Variant):
     name = "expansion"
     Hparams = ExpansionHparams
     search_space = {
-        "mode": Categorical(list(MODES)),
-        "lam": Float(0.05, 10.0, log=True),
-        "T": Float(0.5, 8.0, log=True),
-        "tau": Float(0.03, 0.5, log=True),
-        "detach_stats": Categorical([True, False]),
-        "aux_ce_weight": Float(0.0, 1.0),
+        "mode": CategoricalDistribution(MODES),
+        "lam": FloatDistribution(0.05, 10.0, log=True),
+        "T": FloatDistribution(0.5, 8.0, log=True),
+        "tau": FloatDistribution(0.03, 0.5, log=True),
+        "detach_stats": CategoricalDistribution([True, False]),
+        "aux_ce_weight": FloatDistribution(0.0, 1.0),
     }
     statistics = ("gamma_mean", "gamma_max", "frac_expanded", "radius_mean", "margin_mean", "classes_used")
     default_sampler = "pk"

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor
 
-from carrot.space import Categorical, Float, Int
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
 
@@ -311,14 +311,14 @@ class Nuisance(Variant):
     name = "nuisance"
     Hparams = NuisanceHparams
     search_space = {
-        "topk": Int(2, 20),
-        "gamma_margin": Float(0.0, 2.0),
-        "delta": Float(0.01, 0.3, log=True),
-        "union": Categorical([False, True]),
-        "n_aug": Int(1, 4),
-        "w_aug": Float(0.1, 2.0, log=True),
-        "warmup_epochs": Float(1.0, 3.0),
-        "basis": Categorical(list(BASES)),
+        "topk": IntDistribution(2, 20),
+        "gamma_margin": FloatDistribution(0.0, 2.0),
+        "delta": FloatDistribution(0.01, 0.3, log=True),
+        "union": CategoricalDistribution([False, True]),
+        "n_aug": IntDistribution(1, 4),
+        "w_aug": FloatDistribution(0.1, 2.0, log=True),
+        "warmup_epochs": FloatDistribution(1.0, 3.0),
+        "basis": CategoricalDistribution(BASES),
     }
     statistics = ("alpha_mean", "frac_augmented", "label_safety", "subspace_rank")
     maybe_undefined = ("label_safety", "subspace_rank")  # nothing augmented / still warming up

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from optuna.distributions import FloatDistribution
 from torch import Tensor
 
-from carrot.space import Float
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
 
@@ -66,7 +66,7 @@ class PairwiseConfusion(Variant):
 
     name = "pairwise_confusion"
     Hparams = PairwiseConfusionHparams
-    search_space = {"lam_per_class": Float(0.02, 0.5, log=True)}
+    search_space = {"lam_per_class": FloatDistribution(0.02, 0.5, log=True)}
     statistics = ("pc_distance", "pairs", "lambda")
     default_sampler = "random"
 

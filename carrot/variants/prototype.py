@@ -67,10 +67,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor, nn
 
 from carrot.geometry import class_slots, class_sums, l2_normalize, symmetric_confusion
-from carrot.space import Categorical, Float, Int
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant, linear_ramp
 
@@ -238,17 +238,17 @@ class PrototypeVariant(Variant):
     name = "prototype"
     Hparams = PrototypeHparams
     search_space = {
-        "lam": Float(0.1, 30.0, log=True),
-        "alpha": Float(5.0, 30.0),
-        "top_m": Int(10, 30),
-        "mu_momentum": Float(0.01, 0.3, log=True),
-        "conf_momentum": Float(0.01, 0.3, log=True),
-        "conf_topk": Categorical([0, 5, 10, 20]),
-        "metric": Categorical(list(METRICS)),
-        "warmup_epochs": Float(1.0, 5.0),
-        "cov_refresh_every": Int(20, 500, log=True),
-        "cov_shrinkage": Float(0.01, 0.9, log=True),
-        "whiten_weight": Float(1e-3, 1.0, log=True),
+        "lam": FloatDistribution(0.1, 30.0, log=True),
+        "alpha": FloatDistribution(5.0, 30.0),
+        "top_m": IntDistribution(10, 30),
+        "mu_momentum": FloatDistribution(0.01, 0.3, log=True),
+        "conf_momentum": FloatDistribution(0.01, 0.3, log=True),
+        "conf_topk": CategoricalDistribution([0, 5, 10, 20]),
+        "metric": CategoricalDistribution(METRICS),
+        "warmup_epochs": FloatDistribution(1.0, 5.0),
+        "cov_refresh_every": IntDistribution(20, 500, log=True),
+        "cov_shrinkage": FloatDistribution(0.01, 0.9, log=True),
+        "whiten_weight": FloatDistribution(1e-3, 1.0, log=True),
     }
     statistics = ("l_carrot", "lambda", "pairs", "omega_mean", "d2_mean")
     default_sampler = "random"

@@ -1,0 +1,65 @@
+"""Clean interrupts: SIGTERM (a scheduler's pre-emption) and SIGINT stop the run at the next
+step boundary; a second signal exits at once.
+
+The first signal only sets a flag; the training and evaluation loops call :func:`check` between
+steps, which raises :class:`Interrupted`. The run then closes its MLflow run as KILLED and its
+trial as FAIL, both with the reason, and the command exits with 128 + the signal number.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+_received: list[int] = []
+
+
+class Interrupted(Exception):
+    """A stop was requested by a signal; the message names it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _handler(signum, frame) -> None:
+    if _received:  # the second signal: no more waiting for a step boundary
+        sys.stderr.write(f"carrot: {signal.Signals(signum).name} again: exiting now\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    _received.append(signum)
+    sys.stderr.write(f"carrot: {signal.Signals(signum).name} received: stopping at the next step "
+                     "(send it again to exit at once)\n")
+    sys.stderr.flush()
+
+
+def requested() -> int | None:
+    """The signal number of a pending stop request, else None."""
+    return _received[0] if _received else None
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` when a stop was requested (call between steps)."""
+    if _received:
+        raise Interrupted(_received[0])
+
+
+@contextlib.contextmanager
+def graceful():
+    """Install the SIGTERM/SIGINT handlers for the duration (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _received.clear()

@@ -1,0 +1,146 @@
+"""Dead workers: a trial whose worker died without cleaning up (SIGKILL, the OOM killer, a lost
+node) is found, closed and retried.
+
+Each running trial carries its worker (host, pid, the process's start time) and a heartbeat
+timestamp in its user attrs, refreshed by a background thread. A trial is dead when its worker
+ran on this host and that process is gone (or the pid now belongs to another process), or when
+its heartbeat is older than the grace period. Journal storage has no heartbeat of its own, so
+this record is the only one there; RDB storages also run Optuna's heartbeat. A dead trial is
+set to FAIL with the reason, its MLflow run is closed as KILLED with the reason, and Optuna's
+``RetryHeartbeatStaleTrialCallback`` enqueues its configuration again (at most ``MAX_RETRY``
+times); the retry resumes from the dead trial's last checkpoint. Finished trials are never
+touched.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from carrot import contract
+
+WORKER_ATTR = "carrot.worker"
+HEARTBEAT_ATTR = "carrot.heartbeat"
+RUN_ID_ATTR = "mlflow_run_id"
+ERROR_ATTR = "error"
+HEARTBEAT_INTERVAL_S = 30.0
+GRACE_PERIOD_S = 300.0  # a worker on another host is dead after this long without a heartbeat
+MAX_RETRY = 2
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/<pid>/stat), None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def this_worker() -> dict[str, object]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start_time(os.getpid())}
+
+
+def is_dead(trial: FrozenTrial, now: float | None = None, grace: float = GRACE_PERIOD_S) -> str | None:
+    """Why ``trial`` (RUNNING) has no live worker, or None while it may be alive."""
+    now = time.time() if now is None else now
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if isinstance(worker, dict) and worker.get("host") == socket.gethostname():
+        pid = int(worker.get("pid", -1))
+        if pid == os.getpid():
+            return None
+        started = process_start_time(pid)
+        if started is None or (worker.get("start") is not None and started != worker["start"]):
+            return f"worker process {pid} on {worker['host']} is gone"
+        return None
+    beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+    if beat is None and trial.datetime_start is not None:
+        beat = trial.datetime_start.timestamp()
+    if beat is not None and now - float(beat) > grace:
+        where = f" on {worker['host']}" if isinstance(worker, dict) else ""
+        return f"no heartbeat from its worker{where} for {now - float(beat):.0f} s"
+    return None
+
+
+class Heartbeat:
+    """Records this worker on a trial and refreshes its heartbeat until stopped."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float = HEARTBEAT_INTERVAL_S) -> None:
+        self.storage, self.trial_id, self.interval = study._storage, trial._trial_id, interval
+        self._stop = threading.Event()
+        trial.set_user_attr(WORKER_ATTR, this_worker())
+        trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+        self._thread = threading.Thread(target=self._beat, name="carrot-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception:  # a finished trial, or a storage hiccup: the next beat tries again
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def close_run(run_id: str | None, reason: str) -> None:
+    """End a trial's MLflow run as KILLED with the reason, unless it already ended."""
+    if not run_id:
+        return
+    from carrot.tracking import client
+
+    mlf = client()
+    try:
+        run = mlf.get_run(run_id)
+    except Exception:
+        return
+    if run.info.status in ("RUNNING", "SCHEDULED"):
+        mlf.set_tag(run_id, contract.TAG_ERROR, reason)
+        mlf.set_tag(run_id, contract.MLFLOW_NOTE, f"killed: {reason}")
+        mlf.set_tag(run_id, contract.TAG_STATUS, "killed")
+        mlf.set_terminated(run_id, "KILLED")
+
+
+class RetryDeadTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a stale trial, which also closes the trial's MLflow run."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reason = trial.user_attrs.get(ERROR_ATTR) or "worker stopped sending heartbeats"
+        close_run(trial.user_attrs.get(RUN_ID_ATTR), reason)
+        super().__call__(study, trial)
+
+
+def reap(study: optuna.Study, log: Callable[[str], None] = print, grace: float = GRACE_PERIOD_S,
+         max_retry: int = MAX_RETRY) -> list[int]:
+    """Fail every RUNNING trial of ``study`` whose worker is dead, close its run, enqueue a
+    retry; returns the numbers of the trials it failed."""
+    reaped = []
+    retry = RetryDeadTrial(max_retry=max_retry)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = is_dead(trial, grace=grace)
+        if reason is None:
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, reason)
+            if not study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                continue
+        except Exception:  # another worker reaped it first
+            continue
+        reaped.append(trial.number)
+        frozen = study._storage.get_trial(trial._trial_id)
+        retries = len(frozen.system_attrs.get("retry_history", []))
+        log(f"trial {trial.number}: {reason}; marked failed" +
+            (", its configuration is queued again" if retries < max_retry else ", retried too often already"))
+        retry(study, frozen)
+    return reaped

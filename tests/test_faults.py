@@ -1,0 +1,132 @@
+"""A study that survives real use, on the real stores in a temporary folder: SIGTERM, SIGINT and
+SIGKILL during a trial, then a restart; dead workers found; failures that carry their reason."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--variant", "baseline", "--epochs", "4", "--image-size", "16", "--no-progress",
+        "--set", "eval.probe_max_train=200", "--set", "data.batch_size=32"]
+
+
+def _carrot(store: Path, *argv: str, wait: bool = True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "carrot.cli", *argv], cwd=store, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = proc.communicate(timeout=600)
+        return proc.returncode, out, err
+    return proc
+
+
+def _wait_for(path_glob: str, root: Path, proc, timeout: float = 300) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = sorted(root.glob(path_glob))
+        if found:
+            return found[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"nothing matched {path_glob}")
+
+
+def _study(store: Path) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(store / "studies" / "optuna.journal")))
+    return optuna.load_study(study_name="digits-test_resnet-baseline", storage=storage)
+
+
+def _runs(client):
+    exp = client.get_experiment_by_name("carrot")
+    return client.search_runs([exp.experiment_id])
+
+
+def _nothing_running(store: Path, client) -> None:
+    assert [t.number for t in _study(store).trials if t.state == optuna.trial.TrialState.RUNNING] == []
+    assert [(r.info.run_name, r.info.status) for r in _runs(client) if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_the_trial_cleanly_and_the_restart_resumes_it(store, mlflow_client, sig, code):
+    proc = _carrot(store, "study", *ARGS, "--trials", "2", wait=False)
+    _wait_for("studies/checkpoints/*/trial-0/last.pt", store, proc)  # trial 0 is past its first epoch
+    sent = time.time()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 30
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "Traceback" not in out
+    assert f"interrupted by {sig.name}" in err
+
+    study = _study(store)
+    trial0 = study.trials[0]
+    assert trial0.state == optuna.trial.TrialState.FAIL
+    assert trial0.user_attrs["error"] == f"interrupted by {sig.name}"
+    run = mlflow_client.get_run(trial0.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["carrot.error"] == f"interrupted by {sig.name}"
+    parents = [r for r in _runs(mlflow_client) if r.data.tags.get("carrot.role") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    _nothing_running(store, mlflow_client)
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].params == trial0.params  # the killed configuration, queued again
+
+    rc, out, err = _carrot(store, "study", *ARGS, "--trials", "1")
+    assert rc == 0, err
+    study = _study(store)
+    retry = study.trials[1]
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == trial0.params
+    run = mlflow_client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert run.data.tags["carrot.resumed_from"].endswith("trial-0/last.pt")
+    assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val/acc")] == [1, 2, 3, 4]
+    _nothing_running(store, mlflow_client)
+    assert not list(store.glob("studies/checkpoints/*/trial-*"))  # finished trials keep none
+
+
+def test_sigkill_then_restart_retries_from_the_checkpoint(store, mlflow_client):
+    from carrot.study import trial_config
+    from carrot.train import run
+    from conftest import tiny_config  # noqa: F401 (same package layout as the CLI run)
+
+    proc = _carrot(store, "study", *ARGS, "--trials", "4", wait=False)
+    _wait_for("studies/checkpoints/*/trial-1/last.pt", store, proc)
+    proc.kill()  # SIGKILL: no handler runs, trial 1 and its run stay RUNNING
+    proc.communicate(timeout=60)
+    study = _study(store)
+    assert study.trials[1].state == optuna.trial.TrialState.RUNNING
+
+    rc, out, err = _carrot(store, "study", *ARGS, "--trials", "1")
+    assert rc == 0, err
+    assert "trial 1: worker process" in out
+    study = _study(store)
+    dead = study.trials[1]
+    assert dead.state == optuna.trial.TrialState.FAIL and "is gone" in dead.user_attrs["error"]
+    dead_run = mlflow_client.get_run(dead.user_attrs["mlflow_run_id"])
+    assert dead_run.info.status == "KILLED" and "is gone" in dead_run.data.tags["carrot.error"]
+    retry = study.trials[2]
+    assert retry.params == dead.params and retry.state == optuna.trial.TrialState.COMPLETE
+    retry_run = mlflow_client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert retry_run.data.tags["carrot.resumed_from"].endswith("trial-1/last.pt")
+    _nothing_running(store, mlflow_client)
+
+    # the same configuration trained without interruption ends with the same accuracy
+    from carrot.cli import build_config, main  # noqa: F401
+    import argparse
+
+    ns = argparse.Namespace(variant="baseline", dataset=None, data_root=None, workers=None, image_size=16,
+                            batch_size=None, backbone=None, pretrained_path=None, epochs=4, device=None, seed=None,
+                            experiment=None, config=None, no_progress=True,
+                            set=["eval.probe_max_train=200", "data.batch_size=32"])
+    cfg = trial_config(build_config(ns), retry.params)
+    whole = run(cfg, track=False, log=lambda s: None)
+    assert retry.value == whole.objective
