@@ -110,19 +110,6 @@ def _int_or_none(text: Any) -> int | None:
         return None
 
 
-def _search_all(client, experiment_id: str) -> list:
-    from mlflow.entities import ViewType
-
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
-                                  page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def empty_runs() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in BASE_COLUMNS})
 
@@ -140,7 +127,7 @@ def load_runs(client, experiment: str = contract.DEFAULT_EXPERIMENT, *, dataset:
     if exp is None:
         return empty_runs()
     rows = []
-    for r in _search_all(client, exp.experiment_id):
+    for r in contract.search_runs(client, experiment):
         tags = r.data.tags
         row: dict[str, Any] = {
             "run_id": r.info.run_id,
@@ -213,8 +200,11 @@ def final_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def study_trials(runs: pd.DataFrame) -> pd.DataFrame:
-    """Finished validation-split runs (the study trials)."""
-    return finished(runs, contract.SPLIT_VAL)
+    """Finished validation-split runs of studies: tagged as trials (or, in stores written before
+    that tag, child runs of a study); never ``carrot train`` runs nor the studies' parent runs."""
+    val = finished(runs, contract.SPLIT_VAL)
+    legacy = (val["role"].fillna("") == "") & (val["parent_run_id"].fillna("") != "")
+    return val[(val["role"] == contract.ROLE_TRIAL) | legacy]
 
 
 def _table_order(runs: pd.DataFrame) -> pd.DataFrame:

@@ -189,7 +189,7 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Cal
     name = name or study_name(base)
     store = open_storage(storage)
     label = redact(storage or str(DEFAULT_JOURNAL))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported in one line below
     # The sampler's seed moves with the study's length so a continued study does not
     # replay the random start-up draws of the first session.
     existing = 0
