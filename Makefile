@@ -19,6 +19,7 @@ SEED      ?=
 DEVICE    ?=
 STORAGE   ?=
 CONFIG    ?=
+STUDY     ?=
 PORT      ?= 5000
 DASHBOARD_PORT ?= 8080
 PYTEST_ARGS ?=
@@ -33,7 +34,7 @@ RUN_FLAGS = $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATASET),--dataset $(DATAS
 .PHONY: help setup study train final tables plots ui dashboard test test-fast bench clean
 
 help: ## list the targets and their variables
-	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url CONFIG=file.yaml]"
+	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name CONFIG=file.yaml]"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
@@ -46,7 +47,7 @@ setup: $(STAMP) ## build the virtual environment (.venv) with every dependency
 
 study: $(STAMP) ## Optuna study of VARIANT (or VARIANT=all) on the validation split
 	$(BIN)/carrot study --variant $(VARIANT) $(if $(TRIALS),--trials $(TRIALS)) \
-		$(if $(STORAGE),--storage $(STORAGE)) $(RUN_FLAGS)
+		$(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study-name $(STUDY)) $(RUN_FLAGS)
 
 train: $(STAMP) ## one run of VARIANT at its recommended setting
 	$(BIN)/carrot train --variant $(VARIANT) $(RUN_FLAGS)
