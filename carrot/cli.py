@@ -15,9 +15,15 @@ DEFAULT_TRIALS = 6
 
 
 def _parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML, with YAML 1.2 numbers (PyYAML reads ``1e-3`` as a string)."""
+    import re
+
     import yaml
 
-    return yaml.safe_load(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+        return float(value)
+    return value
 
 
 def build_config(args: argparse.Namespace, variant: str | None = None):
@@ -31,7 +37,13 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ConfigError(f"config file {where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
+                              "expected a mapping of config sections") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     flags = {

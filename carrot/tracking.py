@@ -47,6 +47,17 @@ def check_writable(path: Path, what: str) -> None:
                          "expected a folder this user can write") from None
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server answers its health check within ``timeout`` seconds, else one line."""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as exc:
+        raise StoreError(contract.redact(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
+                                         "expected a running `mlflow server` at MLFLOW_TRACKING_URI", uri)) from None
+
+
 def artifact_root(uri: str) -> str | None:
     db = _sqlite_path(uri)
     return str(db.parent.resolve()) if db is not None else None
@@ -58,6 +69,11 @@ def client() -> MlflowClient:
     db = _sqlite_path(uri)
     if db is not None:
         check_writable(db.parent, "MLflow store")
+        if db.exists() and not os.access(db, os.W_OK):
+            raise StoreError(f"MLflow store {db} is read-only; expected a database file this user can write "
+                             "(or set MLFLOW_TRACKING_URI to another store)")
+    elif uri.startswith(("http://", "https://")):
+        check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 

@@ -28,6 +28,9 @@ def _runs(store):
         (["train", "--set", "variant.hparams.zzz=1"], ["zzz", "valid"]),
         (["train", "--dataset", "cub"], ["cub", "root"]),
         (["train", "--device", "tpu"], ["device", "tpu", "cpu"]),
+        (["train", "--variant", "expansion", "--set", "variant.hparams.detach_stats=maybe"],
+         ["detach_stats", "maybe", "true or false"]),
+        (["study", "--set", "data.batch_size=5000"], ["batch_size=5000", "training split"]),
     ],
 )
 def test_bad_input_is_one_clear_line(store, capsys, argv, expected):
@@ -62,3 +65,43 @@ def test_unwritable_study_storage(store, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Optuna study storage is not writable" in err
     assert _runs(store) == []
+
+
+def test_yaml_syntax_error_names_file_line_and_column(store, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n  epochs: [1, 2\n")
+    assert main(["train", "--config", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}:" in err and "not valid YAML" in err, err
+    line, column = err.split(f"{bad}:")[1].split(":")[:2]
+    assert int(line) >= 3 and int(column) >= 1
+    assert _runs(store) == []
+
+
+def test_set_values_are_yaml_1_2_numbers():
+    from carrot.cli import _parse_value
+
+    assert _parse_value("1e-3") == 1e-3 and isinstance(_parse_value("1e-3"), float)
+    assert _parse_value("3") == 3 and _parse_value("true") is True and _parse_value("kl") == "kl"
+
+
+def test_one_class_dataset_is_refused_before_any_run(store, capsys, tmp_path):
+    import fixtures_fgvc as fx
+
+    root = fx.make_imagefolder(tmp_path / "one", with_val=False, classes=fx.IMAGEFOLDER_CLASSES[:1]).root
+    assert main(["train", "--dataset", "imagefolder", "--data-root", str(root), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "class" in err, err
+    assert _runs(store) == []
+
+
+def test_unreachable_tracking_server_fails_fast_without_its_password(store, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:pw123@127.0.0.1:9")
+    start = time.time()
+    assert main(["train", "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.time() - start < 15
+    assert len(err.splitlines()) == 1 and "unreachable" in err and "pw123" not in err, err
+

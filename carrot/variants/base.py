@@ -77,6 +77,7 @@ class Variant(nn.Module):
             raise ValueError(
                 f"unknown hyperparameter(s) {unknown} for variant {self.name!r}; valid: {sorted(known)}"
             )
+        _check_types(self.Hparams, hparams, self.name)
         self.hp = self.Hparams(**hparams)
 
     @classmethod
@@ -107,6 +108,22 @@ class Variant(nn.Module):
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The variant's own terms (besides ``ce``) and statistics."""
         return {}, {}
+
+
+def _check_types(hparams_cls: type, values: dict[str, Any], variant: str) -> None:
+    """Each value has its field's declared type (bool, int, float, str), naming the key."""
+    import typing
+
+    hints = typing.get_type_hints(hparams_cls)
+    for key, value in values.items():
+        tp = hints.get(key)
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str)}.get(tp)
+        if ok is not None and not ok(value):
+            raise ValueError(f"invalid {key}={value!r} for variant {variant!r}: expected "
+                             f"{'true or false' if tp is bool else 'a ' + tp.__name__}")
 
 
 class L2Normalize(nn.Module):
