@@ -84,6 +84,14 @@ def build_dataset(cfg, spec: ImageSpec) -> DatasetSplits:
     return _REGISTRY[cfg.name](cfg, spec)
 
 
+def limit_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Indices keeping the first ``limit`` items of every class (all when ``limit`` is None)."""
+    if not limit:
+        return np.arange(len(labels))
+    keep = np.concatenate([np.flatnonzero(labels == c)[:limit] for c in np.unique(labels)])
+    return np.sort(keep)
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, held_out): ``fraction`` of every class held out, at least one kept."""
     rng = np.random.default_rng(seed)
@@ -146,5 +154,5 @@ def preflight(cfg, verify_images: bool = False) -> DatasetSplits:
 
 __all__ = [
     "DatasetError", "DatasetSplits", "ImageSpec", "build_dataset", "list_datasets", "preflight",
-    "register_dataset", "stratified_split",
+    "limit_per_class", "register_dataset", "stratified_split",
 ]

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from carrot.data import DatasetError, DatasetSplits, ImageSpec, stratified_split
+from carrot.data import DatasetError, DatasetSplits, ImageSpec, limit_per_class, stratified_split
 
 FGVC_CROP_PCT = 0.875  # resize = image_size / 0.875: 448 crop from 512, 224 from 256
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"
@@ -388,14 +388,6 @@ def read_rows(dataset: str, path: Path, fields: int) -> list[list[str]]:
 
 
 # --------------------------------------------------------------------------- splits
-
-
-def limit_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
-    """Indices keeping the first ``limit`` items of every class (all when ``limit`` is None)."""
-    if not limit:
-        return np.arange(len(labels))
-    keep = np.concatenate([np.flatnonzero(labels == c)[:limit] for c in np.unique(labels)])
-    return np.sort(keep)
 
 
 def make_splits(dataset: str, cfg, spec: ImageSpec, root: Path, class_names: list[str],

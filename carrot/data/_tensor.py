@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from carrot.data import DatasetSplits, stratified_split
+from carrot.data import DatasetSplits, limit_per_class, stratified_split
 
 
 class TensorImageDataset(Dataset):
@@ -35,9 +35,7 @@ def split_tensor_dataset(images: torch.Tensor, labels: np.ndarray, cfg, class_na
     trainval, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     tr_rel, val_rel = stratified_split(labels[trainval], cfg.val_fraction, cfg.split_seed + 1)
     train, val = trainval[tr_rel], trainval[val_rel]
-    if cfg.limit_per_class:
-        train = np.concatenate([train[labels[train] == c][: cfg.limit_per_class] for c in np.unique(labels)])
-        train.sort()
+    train = train[limit_per_class(labels[train], cfg.limit_per_class)]
     mean = images[train].mean(dim=(0, 2, 3), keepdim=True)
     std = images[train].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     images = (images - mean) / std
