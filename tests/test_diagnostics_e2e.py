@@ -44,7 +44,7 @@ def test_expansion_study_logs_every_key_per_epoch(store, mlflow_client):
         layers = sorted({k.split("/")[1] for k in keys if k.startswith("rho/")})
         assert len(layers) >= 2, keys
         expected = PER_EPOCH + [f"rho/{l}/top_mean" for l in layers] + [f"rho/{l}/ref_mean" for l in layers]
-        expected += [k for k in keys if k.startswith("var/")] + ["train/kl"]
+        expected += [k for k in keys if k.startswith("var/")] + [f"train/{r.data.params['variant.hparams.mode']}"]
         for key in expected:
             steps = [m.step for m in mlflow_client.get_metric_history(rid, key)]
             assert steps == [1, 2, 3], (key, steps)
