@@ -73,6 +73,10 @@ CONFUSION_ARTIFACT = "confusion.npz"
 PAIRS_ARTIFACT = "pairs.json"
 DIAGNOSTICS_ARTIFACT = "diagnostics.json"
 WEIGHTS_ARTIFACT = "weights.pt"  # final runs: the trained model's state dict
+# final runs: per-sample predictions on the test split, arrays ``index`` (N,) sample index in the
+# split, ``label`` (N,), ``pred`` (N,), ``top5_class`` (N, 5) and ``top5_prob`` (N, 5), all of the
+# last epoch
+PREDICTIONS_ARTIFACT = "predictions.npz"
 CONFUSION_KEY = "confusion"  # CONFUSION_ARTIFACT array: (E, K, K) counts, one matrix per epoch
 PAIRS_REFERENCE_KEY = "reference"  # PAIRS_ARTIFACT field: the reference pairs, [[i, j], ...]
 
