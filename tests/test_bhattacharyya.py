@@ -109,13 +109,78 @@ def test_auto_scale_matches_ce_and_fixed_scale_uses_lam() -> None:
     out = create_variant("bhattacharyya")(batch)
     ce, l_bhat = out.terms["ce"], out.stats["l_bhat"]
     assert l_bhat.item() > 0
-    # s * L = CE * L / (L + eps): the regulariser enters at the scale of CE
-    assert out.terms["bhat"].item() == pytest.approx(ce.item() * l_bhat.item() / (l_bhat.item() + 1e-6), rel=1e-5)
+    # s * L with s = CE / L (no eps): the regulariser enters at exactly the value of CE
+    assert out.terms["bhat"].item() == pytest.approx(ce.item(), rel=1e-6)
+    assert out.stats["scale"].item() == pytest.approx(ce.item() / l_bhat.item(), rel=1e-5)
+    assert out.stats["log_l_bhat"].item() == pytest.approx(math.log(l_bhat.item()), rel=1e-5)
     out.loss.backward()
     assert torch.isfinite(emb.grad).all()
 
     fixed = create_variant("bhattacharyya", scale="fixed", lam=0.3)(batch)
     assert fixed.terms["bhat"].item() == pytest.approx(0.3 * l_bhat.item(), rel=1e-5)
+
+
+def _narrow_float64_batch(seed: int = 7):
+    """Three narrow layers (D_B of a few units, rho well above float32's tiny) in float64, with
+    overlaps that differ between layers, so the layer mean of L_layer and the mean of their logs
+    (a geometric mean) differ."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(Y), 10, generator=g, dtype=torch.float64)
+    centres = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    feats = {
+        f"l{k}": (torch.randn(len(Y), 4, generator=g, dtype=torch.float64) + spread * centres[Y]).requires_grad_(True)
+        for k, spread in enumerate((0.2, 0.8, 1.6))
+    }
+    head = nn.Linear(4, 10).double()
+    return StepBatch(torch.zeros(len(Y), 4, dtype=torch.float64), logits, Y, head, feats, progress=10.0)
+
+
+def test_auto_term_in_log_space_has_the_value_of_ce_and_the_gradient_of_s_times_l_bhat() -> None:
+    """The log-space term against the design note's s * L_bhat built from rho (SPEC: L_bhat the
+    mean over layers of sum a rho / sum a, s = CE / L_bhat detached), in float64 where rho does
+    not underflow: same value (CE) and the same gradient on every layer's features."""
+    batch = _narrow_float64_batch()
+    out = create_variant("bhattacharyya", layers="all")(batch)
+    term, ce = out.terms["bhat"], out.terms["ce"]
+    grads = torch.autograd.grad(term, list(batch.features.values()))
+
+    sel, _, _ = select_confusable_pairs(batch.logits, Y, 64)
+    per_layer, rho_mean, _ = multi_layer_bhattacharyya(list(batch.features.values()), sel)  # rho form, (L,)
+    assert per_layer.dtype == torch.float64 and rho_mean.min() > 1e-6  # narrow: rho is far from underflow
+    assert per_layer.max() / per_layer.min() > 2  # the layers differ: a geometric mean would not match
+    l_bhat = per_layer.mean()
+    reference = (ce.detach() / l_bhat.detach()) * l_bhat
+    ref_grads = torch.autograd.grad(reference, list(batch.features.values()))
+
+    assert term.item() == pytest.approx(ce.item(), rel=1e-12)
+    assert out.stats["l_bhat"].item() == pytest.approx(l_bhat.item(), rel=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert want.abs().max() > 1e-3
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_term_on_a_wide_layer_does_not_underflow() -> None:
+    """A 2048-wide random layer, P x K = 16 x 4, default setting: D_B is in the hundreds, rho is
+    0 in float32, and still the auto-scaled term gives a finite, non-zero gradient (a term
+    built from rho would give exactly zero: shown by scale=fixed)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(16).repeat_interleave(4)
+    feat = torch.randn(len(y), 2048, generator=g).requires_grad_(True)
+    logits = torch.randn(len(y), 16, generator=g)
+    head = nn.Linear(8, 16)
+    batch = StepBatch(torch.zeros(len(y), 8), logits, y, head, {"layer4": feat}, progress=10.0)
+    out = create_variant("bhattacharyya")(batch)
+    assert out.stats["db_layer4"].item() > 100 and out.stats["rho_layer4"].item() == 0.0
+    assert out.terms["bhat"].item() == pytest.approx(out.terms["ce"].item(), rel=1e-6)
+    assert math.isfinite(out.stats["log_l_bhat"].item()) and out.stats["log_l_bhat"].item() < -100
+    assert math.isfinite(out.stats["scale"].item())
+    (grad,) = torch.autograd.grad(out.terms["bhat"], feat)
+    assert torch.isfinite(grad).all()
+    assert grad.abs().max() > 1e-4, "the term went silent on a wide layer"
+
+    fixed = create_variant("bhattacharyya", scale="fixed")(batch)
+    (grad_fixed,) = torch.autograd.grad(fixed.terms["bhat"], feat)
+    assert fixed.terms["bhat"].item() == 0.0 and grad_fixed.abs().max() == 0.0  # rho underflowed
 
 
 def test_layers_hparam_and_per_layer_stats() -> None:

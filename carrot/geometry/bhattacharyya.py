@@ -3,7 +3,8 @@
 Three entry points for the same formula: :func:`bhattacharyya_pairs` for index pairs of
 given moments (the diagnostics), :func:`bhattacharyya_diag` for all pairs (the functional
 core), and :func:`sample_pair_bhattacharyya` straight from a batch's samples with a
-hand-written backward (the ``bhattacharyya`` variant's training step). All float32.
+hand-written backward (the ``bhattacharyya`` variant's training step). All float32
+(:func:`sample_pair_bhattacharyya` keeps float64 input in float64, for exact tests).
 """
 from __future__ import annotations
 
@@ -154,17 +155,17 @@ def sample_pair_bhattacharyya(
     with a hand-written backward (:class:`_SamplePairBhattacharyya`), for the training step.
 
     Args:
-        x: (B, D) samples, cast to float32 (autocast off). Several layers can share one call:
-            concatenate their features along dim 1 and pass their ``widths``; the distance is
-            then computed per block of columns.
+        x: (B, D) samples, cast to float32 (autocast off; float64 stays float64). Several
+            layers can share one call: concatenate their features along dim 1 and pass their
+            ``widths``; the distance is then computed per block of columns.
         klass: (B,) int64 class of each sample in ``[0, num_classes)``.
         pairs: (2, P) int64 classes (c, d) of each pair.
         widths: column widths of the blocks (default: one block of D).
     Returns:
-        (P, L) float32 D_B per pair and block.
+        (P, L) D_B per pair and block, float32 (float64 for float64 ``x``).
     """
     with no_autocast(x):
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         widths = tuple(int(w) for w in widths) if widths is not None else (x.shape[1],)
         assert sum(widths) == x.shape[1], f"widths {widths} do not add up to D = {x.shape[1]}"
         return _SamplePairBhattacharyya.apply(x, klass, pairs, num_classes, widths, eps)

@@ -5,8 +5,19 @@ Gaussians of the classes the model confuses most are pushed apart by minimising 
 Bhattacharyya coefficient rho = exp(-D_B), the overlap behind the Bayes-error bound
 P_e <= sqrt(w1 w2) rho:
 
-    L = CE + s * mean_layers [ sum_{top-M pairs} a_cd rho_cd / sum a_cd ],
-    s = CE.detach() / (L_bhat.detach() + eps)   ("auto"; a fixed lam is the ablation).
+    L = CE + s * L_bhat,   L_bhat = mean_layers [ sum_{top-M pairs} a_cd rho_cd / sum a_cd ],
+    s = CE.detach() / L_bhat.detach()   ("auto"; a fixed lam is the ablation).
+
+The auto-scaled term is computed in log space and never through rho: with
+
+    log L_layer = logsumexp_pairs(log a_cd - D_B(c, d)) - log sum a_cd,
+    log L_bhat  = logsumexp_layers(log L_layer) - log(number of layers)   (the layer mean),
+
+the term is ``CE.detach() * exp(log L_bhat - log L_bhat.detach())``: its value is CE and its
+gradient is exactly that of ``s * L_bhat``. On wide layers D_B is in the hundreds, rho =
+exp(-D_B) is 0 in float32 and a term built from rho goes silent; this one cannot underflow.
+With ``scale=fixed`` the term is ``lam * L_bhat`` from rho as is (a fixed weight on an
+underflowing overlap legitimately vanishes).
 
 Everything is vectorised over classes, pairs and layers on fixed-size (B-slot) tensors: no
 ``torch.unique``, no class-index remapping, no host sync. Labels, confusion and the pair
@@ -15,6 +26,7 @@ so moments and pair terms are one pass for all of them, with a hand-written back
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -77,31 +89,31 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int) -> tuple[Pair
     return sel, inv, counts
 
 
-def multi_layer_bhattacharyya(
+def pair_distances(
     features: Sequence[Tensor], sel: PairSelection, normalize: bool = False, eps: float = 1e-6,
     distance: str = "sum",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Every layer's confusion-weighted overlap ``sum a rho / sum a``, all layers at once.
+    """D_B of the selected pairs in every layer, all layers at once.
 
     The layers' pooled features (B, D_l) are concatenated along the feature axis (float32,
-    optionally L2-normalised per layer first), so the per-class mean and biased diagonal
-    variance (usable classes only) and the per-pair terms are one pass over
-    ``D_1 + ... + D_L`` columns, summed per layer at the end
+    float64 input stays float64; optionally L2-normalised per layer first), so the per-class
+    mean and biased diagonal variance (usable classes only) and the per-pair terms are one
+    pass over ``D_1 + ... + D_L`` columns, summed per layer at the end
     (:func:`carrot.geometry.sample_pair_bhattacharyya`). For the selected pairs, with
     ``v = max(var, eps)`` and ``vbar = (v_c + v_d) / 2 + eps`` (as
     :func:`carrot.geometry.bhattacharyya_pairs`):
 
         D_B = 1/2 [ sum_j (log vbar_j + (mu_cj - mu_dj)^2 / (4 vbar_j)) - 1/2 (sum_j log v_cj + sum_j log v_dj) ]
 
-    ``distance="mean"`` divides each layer's D_B by its width D_l before rho = exp(-D_B): the
-    sum over thousands of dimensions makes rho underflow to 0 on wide layers, which silences
-    the term; the mean keeps it alive (an ablation switch; ``"sum"`` is the method).
+    ``distance="mean"`` divides each layer's D_B by its width D_l (an ablation switch; ``"sum"``
+    is the method).
 
-    Returns ``(loss, rho_mean, db_mean)``, each (L,): the weighted loss (0 when no pair is
-    valid or all weights are 0) and the unweighted means of rho and D_B over the valid pairs.
+    Returns ``(db, rho_mean, db_mean)``: ``db`` (M', L) with its gradient, 0 on padding
+    entries; the unweighted means of rho = exp(-D_B) and of D_B over the valid pairs, (L,)
+    each, no gradient (rho underflows to 0 on wide layers; D_B stays readable).
     """
     with no_autocast(features[0]):
-        fs = [f.float() for f in features]
+        fs = [f.to(torch.promote_types(f.dtype, torch.float32)) for f in features]
         if normalize:
             fs = [F.normalize(f, dim=1) for f in fs]
         x = torch.cat(fs, 1) if len(fs) > 1 else fs[0]  # (B, D) all layers side by side
@@ -109,17 +121,69 @@ def multi_layer_bhattacharyya(
         db = sample_pair_bhattacharyya(x, sel.klass, sel.num_usable + 1, sel.pair_class, widths, eps)  # (M', L)
         if distance == "mean":
             db = db / torch.tensor(widths, dtype=db.dtype, device=db.device)
-        # Padding entries: D_B = 0 before exp, so no inf * 0 in the loss or its gradient.
+        # Padding entries: D_B = 0, so no inf * 0 in the loss or its gradient.
         db = torch.where(sel.valid[:, None], db, torch.zeros_like(db))
-        rho = torch.exp(-db)  # (M', L)
-        w = sel.weight
-        loss = (w @ rho) / w.sum().clamp_min(torch.finfo(torch.float32).tiny)  # (L,)
         with torch.no_grad():
-            valid = sel.valid.float()
+            valid = sel.valid.to(db.dtype)
             n = valid.sum().clamp_min(1.0)
-            rho_mean = (valid @ rho) / n
+            rho_mean = (valid @ torch.exp(-db)) / n
             db_mean = (valid @ db) / n
-    return loss, rho_mean, db_mean
+    return db, rho_mean, db_mean
+
+
+def weighted_overlap(db: Tensor, sel: PairSelection) -> Tensor:
+    """Every layer's ``L_layer = sum_pairs a rho / sum a``, rho = exp(-D_B), (L,).
+
+    The design note's form, used as is by ``scale=fixed`` (a fixed lambda times a term that
+    vanishes on wide layers, where rho underflows, legitimately vanishes). 0 when no pair is
+    valid or all weights are 0.
+    """
+    w = sel.weight.to(db.dtype)
+    return (w @ torch.exp(-db)) / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def log_weighted_overlap(db: Tensor, sel: PairSelection) -> tuple[Tensor, Tensor]:
+    """``log L_layer = logsumexp_pairs(log a - D_B) - log sum a`` per layer, never forming rho.
+
+    Returns ``(log_overlap (L,), active (0-dim bool))``: ``active`` is whether any valid pair
+    has a positive weight. Where it is false the log is a finite placeholder 0 (with a zero
+    gradient) instead of ``-inf``, so no NaN reaches the gradient; callers mask with ``active``.
+    """
+    w = sel.weight.to(db.dtype)
+    ok = sel.valid & (w > 0)  # (M',) pairs that count
+    active = ok.any()
+    log_w = torch.log(torch.where(ok, w, torch.ones_like(w)))  # (M',) finite everywhere
+    scores = torch.where(ok[:, None], log_w[:, None] - db, torch.full_like(db, float("-inf")))  # (M', L)
+    # Without a pair every column is -inf (NaN gradient from logsumexp): use zeros there instead.
+    scores = torch.where(active, scores, torch.zeros_like(scores))
+    log_num = torch.logsumexp(scores, dim=0)  # (L,)
+    log_den = torch.log(torch.where(active, w.sum(), torch.ones_like(w.sum())))
+    return torch.where(active, log_num - log_den, torch.zeros_like(log_num)), active
+
+
+def auto_scaled_term(ce: Tensor, log_l: Tensor) -> Tensor:
+    """``CE.detach() * exp(log L - log L.detach())``: the term ``s * L`` with ``s = CE / L`` detached.
+
+    Its value is CE (``exp(0) = 1``) and its gradient ``CE * d log L = (CE / L) dL`` is exactly
+    that of ``s * L``; it is computed from ``log L`` only, so it cannot underflow however small
+    L is (on wide layers D_B is in the hundreds and ``exp(-D_B)`` is 0 in float32).
+    """
+    return ce.detach() * torch.exp(log_l - log_l.detach())
+
+
+def multi_layer_bhattacharyya(
+    features: Sequence[Tensor], sel: PairSelection, normalize: bool = False, eps: float = 1e-6,
+    distance: str = "sum",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every layer's confusion-weighted overlap ``sum a rho / sum a`` (:func:`weighted_overlap`
+    of :func:`pair_distances`).
+
+    Returns ``(loss, rho_mean, db_mean)``, each (L,): the weighted overlap (0 when no pair is
+    valid or all weights are 0) and the unweighted means of rho and D_B over the valid pairs.
+    """
+    db, rho_mean, db_mean = pair_distances(features, sel, normalize, eps, distance)
+    with no_autocast(db):
+        return weighted_overlap(db, sel), rho_mean, db_mean
 
 
 def pick_layers(names: list[str], layers: int | str) -> list[str]:
@@ -136,7 +200,7 @@ class BhattacharyyaHparams(BaseHparams):
     normalize: bool = False  # L2-normalise each layer's pooled features first
     scale: str = "auto"  # "auto": s = CE / L_bhat (detached); "fixed": s = lam
     lam: float = 1.0  # weight when scale == "fixed"
-    eps: float = 1e-6  # variance floor in D_B and denominator of the auto scale
+    eps: float = 1e-6  # variance floor in D_B
     distance: str = "sum"  # "sum": D_B over all dimensions (the method); "mean": D_B / D_l per layer
 
     def __post_init__(self) -> None:
@@ -160,6 +224,8 @@ class Bhattacharyya(Variant):
     keys of ``StepBatch.features``) it also returns ``rho_<layer>`` and ``db_<layer>``: the
     mean rho and mean D_B of the selected pairs. Classes and pairs used are the same for
     every layer (they depend on labels and logits only), so they are logged once.
+    ``l_bhat`` is L_bhat (it underflows to 0 with rho on wide layers), ``log_l_bhat`` its
+    natural log (readable there; NaN without a usable pair), ``scale`` the s multiplying it.
     """
 
     name = "bhattacharyya"
@@ -172,7 +238,8 @@ class Bhattacharyya(Variant):
         "lam": FloatDistribution(0.01, 10.0, log=True),
         "distance": CategoricalDistribution(["sum", "mean"]),
     }
-    statistics = ("l_bhat", "scale", "classes_used", "pairs_used", "layers_used")
+    statistics = ("l_bhat", "log_l_bhat", "scale", "classes_used", "pairs_used", "layers_used")
+    maybe_undefined = ("log_l_bhat",)  # log 0 in a batch without a usable pair: averaged as missing
     default_sampler = "pk"
     uses_features = True
     hp: BhattacharyyaHparams
@@ -184,23 +251,33 @@ class Bhattacharyya(Variant):
         names = pick_layers(list(batch.features), hp.layers)
         sel, _, _ = select_confusable_pairs(batch.logits, batch.labels, hp.top_M)
         layer_ok = (sel.usable_classes >= 2).float()  # same for every layer
+        n_ok = layer_ok * len(names)
 
-        losses, rho_mean, db_mean = multi_layer_bhattacharyya(
-            [batch.features[name] for name in names], sel, hp.normalize, hp.eps, hp.distance)  # (L,) each
+        db, rho_mean, db_mean = pair_distances(
+            [batch.features[name] for name in names], sel, hp.normalize, hp.eps, hp.distance)  # (M', L), (L,), (L,)
         stats: dict[str, Tensor] = {}
         for k, name in enumerate(names):
             stats[f"rho_{name}"] = rho_mean[k]
             stats[f"db_{name}"] = db_mean[k]
-        n_ok = layer_ok * len(names)
-        l_bhat = losses.sum() * layer_ok / n_ok.clamp_min(1.0)
 
-        if hp.scale == "auto":
-            # 0 when no layer had two usable classes (L_bhat = 0), so the logged scale is not CE / eps.
-            s = torch.where(n_ok > 0, ce.detach() / (l_bhat.detach() + hp.eps), torch.zeros_like(l_bhat))
-        else:
-            s = torch.full_like(l_bhat, hp.lam)
+        with no_autocast(db):
+            # log L_bhat: the mean over layers of L_layer, as logsumexp over layers - log L.
+            log_layers, active = log_weighted_overlap(db, sel)  # (L,), 0-dim
+            log_l = torch.logsumexp(log_layers, 0) - math.log(len(names))
+            if hp.scale == "auto":
+                term = torch.where(active, auto_scaled_term(ce, log_l), torch.zeros_like(log_l))
+                with torch.no_grad():
+                    l_bhat = torch.where(active, torch.exp(log_l), torch.zeros_like(log_l))
+                    # s = CE / L_bhat; saturates at the float32 maximum where L_bhat underflows
+                    # (log_l_bhat is the readable one there); 0 without a pair, not CE / 0.
+                    s = torch.exp(torch.log(ce.detach()) - log_l).clamp_max(torch.finfo(torch.float32).max)
+                    s = torch.where(active, s, torch.zeros_like(s))
+            else:
+                l_bhat = weighted_overlap(db, sel).sum() * layer_ok / n_ok.clamp_min(1.0)
+                s = torch.full_like(l_bhat, hp.lam)
+                term = s * l_bhat
         stats.update(
-            l_bhat=l_bhat.detach(), scale=s, classes_used=sel.usable_classes.float(),
-            pairs_used=sel.valid.float().sum(), layers_used=n_ok,
+            l_bhat=l_bhat.detach(), log_l_bhat=torch.where(active, log_l.detach(), float("nan")), scale=s,
+            classes_used=sel.usable_classes.float(), pairs_used=sel.valid.float().sum(), layers_used=n_ok,
         )
-        return {"bhat": s * l_bhat}, stats
+        return {"bhat": term}, stats
