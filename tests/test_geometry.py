@@ -195,6 +195,27 @@ def test_effective_rank_known_spectrum(sing: list[float]) -> None:
     assert effective_rank(_with_spectrum(10, 7, sing).half()).item() == pytest.approx(ref, rel=1e-2)
 
 
+def test_effective_rank_uses_covariance_eigenvalues_not_singular_values() -> None:
+    """The definition: p = normalised eigenvalues of the covariance = squared singular values of
+    the centred matrix, not Roy & Vetterli's normalised singular values. A diagonal matrix has
+    its diagonal as singular values, so both conventions are known in closed form."""
+    sing = np.array([4.0, 2.0, 1.0, 0.5])
+    x = torch.zeros(4, 6, dtype=torch.float64)
+    x[range(4), range(4)] = torch.tensor(sing)
+
+    def erank(weights: np.ndarray) -> float:
+        p = weights / weights.sum()
+        return math.exp(-(p * np.log(p)).sum())
+
+    eigen_convention, singular_convention = erank(sing**2), erank(sing)
+    assert singular_convention - eigen_convention > 0.5  # the conventions really differ here
+    got = effective_rank(x).item()
+    assert got == pytest.approx(eigen_convention, rel=1e-6)
+    assert got != pytest.approx(singular_convention, rel=1e-2)
+    # the same spectrum through the Gram path (n < D) and the scatter path (n > D)
+    assert effective_rank(x.T.contiguous()).item() == pytest.approx(eigen_convention, rel=1e-6)
+
+
 def test_effective_rank_center_option() -> None:
     x = torch.randn(12, 5) + 10.0
     assert effective_rank(x, center=True).item() == pytest.approx(effective_rank(x - x.mean(0)).item(), rel=1e-5)

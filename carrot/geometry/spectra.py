@@ -1,7 +1,8 @@
 """Spectra of batch covariances: effective rank and spectral entropy.
 
 ``erank = exp(H)``, ``H = -sum_k p_k log p_k`` with ``p = lam / sum lam`` the normalised
-eigenvalues. Written once as :func:`spectral_entropy` of the trace ``T = sum lam`` and
+eigenvalues of the covariance (squared singular values of the centred data, not the singular
+values of Roy & Vetterli's definition; see :func:`effective_rank`). Written once as :func:`spectral_entropy` of the trace ``T = sum lam`` and
 ``sum lam log lam``: ``H = log T - (sum lam log lam) / T``. :func:`effective_rank` applies it
 to one matrix; :class:`BlockSpectrum` to every class of a batch from ONE ``eigh`` of the
 block-diagonal within-class Gram (the ``barrier`` variant).
@@ -54,11 +55,19 @@ def xlogx_sum(lam: Tensor) -> tuple[Tensor, Tensor]:
 def effective_rank(x: Tensor, center: bool = False) -> Tensor:
     """Effective rank of the covariance of a centred (n, D) matrix, a float32 scalar.
 
-    ``erank = exp(H(p))``, ``p_k = lam_k / sum lam``, ``lam`` the eigenvalues of
-    ``X^T X / n`` (the normalisation cancels in p). The eigenvalues come from the smaller
-    of the n x n Gram ``X X^T`` and the D x D scatter ``X^T X`` (same non-zero spectrum).
-    A matrix with r equal non-zero singular values has erank exactly r; a zero matrix has
-    erank 1. The input is assumed centred; ``center=True`` subtracts the column means.
+    Definition (the one used throughout, e.g. the ``barrier`` variant's erank_c):
+    ``erank = exp(H(p))``, ``H(p) = -sum_k p_k log p_k``, ``p_k = lam_k / sum_j lam_j`` with
+    ``lam`` the EIGENVALUES of the covariance ``X^T X / n``, i.e. the SQUARED singular values
+    ``sigma_k^2`` of the centred X (the 1/n cancels in p). This is not Roy & Vetterli's
+    effective rank (2007), which normalises the singular values themselves,
+    ``p_k = sigma_k / sum_j sigma_j``: on the same matrix the two differ (squaring
+    concentrates p, so the covariance convention gives the smaller value unless the non-zero
+    singular values are equal, where both give their count).
+
+    The eigenvalues come from the smaller of the n x n Gram ``X X^T`` and the D x D scatter
+    ``X^T X`` (same non-zero spectrum). A matrix with r equal non-zero singular values has
+    erank exactly r; a zero matrix has erank 1. The input is assumed centred; ``center=True``
+    subtracts the column means.
 
     >>> effective_rank(torch.eye(3)).item()
     3.0
