@@ -333,12 +333,13 @@ def test_sample_pair_bhattacharyya_against_moments_and_gradcheck(widths: tuple[i
     pairs = torch.tensor([[0, 1, 2, first, 3], [1, 2, 3, 0, 3]])
     eps = 1e-3
     db = sample_pair_bhattacharyya(x, inv, len(y), pairs, widths, eps)
-    assert db.shape == (5, len(widths)) and db.dtype == torch.float32
+    assert db.shape == (5, len(widths)) and db.dtype == torch.float64  # float64 stays float64
+    assert sample_pair_bhattacharyya(x.detach().half(), inv, len(y), pairs, widths, eps).dtype == torch.float32
     mu, var, _ = class_moments(x.detach(), inv, len(y))
     start = 0
     for k, w in enumerate(widths):
         ref, _ = bhattacharyya_pairs(mu[:, start:start + w], var[:, start:start + w], pairs[0], pairs[1], eps)
-        torch.testing.assert_close(db[:, k], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(db[:, k].float(), ref, rtol=1e-5, atol=1e-5)
         start += w
     fn = lambda t: bhattacharyya_module._SamplePairBhattacharyya.apply(t, inv, pairs, len(y), widths, eps)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
