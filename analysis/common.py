@@ -6,20 +6,21 @@ imports (it needs nothing but NumPy); the training code is never imported.
 
 >>> client = connect()                                   # doctest: +SKIP
 >>> runs = load_runs(client, "carrot")                   # one row per run
->>> final = final_runs(runs)                             # split=test, finished, one per seed
+>>> final = final_runs(runs).kept                        # split=test, finished, one per seed
 >>> final[["variant", "seed", "metrics.test/acc"]]       # last-epoch values
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
 import tempfile
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -183,20 +184,51 @@ def finished(runs: pd.DataFrame, split: str) -> pd.DataFrame:
     return runs[keep].reset_index(drop=True)
 
 
-def final_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Finished test-split runs, one per (dataset, backbone, variant, seed): the newest.
+def tag_values(runs: pd.DataFrame, key: str) -> pd.Series:
+    """One tag of every run as text; "" where a run lacks it."""
+    column = f"tags.{key}"
+    if column not in runs.columns:
+        return pd.Series([""] * len(runs), index=runs.index, dtype=object)
+    return runs[column].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
 
-    Returns the kept runs and the older duplicates that were dropped (a re-run of a seed),
-    so a table can say so.
+
+class FinalRuns(NamedTuple):
+    """The final runs a table uses, and what was left out and why."""
+
+    kept: pd.DataFrame  # one run per (dataset, backbone, variant, seed), all of one configuration
+    duplicates: pd.DataFrame  # older runs of a kept seed under the same configuration (a re-run)
+    other_configs: pd.DataFrame  # runs of another configuration (carrot.config_hash) than the newest
+
+
+def final_runs(runs: pd.DataFrame) -> FinalRuns:
+    """Finished test-split final runs: per (dataset, backbone, variant), the runs of the newest
+    configuration (the ``carrot.config_hash`` of the run that finished last), one per seed: the
+    newest.
+
+    Seeds trained under different fixed settings (epochs, image size, any hyperparameter) are
+    never averaged together; the runs of other configurations come back separately, so a table
+    can say how many were left out.
     """
     test = finished(runs, contract.SPLIT_TEST)
     test = test[test["role"] == contract.ROLE_FINAL]  # not ad-hoc `carrot train --set split=test` runs
     if not len(test):
-        return test, test
-    test = test.assign(_seed=test["seed"].map(lambda s: -1 if s is None else s))
-    test = test.sort_values(["dataset", "backbone", "variant", "_seed", "end_time", "run_id"], kind="mergesort")
-    newest = ~test.duplicated(["dataset", "backbone", "variant", "_seed"], keep="last")
-    return _table_order(test[newest].drop(columns="_seed")), _table_order(test[~newest].drop(columns="_seed"))
+        return FinalRuns(test, test, test)
+    slot = ["dataset", "backbone", "variant"]
+    test = test.assign(_seed=test["seed"].map(lambda s: -1 if s is None else s),
+                       _config=tag_values(test, contract.TAG_CONFIG_HASH))
+    newest_config: dict[tuple, str] = {}  # slot -> configuration of the run that finished last
+    for *key, config in test.sort_values(["end_time", "run_id"], ascending=False, kind="mergesort")[
+            slot + ["_config"]].itertuples(index=False):
+        newest_config.setdefault(tuple(key), config)
+    same = np.array([newest_config[tuple(key)] == config
+                     for *key, config in test[slot + ["_config"]].itertuples(index=False)], dtype=bool)
+    other, test = test[~same], test[same]
+    test = test.sort_values(slot + ["_seed", "end_time", "run_id"], kind="mergesort")
+    newest = ~test.duplicated(slot + ["_seed"], keep="last")
+    helpers = ["_seed", "_config"]
+    return FinalRuns(_table_order(test[newest].drop(columns=helpers)),
+                     _table_order(test[~newest].drop(columns=helpers)),
+                     _table_order(other.drop(columns=helpers)))
 
 
 def study_trials(runs: pd.DataFrame) -> pd.DataFrame:
@@ -205,6 +237,64 @@ def study_trials(runs: pd.DataFrame) -> pd.DataFrame:
     val = finished(runs, contract.SPLIT_VAL)
     legacy = (val["role"].fillna("") == "") & (val["parent_run_id"].fillna("") != "")
     return val[(val["role"] == contract.ROLE_TRIAL) | legacy]
+
+
+SHORT_ID = 8  # characters of a study id shown in tables
+
+
+class Study(NamedTuple):
+    """The trials of one study: a study is its storage and its name, told apart by its id."""
+
+    study_id: str  # "" for trials logged before studies had ids
+    name: str
+    trials: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        """``<name> (<first 8 characters of the id>)``."""
+        return f"{self.name} ({self.study_id[:SHORT_ID] if self.study_id else 'no id'})"
+
+
+def studies(trials: pd.DataFrame) -> list[Study]:
+    """The trials grouped by study (``carrot.study_id``; trials without one by study name),
+    oldest study first (by its first trial's start, then id)."""
+    if not len(trials):
+        return []
+    ids = tag_values(trials, contract.TAG_STUDY_ID)
+    names = trials["study"].fillna("").astype(str)
+    keys = pd.Series([sid or f"name:{name}" for sid, name in zip(ids, names)], index=trials.index)
+    found = []
+    for key in sorted(set(keys)):
+        part = trials[keys == key]
+        sid = "" if key.startswith("name:") else key
+        name = sorted(set(names[keys == key]))[0]
+        found.append((int(part["start_time"].min()), sid, name, part))
+    found.sort(key=lambda f: (f[0], f[1], f[2]))
+    return [Study(sid, name, part) for _, sid, name, part in found]
+
+
+# Settings that differ between runs of one experiment without making it another experiment, or
+# that each variant sets for itself; never reported as a difference of fixed settings.
+NOT_SETTINGS = frozenset({"seed", "device", "data.workers", "show_progress", "experiment", "data.root",
+                          "data.cache", "split"})
+
+
+def fixed_differences(groups: Iterable[pd.DataFrame], ignore_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """The parameters (``params.<key>`` without the prefix) that hold one value within each
+    group and differ between groups: the fixed settings that set the groups apart, sorted."""
+    groups = [g for g in groups if len(g)]
+    if len(groups) < 2:
+        return []
+    columns = sorted(set.intersection(*(set(c for c in g.columns if c.startswith("params.")) for g in groups)))
+    out = []
+    for column in columns:
+        key = column[len("params."):]
+        if key in NOT_SETTINGS or key.startswith(ignore_prefixes):
+            continue
+        values = [set(g[column].dropna().astype(str)) for g in groups]
+        if all(len(v) == 1 for v in values) and len(set.union(*values)) > 1:
+            out.append(key)
+    return out
 
 
 def _table_order(runs: pd.DataFrame) -> pd.DataFrame:
@@ -224,10 +314,15 @@ def plot_source(runs: pd.DataFrame, dataset: str, backbone: str) -> tuple[pd.Dat
     """The runs a plot of one (dataset, backbone) draws: the final runs when any exist,
     else the finished study trials. Returns (runs, split, words for a title)."""
     group = runs[(runs["dataset"] == dataset) & (runs["backbone"] == backbone)] if len(runs) else runs
-    final, _ = final_runs(group)
+    final = final_runs(group).kept
     if len(final):
         return final, contract.SPLIT_TEST, "final runs, test split"
-    return study_trials(group), contract.SPLIT_VAL, "study trials, val split"
+    trials = study_trials(group)
+    if not len(trials):
+        return trials, contract.SPLIT_VAL, "study trials, val split"
+    # one study per variant (the newest), so trials of differently set-up studies are not averaged
+    newest = [studies(trials[trials["variant"] == v])[-1].trials for v in order_variants(trials["variant"])]
+    return _table_order(pd.concat(newest)), contract.SPLIT_VAL, "study trials of each variant's newest study, val split"
 
 
 def metric_keys(runs: pd.DataFrame, pattern: str) -> list[str]:
@@ -260,13 +355,25 @@ def metric_history(client, run_id: str, key: str) -> pd.Series:
     return series.sort_index()
 
 
-def mean_history(client, run_ids: Iterable[str], key: str) -> pd.DataFrame:
-    """Mean, std and count over runs of one metric at each step (NaN-aware).
+def first_history(client, run_id: str, keys: str | Sequence[str]) -> pd.Series:
+    """The history of the first of ``keys`` the run logged (a quantity whose key was renamed:
+    the current key first, then the older ones)."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    for key in keys:
+        series = metric_history(client, run_id, key)
+        if len(series):
+            return series
+    return pd.Series(dtype=float, name=keys[0])
+
+
+def mean_history(client, run_ids: Iterable[str], keys: str | Sequence[str]) -> pd.DataFrame:
+    """Mean, std and count over runs of one metric at each step (NaN-aware); each run's values
+    come from the first of ``keys`` it logged.
 
     Columns ``step, mean, std, n``; empty when no run logged the metric.
     """
-    series = [metric_history(client, rid, key) for rid in run_ids]
-    series = [s for s in series if len(s)]
+    series = [first_history(client, rid, keys) for rid in run_ids]
+    series = [s.rename(i) for i, s in enumerate(series) if len(s)]
     if not series:
         return pd.DataFrame(columns=["step", "mean", "std", "n"])
     table = pd.concat(series, axis=1)
@@ -298,10 +405,6 @@ def read_artifact(client, run_id: str, path: str, read: Callable[[Path], Any]) -
         return read(local)
 
 
-def read_json_artifact(client, run_id: str, path: str) -> Any | None:
-    return read_artifact(client, run_id, path, lambda local: json.loads(local.read_text()))
-
-
 def _read_npz(local: Path) -> dict[str, np.ndarray]:
     with np.load(local, allow_pickle=False) as data:
         return {k: np.array(data[k]) for k in data.files}
@@ -312,10 +415,95 @@ def read_confusion(client, run_id: str) -> dict[str, np.ndarray] | None:
     return read_artifact(client, run_id, contract.CONFUSION_ARTIFACT, _read_npz)
 
 
-def reference_pairs(client, run_id: str) -> tuple[tuple[int, int], ...]:
-    """The reference pairs a run was scored on (its pairs artifact); empty when it has none."""
-    pairs = read_json_artifact(client, run_id, contract.PAIRS_ARTIFACT) or {}
-    return tuple(tuple(int(i) for i in p) for p in pairs.get(contract.PAIRS_REFERENCE_KEY) or [])
+def read_predictions(client, run_id: str) -> dict[str, np.ndarray] | None:
+    """A final run's per-sample test predictions (:data:`contract.PREDICTIONS_ARTIFACT`)."""
+    return read_artifact(client, run_id, contract.PREDICTIONS_ARTIFACT, _read_npz)
+
+
+class Artifacts:
+    """The runs' confusion matrices and predictions, each read from the store once per command
+    (several tables and plots read the same files)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self._read: dict[tuple[str, str], Any] = {}
+
+    def _get(self, run_id: str, name: str, read: Callable[[Any, str], Any]) -> Any:
+        if (run_id, name) not in self._read:
+            self._read[(run_id, name)] = read(self.client, run_id)
+        return self._read[(run_id, name)]
+
+    def confusion(self, run_id: str) -> np.ndarray | None:
+        """The last epoch's confusion matrix (K, K) int64 (rows: true class), or None."""
+        data = self._get(run_id, contract.CONFUSION_ARTIFACT, read_confusion)
+        counts = None if data is None else data.get(contract.CONFUSION_KEY)
+        if counts is None or counts.ndim != 3 or not len(counts):
+            return None
+        return np.asarray(counts[-1], dtype=np.int64)
+
+    def class_names(self, run_id: str) -> list[str]:
+        data = self._get(run_id, contract.CONFUSION_ARTIFACT, read_confusion) or {}
+        return [str(n) for n in data.get("class_names", [])]
+
+    def predictions(self, run_id: str) -> dict[str, np.ndarray] | None:
+        return self._get(run_id, contract.PREDICTIONS_ARTIFACT, read_predictions)
+
+
+# ----------------------------------------------------------------------------- reference pairs
+REFERENCE_TOP_N = 20  # pairs in the paper tables' reference set (SPEC: top N, default 20)
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """The paper tables' reference pairs of one dataset and backbone: the top-N pairs by
+    :func:`contract.confusable_pairs` of the baseline's pooled last-epoch confusion matrices."""
+
+    pairs: np.ndarray  # (P, 2) int64, i < j, most confusable first
+    scores: np.ndarray  # (P,) S_ij of the pooled matrix
+    pooled: np.ndarray | None  # (K, K) summed counts; None without any baseline matrix
+    run_ids: tuple[str, ...]  # the baseline runs pooled
+    skipped: int  # baseline runs without a usable confusion matrix (none, or another K)
+    top_n: int
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def errors(self, cm: np.ndarray | None) -> np.ndarray:
+        """Each reference pair's error in one run's confusion matrix (P,); NaN when the run has
+        no matrix or one of another size."""
+        if cm is None or self.pooled is None or cm.shape != self.pooled.shape:
+            return np.full(len(self.pairs), np.nan)
+        return contract.pair_error(cm, self.pairs)
+
+    def mean_error(self, cm: np.ndarray | None) -> float:
+        """The mean pair error over the reference pairs; NaN without pairs or a usable matrix."""
+        errors = self.errors(cm)
+        return float(errors.mean()) if len(errors) and np.isfinite(errors).all() else math.nan
+
+    def name(self, k: int) -> str:
+        return self.class_names[k] if k < len(self.class_names) else str(k)
+
+
+def reference_set(artifacts: Artifacts, baseline_runs: pd.DataFrame, top_n: int = REFERENCE_TOP_N) -> ReferenceSet:
+    """Pool the last-epoch confusion matrices of ``baseline_runs`` and take their top-N pairs.
+
+    Counts are summed as integers and pairs ranked with a fixed tie-break, so the set depends on
+    which runs there are, never on the order they finished. A run whose matrix has another
+    number of classes than most runs is skipped (and counted).
+    """
+    matrices = {rid: artifacts.confusion(rid) for rid in sorted(baseline_runs["run_id"])} if len(
+        baseline_runs) else {}
+    shapes = Counter(cm.shape for cm in matrices.values() if cm is not None)
+    if not shapes:
+        return ReferenceSet(np.zeros((0, 2), np.int64), np.zeros(0), None, (), len(matrices), top_n)
+    shape = max(shapes, key=lambda sh: (shapes[sh], sh))  # most runs; ties: more classes
+    used = tuple(rid for rid, cm in matrices.items() if cm is not None and cm.shape == shape)
+    pooled = np.sum([matrices[rid] for rid in used], axis=0, dtype=np.int64)  # (K, K)
+    pairs = contract.confusable_pairs(pooled, top_n=top_n)  # (P, 2), only pairs with S > 0
+    scores = contract.pair_scores(pooled)[pairs[:, 0], pairs[:, 1]] if len(pairs) else np.zeros(0)
+    names = next((tuple(n) for n in (artifacts.class_names(rid) for rid in used) if len(n) == shape[0]), ())
+    return ReferenceSet(pairs, scores, pooled, used, len(matrices) - len(used), top_n, names)
 
 
 # ----------------------------------------------------------------------------- confusion maths
@@ -353,16 +541,33 @@ def open_store(args, prog: str):
     return client, load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
 
 
-def rho_ref(layer: str) -> str:
-    """The metric key of one layer's rho on the reference pairs."""
-    return contract.rho_metric(layer, "ref")
+def db_keys(layer: str, which: str = "ref") -> tuple[str, str]:
+    """The keys D_B = -log rho of one layer was logged under: the current one, then the older."""
+    return contract.db_metric(layer, which), contract.legacy_db_metric(layer, which)
+
+
+def db_layers(runs: pd.DataFrame, which: str = "ref") -> list[str]:
+    """The layers with a D_B metric under either key, in network order."""
+    found = set(metric_layers(runs, lambda layer: contract.db_metric(layer, which)))
+    found |= set(metric_layers(runs, lambda layer: contract.legacy_db_metric(layer, which)))
+    return sorted(found, key=layer_sort_key)
+
+
+def first_values(runs: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
+    """Last-epoch values of a renamed metric: per run, the first of ``keys`` it logged."""
+    out = np.full(len(runs), np.nan)
+    for key in reversed(keys):
+        values = metric_values(runs, key)
+        out = np.where(np.isfinite(values), values, out)
+    return out
 
 
 def metric_layers(runs: pd.DataFrame, key_of: Callable[[str], str]) -> list[str]:
-    """The layers ``L`` for which the runs logged the metric ``key_of(L)``, in network order.
+    """The layers ``L`` for which any of the runs logged the metric ``key_of(L)``, in network order.
 
     ``key_of`` is a per-layer key of :mod:`carrot.contract`, e.g. ``contract.probe_metric``, so
     the key format is written in one place."""
     prefix, suffix = key_of("\0").split("\0")
-    keys = metric_keys(runs, re.escape(prefix) + ".+" + re.escape(suffix))
+    keys = [k for k in metric_keys(runs, re.escape(prefix) + ".+" + re.escape(suffix))
+            if np.isfinite(metric_values(runs, k)).any()]  # a column of the store, logged by none of these runs
     return sorted({k[len(prefix):len(k) - len(suffix)] for k in keys}, key=layer_sort_key)

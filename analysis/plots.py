@@ -7,8 +7,10 @@ One folder per dataset and backbone, ``<out>/plots/<dataset>-<backbone>/``, hold
 - ``confusion_concentration.png``: share of each confusion row's off-diagonal mass in its
   top 1, 3, 5 classes (last epoch, mean over runs), per variant;
 - ``proto_cos_ref.png``: prototype cosine of the reference pairs over training;
-- ``pair_error_vs_baseline.png``: error on each reference pair, variant against baseline;
-- ``rho_per_layer.png``: rho of the reference pairs over training, one panel per layer;
+- ``pair_error_vs_baseline.png``: error on each reference pair, variant against baseline (the
+  reference pairs of the paper tables: the top pairs of the baseline's pooled confusion);
+- ``db_per_layer.png``: Bhattacharyya distance D_B = -log rho of the reference pairs over
+  training, one panel per layer (rho itself underflows to 0 on wide layers);
 - ``probe_per_layer.png``: linear-probe accuracy per layer, variants beside the baseline;
 - ``variant_stats_<variant>.png``: each variant's own statistics over training.
 
@@ -22,7 +24,6 @@ import argparse
 import math
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -35,9 +36,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.common import (  # noqa: E402
+    Artifacts,
     add_store_arguments,
     confusion_concentration,
     dataset_groups,
+    db_keys,
+    db_layers,
     known_variants,
     layer_sort_key,
     mean_history,
@@ -47,9 +51,7 @@ from analysis.common import (  # noqa: E402
     open_store,
     order_variants,
     plot_source,
-    read_confusion,
-    reference_pairs,
-    rho_ref,
+    reference_set,
 )
 from carrot import contract  # noqa: E402
 
@@ -60,7 +62,7 @@ VARIANT_STATS: dict[str, tuple[str, ...]] = {
     "expansion": ("gamma_mean",),
     "nuisance": ("alpha_mean", "label_safety"),
     "barrier": ("r_var", "r_rank"),
-    "bhattacharyya": ("rho_*",),
+    "bhattacharyya": ("db_*",),  # D_B per layer: rho underflows to 0 on wide layers
 }
 CONCENTRATION_K = (1, 3, 5)
 MAX_PANELS_PER_ROW = 4
@@ -71,8 +73,9 @@ class Group:
     """The runs one dataset and backbone's plots draw, and how to say where they come from."""
 
     def __init__(self, client, runs: pd.DataFrame, dataset: str, backbone: str, variants: list[str],
-                 out: Path) -> None:
+                 out: Path, artifacts: Artifacts | None = None) -> None:
         self.client = client
+        self.artifacts = artifacts or Artifacts(client)
         self.dataset, self.backbone = dataset, backbone
         self.runs, self.split, self.source = plot_source(runs, dataset, backbone)
         present = set(self.runs["variant"]) if len(self.runs) else set()
@@ -113,12 +116,13 @@ def _panels(count: int, width: float = 4.2, height: float = 3.4):
     return fig, list(axes.flat[:count])
 
 
-def _history_lines(ax, g: Group, key: str, variants: list[str] | None = None) -> int:
-    """Mean over runs (band: +-1 std) of one metric per variant; returns the lines drawn."""
+def _history_lines(ax, g: Group, keys: str | tuple[str, ...], variants: list[str] | None = None) -> int:
+    """Mean over runs (band: +-1 std) of one metric per variant (each run's first logged key of
+    ``keys``); returns the lines drawn."""
     drawn = 0
     for variant in g.variants if variants is None else variants:
         runs = g.of(variant)
-        hist = mean_history(g.client, runs["run_id"], key)
+        hist = mean_history(g.client, runs["run_id"], keys)
         hist = hist[np.isfinite(hist["mean"].astype(float))]
         if not len(hist):
             continue
@@ -136,7 +140,8 @@ def _history_lines(ax, g: Group, key: str, variants: list[str] | None = None) ->
 
 
 def _log_if_wide(ax) -> None:
-    """Log scale when a panel's positive values span more than three decades (deep-layer rho)."""
+    """Log scale when a panel's positive values span more than three decades (D_B of shallow and
+    wide layers together)."""
     values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [[]])
     values = values[np.isfinite(values)]
     if len(values) and (values > 0).all() and values.max() / values.min() > 1e3:
@@ -158,13 +163,8 @@ def _grouped_bars(ax, g: Group, bars: dict[str, tuple[np.ndarray, np.ndarray | N
 
 
 def _last_confusions(g: Group, runs: pd.DataFrame) -> list[np.ndarray]:
-    out = []
-    for run_id in runs["run_id"]:
-        data = read_confusion(g.client, run_id)
-        counts = None if data is None else data.get(contract.CONFUSION_KEY)
-        if counts is not None and len(counts):
-            out.append(np.asarray(counts[-1]))
-    return out
+    cms = (g.artifacts.confusion(run_id) for run_id in runs["run_id"])
+    return [cm for cm in cms if cm is not None]
 
 
 # ----------------------------------------------------------------------------- (a)
@@ -204,20 +204,7 @@ def plot_proto_cos(g: Group) -> Path:
 
 
 # ----------------------------------------------------------------------------- (c)
-def common_reference_pairs(g: Group) -> list[tuple[int, int]]:
-    """The reference pairs most runs of the group were scored on (ties: the smallest)."""
-    counts: Counter = Counter()
-    for run_id in g.runs["run_id"]:
-        ref = reference_pairs(g.client, run_id)
-        if ref:
-            counts[ref] += 1
-    if not counts:
-        return []
-    best = max(counts.values())
-    return list(min(ref for ref, c in counts.items() if c == best))
-
-
-def pair_errors_by_variant(g: Group, pairs: list[tuple[int, int]]) -> dict[str, tuple[np.ndarray, int]]:
+def pair_errors_by_variant(g: Group, pairs: np.ndarray) -> dict[str, tuple[np.ndarray, int]]:
     """Per variant: mean over runs of each pair's last-epoch error, and the number of runs."""
     out = {}
     for variant in g.variants:
@@ -232,9 +219,10 @@ def pair_errors_by_variant(g: Group, pairs: list[tuple[int, int]]) -> dict[str, 
 def plot_pair_error(g: Group) -> Path:
     if "baseline" not in g.variants:
         raise Skip("no baseline runs to compare with")
-    pairs = common_reference_pairs(g)
-    if not pairs:
-        raise Skip(f"no {contract.PAIRS_ARTIFACT} with reference pairs")
+    reference = reference_set(g.artifacts, g.of("baseline"))
+    if not len(reference):
+        raise Skip(f"no confused pair in the baseline runs' pooled {contract.CONFUSION_ARTIFACT}")
+    pairs = reference.pairs
     errors = pair_errors_by_variant(g, pairs)
     if "baseline" not in errors:
         raise Skip(f"no {contract.CONFUSION_ARTIFACT} from the baseline runs")
@@ -243,7 +231,7 @@ def plot_pair_error(g: Group) -> Path:
         raise Skip("no variant besides the baseline")
     x, _ = errors["baseline"]
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
-    top = np.nanmax([np.nanmax(x)] + [np.nanmax(errors[v][0]) for v in others]) if pairs else 1.0
+    top = np.nanmax([np.nanmax(x)] + [np.nanmax(errors[v][0]) for v in others]) if len(pairs) else 1.0
     top = 1.05 * top if np.isfinite(top) and top > 0 else 1.0
     ax.plot([0, top], [0, top], ls="--", color="0.5", lw=1, label="y = x (no change)")
     markers = "os^DvP*X"
@@ -258,25 +246,26 @@ def plot_pair_error(g: Group) -> Path:
     ax.set_ylabel("variant error on the same pair")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(g.title(f"Error on each of the {len(pairs)} reference pairs: below the line is better"),
-                 fontsize=10)
+    ax.set_title(g.title(f"Error on each of the {len(pairs)} reference pairs (top pairs of the baseline's "
+                         "pooled confusion): below the line is better"), fontsize=10)
     return g.save(fig, "pair_error_vs_baseline.png")
 
 
 # ----------------------------------------------------------------------------- (d)
-def plot_rho(g: Group) -> Path:
-    layers = metric_layers(g.runs, rho_ref)
+def plot_db(g: Group) -> Path:
+    layers = db_layers(g.runs)
     if not layers:
-        raise Skip(f"no run logged {rho_ref('<layer>')}")
+        raise Skip(f"no run logged {contract.db_metric('<layer>', 'ref')} "
+                   f"(or {contract.legacy_db_metric('<layer>', 'ref')})")
     fig, axes = _panels(len(layers))
     for ax, layer in zip(axes, layers):
-        _history_lines(ax, g, rho_ref(layer))
+        _history_lines(ax, g, db_keys(layer))
         _log_if_wide(ax)
         ax.set_title(layer, fontsize=9)
-        ax.set_ylabel("rho (Bhattacharyya coeff.)")
+        ax.set_ylabel("D_B = -log rho (higher: less overlap)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(g.title("Overlap rho of the reference pairs over training, per layer"), fontsize=10)
-    return g.save(fig, "rho_per_layer.png")
+    fig.suptitle(g.title("Bhattacharyya distance D_B of the reference pairs over training, per layer"), fontsize=10)
+    return g.save(fig, "db_per_layer.png")
 
 
 # ----------------------------------------------------------------------------- (e)
@@ -339,7 +328,7 @@ PLOTS: tuple[tuple[str, Callable[[Group], Path]], ...] = (
     ("confusion concentration", plot_confusion_concentration),
     ("prototype cosine", plot_proto_cos),
     ("pair error vs baseline", plot_pair_error),
-    ("rho per layer", plot_rho),
+    ("D_B per layer", plot_db),
     ("probe per layer", plot_probe),
 )
 
@@ -348,8 +337,9 @@ def make_plots(client, runs: pd.DataFrame, out: Path, log: Callable[[str], None]
     """Every plot of every dataset and backbone; returns the files written."""
     written: list[Path] = []
     variants = known_variants(runs)
+    artifacts = Artifacts(client)
     for dataset, backbone in dataset_groups(runs):
-        g = Group(client, runs, dataset, backbone, variants, out / "plots")
+        g = Group(client, runs, dataset, backbone, variants, out / "plots", artifacts)
         if not len(g.runs):
             log(f"{dataset}/{backbone}: no finished runs (test or val); no plots")
             continue

@@ -8,17 +8,27 @@ Tables (file stem under ``--out``):
 - ``main_results``: test top-1 per dataset x variant over seeds (mean +- std, 95% t-interval),
   paired differences to ``baseline`` and ``pairwise_confusion`` (``scipy.stats.ttest_rel`` over
   the seeds both have), mean class accuracy;
-- ``confusable_pairs``: error on the baseline's reference pairs and on the run's own top pairs;
-- ``geometry``: rho per layer and prototype cosine on the reference pairs, linear-probe
+- ``significance``: each variant against the baseline on the same test samples
+  (``predictions.npz``): McNemar's exact test per seed and pooled over seeds (the discordant
+  counts summed over the seeds, one exact binomial test), Holm's correction over the table's
+  pooled tests, and seeded bootstrap intervals over test samples (:mod:`analysis.significance`);
+- ``confusable_pairs``: every final run re-scored from its ``confusion.npz`` on the reference
+  pairs of the paper (the top-N pairs of the baseline's pooled confusion), and the error on the
+  run's own top pairs;
+- ``reference_pairs``: those reference pairs, with class names, pooled S and pair error;
+- ``geometry``: D_B = -log rho per layer and prototype cosine on the reference pairs, linear-probe
   accuracy per layer, NC1;
-- ``ablations``: study trials grouped by each variant's switches (:data:`ABLATION_SWITCHES`);
+- ``ablations``: study trials grouped by study (``carrot.study_id``) and each variant's switches
+  (:data:`ABLATION_SWITCHES`);
 - ``importance``: Optuna's fANOVA hyperparameter importance of each variant's study.
 
-Final runs are the finished runs tagged ``carrot.split=test`` (one per seed: the newest);
-study trials the finished runs tagged ``carrot.split=val``. Missing data is written into the
-table with a numbered note, never dropped. Each table is one DataFrame (:meth:`Table.frame`),
-rendered by :func:`render` to all three formats. The output is deterministic: the same store
-gives byte-identical files.
+Final runs are the finished runs tagged ``carrot.role=final`` and ``carrot.split=test``: per
+variant, those of the newest configuration (``carrot.config_hash``), one per seed (the newest);
+runs of other configurations are left out with a note, never averaged in. Study trials are the
+finished trials; the trials of different studies are never averaged together. Missing data is
+written into the table with a numbered note, never dropped. Each table is one DataFrame
+(:meth:`Table.frame`), rendered by :func:`render` to all three formats. The output is
+deterministic: the same store gives byte-identical files.
 """
 from __future__ import annotations
 
@@ -27,22 +37,41 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from analysis.common import (
+    REFERENCE_TOP_N,
+    SHORT_ID,
+    Artifacts,
+    ReferenceSet,
     add_store_arguments,
     dataset_groups,
+    db_keys,
+    db_layers,
     final_runs,
+    first_values,
+    fixed_differences,
     known_variants,
     metric_layers,
     metric_values,
     natural_key,
     open_store,
-    rho_ref,
+    reference_set,
+    studies,
     study_trials,
+    tag_values,
+)
+from analysis.significance import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    bootstrap_intervals,
+    discordant,
+    holm,
+    mcnemar_p,
+    stratified_mcnemar,
 )
 from carrot import contract
 
@@ -288,13 +317,23 @@ def latex_escape(text: Any) -> str:
 @dataclass
 class Context:
     runs: pd.DataFrame  # every run of the experiment (after --dataset/--backbone)
-    final: pd.DataFrame  # finished test runs, one per seed
+    final: pd.DataFrame  # finished test runs of each variant's newest configuration, one per seed
     duplicates: pd.DataFrame  # older runs of a seed that ``final`` replaced
+    other_configs: pd.DataFrame  # final runs of another configuration than the kept one
     trials: pd.DataFrame  # finished study trials
     variants: list[str]  # known to the store, in table order
     groups: list[tuple[str, str]]  # (dataset, backbone)
     expected_seeds: int | None  # --seeds
     storage: str
+    artifacts: Artifacts  # the runs' confusion matrices and predictions, read once
+    _references: dict[tuple[str, str], ReferenceSet] = field(default_factory=dict)
+
+    def reference(self, dataset: str, backbone: str) -> ReferenceSet:
+        """The reference pairs of one dataset and backbone, from the baseline's final runs."""
+        if (dataset, backbone) not in self._references:
+            baseline = group_runs(self.final, dataset, backbone, "baseline")
+            self._references[(dataset, backbone)] = reference_set(self.artifacts, baseline)
+        return self._references[(dataset, backbone)]
 
 
 def group_runs(frame: pd.DataFrame, dataset: str, backbone: str, variant: str | None = None) -> pd.DataFrame:
@@ -349,6 +388,16 @@ def seeds_cell(ctx: Context, dataset: str, backbone: str, variant: str, notes: N
     dup = group_runs(ctx.duplicates, dataset, backbone, variant)
     if len(dup):
         text += " " + notes.mark("a seed was run more than once; the newest finished run is used")
+    other = group_runs(ctx.other_configs, dataset, backbone, variant)
+    if len(other):
+        kept = group_runs(ctx.final, dataset, backbone, variant)
+        hashes = tag_values(other, contract.TAG_CONFIG_HASH)
+        configs = [other[hashes == h] for h in sorted(set(hashes))]
+        differ = fixed_differences([kept, *configs])
+        text += " " + notes.mark(
+            f"{len(other)} final run(s) of {len(configs)} other configuration(s) of this variant "
+            f"({contract.TAG_CONFIG_HASH} differs" + (f": {', '.join(differ)}" if differ else "")
+            + ") left out; only the newest configuration's seeds are used, never averaged with others")
     return text, n, expected
 
 
@@ -373,11 +422,35 @@ def final_slots(ctx: Context, table: Table) -> Iterator[FinalSlot]:
 REFERENCE_COLUMNS = [c for ref in REFERENCES for c in (f"diff_vs_{ref}", f"p_vs_{ref}", f"n_paired_vs_{ref}")]
 
 
-def reference_cells(ctx: Context, slot: FinalSlot, key: str, notes: Notes, scale: float,
-                    digits: int) -> tuple[list[str], dict[str, Any]]:
-    """'Δ (p, n)' against each reference variant, and the CSV fields (:data:`REFERENCE_COLUMNS`)."""
+# Parameters every variant sets for itself (its own hyperparameters, the sampler its method
+# needs): a difference there is the comparison, not a different set-up.
+VARIANT_OWN_PARAMS = ("variant.", "data.sampler", "data.m_per_class")
+
+
+def setup_difference(runs: pd.DataFrame, ref_runs: pd.DataFrame, ref: str) -> str:
+    """The note when a variant's runs and the reference's differ in a fixed setting (epochs,
+    image size, ...), so a difference between them compares different set-ups; "" when they agree."""
+    differ = fixed_differences([runs, ref_runs], ignore_prefixes=VARIANT_OWN_PARAMS)
+    if not differ:
+        return ""
+    return f"this variant's runs and {ref}'s differ in fixed settings ({', '.join(differ)}): the difference " \
+           "compares different set-ups"
+
+
+def setup_note(notes: Notes, runs: pd.DataFrame, ref_runs: pd.DataFrame, ref: str) -> str:
+    """:func:`setup_difference` as a note mark, or ""."""
+    text = setup_difference(runs, ref_runs, ref)
+    return " " + notes.mark(text) if text else ""
+
+
+def reference_cells(ctx: Context, slot: FinalSlot, per_seed: str | Callable[[pd.DataFrame], dict[int, float]],
+                    notes: Notes, scale: float, digits: int) -> tuple[list[str], dict[str, Any]]:
+    """'Δ (p, n)' against each reference variant, and the CSV fields (:data:`REFERENCE_COLUMNS`).
+
+    ``per_seed``: a metric key, or a function from runs to {seed: value}."""
+    of = (lambda runs: by_seed(runs, per_seed)) if isinstance(per_seed, str) else per_seed
     cells, fields = [], {}
-    values = by_seed(slot.runs, key)
+    values = of(slot.runs)
     for ref in REFERENCES:
         prefix = f"diff_vs_{ref}"
         if slot.variant == ref:
@@ -385,7 +458,7 @@ def reference_cells(ctx: Context, slot: FinalSlot, key: str, notes: Notes, scale
             fields.update({prefix: None, f"p_vs_{ref}": None, f"n_paired_vs_{ref}": None})
             continue
         ref_runs = group_runs(ctx.final, slot.dataset, slot.backbone, ref)
-        result = paired_difference(values, by_seed(ref_runs, key))
+        result = paired_difference(values, of(ref_runs))
         fields.update({prefix: result.diff if result.n >= 2 else None, f"p_vs_{ref}": result.p if result.n >= 2
                        else None, f"n_paired_vs_{ref}": result.n})
         if not values:
@@ -396,7 +469,8 @@ def reference_cells(ctx: Context, slot: FinalSlot, key: str, notes: Notes, scale
             cells.append(f"{NA} " + notes.mark(
                 "fewer than 2 seeds in common with the reference variant: no paired test"))
         else:
-            cells.append(f"{fmt(result.diff, digits, scale, sign=True)} ({fmt_p(result.p)}, n={result.n})")
+            cells.append(f"{fmt(result.diff, digits, scale, sign=True)} ({fmt_p(result.p)}, n={result.n})"
+                         + setup_note(notes, slot.runs, ref_runs, ref))
     return cells, fields
 
 
@@ -433,55 +507,118 @@ def main_results(ctx: Context) -> Table:
 
 
 # ----------------------------------------------------------------------------- 2. confusable pairs
+def reference_errors(ctx: Context, runs: pd.DataFrame, ref: ReferenceSet) -> dict[int, float]:
+    """{seed: mean error over the reference pairs}, re-scored from each run's last-epoch
+    confusion matrix; runs without a usable matrix are absent."""
+    out = {}
+    for seed, run_id in zip(runs["seed"], runs["run_id"]):
+        error = ref.mean_error(ctx.artifacts.confusion(run_id))
+        if seed is not None and math.isfinite(error):
+            out[int(seed)] = error
+    return out
+
+
+def reference_note(ref: ReferenceSet, notes: Notes) -> str:
+    """The note mark of a reference set that is smaller than asked, or missing; "" otherwise."""
+    if ref.pooled is None:
+        return " " + notes.mark(f"no baseline final run with a {contract.CONFUSION_ARTIFACT}: no reference pairs")
+    marks = ""
+    if len(ref) < ref.top_n:
+        marks += " " + notes.mark(
+            f"the baseline's pooled confusion holds only {len(ref)} confused pair(s) (S > 0): the reference "
+            f"set has {len(ref)} pair(s), fewer than N = {ref.top_n}")
+    if ref.skipped:
+        marks += " " + notes.mark(
+            f"{ref.skipped} baseline run(s) left out of the pooled confusion (no {contract.CONFUSION_ARTIFACT}, "
+            "or another number of classes)")
+    return marks
+
+
 def confusable_pairs(ctx: Context) -> Table:
     table = Table(
-        "confusable_pairs", "Confusable pairs: error on the baseline's reference pairs",
-        ["Dataset", "Backbone", "Variant", "Seeds", "Ref-pair error (%)", "Δ vs baseline (pp)", "Δ vs PC (pp)",
-         "Top-pair error (%)"], label_columns=3,
-        csv_columns=["dataset", "backbone", "variant", "n_seeds", "ref_error_mean", "ref_error_std",
-                     *REFERENCE_COLUMNS, "top_error_mean", "top_error_std", "runs_with_own_ref_pairs", "note"],
-        caption=f"{contract.REF_ERROR}: mean pair error (C_ij + C_ji) / (n_i + n_j) over the baseline's top-N "
-                f"pairs; {contract.TOP_ERROR}: over the run's own top-N pairs; final runs, last epoch, mean ± std "
-                "over seeds.")
-    source = f"tags.{contract.TAG_REF_PAIRS_SOURCE}"
+        "confusable_pairs", "Confusable pairs: error on the reference pairs of the paper",
+        ["Dataset", "Backbone", "Variant", "Seeds", "Ref pairs", "Ref-pair error (%)", "Δ vs baseline (pp)",
+         "Δ vs PC (pp)", "Top-pair error (%)"], label_columns=3,
+        csv_columns=["dataset", "backbone", "variant", "n_seeds", "n_ref_pairs", "n_rescored", "ref_error_mean",
+                     "ref_error_std", *REFERENCE_COLUMNS, "top_error_mean", "top_error_std", "note"],
+        caption=f"Reference pairs: the top-{REFERENCE_TOP_N} pairs by S (S > 0 only) of the summed last-epoch "
+                f"confusion matrices of the baseline's final runs of each dataset and backbone (listed in the "
+                f"reference_pairs table). Ref-pair error: every final run re-scored on them from its "
+                f"{contract.CONFUSION_ARTIFACT}, mean over the pairs of (C_ij + C_ji) / (n_i + n_j), so it does not "
+                f"depend on which run finished first; {contract.TOP_ERROR}: over the run's own top-N pairs (as "
+                "logged). Final runs, last epoch, mean ± std over seeds; Δ paired by seed (ttest_rel).")
     for slot in final_slots(ctx, table):
-        ref = summarize(metric_values(slot.runs, contract.REF_ERROR))
+        ref = ctx.reference(slot.dataset, slot.backbone)
+        scored = reference_errors(ctx, slot.runs, ref)
+        errors = summarize(scored.values())
         top = summarize(metric_values(slot.runs, contract.TOP_ERROR))
-        refs, fields = reference_cells(ctx, slot, contract.REF_ERROR, table.notes, 100.0, 2)
-        own = (int(slot.runs[source].astype(str).str.startswith(contract.REF_SOURCE_SELF_PREFIX).sum())
-               if source in slot.runs else 0)
-        ref_cell = fmt_pm(ref, 2, 100) if slot.n else "no finished runs"
-        if own:
-            ref_cell += " " + table.notes.mark(
-                "some runs scored their own first-epoch pairs as reference pairs (no finished baseline "
-                "run existed when they started), so their ref-pair error is not on the baseline's pairs "
-                f"({own} of {slot.n} run(s) here)")
-        table.add(slot.labels + [slot.seeds, ref_cell, *refs, fmt_pm(top, 2, 100) if slot.n else NA], {
-            **slot.keys, "n_seeds": slot.n, "ref_error_mean": ref.mean, "ref_error_std": ref.std, **fields,
-            "top_error_mean": top.mean, "top_error_std": top.std, "runs_with_own_ref_pairs": own})
+        refs, fields = reference_cells(ctx, slot, lambda runs: reference_errors(ctx, runs, ref), table.notes,
+                                       100.0, 2)
+        if slot.n == 0:
+            ref_cell = "no finished runs"
+        elif not len(ref):
+            ref_cell = NA
+        else:
+            ref_cell = fmt_pm(errors, 2, 100)
+            if errors.n < slot.n:
+                ref_cell += " " + table.notes.mark(
+                    f"some runs have no usable {contract.CONFUSION_ARTIFACT}: statistics over the others")
+        table.add(slot.labels + [slot.seeds, str(len(ref)) + reference_note(ref, table.notes), ref_cell, *refs,
+                                 fmt_pm(top, 2, 100) if slot.n else NA],
+                  {**slot.keys, "n_seeds": slot.n, "n_ref_pairs": len(ref), "n_rescored": errors.n,
+                   "ref_error_mean": errors.mean, "ref_error_std": errors.std, **fields,
+                   "top_error_mean": top.mean, "top_error_std": top.std})
+    return table
+
+
+def reference_pairs(ctx: Context) -> Table:
+    table = Table(
+        "reference_pairs", "Reference pairs of the paper tables",
+        ["Dataset", "Backbone", "Rank", "Pair", "Classes", "S (pooled)", "Baseline pair error (%)"],
+        label_columns=5,
+        csv_columns=["dataset", "backbone", "rank", "i", "j", "class_i", "class_j", "score", "baseline_error",
+                     "n_baseline_runs", "note"],
+        caption=f"Per dataset and backbone: the top-{REFERENCE_TOP_N} pairs (i < j, S > 0) of the summed "
+                f"last-epoch confusion matrices of the baseline's final runs; S = (C_ij / n_i + C_ji / n_j) / 2 and "
+                "the pair error (C_ij + C_ji) / (n_i + n_j) of that pooled matrix. Ties in S: smaller i, then j.")
+    for dataset, backbone in ctx.groups:
+        ref = ctx.reference(dataset, backbone)
+        base = {"dataset": dataset, "backbone": backbone, "n_baseline_runs": len(ref.run_ids)}
+        errors = ref.errors(ref.pooled)
+        for rank, ((i, j), score, error) in enumerate(zip(ref.pairs.tolist(), ref.scores, errors), start=1):
+            marks = reference_note(ref, table.notes) if rank == len(ref) else ""
+            table.add([dataset, backbone, str(rank), f"({i}, {j})", f"{ref.name(i)} / {ref.name(j)}",
+                       fmt(score, 4), fmt(error, 2, 100) + marks],
+                      {**base, "rank": rank, "i": i, "j": j, "class_i": ref.name(i), "class_j": ref.name(j),
+                       "score": float(score), "baseline_error": float(error)})
+        if not len(ref):
+            table.add([dataset, backbone, DASH, DASH, DASH, DASH, NA + reference_note(ref, table.notes)], base)
+        table.end_group()
     return table
 
 
 # ----------------------------------------------------------------------------- 3. geometry
 def geometry(ctx: Context) -> Table:
-    metrics: list[tuple[str, str, float, int]] = (  # key, column, scale, digits
-        [(rho_ref(layer), f"ρ {layer} (ref)", 1.0, 3) for layer in metric_layers(ctx.final, rho_ref)]
-        + [(contract.PROTO_COS_REF, "cos (ref)", 1.0, 3)]
-        + [(contract.probe_metric(layer), f"probe {layer} (%)", 100.0, 2)
+    metrics: list[tuple[tuple[str, ...], str, float, int]] = (  # keys (first logged wins), column, scale, digits
+        [(db_keys(layer), f"D_B {layer} (ref)", 1.0, 2) for layer in db_layers(ctx.final)]
+        + [((contract.PROTO_COS_REF,), "cos (ref)", 1.0, 3)]
+        + [((contract.probe_metric(layer),), f"probe {layer} (%)", 100.0, 2)
            for layer in metric_layers(ctx.final, contract.probe_metric)]
-        + [(contract.NC1, "NC1", 1.0, 3)])
+        + [((contract.NC1,), "NC1", 1.0, 3)])
     table = Table(
         "geometry", "Geometry: overlap, prototype cosine and linear separability",
         ["Dataset", "Backbone", "Variant", "Seeds", *[m[1] for m in metrics]], label_columns=3,
         csv_columns=["dataset", "backbone", "variant", "n_seeds",
-                     *[f"{key}:{stat}" for key, *_ in metrics for stat in ("mean", "std", "n")], "note"],
-        caption="Final runs, last epoch, mean ± std over seeds. ρ: Bhattacharyya coefficient of the reference "
-                f"pairs per layer ({rho_ref('<layer>')}); cos: prototype cosine of the reference pairs; probe: "
-                "linear-probe accuracy per layer; NC1 = Tr(Σ_W Σ_B^+)/K.")
+                     *[f"{keys[0]}:{stat}" for keys, *_ in metrics for stat in ("mean", "std", "n")], "note"],
+        caption="Final runs, last epoch, mean ± std over seeds. D_B = -log ρ: diagonal-Gaussian Bhattacharyya "
+                "distance of the class-conditional features of the reference pairs each run was scored on, per "
+                f"layer ({contract.db_metric('<layer>', 'ref')}, or {contract.legacy_db_metric('<layer>', 'ref')} "
+                "in older runs; higher = less overlap; ρ itself underflows to 0 on wide layers); cos: prototype "
+                "cosine of those pairs; probe: linear-probe accuracy per layer; NC1 = Tr(Σ_W Σ_B^+)/K.")
     for slot in final_slots(ctx, table):
         cells, fields = [slot.seeds], {}
-        for key, _, scale, digits in metrics:
-            s = summarize(metric_values(slot.runs, key))
+        for keys, _, scale, digits in metrics:
+            s = summarize(first_values(slot.runs, keys))
             if slot.n == 0:
                 cell = NA
             elif s.n == 0:
@@ -491,7 +628,7 @@ def geometry(ctx: Context) -> Table:
                 if s.n < slot.n:
                     cell += " " + table.notes.mark("logged by only some of the runs; statistics over those")
             cells.append(cell)
-            fields.update({f"{key}:mean": s.mean, f"{key}:std": s.std, f"{key}:n": s.n})
+            fields.update({f"{keys[0]}:mean": s.mean, f"{keys[0]}:std": s.std, f"{keys[0]}:n": s.n})
         if slot.n == 0:
             cells[1] = "no finished runs"
         table.add(slot.labels + cells, {**slot.keys, "n_seeds": slot.n, **fields})
@@ -535,37 +672,58 @@ def hparam_column(name: str) -> str:
 def ablations(ctx: Context) -> Table:
     table = Table(
         "ablations", "Ablations within each variant (study trials)",
-        ["Dataset", "Backbone", "Variant", "Switch", "Setting", "Trials", "Val top-1 (%)"], label_columns=5,
-        csv_columns=["dataset", "backbone", "variant", "switch", "setting", "n_trials", "val_acc_mean",
-                     "val_acc_std", "note"],
+        ["Dataset", "Backbone", "Variant", "Study", "Switch", "Setting", "Trials", "Val top-1 (%)"],
+        label_columns=6,
+        csv_columns=["dataset", "backbone", "variant", "study", "study_id", "switch", "setting", "n_trials",
+                     "val_acc_mean", "val_acc_std", "note"],
         caption="Finished study trials (split=val), last-epoch val/acc, grouped by one switch at a time and by "
-                "the variant's switches jointly; other hyperparameters vary across trials as the search chose them.")
+                "the variant's switches jointly; other hyperparameters vary across trials as the search chose them. "
+                f"Each study ({contract.TAG_STUDY_ID}; shown as name and the id's first {SHORT_ID} characters) has "
+                "its own rows: trials of different studies are never averaged together.")
     for slot in slots(ctx, table):
-        trials = group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant)
-        if not len(trials):
-            table.add(slot.labels + [DASH, DASH, "0", "no finished trials " + table.notes.mark(
+        found = studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
+        if not found:
+            table.add(slot.labels + [DASH, DASH, DASH, "0", "no finished trials " + table.notes.mark(
                 "no finished study trial of this variant: run `make study VARIANT=<variant>`")],
                 {**slot.keys, "switch": "", "setting": "", "n_trials": 0})
             continue
-        acc = metric_values(trials, VAL_ACC)
-        switches = [p for p in ABLATION_SWITCHES.get(slot.variant, ()) + COMMON_SWITCHES
-                    if hparam_column(p) in trials.columns]
-        blocks: list[tuple[str, list[str]]] = [("(all trials)", [DASH] * len(trials))]
-        for p in switches:
-            blocks.append((p, [switch_value(p, v) for v in trials[hparam_column(p)]]))
-        if len(switches) > 1:
-            joint = [", ".join(f"{p}={switch_value(p, v)}" for p, v in zip(switches, values))
-                     for values in zip(*(trials[hparam_column(p)] for p in switches))]
-            blocks.append(("joint: " + ", ".join(switches), joint))
-        for switch, settings in blocks:
-            for setting in sorted(set(settings), key=_setting_key):
-                mask = np.array([s == setting for s in settings])
-                s = summarize(acc[mask])
-                table.add(slot.labels + [switch, setting, str(int(mask.sum())), fmt_pm(s, 2, 100)],
-                          {**slot.keys, "switch": switch, "setting": setting, "n_trials": int(mask.sum()),
-                           "val_acc_mean": s.mean, "val_acc_std": s.std})
+        apart = ""
+        if len(found) > 1:
+            differ = fixed_differences([st.trials for st in found], ignore_prefixes=VARIANT_OWN_PARAMS)
+            apart = " " + table.notes.mark(
+                f"{len(found)} studies of this variant (different {contract.TAG_STUDY_ID}, e.g. the same name in "
+                "two storages) are kept apart, never averaged"
+                + (f"; they differ in fixed settings: {', '.join(differ)}" if differ else ""))
+        for study in found:
+            ablation_rows(table, slot, study.trials, study.label, apart,
+                          {"study": study.name, "study_id": study.study_id})
         table.end_group()
     return table
+
+
+def ablation_rows(table: Table, slot: Slot, trials: pd.DataFrame, label: str, marks: str,
+                  study: dict[str, str]) -> None:
+    """One study's rows: all its trials, then each switch's settings, then the switches jointly;
+    ``marks`` (note marks) follow the study's label on its first row."""
+    acc = metric_values(trials, VAL_ACC)
+    switches = [p for p in ABLATION_SWITCHES.get(slot.variant, ()) + COMMON_SWITCHES
+                if hparam_column(p) in trials.columns]
+    blocks: list[tuple[str, list[str]]] = [("(all trials)", [DASH] * len(trials))]
+    for p in switches:
+        blocks.append((p, [switch_value(p, v) for v in trials[hparam_column(p)]]))
+    if len(switches) > 1:
+        joint = [", ".join(f"{p}={switch_value(p, v)}" for p, v in zip(switches, values))
+                 for values in zip(*(trials[hparam_column(p)] for p in switches))]
+        blocks.append(("joint: " + ", ".join(switches), joint))
+    first = len(table)
+    for switch, settings in blocks:
+        for setting in sorted(set(settings), key=_setting_key):
+            mask = np.array([s == setting for s in settings])
+            s = summarize(acc[mask])
+            table.add(slot.labels + [label + ("" if len(table) > first else marks), switch, setting,
+                                     str(int(mask.sum())), fmt_pm(s, 2, 100)],
+                      {**slot.keys, **study, "switch": switch, "setting": setting, "n_trials": int(mask.sum()),
+                       "val_acc_mean": s.mean, "val_acc_std": s.std})
 
 
 # ----------------------------------------------------------------------------- 5. importance
@@ -595,7 +753,8 @@ def importance(ctx: Context) -> Table:
         "importance", "Hyperparameter importance per variant (Optuna fANOVA)",
         ["Dataset", "Backbone", "Variant", "Study", "Hyperparameter", "Complete trials", "Importance"],
         label_columns=5,
-        csv_columns=["dataset", "backbone", "variant", "study", "n_complete", "param", "importance", "note"],
+        csv_columns=["dataset", "backbone", "variant", "study", "study_id", "n_complete", "param", "importance",
+                     "note"],
         caption=f"optuna.importance.get_param_importances (fANOVA, seed 0) on the study in {ctx.storage}; "
                 "importances sum to 1 within a study.")
     storage, problem = open_study_storage(ctx.storage)
@@ -607,12 +766,13 @@ def importance(ctx: Context) -> Table:
             storage, problem = None, f"cannot read Optuna storage {ctx.storage}: {type(exc).__name__}: {exc}"
     for slot in slots(ctx, table):
         name = contract.study_name(slot.dataset, slot.backbone, slot.variant)
-        rows, note = [], problem
+        rows, note, study_id = [], problem, ""
         n_complete: int | None = None
         if storage is not None and name not in names:
             note = f"no study of this name in {ctx.storage}"
         elif storage is not None:
             study = optuna.load_study(study_name=name, storage=storage)
+            study_id = str(study.user_attrs.get(contract.STUDY_ID_ATTR, ""))
             complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             n_complete = len(complete)
             if n_complete < 2:
@@ -627,25 +787,234 @@ def importance(ctx: Context) -> Table:
                 except Exception as exc:  # e.g. no parameter common to every trial
                     note = f"importance could not be computed: {type(exc).__name__}: {exc}"
         trials_cell = NA if n_complete is None else str(n_complete)
-        base = {**slot.keys, "study": name, "n_complete": n_complete}
+        label = f"{name} ({study_id[:SHORT_ID]})" if study_id else name
+        others = {st.study_id for st in studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
+                  if st.name == name and st.study_id} - {study_id}
+        if others and n_complete is not None:
+            label += " " + table.notes.mark(
+                "the MLflow store also holds trials of other studies of this name (other ids: another storage); "
+                f"the importance is of the study in {ctx.storage}")
+        base = {**slot.keys, "study": name, "study_id": study_id, "n_complete": n_complete}
         for param, value in rows:
-            table.add(slot.labels + [name, param, trials_cell, fmt(value, 3)],
+            table.add(slot.labels + [label, param, trials_cell, fmt(value, 3)],
                       {**base, "param": param, "importance": value})
         if not rows:
-            table.add(slot.labels + [name, DASH, trials_cell, f"{NA} " + table.notes.mark(note)],
+            table.add(slot.labels + [label, DASH, trials_cell, f"{NA} " + table.notes.mark(note)],
                       {**base, "param": "", "importance": None, "note": note})
     return table
 
 
+# ----------------------------------------------------------------------------- 6. significance
+@dataclass
+class SampleCorrectness:
+    """Which test samples each final run of one dataset and backbone got right, on the samples
+    common to all of them (from ``predictions.npz``)."""
+
+    n_samples: int = 0
+    correct: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (variant, seed) -> (N,) bool
+    problems: list[str] = field(default_factory=list)  # notes for every row of the group
+
+
+def sample_correctness(ctx: Context, runs: pd.DataFrame) -> SampleCorrectness:
+    out = SampleCorrectness()
+    loaded = []  # (variant, seed, index, label, pred), each sorted by sample index
+    for variant, seed, run_id in zip(runs["variant"], runs["seed"], runs["run_id"]):
+        data = ctx.artifacts.predictions(run_id)
+        if seed is None or not data or not {"index", "label", "pred"} <= set(data):
+            continue
+        index = np.asarray(data["index"], dtype=np.int64).ravel()
+        if len(np.unique(index)) != len(index):
+            out.problems.append(f"a run's {contract.PREDICTIONS_ARTIFACT} repeats a sample index: left out")
+            continue
+        order = np.argsort(index, kind="stable")
+        loaded.append((variant, int(seed), index[order], np.asarray(data["label"]).ravel()[order],
+                       np.asarray(data["pred"]).ravel()[order]))
+    if not loaded:
+        return out
+    common = loaded[0][2]
+    for *_, index, _, _ in loaded[1:]:
+        common = np.intersect1d(common, index, assume_unique=True)  # sorted
+    if any(len(index) != len(common) for *_, index, _, _ in loaded):
+        out.problems.append(f"the runs' test samples differ: only the {len(common)} sample indices common to all "
+                            "runs are compared")
+    labels = None
+    for variant, seed, index, label, pred in loaded:
+        at = np.searchsorted(index, common)  # (N,) positions of the common samples
+        if labels is None:
+            labels = label[at]
+        elif not np.array_equal(labels, label[at]):
+            out.problems.append("the runs disagree on the label of the same sample index (another test split?): "
+                                "no per-sample comparison")
+            out.correct.clear()
+            return out
+        out.correct[(variant, seed)] = pred[at] == label[at]
+    out.n_samples = len(common)
+    return out
+
+
+@dataclass(eq=False)
+class SignificanceRow:
+    """One seed's comparison (``seed``), or the pooled one over a variant's seeds (``seed`` None).
+
+    Accuracy and difference are kept per sample as integer numerators over a divisor (the
+    number of seeds averaged), so the bootstrap's sums are exact."""
+
+    seed: int | None
+    n_seeds: int
+    n_samples: int
+    acc: tuple[np.ndarray, int] | None  # (N,) int: seeds right on each sample; divisor
+    diff: tuple[np.ndarray, int] | None = None  # (N,) int: sum over seeds of (variant - baseline) right; divisor
+    b: int | None = None
+    c: int | None = None
+    p: float = math.nan
+    notes: list[str] = field(default_factory=list)  # texts of the row's notes
+    acc_ci: tuple[float, float] = (math.nan, math.nan)
+    diff_ci: tuple[float, float] = (math.nan, math.nan)
+    p_holm: float = math.nan
+
+    @property
+    def pooled(self) -> bool:
+        return self.seed is None
+
+    @property
+    def tested(self) -> bool:
+        """A pooled test against the baseline: one member of Holm's family."""
+        return self.pooled and self.b is not None
+
+    @staticmethod
+    def mean(stat: tuple[np.ndarray, int] | None) -> float:
+        return math.nan if stat is None else float(stat[0].sum() / (len(stat[0]) * stat[1]))
+
+
+def significance_slots(ctx: Context, table: Table) -> list[tuple[FinalSlot, list[SignificanceRow]]]:
+    """Per (dataset, backbone, variant): a row per seed, then the pooled row (the baseline's rows
+    carry only accuracy); with Holm's adjusted p over the pooled tests and the bootstrap
+    intervals, one bootstrap per dataset and backbone (the same resamples for all its rows)."""
+    groups: dict[tuple[str, str], SampleCorrectness] = {}
+    out = []
+    for slot in final_slots(ctx, table):
+        if (slot.dataset, slot.backbone) not in groups:
+            groups[(slot.dataset, slot.backbone)] = sample_correctness(
+                ctx, group_runs(ctx.final, slot.dataset, slot.backbone))
+        group = groups[(slot.dataset, slot.backbone)]
+        own = {seed: x for (v, seed), x in group.correct.items() if v == slot.variant}
+        base = {seed: x for (v, seed), x in group.correct.items() if v == "baseline"}
+        if not own:
+            why = [] if not slot.n else [f"no {contract.PREDICTIONS_ARTIFACT} in these runs (finished before "
+                                         "per-sample predictions were logged): no per-sample test"]
+            out.append((slot, [SignificanceRow(None, slot.n, 0, None, notes=group.problems + why)]))
+            continue
+        compare = slot.variant != "baseline"
+        rows = []
+        for seed in sorted(own):
+            paired = compare and seed in base
+            b, c = discordant(own[seed], base[seed]) if paired else (None, None)
+            rows.append(SignificanceRow(seed, 1, group.n_samples, (own[seed].astype(np.int64), 1),
+                                        (own[seed].astype(np.int64) - base[seed], 1) if paired else None, b, c,
+                                        mcnemar_p(b, c) if paired else math.nan))
+        pooled = SignificanceRow(None, len(own), group.n_samples,
+                                 (np.sum([own[s] for s in sorted(own)], axis=0, dtype=np.int64), len(own)),
+                                 notes=list(group.problems))
+        common = sorted(set(own) & set(base)) if compare else []
+        if compare and not base:
+            pooled.notes.append(f"no baseline final run with a {contract.PREDICTIONS_ARTIFACT}: no McNemar test")
+        elif compare and not common:
+            pooled.notes.append("no seed in common with the baseline: no McNemar test")
+        if common:
+            pooled.b, pooled.c, pooled.p = stratified_mcnemar(discordant(own[s], base[s]) for s in common)
+            pooled.diff = (np.sum([own[s].astype(np.int64) - base[s] for s in common], axis=0), len(common))
+            if len(common) < len(own):
+                pooled.notes.append(
+                    "the pooled test and difference are over the seeds both this variant and the baseline have")
+            setup = setup_difference(slot.runs, group_runs(ctx.final, slot.dataset, slot.backbone, "baseline"),
+                                     "baseline")
+            pooled.notes += [setup] if setup else []
+        out.append((slot, rows + [pooled]))
+    rows = [r for _, part in out for r in part]
+    family = [r for r in rows if r.tested]
+    for r, p in zip(family, holm([r.p for r in family])):
+        r.p_holm = float(p)
+    for key in groups:
+        part = [r for slot, slot_rows in out if (slot.dataset, slot.backbone) == key for r in slot_rows]
+        stats = [(r, "acc_ci", r.acc) for r in part if r.acc is not None]
+        stats += [(r, "diff_ci", r.diff) for r in part if r.diff is not None]
+        if stats:
+            intervals = bootstrap_intervals(np.stack([s[0] for _, _, s in stats]), [s[1] for _, _, s in stats])
+            for (r, name, _), (lo, hi) in zip(stats, intervals):
+                setattr(r, name, (float(lo), float(hi)))
+    return out
+
+
+def significance(ctx: Context) -> Table:
+    columns = ["Dataset", "Backbone", "Variant", "Seed", "Samples", "b / c", "McNemar p", "Holm p",
+               "Top-1 (%) [95% CI]", "Δ vs baseline (pp) [95% CI]"]
+    csv_columns = ["dataset", "backbone", "variant", "seed", "n_seeds", "n_samples", "b", "c", "mcnemar_p",
+                   "mcnemar_p_holm", "acc", "acc_ci_low", "acc_ci_high", "diff_vs_baseline", "diff_ci_low",
+                   "diff_ci_high", "note"]
+    # the numbers first (Holm's family is the whole table); the notes are numbered while writing
+    computed = significance_slots(ctx, Table("significance", "", columns, 4, csv_columns))
+    table = Table(
+        "significance", "Significance against the baseline on the same test samples", columns, label_columns=4,
+        csv_columns=csv_columns,
+        caption=f"Final runs' per-sample test predictions ({contract.PREDICTIONS_ARTIFACT}, last epoch), each "
+                "variant paired with the baseline by seed on the same test samples. b: samples the variant gets "
+                "right and the baseline wrong; c: the reverse. McNemar's exact test: p = binomtest(b, b + c, 1/2), "
+                "two-sided (scipy). Pooled rows: the seeds are strata; b and c are summed over the seeds both have "
+                "and one exact binomial test is run, an exact conditional test of no difference in any stratum (the "
+                "strata share the test samples, which the test treats as independent). Holm p: Holm's step-down "
+                f"correction over the {sum(r.tested for _, rows in computed for r in rows)} pooled test(s) of this "
+                "table (every variant against the baseline, all datasets and backbones). 95% CI: percentile "
+                f"bootstrap over test samples ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}: the same "
+                "resamples for every row of a dataset, so intervals are paired across variants); a pooled row's "
+                "accuracy and difference are means over its seeds.")
+    for slot, (_, rows) in zip(final_slots(ctx, table), computed):
+        seeds_notes = table.notes.take()  # the seeds cell's notes belong to the pooled row
+        reference = slot.variant == "baseline"
+        for r in rows:
+            acc, diff = r.mean(r.acc), r.mean(r.diff)
+            marks = "".join(" " + table.notes.mark(text) for text in r.notes)
+            if r.acc is not None:
+                acc_cell = f"{fmt(acc, 2, 100)} [{fmt(r.acc_ci[0], 2, 100)}, {fmt(r.acc_ci[1], 2, 100)}]"
+            else:
+                acc_cell = NA if slot.n else "no finished runs"
+            if reference:
+                diff_cell = DASH
+            elif r.diff is not None:
+                diff_cell = (f"{fmt(diff, 2, 100, sign=True)} [{fmt(r.diff_ci[0], 2, 100, sign=True)}, "
+                             f"{fmt(r.diff_ci[1], 2, 100, sign=True)}]")
+            else:
+                diff_cell = NA
+            cells = [(f"pooled ({slot.seeds})" if r.pooled else str(r.seed)) + marks,
+                     str(r.n_samples) if r.n_samples else NA,
+                     DASH if reference else (f"{r.b} / {r.c}" if r.b is not None else NA),
+                     DASH if reference else fmt_pvalue(r.p),
+                     DASH if reference or not r.pooled else fmt_pvalue(r.p_holm), acc_cell, diff_cell]
+            note = "; ".join([t for t in ([seeds_notes] if r.pooled else []) + r.notes if t])
+            table.notes.take()
+            table.add(slot.labels + cells, {
+                **slot.keys, "seed": "pooled" if r.pooled else r.seed, "n_seeds": r.n_seeds,
+                "n_samples": r.n_samples, "b": r.b, "c": r.c, "mcnemar_p": r.p, "mcnemar_p_holm": r.p_holm,
+                "acc": acc, "acc_ci_low": r.acc_ci[0], "acc_ci_high": r.acc_ci[1], "diff_vs_baseline": diff,
+                "diff_ci_low": r.diff_ci[0], "diff_ci_high": r.diff_ci[1], "note": note})
+    return table
+
+
+def fmt_pvalue(p: float) -> str:
+    """A p-value cell: three significant digits, ``<0.001`` below."""
+    if p is None or not math.isfinite(p):
+        return NA
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 # ----------------------------------------------------------------------------- command line
-TABLES = (main_results, confusable_pairs, geometry, ablations, importance)
+TABLES = (main_results, significance, confusable_pairs, reference_pairs, geometry, ablations, importance)
 
 
-def build_context(runs: pd.DataFrame, expected_seeds: int | None, storage: str) -> Context:
-    final, duplicates = final_runs(runs)
-    return Context(runs=runs, final=final, duplicates=duplicates, trials=study_trials(runs),
-                   variants=known_variants(runs), groups=dataset_groups(runs), expected_seeds=expected_seeds,
-                   storage=storage)
+def build_context(runs: pd.DataFrame, expected_seeds: int | None, storage: str, client=None) -> Context:
+    final = final_runs(runs)
+    return Context(runs=runs, final=final.kept, duplicates=final.duplicates, other_configs=final.other_configs,
+                   trials=study_trials(runs), variants=known_variants(runs), groups=dataset_groups(runs),
+                   expected_seeds=expected_seeds, storage=storage, artifacts=Artifacts(client))
 
 
 def build_tables(ctx: Context) -> list[Table]:
@@ -675,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"carrot tables: no runs in experiment {args.experiment!r}"
               + (" matching the filters" if args.dataset or args.backbone else "")
               + "; writing empty tables", file=sys.stderr)
-    ctx = build_context(runs, args.seeds, args.storage)
+    ctx = build_context(runs, args.seeds, args.storage, client)
     for table in build_tables(ctx):
         paths = write_table(table, args.out)
         print(f"{table.name}: {len(table)} rows -> " + ", ".join(str(p) for p in paths))

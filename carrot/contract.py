@@ -110,11 +110,26 @@ def bhattacharyya_distance_metric(layer: str, which: str) -> str:
     return f"bhattacharyya/{layer}/{which}_distance"
 
 
+def db_metric(layer: str, which: str) -> str:
+    """D_B = -log rho of a probed layer (``which``: ``top`` or ``ref``): finite where rho
+    underflows to 0 on wide layers."""
+    return f"dB/{layer}/{which}_mean"
+
+
+def legacy_db_metric(layer: str, which: str) -> str:
+    """The key older runs logged D_B under before :func:`db_metric` (``which``: ``top`` or
+    ``ref``); ``analysis`` reads it where a run has no ``dB/`` key."""
+    return f"bhattacharyya/{layer}/{which}_distance"
+
+
 def probe_metric(layer: str) -> str:
     return f"probe/{layer}/acc"
 
 
 # ----------------------------------------------------------------------------- studies
+STUDY_ID_ATTR = "study_id"  # the Optuna user attr holding a study's unique id (TAG_STUDY_ID on its runs)
+
+
 def study_name(dataset: str, backbone: str, variant: str) -> str:
     """The default study name of one (dataset, backbone, variant)."""
     return f"{dataset}-{backbone}-{variant}"

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 DATASET, BACKBONE = "digits", "test_resnet"
 VARIANTS = ("baseline", "barrier")
 SEEDS = (0, 1)
-TABLES = ("main_results", "confusable_pairs", "geometry", "ablations", "importance")
-PLOTS = ("confusion_concentration.png", "proto_cos_ref.png", "pair_error_vs_baseline.png", "rho_per_layer.png",
+TABLES = ("main_results", "significance", "confusable_pairs", "reference_pairs", "geometry", "ablations", "importance")
+PLOTS = ("confusion_concentration.png", "proto_cos_ref.png", "pair_error_vs_baseline.png", "db_per_layer.png",
          "probe_per_layer.png", "variant_stats_barrier.png")
 # Small enough that the whole fixture trains in well under a minute on two shared cores.
 TINY = {"optim.epochs": 2, "data.limit_per_class": 30, "eval.probe_max_train": 100, "data.batch_size": 32}
@@ -127,11 +127,15 @@ def test_every_table_is_written_in_three_formats(store):
         md = (store["out"] / f"{name}.md").read_text()
         tex = (store["out"] / f"{name}.tex").read_text()
         rows = read_csv(store["out"] / f"{name}.csv")
-        assert md.startswith("## ") and "\n| Dataset | Backbone | Variant |" in md, name
+        assert md.startswith("## ") and "\n| Dataset | Backbone |" in md, name
         for rule in (r"\begin{tabular}", r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}"):
             assert rule in tex, (name, rule)
         assert "±" not in tex and "_resnet" not in tex.replace(r"\_resnet", ""), "LaTeX special characters escaped"
-        assert rows and {r["variant"] for r in rows} == set(VARIANTS), name
+        assert rows, name
+        if name == "reference_pairs":  # one row per pair of the dataset, not per variant
+            assert {(r["dataset"], r["backbone"]) for r in rows} == {(DATASET, BACKBONE)}
+            continue
+        assert {r["variant"] for r in rows} == set(VARIANTS), name
         # baseline first, then the others
         assert [r["Variant"] for r in md_rows(store["out"] / f"{name}.md")][0] == "baseline"
 
@@ -182,26 +186,80 @@ def test_paired_difference_to_baseline_by_hand(store):
     assert "no finished final run of pairwise_confusion" in (store["out"] / "main_results.md").read_text()
 
 
+def last_confusion(st, variant: str, seed: int) -> np.ndarray:
+    with np.load(st["client"].download_artifacts(st["final"][(variant, seed)], "confusion.npz")) as data:
+        return data["confusion"][-1].astype(float)
+
+
 def test_pairs_and_geometry_cells_equal_the_runs_metrics(store):
     pairs = read_csv(store["out"] / "confusable_pairs.csv")
     geometry = read_csv(store["out"] / "geometry.csv")
     client = store["client"]
-    layers = sorted(k.split("/")[1] for k in client.get_run(store["final"][("baseline", 0)]).data.metrics
-                    if k.startswith("rho/") and k.endswith("/ref_mean"))
-    assert layers, "the runs log rho per layer"
+    metrics = client.get_run(store["final"][("baseline", 0)]).data.metrics
+    layers = sorted({k.split("/")[1] for k in metrics if k.endswith("/ref_mean") and k.startswith("dB/")
+                     or k.endswith("/ref_distance") and k.startswith("bhattacharyya/")})
+    assert layers, "the runs log D_B per layer"
+    db = {layer: (f"dB/{layer}/ref_mean" if f"dB/{layer}/ref_mean" in metrics
+                  else f"bhattacharyya/{layer}/ref_distance") for layer in layers}
     for variant in VARIANTS:
-        for key, column, table in (("pairs/ref_error", "ref_error_mean", pairs),
-                                   ("pairs/top_error", "top_error_mean", pairs),
+        for key, column, table in (("pairs/top_error", "top_error_mean", pairs),
                                    ("proto_cos/ref_mean", "proto_cos/ref_mean:mean", geometry),
                                    ("nc/nc1", "nc/nc1:mean", geometry),
                                    ("probe/embedding/acc", "probe/embedding/acc:mean", geometry),
-                                   *[(f"rho/{layer}/ref_mean", f"rho/{layer}/ref_mean:mean", geometry)
-                                     for layer in layers]):
+                                   *[(db[layer], f"dB/{layer}/ref_mean:mean", geometry) for layer in layers]):
             values = np.array(list(final_values(store, variant, key).values()))
-            assert float(row(table, variant=variant)[column]) == pytest.approx(values.mean(), abs=1e-9), key
-    ref = np.array(list(final_values(store, "barrier", "pairs/ref_error").values()))
-    cell = row(md_rows(store["out"] / "confusable_pairs.md"), Variant="barrier")["Ref-pair error (%)"]
-    assert cell.startswith(f"{100 * ref.mean():.2f} ± {100 * ref.std(ddof=1):.2f}")
+            assert float(row(table, variant=variant)[column]) == pytest.approx(values.mean(), rel=1e-9, abs=1e-9), key
+    # the reference pairs: the top pairs (S > 0, at most 20) of the baseline's pooled last-epoch confusion,
+    # and every run re-scored on them from its confusion.npz
+    pooled = sum(last_confusion(store, "baseline", seed) for seed in SEEDS)
+    n = pooled.sum(axis=1)
+    scored = sorted((-(pooled[i, j] / n[i] + pooled[j, i] / n[j]) / 2, i, j)
+                    for i in range(len(pooled)) for j in range(i + 1, len(pooled)))
+    ref = [(i, j) for s, i, j in scored if s < 0][:20]
+    listed = [(int(r["i"]), int(r["j"])) for r in read_csv(store["out"] / "reference_pairs.csv")]
+    assert listed == ref and ref
+    for variant in VARIANTS:
+        errors = []
+        for seed in SEEDS:
+            cm = last_confusion(store, variant, seed)
+            errors.append(np.mean([(cm[i, j] + cm[j, i]) / (cm[i].sum() + cm[j].sum()) for i, j in ref]))
+        got = row(pairs, variant=variant)
+        assert float(got["ref_error_mean"]) == pytest.approx(np.mean(errors), abs=1e-9)
+        assert int(got["n_ref_pairs"]) == len(ref)
+        cell = row(md_rows(store["out"] / "confusable_pairs.md"), Variant=variant)["Ref-pair error (%)"]
+        assert cell.startswith(f"{100 * np.mean(errors):.2f} ± {100 * np.std(errors, ddof=1):.2f}")
+
+
+def test_significance_cells_equal_mcnemar_on_the_runs_predictions(store):
+    from scipy.stats import binomtest
+
+    client = store["client"]
+    rows = [r for r in read_csv(store["out"] / "significance.csv") if r["variant"] == "barrier"]
+    pooled = row(rows, seed="pooled")
+    names = {a.path for a in client.list_artifacts(store["final"][("barrier", 0)])}
+    if "predictions.npz" not in names:  # runs of a training side that does not log predictions yet
+        assert pooled["b"] == "" and "no predictions.npz" in pooled["note"]
+        return
+    right = {}
+    for key, run_id in store["final"].items():
+        with np.load(client.download_artifacts(run_id, "predictions.npz")) as data:
+            order = np.argsort(data["index"])
+            right[key] = (data["pred"] == data["label"])[order]
+    b = [int((right[("barrier", s)] & ~right[("baseline", s)]).sum()) for s in SEEDS]
+    c = [int((~right[("barrier", s)] & right[("baseline", s)]).sum()) for s in SEEDS]
+    for seed, bs, cs in zip(SEEDS, b, c):
+        got = row(rows, seed=str(seed))
+        assert (int(got["b"]), int(got["c"])) == (bs, cs)
+        want = binomtest(bs, bs + cs, 0.5).pvalue if bs + cs else 1.0
+        assert float(got["mcnemar_p"]) == pytest.approx(want, rel=1e-9)
+    assert (int(pooled["b"]), int(pooled["c"])) == (sum(b), sum(c))
+    want = binomtest(sum(b), sum(b) + sum(c), 0.5).pvalue if sum(b) + sum(c) else 1.0
+    assert float(pooled["mcnemar_p"]) == pytest.approx(want, rel=1e-9)
+    assert float(pooled["mcnemar_p_holm"]) == pytest.approx(want, rel=1e-9), "one test: Holm changes nothing"
+    acc = np.mean([right[("barrier", s)].mean() for s in SEEDS])
+    assert float(pooled["acc"]) == pytest.approx(acc, abs=1e-9)
+    assert float(pooled["acc"]) == pytest.approx(np.mean(list(final_values(store, "barrier", "test/acc").values())),
+                                                 abs=1e-6), "predictions.npz agrees with test/acc"
 
 
 def test_ablation_groups_match_the_study_trials(store):
