@@ -86,6 +86,20 @@ def test_identical_embeddings_finite() -> None:
     assert r_rank.item() == pytest.approx(math.log(4), rel=1e-5)  # erank 1 of a zero spectrum
 
 
+@pytest.mark.parametrize("value", [0.7, 123.456])
+def test_identical_embeddings_give_no_round_off_gradient(value: float) -> None:
+    """Centring identical samples leaves round-off (~1e-7 of the values), not a spread: the
+    barriers sit at their clamps (r_c = eps, erank 1) with a zero gradient, where 1 / round-off
+    gave ~1e7 to 1e8 (and inf once cast to float16)."""
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 5])
+    z = torch.full((len(y), 12), value, requires_grad=True)
+    r_var, r_rank, stats = barrier_terms(z, y)
+    (r_var + r_rank).backward()
+    assert r_var.item() == pytest.approx(-math.log(1e-12), rel=1e-6)  # r_c clamped at eps
+    assert r_rank.item() == pytest.approx(math.log(12), rel=1e-6)  # erank 1
+    assert z.grad.abs().max().item() == 0.0
+
+
 def test_gradient_pushes_collapsed_class_apart() -> None:
     g = torch.Generator().manual_seed(7)
     y = torch.tensor([0, 0, 0, 1, 1, 1])

@@ -78,13 +78,32 @@ def test_class_moments_against_loop() -> None:
     )
 
 
-def test_l2_normalize_is_f_normalize_with_finite_gradient_at_zero() -> None:
+def test_l2_normalize_is_f_normalize_with_zero_gradient_at_zero() -> None:
     x = torch.cat([torch.randn(5, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)]).requires_grad_(True)
     h = l2_normalize(x)
     torch.testing.assert_close(h, torch.nn.functional.normalize(x, dim=1))
     assert torch.all(h[-1] == 0)
-    h.sum().backward()
+    (h * torch.randn_like(h)).sum().backward()
     assert torch.isfinite(x.grad).all()
+    assert torch.all(x.grad[-1] == 0)  # no direction, no gradient (F.normalize: 1 / eps = 1e12)
+    # the normal rows keep F.normalize's gradient
+    ref = x.detach().clone().requires_grad_(True)
+    x.grad = None
+    w = torch.randn(5, 4, dtype=torch.float64)
+    (l2_normalize(x)[:5] * w).sum().backward()
+    (torch.nn.functional.normalize(ref[:5], dim=1) * w).sum().backward()
+    torch.testing.assert_close(x.grad[:5], ref.grad[:5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_l2_normalize_tiny_zero_and_nan_rows(dtype: torch.dtype) -> None:
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-13, 0.0], [float("nan"), 1.0]], dtype=dtype).requires_grad_(True)
+    h = l2_normalize(x)
+    assert h.dtype == dtype
+    torch.testing.assert_close(h[0].float(), torch.tensor([0.6, 0.8]), rtol=1e-2, atol=1e-3)
+    assert torch.all(h[1:3] == 0) and torch.isnan(h[3]).all()  # an absent class's NaN row stays NaN
+    h[:3].sum().backward()
+    assert torch.isfinite(x.grad[:3]).all() and torch.all(x.grad[1:3] == 0)
 
 
 def test_pairwise_distance_and_zero_gradient() -> None:

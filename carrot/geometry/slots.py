@@ -119,12 +119,21 @@ def rms_radius(var: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------- norms, distances
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """``x / max(||x||, eps)`` along the last dim, in ``x``'s dtype.
+    """``x / ||x||`` along the last dim, in ``x``'s dtype; 0, with a zero gradient, where ``||x|| <= eps``.
 
-    The same value as ``F.normalize``, written as a product with a (N, 1) factor: on the CPU
-    its backward is several times faster than ``F.normalize``'s expanded division.
+    The same value as ``F.normalize`` wherever ``||x|| > eps``, written as a product with a
+    (N, 1) factor: on the CPU its backward is several times faster than ``F.normalize``'s
+    expanded division. A (near-)zero row has no direction: ``F.normalize`` maps it to
+    ``x / eps`` with the gradient ``1 / eps = 1e12``, which overflows float16 and, through two
+    normalisations in a row (a normalised neck, then prototypes or the expansion operator),
+    reaches ~1e26 in float32. Here it maps to 0 with a zero gradient (the convention of
+    :func:`pairwise_distance` at 0).
     """
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True).clamp_min(eps * eps))
+    sq = (x * x).sum(dim=-1, keepdim=True)  # (N, 1)
+    no_norm = sq <= eps * eps  # false for a NaN row, which stays NaN (absent classes in the diagnostics)
+    # rsqrt of 1 (not of the clamp) on the rows left out, so 0 * rsqrt is never 0 * inf
+    scaled = x * torch.rsqrt(torch.where(no_norm, torch.ones_like(sq), sq))
+    return torch.where(no_norm, torch.zeros_like(scaled), scaled)
 
 
 def pairwise_distance(a: Tensor) -> Tensor:

@@ -2,10 +2,16 @@
 
 ``erank = exp(H)``, ``H = -sum_k p_k log p_k`` with ``p = lam / sum lam`` the normalised
 eigenvalues of the covariance (squared singular values of the centred data, not the singular
-values of Roy & Vetterli's definition; see :func:`effective_rank`). Written once as :func:`spectral_entropy` of the trace ``T = sum lam`` and
-``sum lam log lam``: ``H = log T - (sum lam log lam) / T``. :func:`effective_rank` applies it
-to one matrix; :class:`BlockSpectrum` to every class of a batch from ONE ``eigh`` of the
-block-diagonal within-class Gram (the ``barrier`` variant).
+values of Roy & Vetterli's definition; see :func:`effective_rank`). Written once as
+:func:`spectral_entropy` of the trace ``T = sum lam`` and ``sum lam log lam``:
+``H = log T - (sum lam log lam) / T``. :func:`effective_rank` applies it to one matrix;
+:class:`BlockSpectrum` to every class of a batch from ONE ``eigh`` of the block-diagonal
+within-class Gram (the ``barrier`` variant).
+
+"No spread" is relative: a trace at or below ``REL_SPREAD_FLOOR`` times the squared norm of
+the samples it comes from is the round-off of centring identical samples (float32 leaves
+deviations of ~1e-7 of the values), not a spread; it counts as 0, so identical embeddings
+give erank 1 with a zero gradient instead of 1 / round-off.
 
 ``torch.linalg.eigh`` is the one host sync here: PyTorch checks the solver's error codes on
 the host, one synchronisation per call (there is no ``eigh_ex``); the per-class version
@@ -19,14 +25,29 @@ from torch import Tensor
 from carrot.geometry.slots import FLOOR, no_autocast
 
 
+# A trace below this fraction of the samples' squared norm is round-off, not spread:
+# (100 float32 epsilons)^2, i.e. deviations under ~1e-5 of the values.
+REL_SPREAD_FLOOR = (100 * torch.finfo(torch.float32).eps) ** 2
+
+
+def has_spread(trace: Tensor, magnitude: Tensor | None = None) -> Tensor:
+    """``trace > tiny`` and, given the squared norm ``magnitude`` of the (uncentred) samples
+    behind it, ``trace > REL_SPREAD_FLOOR * magnitude``: a spread that is not centring round-off."""
+    spread = trace > torch.finfo(trace.dtype).tiny
+    if magnitude is not None:
+        spread = spread & (trace > REL_SPREAD_FLOOR * magnitude)
+    return spread
+
+
 # ---------------------------------------------------------------- spectral entropy
-def trace_terms(trace: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def trace_terms(trace: Tensor, magnitude: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(spread, log T, 1 / T)`` for :func:`spectral_entropy`, with T = 1 where there is no spread.
 
-    Split from the entropy so a caller can queue them before the ``eigh`` that gives
-    ``sum lam log lam`` (its host sync), and reuse ``1 / T`` in a backward.
+    ``spread`` is :func:`has_spread` (relative to ``magnitude`` when given). Split from the
+    entropy so a caller can queue them before the ``eigh`` that gives ``sum lam log lam`` (its
+    host sync), and reuse ``1 / T`` in a backward.
     """
-    spread = trace > torch.finfo(trace.dtype).tiny
+    spread = has_spread(trace, magnitude)
     safe = torch.where(spread, trace, torch.ones_like(trace))
     return spread, torch.log(safe), 1.0 / safe
 
@@ -130,6 +151,8 @@ class BlockSpectrum:
     ``torch.autograd.Function`` s (no autograd graph of their own); the work before the
     ``eigh`` (:meth:`__init__`) is split from the spectrum (:meth:`xlogx`), so a caller can
     queue everything that does not need the eigenvalues before the solver's host sync.
+    ``trace_terms[0]`` (per block) and ``total_spread`` (the batch) say where there is a
+    spread above the round-off of centring (:func:`has_spread`).
     """
 
     def __init__(self, x: Tensor, centre: Tensor, block: Tensor, num_blocks: int) -> None:
@@ -142,7 +165,10 @@ class BlockSpectrum:
         self.trace = self.member @ torch.diagonal(self.gram)  # (S,)
         xb = (x - x.mean(0, keepdim=True)).reshape(-1)
         self.total = torch.dot(xb, xb)  # no (B, D) square
-        self.trace_terms = trace_terms(self.trace)  # (spread, log T, 1 / T) of every block, for the entropy
+        sq_norm = torch.linalg.vector_norm(x, dim=1).square()  # (B,) ||x_i||^2, for the spread floor
+        # (spread, log T, 1 / T) of every block, for the entropy; spread relative to the block's samples
+        self.trace_terms = trace_terms(self.trace, self.member @ sq_norm)
+        self.total_spread = has_spread(self.total, sq_norm.sum())  # 0-dim: the batch has a spread
 
     def xlogx(self) -> Tensor:
         """(S,) ``tr(G_s log G_s)``, eigenvalues clamped >= 0; the ``eigh`` (host sync on CUDA)."""

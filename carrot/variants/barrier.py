@@ -49,14 +49,18 @@ class _BarrierTerms(torch.autograd.Function):
         inf = torch.full_like(w, float("inf"))
         grads = ctx.needs_input_grad[0]
 
-        # Before the eigh. Variance barrier: S_bar = total / B, r_c = T_c / (n_c S_bar).
-        trace, scatter_all = spec.trace, spec.total / b
+        # Before the eigh. Variance barrier: S_bar = total / B, r_c = T_c / (n_c S_bar). A
+        # trace within the round-off of centring identical samples counts as 0 (no spread:
+        # the clamps below then hold with a zero gradient, instead of a gradient ~ 1 / round-off).
+        spread, _, inv_t = spec.trace_terms  # (S,) spread of each class; H_c = 0 (erank 1) without
+        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        trace = torch.where(spread, spec.trace, zero)
+        scatter_all = torch.where(spec.total_spread, spec.total / b, zero)
         s_bar = scatter_all.clamp_min(eps)
         ratio_raw = trace / counts.clamp_min(1.0) / s_bar
         ratio = ratio_raw.clamp_min(eps)  # (S,)
         r_var = -torch.dot(w, torch.log(ratio))
         min_r = torch.where(any_used, torch.where(used, ratio, inf).min(), one)
-        spread, _, inv_t = spec.trace_terms  # H_c = 0 (erank 1) for a class with no spread
         if grads:
             # r_var = -sum_c a_c log(T_c / (n_c S_bar)): dT_c = -a_c / T_c, dS_bar = sum a / S_bar
             # (a_c = 0 where a clamp is active: clamp_min passes the gradient where input >= min).
