@@ -20,6 +20,7 @@ DEVICE    ?=
 STORAGE   ?=
 CONFIG    ?=
 STUDY     ?=
+JOBS      ?=
 PORT      ?= 5000
 DASHBOARD_PORT ?= 8080
 PYTEST_ARGS ?=
@@ -31,10 +32,10 @@ RUN_FLAGS = $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATASET),--dataset $(DATAS
 	$(if $(SEED),--seed $(SEED)) $(if $(CONFIG),--config $(CONFIG))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup study train final tables plots ui dashboard test test-fast bench clean
+.PHONY: help setup study worker train final tables plots ui dashboard test test-fast bench clean
 
 help: ## list the targets and their variables
-	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name CONFIG=file.yaml]"
+	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name JOBS=n CONFIG=file.yaml]"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
@@ -47,7 +48,12 @@ setup: $(STAMP) ## build the virtual environment (.venv) with every dependency
 
 study: $(STAMP) ## Optuna study of VARIANT (or VARIANT=all) on the validation split
 	$(BIN)/carrot study --variant $(VARIANT) $(if $(TRIALS),--trials $(TRIALS)) \
-		$(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study-name $(STUDY)) $(RUN_FLAGS)
+		$(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study-name $(STUDY)) $(if $(JOBS),--jobs $(JOBS)) \
+		$(RUN_FLAGS)
+
+worker: $(STAMP) ## join the study STUDY in STORAGE from this machine (TRIALS trials; DEVICE, WORKERS)
+	$(BIN)/carrot worker --study-name $(STUDY) --trials $(or $(TRIALS),6) $(if $(STORAGE),--storage $(STORAGE)) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(WORKERS),--workers $(WORKERS))
 
 train: $(STAMP) ## one run of VARIANT at its recommended setting
 	$(BIN)/carrot train --variant $(VARIANT) $(RUN_FLAGS)

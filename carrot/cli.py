@@ -130,6 +130,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         from carrot.config import ConfigError
 
         raise ConfigError(f"invalid trials={args.trials}: expected a positive integer")
+    if args.jobs < 1:
+        from carrot.config import ConfigError
+
+        raise ConfigError(f"invalid jobs={args.jobs}: expected a positive integer (worker processes)")
     configs = [build_config(args, v) for v in _variants_arg(args.variant)]
     # fail on an unusable dataset or store before any run is created
     _preflight_data(configs[0], args)
@@ -144,7 +148,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"study {name}: {args.trials} trial(s) of {cfg.optim.epochs} epoch(s) on "
               f"{_device_name(cfg.device)}", flush=True)
         s = run_study(cfg, args.trials, args.storage, name=args.study_name,
-                      keep_checkpoints=args.keep_checkpoints)
+                      keep_checkpoints=args.keep_checkpoints, jobs=args.jobs, launcher=args.launcher,
+                      slurm={"partition": args.slurm_partition, "gpus_per_task": args.slurm_gpus_per_task,
+                             "time_min": args.slurm_time})
         print(f"study {s.name}: {s.n_trials} trials in total ({s.n_complete} complete, {s.n_pruned} pruned, "
               f"{s.n_failed} failed)")
         if s.best_number is not None:
@@ -156,9 +162,31 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Join an existing study: its configuration comes from the study."""
+    from carrot.config import ConfigError
+    from carrot.study import join_study
+    from carrot.tracking import client
+
+    if (args.trials is None) == (args.until is None):
+        raise ConfigError("carrot worker needs exactly one of --trials N (trials to run) or --until N "
+                          "(finished trials the study should hold)")
+    overrides = {key: value for key, value in {"device": args.device, "data.workers": args.workers}.items()
+                 if value is not None}
+    if args.no_progress:
+        overrides["show_progress"] = False
+    client()
+    stopped = join_study(args.storage, args.study_name, trials=args.trials, until=args.until,
+                         worker=args.worker_index, overrides=overrides, keep_checkpoints=args.keep_checkpoints)
+    if stopped:
+        raise stopped[0]
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from carrot import contract
-    from carrot.reference import count_classes, find_reference_pairs
+    from carrot.reference import count_classes, resolve
+    from carrot.study import open_storage
     from carrot.tracking import client
     from carrot.train import run
 
@@ -166,7 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _preflight_data(cfg, args)
     client()
     try:
-        result = run(cfg, reference=find_reference_pairs(cfg, count_classes(cfg)),
+        reference = resolve(cfg, open_storage(args.storage), count_classes(cfg))
+        result = run(cfg, reference=reference,
                      extra_tags={contract.TAG_ROLE: contract.ROLE_TRAIN})
     except (FloatingPointError, RuntimeError) as exc:  # a diverging or broken run: one line, exit 1
         from carrot.train import failure_reason
@@ -264,9 +293,32 @@ def main(argv: list[str] | None = None) -> int:
                                         "a new study")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished trial's last checkpoint (default: removed when the trial ends)")
+    p.add_argument("--jobs", type=_int_arg, default=1,
+                   help="worker processes on this machine, one GPU each where there are GPUs (default 1)")
+    p.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+                   help="local: worker processes here; slurm: a Slurm job array through submitit (requeued on "
+                        "pre-emption); submitit-local: the same through submitit's local executor (default local)")
+    p.add_argument("--slurm-partition", help="Slurm partition (--launcher slurm)")
+    p.add_argument("--slurm-gpus-per-task", type=_int_arg, default=1, help="GPUs per worker (default 1)")
+    p.add_argument("--slurm-time", type=_int_arg, default=24 * 60, help="minutes per job before requeue "
+                                                                           "(default 1440)")
     p.set_defaults(fn=cmd_study)
+    p = sub.add_parser("worker", help="join an existing study from any machine and run its trials")
+    p.add_argument("--storage", help="the study's Optuna storage, e.g. postgresql://user:pass@head/db "
+                                     "(default studies/optuna.journal)")
+    p.add_argument("--study-name", required=True, help="the study to join (see `carrot study`'s output)")
+    p.add_argument("--trials", type=_int_arg, help="trials to run")
+    p.add_argument("--until", type=_int_arg, help="run until the study holds this many finished trials")
+    p.add_argument("--worker-index", type=_int_arg, default=1, help="this worker's number (its sampler seed)")
+    p.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--workers", type=_int_arg, help="DataLoader worker processes")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished trial's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.set_defaults(fn=cmd_worker)
     p = sub.add_parser("train", help="one run at the recommended setting")
     _common(p)
+    p.add_argument("--storage", help="Optuna storage whose baseline study supplies the reference pairs "
+                                     "(default studies/optuna.journal)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("final", help="best configuration of each variant, several seeds, test split")
     _common(p)

@@ -90,6 +90,8 @@ PROTO_COS_REF = "proto_cos/ref_mean"
 PROTO_COS_OFFDIAG_MEAN = "proto_cos/offdiag_mean"
 PROTO_COS_OFFDIAG_STD = "proto_cos/offdiag_std"
 NC1 = "nc/nc1"
+N_TOP = "pairs/n_top"  # how many real (S > 0) pairs the run's own top set holds
+N_REF = "pairs/n_ref"  # how many pairs the reference set holds
 
 
 def split_metric(split: str, name: str) -> str:
@@ -104,10 +106,6 @@ def proto_cos_pair(i: int, j: int) -> str:
 def rho_metric(layer: str, which: str) -> str:
     """``which`` is ``top`` or ``ref``."""
     return f"rho/{layer}/{which}_mean"
-
-
-def bhattacharyya_distance_metric(layer: str, which: str) -> str:
-    return f"bhattacharyya/{layer}/{which}_distance"
 
 
 def db_metric(layer: str, which: str) -> str:

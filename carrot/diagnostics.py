@@ -301,22 +301,16 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def stratified_holdout(labels: Tensor, num_classes: int, fraction: float, seed: int = 0) -> Tensor:
-    """Boolean mask (N,) of a stratified held-out part: floor(fraction * n_c + 1/2) random
-    samples of each class c, but never a class's last sample (so the fit part keeps every
-    class). The draw uses a CPU generator seeded with ``seed``: the same mask on every device.
-    """
+    """Boolean mask (N,) of a stratified held-out part: the project's one stratified split
+    (:func:`carrot.data.stratified_split`: round(fraction * n_c) random samples of each class c,
+    never a class's last sample), drawn on the host: the same mask on every device."""
+    from carrot.data import stratified_split
+
     labels = _check_labels(labels, num_classes)
-    n = labels.numel()
-    generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=generator).to(labels.device)  # (N,) CPU draw: same on every device
-    grouped = perm[torch.sort(labels[perm], stable=True).indices]  # (N,) by class, random within class
-    counts = _class_counts(labels, num_classes)  # (K,)
-    starts = torch.cumsum(counts, 0) - counts  # (K,) first position of each class in `grouped`
-    rank = torch.arange(n, device=labels.device) - starts[labels[grouped]]  # (N,) rank within class
-    n_hold = torch.minimum(torch.floor(counts * fraction + 0.5).long(), (counts - 1).clamp_min(0))  # (K,)
-    mask = torch.zeros(n, dtype=torch.bool, device=labels.device)
-    mask[grouped] = rank < n_hold[labels[grouped]]
-    return mask
+    _, held = stratified_split(labels.cpu().numpy(), fraction, seed)
+    mask = torch.zeros(labels.numel(), dtype=torch.bool)
+    mask[torch.from_numpy(held)] = True
+    return mask.to(labels.device)
 
 
 def fit_logistic_regression(

@@ -22,7 +22,7 @@ from torch import Tensor
 from carrot import contract, interrupt
 from carrot import diagnostics as dg
 from carrot.config import RunConfig
-from carrot.data import DatasetSplits
+from carrot.data import DatasetSplits, stratified_split
 from carrot.model import CarrotModel
 from carrot.reference import ReferencePairs
 
@@ -75,6 +75,7 @@ class Evaluator:
                                          if reference.pairs else None)
         self.ref_source = reference.source if reference.pairs else ""
         self.ref_problem = reference.problem
+        self.predictions: dict[str, np.ndarray] | None = None
 
     def evaluate(self, epoch: int, loader, probe_loader, amp: bool) -> dict[str, float]:
         start = time.time()
@@ -88,18 +89,21 @@ class Evaluator:
             contract.split_metric(s, "mean_class_acc"): float(dg.mean_class_accuracy(cm)),
             contract.split_metric(s, "loss"): float(F.cross_entropy(got.logits, got.labels)),
         }
-        top = dg.confusable_pairs(cm, self.cfg.eval.top_n, include_zero=True).cpu()
-        if self.ref_pairs is None:  # no baseline run yet: the run's own first pairs, marked as such
+        # only pairs that were confused (S > 0): below them the order would be arbitrary
+        top = dg.confusable_pairs(cm, self.cfg.eval.top_n).cpu()  # (P, 2), P <= top_n
+        if self.ref_pairs is None and len(top):  # no reference given: the run's own first real pairs
             self.ref_pairs = top.clone()
             self.ref_source = f"self:epoch{epoch + 1}"
         self.top_pairs = top
-        ref = self.ref_pairs
+        ref = self.ref_pairs if self.ref_pairs is not None else top  # (R, 2)
         record: dict = {"epoch": epoch + 1, "top_pairs": top.tolist(), "ref_pairs": ref.tolist()}
+        metrics[contract.N_TOP] = float(len(top))
+        metrics[contract.N_REF] = float(len(ref))
 
         top_err = dg.pair_error(cm, top.to(cm.device))
         ref_err = dg.pair_error(cm, ref.to(cm.device))
-        metrics[contract.TOP_ERROR] = float(top_err.mean())
-        metrics[contract.REF_ERROR] = float(ref_err.mean())
+        metrics[contract.TOP_ERROR] = _nanmean(top_err)
+        metrics[contract.REF_ERROR] = _nanmean(ref_err)
         record["top_error"], record["ref_error"] = top_err.tolist(), ref_err.tolist()
 
         protos = dg.class_prototypes(got.embeddings, got.labels, K)
@@ -120,8 +124,8 @@ class Evaluator:
             metrics[contract.rho_metric(layer, "top")] = _nanmean(top_rho)
             metrics[contract.rho_metric(layer, "ref")] = _nanmean(ref_rho)
             # rho underflows to 0 on wide layers; the distance D_B = -log rho does not
-            metrics[contract.bhattacharyya_distance_metric(layer, "top")] = _nanmean(dist[: len(top)])
-            metrics[contract.bhattacharyya_distance_metric(layer, "ref")] = _nanmean(dist[len(top):])
+            metrics[contract.db_metric(layer, "top")] = _nanmean(dist[: len(top)])
+            metrics[contract.db_metric(layer, "ref")] = _nanmean(dist[len(top):])
             record[f"rho/{layer}/top"], record[f"rho/{layer}/ref"] = top_rho.tolist(), ref_rho.tolist()
 
         metrics[contract.NC1] = float(dg.nc1(got.embeddings, got.labels, K))
@@ -130,7 +134,7 @@ class Evaluator:
         if probe_loader is not None:
             probe_start = time.time()
             train = collect(self.model, probe_loader, self.device, amp)
-            keep = _stratified_subset(train.labels.cpu().numpy(), self.cfg.eval.probe_max_train, self.cfg.seed)
+            keep = probe_subset(train.labels.cpu().numpy(), self.cfg.eval.probe_max_train, self.cfg.seed)
             keep_t = torch.as_tensor(keep, device=train.labels.device)
             layers = dict(got.features)
             layers["embedding"] = got.embeddings
@@ -146,6 +150,12 @@ class Evaluator:
 
         self.confusions.append(cm.cpu().numpy().astype(np.int64))
         self.records.append(record)
+        if self.split == "test":  # final runs: per-sample predictions of the latest epoch
+            probs = torch.softmax(got.logits, dim=1)
+            top5 = probs.topk(min(5, K), dim=1)
+            self.predictions = {"index": np.arange(len(got.labels)), "label": got.labels.cpu().numpy(),
+                                "pred": pred.cpu().numpy(), "top5_class": top5.indices.cpu().numpy(),
+                                "top5_prob": top5.values.cpu().numpy().astype(np.float32)}
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -174,8 +184,13 @@ class Evaluator:
         }
         if self.ref_problem:
             pairs["reference_problem"] = self.ref_problem
-        return {contract.CONFUSION_ARTIFACT: buf.getvalue(), contract.PAIRS_ARTIFACT: pairs,
-                contract.DIAGNOSTICS_ARTIFACT: self.records}
+        out: dict[str, Any] = {contract.CONFUSION_ARTIFACT: buf.getvalue(), contract.PAIRS_ARTIFACT: pairs,
+                               contract.DIAGNOSTICS_ARTIFACT: self.records}
+        if self.predictions is not None:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **self.predictions)
+            out[contract.PREDICTIONS_ARTIFACT] = buf.getvalue()
+        return out
 
 
 def _nanmean(x: Tensor) -> float:
@@ -184,14 +199,9 @@ def _nanmean(x: Tensor) -> float:
     return float(x[ok].mean()) if bool(ok.any()) else float("nan")
 
 
-def _stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """At most ``limit`` indices, the same fraction of every class."""
+def probe_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most about ``limit`` indices, the same fraction of every class (the stratified split)."""
     if len(labels) <= limit:
         return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    frac = limit / len(labels)
-    keep = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        keep.append(rng.choice(idx, size=max(1, int(round(frac * len(idx)))), replace=False))
-    return np.sort(np.concatenate(keep))
+    keep, _ = stratified_split(labels, 1.0 - limit / len(labels), seed)
+    return keep

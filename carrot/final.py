@@ -91,7 +91,7 @@ def _section_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None, storage: str | None = None,
               overrides: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> list[FinalPlan]:
-    from carrot.reference import count_classes, find_reference_pairs
+    from carrot.reference import count_classes, resolve
     from carrot.train import run
 
     if seeds < 1:
@@ -102,7 +102,7 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
     if not plans:
         raise ConfigError("no variant has a finished study on "
                           f"{base.data.name}/{base.model.backbone}; run `make study VARIANT=...` first")
-    reference = find_reference_pairs(base, count_classes(base), log)
+    reference = resolve(base, open_storage(storage), count_classes(base), log)
     failed = []
     for plan in plans:
         log(f"final {plan.variant}: best trial {plan.trial} of {plan.study}; seeds done {plan.seeds_done}, "

@@ -29,8 +29,9 @@ WORKER_ATTR = "carrot.worker"
 HEARTBEAT_ATTR = "carrot.heartbeat"
 RUN_ID_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"
-HEARTBEAT_INTERVAL_S = 30.0
-GRACE_PERIOD_S = 300.0  # a worker on another host is dead after this long without a heartbeat
+HEARTBEAT_INTERVAL_S = float(os.environ.get("CARROT_HEARTBEAT_S", 30))
+# a worker on another host is dead after this long without a heartbeat
+GRACE_PERIOD_S = float(os.environ.get("CARROT_GRACE_S", 300))
 MAX_RETRY = 2
 
 
@@ -47,9 +48,10 @@ def this_worker() -> dict[str, object]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start_time(os.getpid())}
 
 
-def is_dead(trial: FrozenTrial, now: float | None = None, grace: float = GRACE_PERIOD_S) -> str | None:
+def is_dead(trial: FrozenTrial, now: float | None = None, grace: float | None = None) -> str | None:
     """Why ``trial`` (RUNNING) has no live worker, or None while it may be alive."""
     now = time.time() if now is None else now
+    grace = GRACE_PERIOD_S if grace is None else grace
     worker = trial.user_attrs.get(WORKER_ATTR)
     if isinstance(worker, dict) and worker.get("host") == socket.gethostname():
         pid = int(worker.get("pid", -1))
@@ -71,8 +73,9 @@ def is_dead(trial: FrozenTrial, now: float | None = None, grace: float = GRACE_P
 class Heartbeat:
     """Records this worker on a trial and refreshes its heartbeat until stopped."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float = HEARTBEAT_INTERVAL_S) -> None:
-        self.storage, self.trial_id, self.interval = study._storage, trial._trial_id, interval
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float | None = None) -> None:
+        self.storage, self.trial_id = study._storage, trial._trial_id
+        self.interval = HEARTBEAT_INTERVAL_S if interval is None else interval
         self._stop = threading.Event()
         trial.set_user_attr(WORKER_ATTR, this_worker())
         trial.set_user_attr(HEARTBEAT_ATTR, time.time())
@@ -121,14 +124,14 @@ class RetryDeadTrial(RetryHeartbeatStaleTrialCallback):
         super().__call__(study, trial)
 
 
-def reap(study: optuna.Study, log: Callable[[str], None] = print, grace: float = GRACE_PERIOD_S,
+def reap(study: optuna.Study, log: Callable[[str], None] = print, grace: float | None = None,
          max_retry: int = MAX_RETRY) -> list[int]:
     """Fail every RUNNING trial of ``study`` whose worker is dead, close its run, enqueue a
     retry; returns the numbers of the trials it failed."""
     reaped = []
     retry = RetryDeadTrial(max_retry=max_retry)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        reason = is_dead(trial, grace=grace)
+        reason = is_dead(trial, grace=GRACE_PERIOD_S if grace is None else grace)
         if reason is None:
             continue
         try:

@@ -31,6 +31,7 @@ from carrot.variants import get_variant_class
 DEFAULT_JOURNAL = Path(contract.DEFAULT_STORAGE)
 DEFAULT_CHECKPOINTS = DEFAULT_JOURNAL.parent / "checkpoints"
 STUDY_ID_ATTR = "study_id"
+BASE_CONFIG_ATTR = "base_config"  # the whole configuration a study was created with (workers read it)
 PK_M_CHOICES = [2, 4, 8]  # samples per class in a P x K batch: divisors of the usual batch sizes
 
 
@@ -90,12 +91,24 @@ def open_storage(url: str | None):
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(str(path)))
-    try:  # Optuna's heartbeat fails the trials of dead workers; the callback retries them
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=int(liveness.HEARTBEAT_INTERVAL_S), grace_period=int(liveness.GRACE_PERIOD_S),
-            heartbeat_stale_trial_callback=liveness.RetryDeadTrial(max_retry=liveness.MAX_RETRY))
-    except Exception as exc:
-        raise StoreError(redact(f"cannot open Optuna storage {url}: {exc}", url)) from None
+    import time
+
+    given = url
+    if url.startswith("postgresql://"):  # SQLAlchemy's default driver for it is psycopg2; ours is psycopg 3
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    for attempt in range(3):  # two workers creating the tables of an empty database: one may lose
+        try:  # Optuna's heartbeat fails the trials of dead workers; the callback retries them
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=max(1, int(liveness.HEARTBEAT_INTERVAL_S)),
+                grace_period=max(1, int(liveness.GRACE_PERIOD_S)),
+                heartbeat_stale_trial_callback=liveness.RetryDeadTrial(max_retry=liveness.MAX_RETRY))
+        except Exception as exc:
+            error = exc
+            if "import" in str(exc).lower():  # a missing driver will not appear by waiting
+                break
+            time.sleep(1.0 + attempt)
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise StoreError(redact(f"cannot open Optuna storage {given}: {first}", url)) from None
 
 
 def search_space(cfg: RunConfig) -> dict[str, BaseDistribution]:
@@ -146,7 +159,8 @@ class StudySummary:
 
 def _parent_run(cfg: RunConfig, name: str, study_id: str, storage_label: str) -> RunLogger:
     """The study's one parent run, found by the study's id (a study is its storage and its
-    name, never its name alone)."""
+    name, never its name alone). Callers hold the study's lock, so two workers never both
+    create it."""
     mlf = client()
     found = find_runs(mlf, cfg.experiment,
                       f"tags.`{contract.TAG_STUDY_ID}` = '{study_id}' and "
@@ -177,63 +191,110 @@ def checkpoint_folder(root: Path, study_id: str, number: int) -> Path:
     return root / study_id / f"trial-{number}"
 
 
-def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Callable[[str], None] = print,
-              name: str | None = None, checkpoint_root: Path = DEFAULT_CHECKPOINTS,
-              keep_checkpoints: bool = False) -> StudySummary:
-    """Add ``trials`` trials to the study of ``base``'s dataset, backbone and variant (or the
-    study ``name``). A signal stops it after the current step: the trial fails with the reason
-    and is queued again, resuming from its checkpoint, when the study is continued."""
-    from carrot.reference import count_classes, find_reference_pairs
-    from carrot.train import TrialPruned, failure_reason, run
+def study_lock(storage: str | None, name: str):
+    """A file lock for setting a study up (schema, study, trial 0, parent run): workers started
+    together on one machine take turns. Across machines the database's own constraints and the
+    study's stored ids keep it consistent."""
+    from filelock import FileLock
+
+    folder = Path(storage).parent if storage and "://" not in storage else DEFAULT_JOURNAL.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f".{name}.lock"), timeout=300)
+
+
+@dataclass
+class OpenStudy:
+    """A study ready for trials: everything a worker needs."""
+
+    study: optuna.Study
+    store: Any
+    name: str
+    study_id: str
+    label: str  # the storage as shown (password redacted)
+    base: RunConfig
+    parent: RunLogger
+    space: dict[str, BaseDistribution]
+    reference: Any  # carrot.reference.ReferencePairs
+
+
+def _sampler(seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+
+
+def _pruner() -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)  # never before 4 full trials
+
+
+def open_study(base: RunConfig, storage: str | None = None, name: str | None = None,
+               log: Callable[[str], None] = print, worker: int = 0) -> OpenStudy:
+    """Create or continue the study of ``base`` (or ``name``): check that its fixed
+    configuration did not change, give it an id, fail the trials of dead workers, queue the
+    recommended setting once, and find or create its one parent run; under the study's lock."""
+    from carrot import reference as references
+    from carrot.reference import count_classes
 
     name = name or study_name(base)
-    store = open_storage(storage)
     label = redact(storage or str(DEFAULT_JOURNAL))
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported in one line below
-    # The sampler's seed moves with the study's length so a continued study does not
-    # replay the random start-up draws of the first session.
-    existing = 0
-    try:
-        existing = len(optuna.load_study(study_name=name, storage=store).trials)
-    except KeyError:
-        pass
-    study = optuna.create_study(
-        study_name=name, storage=store, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=base.seed + existing, n_startup_trials=4),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),  # never before 4 full trials
-    )
-    fixed = fixed_config(base)
-    stored = study.user_attrs.get("fixed_config")
-    if stored is not None and stored != fixed:
-        before, now = flatten("", stored), flatten("", fixed)
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        raise ConfigError(f"study {name!r} was created with a different configuration ({', '.join(changed)} "
-                          "differ); continue it with the same settings, or fork a new study with --study-name "
-                          "(STUDY=)")
-    if stored is None:
-        study.set_user_attr("fixed_config", fixed)
-        for key, value in {"dataset": base.data.dataset_id, "backbone": base.model.backbone,
-                           "variant": base.variant.name, "split": base.split}.items():
-            study.set_user_attr(key, value)
-    study_id = study_id_of(study)
-    liveness.reap(study, log)  # trials of dead workers: closed, queued again
-    recommended = recommended_params(base)
-    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
-            optuna.trial.TrialState.WAITING)
-    if not any(t.state in live and t.params == recommended for t in study.trials):
-        study.enqueue_trial(recommended)  # trial 0, or again if it failed
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported in one line
+    with study_lock(storage, name):
+        store = open_storage(storage)
+        # The sampler's seed moves with the study's length (a continued study does not replay
+        # the start-up draws) and with the worker (workers started together draw apart).
+        existing = 0
+        try:
+            existing = len(optuna.load_study(study_name=name, storage=store).trials)
+        except KeyError:
+            pass
+        study = optuna.create_study(study_name=name, storage=store, direction="maximize", load_if_exists=True,
+                                    sampler=_sampler(base.seed + existing + 1000 * worker), pruner=_pruner())
+        study.set_metric_names([f"{base.split}/acc"])
+        fixed = fixed_config(base)
+        stored = study.user_attrs.get("fixed_config")
+        if stored is not None and stored != fixed:
+            before, now = flatten("", stored), flatten("", fixed)
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise ConfigError(f"study {name!r} was created with a different configuration ({', '.join(changed)} "
+                              "differ); continue it with the same settings, or fork a new study with --study-name "
+                              "(STUDY=)")
+        if stored is None:
+            study.set_user_attr("fixed_config", fixed)
+            study.set_user_attr(BASE_CONFIG_ATTR, base.to_dict())
+            for key, value in {"dataset": base.data.dataset_id, "backbone": base.model.backbone,
+                               "variant": base.variant.name, "split": base.split}.items():
+                study.set_user_attr(key, value)
+        study_id = study_id_of(study)
+        liveness.reap(study, log)  # trials of dead workers: closed, queued again
+        recommended = recommended_params(base)
+        live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        # a queued trial keeps its parameters in the system attrs until it starts
+        if not any(t.state in live and (t.params or t.system_attrs.get("fixed_params")) == recommended
+                   for t in study.trials):
+            study.enqueue_trial(recommended)  # trial 0, or again if it failed
+        parent = _parent_run(base, name, study_id, label)
+        reference = references.for_study(study, base, store, count_classes(base), log)
+    return OpenStudy(study, store, name, study_id, label, base, parent, search_space(base), reference)
 
-    parent = _parent_run(base, name, study_id, label)
-    space = search_space(base)
-    reference = find_reference_pairs(base, count_classes(base), log)
-    bar = Progress(total=trials, desc=f"study {name}", enabled=base.show_progress, log=log, unit="trial")
+
+def work(opened: OpenStudy, trials: int | None = None, until: int | None = None, log: Callable[[str], None] = print,
+         checkpoint_root: Path = DEFAULT_CHECKPOINTS, keep_checkpoints: bool = False,
+         show_progress: bool = True) -> list[BaseException]:
+    """Run trials of an opened study: ``trials`` more, or until the study holds ``until``
+    finished trials (several workers share that count). Returns the interrupt that stopped it,
+    if any (the trial it stopped failed with the reason and is queued again)."""
+    from carrot.train import TrialPruned, failure_reason, run
+
+    study, base, name, study_id, parent = opened.study, opened.base, opened.name, opened.study_id, opened.parent
+    total = trials if trials is not None else max(0, until - _finished(study))
+    bar = Progress(total=total, desc=f"study {name}", enabled=show_progress and base.show_progress, log=log,
+                   unit="trial")
     done = 0
     stopped: list[BaseException] = []
     retry = liveness.RetryDeadTrial(max_retry=liveness.MAX_RETRY)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(liveness.ERROR_ATTR, None)  # a retry inherits the failed trial's attrs
-        params = {key: suggest(trial, key, dist) for key, dist in space.items()}
+        params = {key: suggest(trial, key, dist) for key, dist in opened.space.items()}
         cfg = trial_config(base, params)
         frozen = study._storage.get_trial(trial._trial_id)
         history = frozen.system_attrs.get("retry_history", [])  # set by the retry callback
@@ -243,7 +304,8 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Cal
             resume = path if path.exists() else None
         with liveness.Heartbeat(study, trial):
             try:
-                result = run(cfg, trial, study=name, parent_run_id=parent.run_id, log=log, reference=reference,
+                result = run(cfg, trial, study=name, parent_run_id=parent.run_id, log=log,
+                             reference=opened.reference,
                              extra_tags={contract.TAG_ROLE: contract.ROLE_TRIAL, contract.TAG_STUDY_ID: study_id},
                              checkpoint_dir=checkpoint_folder(checkpoint_root, study_id, trial.number),
                              resume_from=resume, keep_checkpoint=keep_checkpoints)
@@ -271,6 +333,8 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Cal
             log(f"trial {trial.number} finished: {base.split}/acc={value}")
         if not stopped:
             liveness.reap(study, log)
+        if until is not None and _finished(study, with_running=True) >= until:
+            study.stop()  # the trials other workers are running complete the count
 
     def guarded(trial: optuna.Trial) -> float:
         try:
@@ -288,28 +352,95 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Cal
             raise
 
     try:
-        study.optimize(guarded, n_trials=trials, catch=(Exception,), callbacks=[after_trial],
-                       gc_after_trial=True)
+        if total > 0:
+            study.optimize(guarded, n_trials=None if until is not None else total, catch=(Exception,),
+                           callbacks=[after_trial], gc_after_trial=True)
     finally:
         bar.close()
-        parent.finish("KILLED" if stopped else "FINISHED")
-    if stopped:
-        raise stopped[0]
+    return stopped
 
-    states = [t.state for t in study.trials]
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+def _finished(study: optuna.Study, with_running: bool = False) -> int:
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return len(study.get_trials(deepcopy=False, states=done + ((optuna.trial.TrialState.RUNNING,)
+                                                               if with_running else ())))
+
+
+def summarize(opened: OpenStudy) -> StudySummary:
+    """The study's counts and best trial; logged on its parent run."""
+    study, parent = opened.study, opened.parent
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     summary = StudySummary(
-        name=name, storage=label, tracking_uri=redact(tracking_uri()),
+        name=opened.name, storage=opened.label, tracking_uri=redact(tracking_uri()),
         parent_run_id=parent.run_id, n_trials=len(states),
         n_complete=len(complete), n_pruned=states.count(optuna.trial.TrialState.PRUNED),
         n_failed=states.count(optuna.trial.TrialState.FAIL),
         best_number=best.number if best else None, best_value=best.value if best else None,
         best_params=dict(best.params) if best else {},
         best_run_id=best.user_attrs.get("mlflow_run_id") if best else None,
-        study_id=study_id,
+        study_id=opened.study_id,
     )
     if best is not None:
         parent.log_metrics({"study/best_value": best.value, "study/n_trials": len(states)}, step=len(states))
         parent.set_tags({contract.TAG_BEST_TRIAL: best.number, contract.TAG_BEST_RUN_ID: summary.best_run_id or ""})
     return summary
+
+
+def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Callable[[str], None] = print,
+              name: str | None = None, checkpoint_root: Path = DEFAULT_CHECKPOINTS,
+              keep_checkpoints: bool = False, jobs: int = 1, launcher: str = "local",
+              slurm: dict[str, Any] | None = None) -> StudySummary:
+    """Add ``trials`` trials to the study of ``base``'s dataset, backbone and variant (or the
+    study ``name``), in this process or in ``jobs`` worker processes. A signal stops it after the
+    current step: the trial fails with the reason and is queued again, resuming from its
+    checkpoint, when the study is continued."""
+    opened = open_study(base, storage, name, log)
+    if launcher != "local":  # a submitit job array: Slurm, or submitit's local executor
+        from carrot import workers
+
+        folder = DEFAULT_JOURNAL.parent / "slurm" / opened.name
+        if launcher == "slurm":
+            executor = workers.slurm_executor(folder, jobs, **(slurm or {}))
+        else:
+            import submitit
+
+            executor = submitit.LocalExecutor(folder=str(folder))
+            executor.update_parameters(timeout_min=(slurm or {}).get("time_min", 60))
+        results = workers.submit_workers(opened, storage, trials, jobs, executor, log)
+        stopped = [interrupt.Interrupted(15)] if any(results) else []
+    elif jobs > 1:
+        from carrot.workers import run_workers
+
+        stopped = run_workers(opened, storage, trials, jobs, log, keep_checkpoints=keep_checkpoints)
+    else:
+        stopped = work(opened, trials, log=log, checkpoint_root=checkpoint_root, keep_checkpoints=keep_checkpoints)
+    opened.parent.finish("KILLED" if stopped else "FINISHED")
+    if stopped:
+        raise stopped[0]
+    return summarize(opened)
+
+
+def join_study(storage: str | None, name: str, log: Callable[[str], None] = print, trials: int | None = None,
+               until: int | None = None, worker: int = 0, overrides: dict[str, Any] | None = None,
+               keep_checkpoints: bool = False) -> list[BaseException]:
+    """``carrot worker``: join an existing study (from any machine) and run its trials. The
+    study's configuration comes from the study itself; ``overrides`` may change only what does
+    not define the experiment (device, loader workers, display)."""
+    store = open_storage(storage)
+    try:
+        study = optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        raise ConfigError(f"no study {name!r} in {redact(storage or str(DEFAULT_JOURNAL))}; start it with "
+                          "`carrot study` first") from None
+    data = study.user_attrs.get(BASE_CONFIG_ATTR)
+    if data is None:
+        raise ConfigError(f"study {name!r} has no stored configuration (it was created by an older version); "
+                          "continue it with `carrot study`")
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    base = RunConfig.from_dict(data)
+    opened = open_study(base, storage, name, log, worker=worker)
+    return work(opened, trials, until, log=log, keep_checkpoints=keep_checkpoints)

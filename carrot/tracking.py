@@ -22,6 +22,9 @@ from carrot import contract
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
+_READY: set[str] = set()  # tracking URIs whose store this process has already opened
+
+
 class StoreError(RuntimeError):
     """The tracking or study store cannot be used (unwritable, unreachable)."""
 
@@ -75,7 +78,16 @@ def client() -> MlflowClient:
     elif uri.startswith(("http://", "https://")):
         check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    mlf = MlflowClient(tracking_uri=uri)
+    if db is not None and uri not in _READY:
+        # the first use of a fresh SQLite store creates its schema: processes started together
+        # take turns (MLflow's own creation is not safe against a concurrent one)
+        from filelock import FileLock
+
+        with FileLock(str(db.parent / ".carrot-schema.lock"), timeout=300):
+            mlf.search_experiments(max_results=1)
+        _READY.add(uri)
+    return mlf
 
 
 def experiment_id(mlf: MlflowClient, name: str) -> str:

@@ -231,6 +231,7 @@ class Run:
     def __init__(self, parts: RunParts, trial=None, logger=None) -> None:
         self.parts, self.trial, self.logger = parts, trial, logger
         self.status = "FAILED"
+        self.monitor = None  # MLflow's system metrics (CPU, memory, GPU) of this run
 
     @classmethod
     def start(cls, parts: RunParts, trial=None, *, track: bool = True, study: str | None = None,
@@ -247,6 +248,7 @@ class Run:
         name = run_name or f"{cfg.variant.name}-s{cfg.seed}" + ("" if trial is None else f"-t{number}")
         logger = RunLogger.start(cfg.experiment, name, tags, parent_run_id)
         self = cls(parts, trial, logger)
+        self.monitor = start_system_metrics(logger)
         try:
             if trial is not None:  # from the start, so a worker that dies leaves a run to close
                 trial.set_user_attr("mlflow_run_id", logger.run_id)
@@ -258,9 +260,18 @@ class Run:
                              "sizes": {k: int(len(v)) for k, v in splits.labels.items()}, **splits.info},
                             contract.DATASET_ARTIFACT)
         except BaseException:
+            self.stop_monitor()
             logger.finish("FAILED")
             raise
         return self
+
+    def stop_monitor(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception:  # the run's own status matters more than its last CPU sample
+                pass
+            self.monitor = None
 
     @property
     def run_id(self) -> str | None:
@@ -302,6 +313,7 @@ class Run:
                 tags[contract.MLFLOW_NOTE] = f"{self.status.lower()}: {error}"
             self.logger.set_tags(tags)
         finally:
+            self.stop_monitor()
             self.logger.finish(self.status)
 
     def log_weights(self, model: nn.Module) -> None:
@@ -312,6 +324,25 @@ class Run:
             buf = io.BytesIO()
             torch.save(model.state_dict(), buf)
             self.logger.log_bytes(buf.getvalue(), contract.WEIGHTS_ARTIFACT)
+
+
+def start_system_metrics(logger):
+    """MLflow's system-metrics monitor (``system/cpu_utilization_percentage``, memory, and GPU
+    utilisation and memory through nvidia-ml-py) on the run; sampled every
+    ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (default 10). ``CARROT_SYSTEM_METRICS=0``
+    turns it off."""
+    import os
+
+    if os.environ.get("CARROT_SYSTEM_METRICS", "1") == "0":
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(logger.run_id, tracking_uri=logger.client.tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception:  # psutil missing, or no permission to read the counters: train without it
+        return None
 
 
 def failure_reason(exc: BaseException) -> str:

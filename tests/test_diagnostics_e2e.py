@@ -70,4 +70,4 @@ def test_expansion_study_logs_every_key_per_epoch(store, mlflow_client):
         top = pairs["top"]
         errors = [(cm[i, j] + cm[j, i]) / (cm[i].sum() + cm[j].sum()) for i, j in top]
         assert r.data.metrics["pairs/top_error"] == pytest.approx(np.mean(errors))
-        assert r.data.tags["carrot.ref_pairs_source"].startswith(("self:", "run:"))
+        assert r.data.tags["carrot.ref_pairs_source"].startswith(("self:", "study:"))

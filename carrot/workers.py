@@ -1,0 +1,150 @@
+"""Parallel study workers on one machine: ``carrot study --jobs n`` (``make study JOBS=n``).
+
+The coordinating process opens the study once (its id, trial 0, the one parent run, the
+stores' first use, all under the study's lock), then starts n ``carrot worker`` processes on it.
+Each worker gets its own sampler seed and, on a machine with GPUs, its own GPU
+(``CUDA_VISIBLE_DEVICES``). Together they run until the study holds the asked-for number of
+finished trials; the coordinator shows one progress line for the whole study. Each worker's
+output goes to ``studies/logs/<study>/worker-<i>.log``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from carrot import interrupt
+
+POLL_S = 2.0
+
+
+def gpu_assignment(jobs: int, gpus: int) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each worker: one GPU each, round robin; None without GPUs."""
+    return [str(i % gpus) if gpus else None for i in range(jobs)]
+
+
+def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callable[[str], None] = print,
+                keep_checkpoints: bool = False) -> list[BaseException]:
+    from carrot.study import DEFAULT_JOURNAL, _finished
+
+    study = opened.study
+    until = _finished(study) + trials
+    folder = Path(DEFAULT_JOURNAL.parent, "logs", opened.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    devices = gpu_assignment(jobs, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    procs = []
+    for i in range(jobs):
+        argv = [sys.executable, "-m", "carrot.cli", "worker", "--study-name", opened.name, "--until", str(until),
+                "--worker-index", str(i + 1), "--no-progress"]
+        if storage:
+            argv += ["--storage", storage]
+        if keep_checkpoints:
+            argv.append("--keep-checkpoints")
+        env = dict(os.environ)
+        if devices[i] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices[i]
+        logfile = open(folder / f"worker-{i + 1}.log", "w")
+        procs.append((subprocess.Popen(argv, env=env, stdout=logfile, stderr=subprocess.STDOUT), logfile))
+    log(f"study {opened.name}: {jobs} workers until {until} finished trials; logs in {folder}")
+    shown = None
+    stopping = False
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            if interrupt.requested() and not stopping:  # pass the stop on; each worker ends its trial cleanly
+                stopping = True
+                for p, _ in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+            state = _progress(study)
+            if state != shown:
+                shown = state
+                log(f"[study {opened.name}] {state[0]}/{until} trials finished ({state[1]} complete, "
+                    f"{state[2]} pruned, {state[3]} failed, {state[4]} running)"
+                    + (f" best {state[5]:.4f}" if state[5] is not None else ""))
+            time.sleep(POLL_S)
+    finally:
+        for p, logfile in procs:
+            p.wait()
+            logfile.close()
+    failed = [(i + 1, p.returncode) for i, (p, _) in enumerate(procs) if p.returncode not in (0, 143, 130)]
+    for index, code in failed:
+        tail = (folder / f"worker-{index}.log").read_text().strip().splitlines()[-1:] or [""]
+        log(f"worker {index} exited with status {code}: {tail[0]}")
+    if stopping or interrupt.requested():
+        return [interrupt.Interrupted(interrupt.requested() or signal.SIGTERM)]
+    return []
+
+
+def _progress(study: optuna.Study) -> tuple:
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in (S.COMPLETE, S.PRUNED, S.FAIL, S.RUNNING)}
+    best = max((t.value for t in trials if t.state == S.COMPLETE), default=None)
+    return (count[S.COMPLETE] + count[S.PRUNED] + count[S.FAIL], count[S.COMPLETE], count[S.PRUNED],
+            count[S.FAIL], count[S.RUNNING], best)
+
+
+try:  # submitit requeues a Checkpointable callable when its Slurm job is pre-empted or times out
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover - submitit is a dependency
+    _Checkpointable = object
+
+
+class StudyWorker(_Checkpointable):
+    """One Slurm array task: ``carrot worker`` in-process. On pre-emption submitit requeues it
+    (``checkpoint``); the requeued task finds the interrupted trial dead, fails and retries it
+    from its last epoch checkpoint."""
+
+    def __init__(self, storage: str | None, name: str, until: int, tracking_uri: str) -> None:
+        self.storage, self.name, self.until, self.tracking_uri = storage, name, until, tracking_uri
+
+    def __call__(self, index: int) -> int:
+        from carrot.study import join_study
+
+        os.environ.setdefault("MLFLOW_TRACKING_URI", self.tracking_uri)
+        stopped = join_study(self.storage, self.name, until=self.until, worker=index,
+                             overrides={"show_progress": False})
+        return 1 if stopped else 0
+
+
+def submit_workers(opened, storage: str | None, trials: int, jobs: int, executor,
+                   log: Callable[[str], None] = print) -> list:
+    """Submit ``jobs`` workers as one job array on a submitit executor (Slurm, or the local
+    executor that runs the same code path here) and wait for them."""
+    from carrot.study import _finished
+    from carrot.tracking import tracking_uri
+
+    from carrot.study import DEFAULT_JOURNAL
+
+    until = _finished(opened.study) + trials
+    if storage is None or "://" not in storage:  # the task may start in another folder
+        storage = str(Path(storage or DEFAULT_JOURNAL).resolve())
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    worker = StudyWorker(storage, opened.name, until, uri)
+    submitted = executor.map_array(worker, list(range(1, jobs + 1)))
+    log(f"study {opened.name}: {jobs} workers submitted as job array {submitted[0].job_id.split('_')[0]} "
+        f"until {until} finished trials; logs in {executor.folder}")
+    return [job.result() for job in submitted]
+
+
+def slurm_executor(folder: Path, jobs: int, partition: str | None, gpus_per_task: int, time_min: int):
+    """A submitit Slurm executor for a job array of ``jobs`` study workers."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    params = {"timeout_min": time_min, "gpus_per_node": gpus_per_task, "tasks_per_node": 1,
+              "slurm_array_parallelism": jobs}
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    return executor
