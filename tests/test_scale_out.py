@@ -94,16 +94,19 @@ def postgres(tmp_path):
     bindir = _pg_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
-    data = tmp_path / "pg"
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="carrot-pg-"))  # outside pytest's root-only folders
+    data = home / "pg"
     run_as = []
     if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
-        shutil.chown(tmp_path, "postgres")
+        shutil.chown(home, "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
     subprocess.run(run_as + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "carrot"],
                    check=True, capture_output=True)
     port = 55432 + os.getpid() % 1000
-    subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(tmp_path / "pg.log"), "-o",
-                             f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1", "start"],
+    subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(home / "pg.log"), "-o",
+                             f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"],
                    check=True, capture_output=True)
     try:
         subprocess.run(run_as + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "carrot",
@@ -112,6 +115,7 @@ def postgres(tmp_path):
     finally:
         subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_two_workers_on_postgresql_and_a_killed_worker(postgres, tmp_path, monkeypatch):
@@ -143,13 +147,12 @@ def test_two_workers_on_postgresql_and_a_killed_worker(postgres, tmp_path, monke
     deadline = time.time() + 300
     while time.time() < deadline:
         running = [t for t in optuna.load_study(study_name=NAME, storage=storage).trials
-                   if t.state == optuna.trial.TrialState.RUNNING]
+                   if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
         if running:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert running, proc.communicate()
-    time.sleep(2)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # at once: its trial takes seconds
     proc.communicate(timeout=60)
     time.sleep(5)  # past the grace period: no heartbeat since the kill
     optuna.storages.fail_stale_trials(optuna.load_study(study_name=NAME, storage=storage))
