@@ -130,3 +130,43 @@ def test_sigkill_then_restart_retries_from_the_checkpoint(store, mlflow_client):
     cfg = trial_config(build_config(ns), retry.params)
     whole = run(cfg, track=False, log=lambda s: None)
     assert retry.value == whole.objective
+
+
+def test_a_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(store, mlflow_client):
+    from carrot.study import open_storage, run_study
+    from conftest import tiny_config
+
+    # a learning rate of 1e30 turns the weights, then the loss, into inf/NaN within an epoch
+    base = tiny_config(**{"optim.epochs": 2, "optim.grad_clip": None})
+    study = optuna.create_study(study_name="digits-test_resnet-baseline", storage=open_storage(None),
+                                direction="maximize")
+    study.enqueue_trial({"optim.lr": 1e30, "optim.weight_decay": 0.05, "data.sampler": "random",
+                         "data.m_per_class": 4})
+    summary = run_study(base, trials=2, log=lambda s: None)
+    study = _study(store)
+    diverged = study.trials[0]
+    assert diverged.state == optuna.trial.TrialState.PRUNED
+    assert "non-finite training loss" in diverged.user_attrs["pruned_reason"]
+    run = mlflow_client.get_run(diverged.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "non-finite training loss" in run.data.tags["carrot.error"]
+    assert "non-finite" in run.data.tags["mlflow.note.content"]
+    assert summary.n_complete == 1  # the next trial ran
+
+
+def test_same_named_studies_in_two_storages_have_two_parent_runs(store, mlflow_client):
+    from carrot.study import run_study
+    from conftest import tiny_config
+
+    a = run_study(tiny_config(**{"optim.epochs": 1}), trials=1, storage=str(store / "a.journal"), log=lambda s: None)
+    b = run_study(tiny_config(**{"optim.epochs": 2}), trials=1, storage=str(store / "b.journal"), log=lambda s: None)
+    assert a.name == b.name and a.study_id != b.study_id and a.parent_run_id != b.parent_run_id
+    for summary in (a, b):
+        parent = mlflow_client.get_run(summary.parent_run_id)
+        assert parent.data.tags["carrot.study_id"] == summary.study_id
+        trial = mlflow_client.get_run(summary.best_run_id)
+        assert trial.data.tags["carrot.study_id"] == summary.study_id
+        assert trial.data.tags["mlflow.parentRunId"] == summary.parent_run_id
+    # continuing study a again finds its own parent run, not b's
+    again = run_study(tiny_config(**{"optim.epochs": 1}), trials=1, storage=str(store / "a.journal"),
+                      log=lambda s: None)
+    assert again.parent_run_id == a.parent_run_id

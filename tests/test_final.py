@@ -34,6 +34,31 @@ def test_study_all_then_final_resumes(store, mlflow_client, capsys):
         # the best trial's resolved configuration is what was re-trained
         assert r.data.params["data.image_size"] == "16"
 
+    # the final run keeps its weights and per-sample predictions: the weights reproduce test/acc
+    import numpy as np
+    import torch
+
+    from carrot.config import RunConfig
+    from carrot.train import build_run
+
+    r = runs[0]
+    state = torch.load(mlflow_client.download_artifacts(r.info.run_id, "weights.pt"), map_location="cpu")
+    import json
+
+    data = json.load(open(mlflow_client.download_artifacts(r.info.run_id, "config.json")))
+    data["data"].pop("effective_batch_size")
+    cfg = RunConfig.from_dict(data)
+    parts = build_run(cfg)
+    parts.model.load_state_dict(state)
+    parts.model.eval()
+    with torch.no_grad():
+        preds = torch.cat([parts.model(x).logits.argmax(1) for x, _ in parts.eval_loader]).numpy()
+    saved = np.load(mlflow_client.download_artifacts(r.info.run_id, "predictions.npz"))
+    assert np.array_equal(saved["pred"], preds)
+    assert np.array_equal(saved["index"], np.arange(len(preds)))
+    assert (saved["pred"] == saved["label"]).mean() == pytest.approx(r.data.metrics["test/acc"])
+    assert np.allclose(saved["top5_prob"].sum(1) <= 1 + 1e-5, True) and saved["top5_class"].shape == (len(preds), 5)
+
     # a finished seed is not run again; a larger SEEDS adds only the missing ones
     assert main(["final", "--seeds", "2", "--variant", "baseline", "--no-progress"]) == 0
     assert len(_final_runs(mlflow_client)) == 2
