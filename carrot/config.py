@@ -87,6 +87,8 @@ class ModelConfig:
     probe_layers: list[str] | None = None  # None: the last block of each of the last 4 stages
     drop_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size: 448)
+    channels_last: bool = True  # NHWC memory layout for CNNs on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the backbone (CUDA; the first steps compile)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class OptimConfig:
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0
     label_smoothing: float = 0.0
     grad_clip: float | None = 5.0  # max global grad norm; None disables
+    accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
 
     def validate(self) -> None:
         _check(self.optimizer in OPTIMIZERS, "optim.optimizer", self.optimizer, f"one of {OPTIMIZERS}")
@@ -107,6 +110,7 @@ class OptimConfig:
         _check(self.epochs >= 1, "epochs", self.epochs, "a positive integer")
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
         _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _check(self.accumulate >= 1, "optim.accumulate", self.accumulate, "a positive integer")
 
 
 @dataclass
@@ -138,7 +142,8 @@ class RunConfig:
     variant: VariantConfig = field(default_factory=VariantConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
-    amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
+    amp: bool = True  # autocast on CUDA (ignored on CPU)
+    amp_dtype: str = "bfloat16"  # bfloat16, or float16 (with a gradient scaler)
     split: str = "val"  # val: train on train, evaluate on val; test: train on train+val, test
     experiment: str = "carrot"  # MLflow experiment name
     show_progress: bool = True
@@ -158,6 +163,7 @@ class RunConfig:
         _check(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
         _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _check(self.split in SPLITS, "split", self.split, f"one of {SPLITS}")
+        _check(self.amp_dtype in ("bfloat16", "float16"), "amp_dtype", self.amp_dtype, "bfloat16 or float16")
         for section in (self.data, self.optim, self.eval):
             section.validate()
 

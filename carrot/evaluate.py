@@ -37,7 +37,7 @@ class Collected:
 
 
 @torch.no_grad()
-def collect(model: CarrotModel, loader, device: torch.device, amp: bool = False,
+def collect(model: CarrotModel, loader, device: torch.device, amp: torch.dtype | None = None,
             with_features: bool = True) -> Collected:
     """Run ``loader`` through ``model`` in eval mode and keep everything on ``device``."""
     was_training = model.training
@@ -47,7 +47,7 @@ def collect(model: CarrotModel, loader, device: torch.device, amp: bool = False,
     for x, y in loader:
         interrupt.check()
         x = x.to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+        with torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext():
             out = model(x, with_features=with_features)
         emb.append(out.embedding.float())
         logits.append(out.logits.float())
@@ -77,7 +77,7 @@ class Evaluator:
         self.ref_problem = reference.problem
         self.predictions: dict[str, np.ndarray] | None = None
 
-    def evaluate(self, epoch: int, loader, probe_loader, amp: bool) -> dict[str, float]:
+    def evaluate(self, epoch: int, loader, probe_loader, amp: torch.dtype | None = None) -> dict[str, float]:
         start = time.time()
         K = self.num_classes
         got = collect(self.model, loader, self.device, amp)

@@ -91,13 +91,18 @@ class RunParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     params: list[nn.Parameter]  # what gradient clipping sees
     use_amp: bool
+    scaler: torch.amp.GradScaler  # float16 autocast only; a pass-through otherwise
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)
 
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return getattr(torch, self.cfg.amp_dtype)
+
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
 
 
 def build_run(cfg: RunConfig) -> RunParts:
@@ -113,6 +118,10 @@ def build_run(cfg: RunConfig) -> RunParts:
     train_set, train_labels, eval_set, _, eval_split = training_split(splits, cfg.split)
     model = CarrotModel(backbone, variant.build_neck(backbone.num_features), splits.num_classes,
                         cfg.model.probe_layers).to(device)
+    if device.type == "cuda" and cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        model.backbone = torch.compile(model.backbone)
     variant.to(device)
     pin = device.type == "cuda"
     if cfg.data.cache and cfg.data.workers > 0:  # fill once here, not once per worker process
@@ -130,13 +139,16 @@ def build_run(cfg: RunConfig) -> RunParts:
 
     params = list(model.parameters()) + [p for p in variant.parameters() if p.requires_grad]
     optimizer = make_optimizer(nn.ModuleList([model, variant]), cfg)
-    total_steps = cfg.optim.epochs * len(train_loader)
-    warmup_steps = int(round(cfg.optim.warmup_epochs * len(train_loader)))
+    updates = math.ceil(len(train_loader) / cfg.optim.accumulate)  # optimiser steps per epoch
+    total_steps = cfg.optim.epochs * updates
+    warmup_steps = int(round(cfg.optim.warmup_epochs * updates))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
     return RunParts(cfg=cfg, device=device, model=model, variant=variant, splits=splits, eval_split=eval_split,
                     train_loader=train_loader, eval_loader=eval_loader, probe_loader=probe_loader,
                     optimizer=optimizer, scheduler=scheduler, params=params,
-                    use_amp=cfg.amp and device.type == "cuda")
+                    use_amp=cfg.amp and device.type == "cuda",
+                    scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"
+                                                and cfg.amp_dtype == "float16"))
 
 
 # ----------------------------------------------------------------------------- one step, one epoch
@@ -180,19 +192,28 @@ def train_one_epoch(parts: RunParts, epoch: int) -> dict[str, float]:
     means = MeanAggregator()
     start = time.time()
     steps = parts.steps_per_epoch
+    accumulate = cfg.optim.accumulate
+    channels_last = parts.device.type == "cuda" and cfg.model.channels_last
     for step, (x, y) in enumerate(parts.train_loader):
         interrupt.check()
         x = x.to(parts.device, non_blocking=True)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(parts.device, non_blocking=True)
         with parts.autocast():
             result = forward_step(model, variant, x, y, epoch + step / steps, cfg.optim.label_smoothing)
             loss = result.loss
-        parts.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(parts.params, cfg.optim.grad_clip)
-        parts.optimizer.step()
-        parts.scheduler.step()
+        if step % accumulate == 0:
+            parts.optimizer.zero_grad(set_to_none=True)
+        # each micro-batch's mean loss counts 1/k of the step's, as one batch k times larger would
+        parts.scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        if (step + 1) % accumulate == 0 or step + 1 == steps:
+            if cfg.optim.grad_clip:
+                parts.scaler.unscale_(parts.optimizer)
+                torch.nn.utils.clip_grad_norm_(parts.params, cfg.optim.grad_clip)
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+            parts.scheduler.step()
         means.add(contract.TRAIN_PREFIX + "loss", loss)
         for name, value in result.terms.items():
             means.add(contract.TRAIN_PREFIX + name, value)
@@ -407,7 +428,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
             last = epoch == cfg.optim.epochs - 1
             probe = last or (cfg.eval.probe_every > 0 and (epoch + 1) % cfg.eval.probe_every == 0)
             eval_metrics = evaluator.evaluate(epoch, parts.eval_loader, parts.probe_loader if probe else None,
-                                              parts.use_amp)
+                                              parts.amp_dtype if parts.use_amp else None)
             metrics = {**train_metrics, **eval_metrics}
             history.append(metrics)
             acc = metrics[contract.split_metric(parts.eval_split, "acc")]
@@ -453,6 +474,7 @@ def snapshot(parts: RunParts, evaluator: Evaluator, epochs_done: int,
         "variant": parts.variant.state_dict(),
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
         "sampler": checkpoint.sampler_state(parts.train_loader),
         "rng": checkpoint.rng_state(),
         "history": history,
@@ -469,6 +491,7 @@ def restore(parts: RunParts, evaluator: Evaluator, state: dict[str, Any]) -> tup
     parts.variant.load_state_dict(state["variant"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
     checkpoint.set_sampler_state(parts.train_loader, state["sampler"])
     evaluator.load_state_dict(state["evaluator"])
     checkpoint.set_rng_state(state["rng"])

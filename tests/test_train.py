@@ -91,3 +91,25 @@ def test_undefined_statistics_are_averaged_as_missing():
     assert np.isnan(first["var/label_safety"])  # warm-up: no noise drawn, safety undefined
     assert second["var/frac_augmented"] > 0
     assert 0.0 <= second["var/label_safety"] <= 1.0
+
+
+def test_gradient_accumulation_steps_once_per_k_micro_batches():
+    import math
+
+    import torch
+
+    from carrot.train import build_run, train_one_epoch
+
+    one = build_run(tiny_config(**{"optim.epochs": 1}))
+    train_one_epoch(one, 0)
+    two = build_run(tiny_config(**{"optim.epochs": 1, "optim.accumulate": 2, "optim.warmup_epochs": 0.0}))
+    steps = len(two.train_loader)
+    calls = []
+    real_step = two.optimizer.step
+    two.optimizer.step = lambda *a, **k: (calls.append(1), real_step(*a, **k))[1]
+    train_one_epoch(two, 0)
+    assert len(calls) == math.ceil(steps / 2) and one.scheduler.last_epoch == steps
+    assert two.scheduler.last_epoch == math.ceil(steps / 2)
+    # the schedule spans the optimiser steps, not the micro-batches: it ends at 0 after the epoch
+    assert two.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    assert not any(torch.isnan(p).any() for p in two.model.parameters())
