@@ -442,15 +442,17 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
         tracked.status = "FINISHED"
     except TrialPruned as exc:
         error = "" if tracked.status == "KILLED" and str(exc).startswith("pruned") else str(exc)
+        _drop_checkpoint(checkpoint_dir)  # a pruned trial is finished: nothing will resume it
         raise
     except interrupt.Interrupted as exc:
         tracked.status, error = "KILLED", str(exc)
-        raise
+        raise  # its checkpoint stays: the retry resumes from it
     except BaseException as exc:
         if interrupt.requested():  # e.g. loader workers killed by the same Ctrl-C
             tracked.status, error = "KILLED", str(interrupt.Interrupted(interrupt.requested()))
             raise interrupt.Interrupted(interrupt.requested()) from None
         error = failure_reason(exc)
+        _drop_checkpoint(checkpoint_dir)  # a failure is not retried
         raise
     finally:
         if progress:
@@ -462,6 +464,11 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     return RunResult(run_id=tracked.run_id, metrics=final, history=history,
                      objective=final[contract.split_metric(parts.eval_split, "acc")], epochs_done=len(history),
                      seconds=time.time() - started)
+
+
+def _drop_checkpoint(folder: Path | None) -> None:
+    if folder is not None:
+        checkpoint.remove(folder)
 
 
 def snapshot(parts: RunParts, evaluator: Evaluator, epochs_done: int,

@@ -151,6 +151,7 @@ def test_a_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(store
     assert run.info.status == "KILLED" and "non-finite training loss" in run.data.tags["carrot.error"]
     assert "non-finite" in run.data.tags["mlflow.note.content"]
     assert summary.n_complete == 1  # the next trial ran
+    assert not list(store.glob("studies/checkpoints/*/trial-*"))  # pruned and finished trials keep none
 
 
 def test_same_named_studies_in_two_storages_have_two_parent_runs(store, mlflow_client):
