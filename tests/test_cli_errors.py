@@ -20,6 +20,8 @@ def _runs(store):
     "argv, expected",
     [
         (["study", "--variant", "nope"], ["unknown", "nope", "baseline", "expansion"]),
+        (["study", "--variant", "expanson"], ["did you mean 'expansion'?"]),
+        (["train", "--dataset", "digit"], ["did you mean 'digits'?"]),
         (["train", "--dataset", "imagenet42"], ["dataset", "imagenet42", "digits", "synthetic"]),
         (["study", "--backbone", "resnet_does_not_exist"], ["backbone", "resnet_does_not_exist", "timm"]),
         (["study", "--epochs", "-1"], ["epochs=-1", "positive integer"]),
