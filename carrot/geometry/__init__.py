@@ -7,7 +7,9 @@ and by the validation diagnostics.
   diagonal Gaussians;
 - :mod:`~carrot.geometry.spectra`: spectral entropy and effective rank, per matrix and per
   class from one eigendecomposition;
-- :mod:`~carrot.geometry.confusion`: soft confusion between classes.
+- :mod:`~carrot.geometry.confusion`: soft confusion between classes;
+- :mod:`~carrot.geometry.distributed`: batch statistics across data-parallel processes
+  (autograd-aware gathers and sums; no-ops without a process group).
 
 Everything here is sync-free on CUDA (no ``torch.unique``, no boolean indexing with
 data-dependent shapes, no ``.item()`` / ``.cpu()``) except the ``eigh`` of the spectra.

@@ -17,6 +17,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor
 
 from carrot.geometry import block_spectrum, class_slots, no_autocast
+from carrot.geometry.distributed import gather_rows, gather_rows_no_grad
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
 
@@ -171,7 +172,9 @@ class Barrier(Variant):
 
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         hp = self.hp
-        r_var, r_rank, st = barrier_terms(batch.embedding, batch.labels)
+        # Under torch.distributed the barriers of the global batch, the same on every rank: the
+        # embeddings are all-gathered with gradients (carrot.geometry.distributed).
+        r_var, r_rank, st = barrier_terms(gather_rows(batch.embedding), gather_rows_no_grad(batch.labels))
         terms: dict[str, Tensor] = {}
         # (no multiply at the parameter-free weight 1: each op after the eigh's sync costs host time)
         if hp.use_var:

@@ -19,6 +19,10 @@ exp(-D_B) is 0 in float32 and a term built from rho goes silent; this one cannot
 With ``scale=fixed`` the term is ``lam * L_bhat`` from rho as is (a fixed weight on an
 underflowing overlap legitimately vanishes).
 
+Under torch.distributed the labels, logits and features of all ranks are all-gathered (the
+features with gradients) and the auto scale uses the global mean CE, so every rank computes
+the term of the global batch (:mod:`carrot.geometry.distributed`).
+
 Everything is vectorised over classes, pairs and layers on fixed-size (B-slot) tensors: no
 ``torch.unique``, no class-index remapping, no host sync. Labels, confusion and the pair
 selection are computed once per step; the layers are concatenated along the feature axis,
@@ -36,6 +40,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from torch import Tensor
 
 from carrot.geometry import class_slots, compact_slots, no_autocast, sample_pair_bhattacharyya, soft_confusion
+from carrot.geometry.distributed import all_reduce_mean_no_grad, gather_rows, gather_rows_no_grad
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
 
@@ -249,12 +254,17 @@ class Bhattacharyya(Variant):
         if not batch.features:
             raise ValueError("bhattacharyya needs StepBatch.features (pooled intermediate layers)")
         names = pick_layers(list(batch.features), hp.layers)
-        sel, _, _ = select_confusable_pairs(batch.logits, batch.labels, hp.top_M)
+        # Under torch.distributed: labels, logits (confusion only, no gradient) and features of
+        # all ranks, the features with gradients, and the global mean CE for the auto scale, so
+        # every rank computes the term of the global batch (carrot.geometry.distributed).
+        logits, labels = gather_rows_no_grad(batch.logits), gather_rows_no_grad(batch.labels)
+        features = [gather_rows(batch.features[name]) for name in names]
+        ce_global = all_reduce_mean_no_grad(ce)  # the CE of the global batch (this batch's otherwise)
+        sel, _, _ = select_confusable_pairs(logits, labels, hp.top_M)
         layer_ok = (sel.usable_classes >= 2).float()  # same for every layer
         n_ok = layer_ok * len(names)
 
-        db, rho_mean, db_mean = pair_distances(
-            [batch.features[name] for name in names], sel, hp.normalize, hp.eps, hp.distance)  # (M', L), (L,), (L,)
+        db, rho_mean, db_mean = pair_distances(features, sel, hp.normalize, hp.eps, hp.distance)  # (M', L), (L,), (L,)
         stats: dict[str, Tensor] = {}
         for k, name in enumerate(names):
             stats[f"rho_{name}"] = rho_mean[k]
@@ -265,12 +275,12 @@ class Bhattacharyya(Variant):
             log_layers, active = log_weighted_overlap(db, sel)  # (L,), 0-dim
             log_l = torch.logsumexp(log_layers, 0) - math.log(len(names))
             if hp.scale == "auto":
-                term = torch.where(active, auto_scaled_term(ce, log_l), torch.zeros_like(log_l))
+                term = torch.where(active, auto_scaled_term(ce_global, log_l), torch.zeros_like(log_l))
                 with torch.no_grad():
                     l_bhat = torch.where(active, torch.exp(log_l), torch.zeros_like(log_l))
                     # s = CE / L_bhat; saturates at the float32 maximum where L_bhat underflows
                     # (log_l_bhat is the readable one there); 0 without a pair, not CE / 0.
-                    s = torch.exp(torch.log(ce.detach()) - log_l).clamp_max(torch.finfo(torch.float32).max)
+                    s = torch.exp(torch.log(ce_global.detach()) - log_l).clamp_max(torch.finfo(torch.float32).max)
                     s = torch.where(active, s, torch.zeros_like(s))
             else:
                 l_bhat = weighted_overlap(db, sel).sum() * layer_ok / n_ok.clamp_min(1.0)

@@ -7,6 +7,13 @@ its RMS radius reaches half the distance to the nearest other centroid,
 
 and the model is asked to classify z+ like z (mode ``kl``) or to treat z and z+ as two
 views of one sample (mode ``supcon``). Needs P x K batches (every class >= 2 samples).
+
+Under torch.distributed the statistics (centroids, radii, gamma) come from the all-gathered
+z and y and each rank transforms its own z: the KL and auxiliary CE are means over the
+rank's own samples, SupCon is taken over the two views of the whole gathered batch (the same
+value on every rank). The gather is autograd-aware, so with ``detach_stats=False`` the
+gradient through the statistics reaches every rank's samples
+(:mod:`carrot.geometry.distributed`).
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
 
 from carrot.geometry import class_moments, class_slots, pairwise_distance, rms_radius
+from carrot.geometry.distributed import gather_rows, gather_rows_no_grad, local_rows
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant
 
@@ -171,7 +179,10 @@ class Expansion(Variant):
 
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         hp = self.hp
-        z_plus, op_stats = expansion_operator(batch.embedding, batch.labels, detach_stats=hp.detach_stats)
+        # all ranks' rows (this batch's when not distributed); this rank's rows of z+ after
+        z_all, y_all = gather_rows(batch.embedding), gather_rows_no_grad(batch.labels)  # (W B, D), (W B,)
+        z_plus_all, op_stats = expansion_operator(z_all, y_all, detach_stats=hp.detach_stats)
+        z_plus = local_rows(z_plus_all, batch.embedding.shape[0])  # (B, D)
         terms: dict[str, Tensor] = {}
         logits_plus = None
         if hp.mode == "kl" or hp.aux_ce_weight > 0:
@@ -179,9 +190,9 @@ class Expansion(Variant):
         if hp.mode == "kl":
             terms["kl"] = hp.lam * expansion_kl(batch.logits, logits_plus, hp.T)
         else:
-            h = F.normalize(batch.embedding.float(), dim=1)
-            views = torch.cat([h, z_plus], 0)  # (2B, D)
-            terms["supcon"] = hp.lam * supcon_loss(views, batch.labels.repeat(2), hp.tau)
+            h = F.normalize(z_all.float(), dim=1)
+            views = torch.cat([h, z_plus_all], 0)  # (2 W B, D)
+            terms["supcon"] = hp.lam * supcon_loss(views, y_all.repeat(2), hp.tau)
         if hp.aux_ce_weight > 0:
             terms["aux_ce"] = hp.aux_ce_weight * F.cross_entropy(
                 logits_plus, batch.labels, label_smoothing=batch.label_smoothing

@@ -34,6 +34,12 @@ of an unpivoted QR after the fact, leaves the kept columns an exact basis of the
 The noise is projected through the head too: with u = W eps, D_c eps = u_y - u_c, and the
 in-span part D_c^T T T^T D_c eps is a (K,)-sparse combination of W's rows, so no (B, m, D)
 tensor is gathered either. Statistics and the noisy logits are float32 with autocast off.
+
+Under torch.distributed nothing is gathered except for ``basis="class"``: everything is per
+sample (the noise scale from the sample's own logits and the head) and the augmented CE is a
+mean over the rank's own rows, which DDP's gradient average makes the global mean. With
+``basis="class"`` the per-class logit sums and counts that rank the competitors are
+all-reduced, so the class means are those of the global batch.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor
 
+from carrot.geometry.distributed import all_reduce_sum_no_grad
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
 
@@ -63,7 +70,8 @@ def competitor_classes(logits: Tensor, y: Tensor, m: int, basis: str = "sample")
     """Top-``m`` classes other than y, (B, m) int64.
 
     ``basis="sample"`` ranks each sample's own logits; ``basis="class"`` ranks the mean
-    logits of the sample's class over the batch, so all samples of a class share the same
+    logits of the sample's class over the batch (the global batch under torch.distributed:
+    the per-class sums and counts are all-reduced), so all samples of a class share the same
     competitors and hence the same subspace.
     """
     b, k = logits.shape
@@ -71,8 +79,10 @@ def competitor_classes(logits: Tensor, y: Tensor, m: int, basis: str = "sample")
     if basis == "class":
         sums = torch.zeros(k, k, dtype=score.dtype, device=score.device).index_add_(0, y, score)  # (K, K)
         counts = torch.zeros(k, dtype=score.dtype, device=score.device).index_add_(
-            0, y, torch.ones_like(y, dtype=score.dtype)).clamp_min(1.0)  # (K,) (bincount syncs on CUDA)
-        score = (sums / counts[:, None])[y]  # (B, K) class-mean logits
+            0, y, torch.ones_like(y, dtype=score.dtype))  # (K,) (bincount syncs on CUDA)
+        # under torch.distributed: the class means of the global batch
+        sums, counts = all_reduce_sum_no_grad(sums), all_reduce_sum_no_grad(counts)
+        score = (sums / counts.clamp_min(1.0)[:, None])[y]  # (B, K) class-mean logits
     elif basis != "sample":
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     score = score.scatter(1, y[:, None], float("-inf"))  # never pick y itself

@@ -30,6 +30,10 @@ optimal range of operation for pairwise loss is 0.1N to 0.2N"), at their scale, 
 above; the recommended ``lam_per_class`` = 0.1 is the low end of that range and the search
 covers 0.02 to 0.5. With ``pairs="different"`` the same lambda weighs the term about twice as
 much.
+
+Under torch.distributed the logits and labels are all-gathered (autograd-aware), so the pairs
+and the division by B are those of the global batch, as in one process on the concatenated
+batch (:mod:`carrot.geometry.distributed`).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from optuna.distributions import FloatDistribution
 from torch import Tensor
 
+from carrot.geometry.distributed import gather_rows, gather_rows_no_grad
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
 
@@ -110,7 +115,9 @@ class PairwiseConfusion(Variant):
 
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         lam = self.hp.lam_per_class * batch.logits.shape[1]
-        loss, stats = pairwise_confusion_loss(batch.logits, batch.labels, self.hp.pairs)
+        # the pairs of the global batch under torch.distributed (this batch's otherwise)
+        logits, labels = gather_rows(batch.logits), gather_rows_no_grad(batch.labels)
+        loss, stats = pairwise_confusion_loss(logits, labels, self.hp.pairs)
         return {"pc": lam * loss}, {
             "pc_distance": stats["distance_mean"],
             "pairs": stats["pairs"],

@@ -54,10 +54,13 @@ taken on V h, and ``whiten_weight * ||V^T V - I||_F^2`` is added (estimated with
 ``whiten_probes`` Rademacher probes, E||(V^T V - I) g||^2 = ||V^T V - I||_F^2, because the
 exact penalty costs O(D^3) per step; 0 probes = exact).
 
-Under torch.distributed the per-class sums and counts, the confusion sums and the
-covariance scatter are all-reduced before the EMA; each rank's gradient flows through its
-own samples (mean = (local sum + (global - local).detach()) / global count). Ranks must
-use equal batch sizes (labels are all-gathered).
+Under torch.distributed the labels are all-gathered and the per-class sums, the confusion
+sums and the covariance scatter are all-reduced before the EMA, so every rank computes the
+same L_carrot as one process on the global batch. The sums go through an autograd-aware
+all-reduce: its backward sums the ranks' (equal) gradients, so each rank's embeddings get W
+times their share, which DDP's average over the W ranks turns into the single-process
+gradient (:mod:`carrot.geometry.distributed`; the former local-gradient trick,
+``local + (global - local).detach()``, gave 1 / W of it). Ranks must use equal batch sizes.
 """
 from __future__ import annotations
 
@@ -65,12 +68,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor, nn
 
 from carrot.geometry import class_slots, class_sums, l2_normalize, symmetric_confusion
+from carrot.geometry.distributed import (
+    all_reduce_sum, all_reduce_sum_no_grad, gather_rows_no_grad, local_rows,
+)
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant, linear_ramp
 
@@ -189,10 +194,6 @@ def orthogonality_penalty(v: Tensor, probes: int = 0, generator: torch.Generator
     g = torch.randint(0, 2, (d, probes), generator=generator, device=v.device).to(v.dtype) * 2.0 - 1.0  # (D, s)
     ag = v.T @ (v @ g) - g  # (D, s)
     return (ag * ag).sum() / probes
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 # ------------------------------------------------------------------ variant
@@ -314,34 +315,27 @@ class PrototypeVariant(Variant):
         b, k, d = h.shape[0], batch.logits.shape[1], h.shape[1]
         self.initialize_state(k, d, h.device)
         update = self.training
-        distributed = _distributed()
 
         with torch.no_grad():
             # Class slots of all ranks' samples (S = world size x B under DDP); one_hot maps each
             # present class to its slot. Fixed shapes, no host sync.
-            y_all = self._gather_labels(y) if distributed else y  # (S,)
+            y_all = gather_rows_no_grad(y)  # (S,)
             inv_all, slot_counts, slot_labels = class_slots(y_all)  # (S,) each
             one_hot = (torch.arange(k, device=h.device)[:, None] == slot_labels[None, :]) & (slot_counts > 0)
             one_hot = one_hot.float()  # (K, S)
             counts = one_hot @ slot_counts  # (K,)
             present = counts > 0  # (K,)
-            conf_sums = confusion_sums(batch.logits, y, hp.conf_topk)  # (K, K)
-            if distributed:
-                dist.all_reduce(conf_sums)
+            conf_sums = all_reduce_sum_no_grad(confusion_sums(batch.logits, y, hp.conf_topk))  # (K, K)
             conf = update_confusion(self.conf, conf_sums, counts, hp.conf_momentum)
             omega = symmetric_confusion(conf)
             seen = self.seen | present
             mask = neighbour_pairs(omega, hp.top_m, seen)  # (K, K)
 
-        inv = inv_all[dist.get_rank() * b:][:b] if distributed else inv_all  # (B,) this rank's samples
-        slot_sums, _ = class_sums(h, inv, len(y_all))  # (S, D), this rank's gradient
-        if distributed:
-            global_sums = slot_sums.detach().clone()
-            dist.all_reduce(global_sums)
-            slot_sums = slot_sums + (global_sums - slot_sums.detach())  # global values, local gradient
+        inv = local_rows(inv_all, b)  # (B,) this rank's samples
+        slot_sums = all_reduce_sum(class_sums(h, inv, len(y_all))[0])  # (S, D) over all ranks, with gradient
         slot_means = slot_sums / slot_counts.clamp_min(1.0)[:, None]  # (S, D) class means, 0 on unused slots
         if hp.metric == "mahalanobis" and update:
-            self._update_covariance(h, inv, slot_means, slot_counts, distributed)
+            self._update_covariance(h, inv, slot_means, slot_counts)
 
         # mu~ of the present classes, carrying the batch gradient (the fix), (S, D); rows of
         # unused slots are never read.
@@ -384,13 +378,10 @@ class PrototypeVariant(Variant):
         stats = {"l_carrot": l_carrot, "lambda": torch.full((), lam_t, device=h.device), **pair_stats}
         return terms, stats
 
-    def _update_covariance(self, h: Tensor, slot: Tensor, slot_means: Tensor, slot_counts: Tensor,
-                           distributed: bool) -> None:
+    def _update_covariance(self, h: Tensor, slot: Tensor, slot_means: Tensor, slot_counts: Tensor) -> None:
         """EMA of the within-class covariance; refresh the metric factor every N steps."""
         hp = self.hp
-        scatter = within_class_scatter(h, slot, slot_means)  # (D, D)
-        if distributed:
-            dist.all_reduce(scatter)
+        scatter = all_reduce_sum_no_grad(within_class_scatter(h, slot, slot_means))  # (D, D), all ranks
         dof = len(slot_counts) - (slot_counts > 0).sum()  # sum_c (n_c - 1), global
         # No bias correction for the zero start: the factor only sees Sigma / (tr Sigma / D).
         step = torch.where(dof > 0, hp.cov_momentum, 0.0)
@@ -399,9 +390,3 @@ class PrototypeVariant(Variant):
             self.metric_factor = shrunk_metric_factor(self.cov, hp.cov_shrinkage)
             self.mu_metric = self.mu @ self.metric_factor
             self.gram = self.mu_metric @ self.mu_metric.T
-
-    @staticmethod
-    def _gather_labels(y: Tensor) -> Tensor:
-        parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, y)
-        return torch.cat(parts)
