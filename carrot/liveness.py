@@ -19,8 +19,14 @@ import threading
 import time
 from typing import Callable
 
+import warnings
+
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+# Optuna marks its retry callback and the RDB heartbeat experimental; the warning would repeat
+# on every trial of every worker
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 from optuna.trial import FrozenTrial, TrialState
 
 from carrot import contract

@@ -357,8 +357,11 @@ def start_system_metrics(logger):
     if os.environ.get("CARROT_SYSTEM_METRICS", "1") == "0":
         return None
     try:
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
         monitor = SystemMetricsMonitor(logger.run_id, tracking_uri=logger.client.tracking_uri)
         monitor.start()
         return monitor
