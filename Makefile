@@ -32,7 +32,7 @@ RUN_FLAGS = $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATASET),--dataset $(DATAS
 	$(if $(SEED),--seed $(SEED)) $(if $(CONFIG),--config $(CONFIG))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup study worker train final tables plots ui dashboard test test-fast bench clean
+.PHONY: help setup study worker train final tables plots ui dashboard test test-heavy test-fast bench clean
 
 help: ## list the targets and their variables
 	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name JOBS=n CONFIG=file.yaml]"
@@ -77,11 +77,14 @@ dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:DASHBOARD_PORT (defa
 	$(BIN)/optuna-dashboard $(if $(STORAGE),$(STORAGE),studies/optuna.journal) \
 		--host 127.0.0.1 --port $(DASHBOARD_PORT)
 
-test: $(STAMP) ## the whole test suite (slow end-to-end tests included)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) ## the test suite (slow end-to-end tests included; the multi-process ones: test-heavy)
+	$(BIN)/python -m pytest -m "not heavy" $(PYTEST_ARGS)
+
+test-heavy: $(STAMP) ## the multi-process tests: signals, killed workers, parallel workers, PostgreSQL
+	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
 
 bench: $(STAMP) ## variant cost as a ratio to the CE head (CPU, and CUDA with a ResNet-50 step when present)
 	$(BIN)/carrot bench --device cpu

@@ -422,9 +422,10 @@ def final_slots(ctx: Context, table: Table) -> Iterator[FinalSlot]:
 REFERENCE_COLUMNS = [c for ref in REFERENCES for c in (f"diff_vs_{ref}", f"p_vs_{ref}", f"n_paired_vs_{ref}")]
 
 
-# Parameters every variant sets for itself (its own hyperparameters, the sampler its method
-# needs): a difference there is the comparison, not a different set-up.
-VARIANT_OWN_PARAMS = ("variant.", "data.sampler", "data.m_per_class")
+# Parameters every variant sets for itself (its own hyperparameters, and what its study searched:
+# learning rate, weight decay, the sampler and the batch it gives): a difference there is the
+# comparison, not a different set-up.
+VARIANT_OWN_PARAMS = ("variant.", "data.effective_batch_size", *contract.SEARCHED_CONFIG_KEYS)
 
 
 def setup_difference(runs: pd.DataFrame, ref_runs: pd.DataFrame, ref: str) -> str:

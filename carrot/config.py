@@ -18,11 +18,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from carrot import contract
+
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("val", "test")
 SAMPLERS = ("auto", "pk", "random")
 # keys a study searches (besides the variant's hyperparameters): they vary between its trials
-SEARCHED_KEYS = ("optim.lr", "optim.weight_decay", "data.sampler", "data.m_per_class")
+SEARCHED_KEYS = contract.SEARCHED_CONFIG_KEYS
 # keys that do not change what is computed: the seed is a run's, the rest is display and plumbing
 NON_IDENTITY_KEYS = ("seed", "device", "show_progress", "experiment", "data.workers")
 OPTIMIZERS = ("adamw", "sgd")

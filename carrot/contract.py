@@ -125,6 +125,10 @@ def probe_metric(layer: str) -> str:
 
 
 # ----------------------------------------------------------------------------- studies
+# config keys a study searches besides the variant's hyperparameters: they differ between the
+# trials of one study, and between the best configurations of two variants by design
+SEARCHED_CONFIG_KEYS = ("optim.lr", "optim.weight_decay", "data.sampler", "data.m_per_class")
+
 STUDY_ID_ATTR = "study_id"  # the Optuna user attr holding a study's unique id (TAG_STUDY_ID on its runs)
 
 

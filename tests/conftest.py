@@ -9,6 +9,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in the environment; a test must not
+    leave its store's URI to the next one."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture()
 def store(tmp_path, monkeypatch):
     """Run inside an empty folder with its own sqlite MLflow store and studies/ folder."""

@@ -57,6 +57,7 @@ def _nothing_running(store: Path, client) -> None:
     assert [(r.info.run_name, r.info.status) for r in _runs(client) if r.info.status == "RUNNING"] == []
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_the_trial_cleanly_and_the_restart_resumes_it(store, mlflow_client, sig, code):
     proc = _carrot(store, "study", *ARGS, "--trials", "2", wait=False)
@@ -93,6 +94,7 @@ def test_signal_stops_the_trial_cleanly_and_the_restart_resumes_it(store, mlflow
     assert not list(store.glob("studies/checkpoints/*/trial-*"))  # finished trials keep none
 
 
+@pytest.mark.heavy
 def test_sigkill_then_restart_retries_from_the_checkpoint(store, mlflow_client):
     from carrot.study import trial_config
     from carrot.train import run
