@@ -130,6 +130,7 @@ def probe_metric(layer: str) -> str:
 SEARCHED_CONFIG_KEYS = ("optim.lr", "optim.weight_decay", "data.sampler", "data.m_per_class")
 
 STUDY_ID_ATTR = "study_id"  # the Optuna user attr holding a study's unique id (TAG_STUDY_ID on its runs)
+TRIAL_RUN_ID_ATTR = "mlflow_run_id"  # an Optuna trial's user attr: its MLflow run, set when the run starts
 
 
 def study_name(dataset: str, backbone: str, variant: str) -> str:

@@ -37,7 +37,7 @@ def best_trial_config(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
     if not complete:
         return None
     best = max(complete, key=lambda t: (t.value, -t.number))
-    run_id = best.user_attrs.get("mlflow_run_id")
+    run_id = best.user_attrs.get(contract.TRIAL_RUN_ID_ATTR)
     if not run_id:
         return None
     mlf = client()

@@ -33,7 +33,6 @@ from carrot import contract
 
 WORKER_ATTR = "carrot.worker"
 HEARTBEAT_ATTR = "carrot.heartbeat"
-RUN_ID_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"
 HEARTBEAT_INTERVAL_S = float(os.environ.get("CARROT_HEARTBEAT_S", 30))
 # a worker on another host is dead after this long without a heartbeat
@@ -126,7 +125,7 @@ class RetryDeadTrial(RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         reason = trial.user_attrs.get(ERROR_ATTR) or "worker stopped sending heartbeats"
-        close_run(trial.user_attrs.get(RUN_ID_ATTR), reason)
+        close_run(trial.user_attrs.get(contract.TRIAL_RUN_ID_ATTR), reason)
         super().__call__(study, trial)
 
 

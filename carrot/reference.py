@@ -52,7 +52,7 @@ def best_baseline_pairs(cfg: RunConfig, storage, num_classes: int) -> ReferenceP
     except KeyError:
         return ReferencePairs.none(f"no baseline study {name!r} yet (run `make study VARIANT=baseline` first)")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-                and t.user_attrs.get("mlflow_run_id")]
+                and t.user_attrs.get(contract.TRIAL_RUN_ID_ATTR)]
     if not complete:
         return ReferencePairs.none(f"baseline study {name!r} has no complete trial yet")
     mlf = client()
@@ -60,11 +60,11 @@ def best_baseline_pairs(cfg: RunConfig, storage, num_classes: int) -> ReferenceP
     tied = [t for t in complete if t.value == top_value]
 
     def tie_break(t):  # not the trial number: that depends on the order trials finished in
-        loss = mlf.get_run(t.user_attrs["mlflow_run_id"]).data.metrics.get(contract.split_metric("val", "loss"))
+        loss = mlf.get_run(t.user_attrs[contract.TRIAL_RUN_ID_ATTR]).data.metrics.get(contract.split_metric("val", "loss"))
         return (float("inf") if loss is None else loss, json.dumps(t.params, sort_keys=True, default=str))
 
     best = min(tied, key=tie_break)
-    run_id = best.user_attrs["mlflow_run_id"]
+    run_id = best.user_attrs[contract.TRIAL_RUN_ID_ATTR]
     run = mlf.get_run(run_id)
     if run.data.tags.get(contract.TAG_NUM_CLASSES) != str(num_classes):
         return ReferencePairs.none(f"the best baseline trial of {name!r} has another label set "
@@ -73,7 +73,7 @@ def best_baseline_pairs(cfg: RunConfig, storage, num_classes: int) -> ReferenceP
         top = json.load(fh).get("top") or []
     if not top:
         return ReferencePairs.none(f"the best baseline trial of {name!r} confused no pair")
-    sid = study.user_attrs.get("study_id", "")
+    sid = study.user_attrs.get(contract.STUDY_ID_ATTR, "")
     return ReferencePairs([list(map(int, p)) for p in top[: cfg.eval.top_n]],
                           f"study:{sid}/trial:{best.number}/run:{run_id}")
 

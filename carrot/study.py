@@ -30,7 +30,6 @@ from carrot.variants import get_variant_class
 
 DEFAULT_JOURNAL = Path(contract.DEFAULT_STORAGE)
 DEFAULT_CHECKPOINTS = DEFAULT_JOURNAL.parent / "checkpoints"
-STUDY_ID_ATTR = "study_id"
 BASE_CONFIG_ATTR = "base_config"  # the whole configuration a study was created with (workers read it)
 PK_M_CHOICES = [2, 4, 8]  # samples per class in a P x K batch: divisors of the usual batch sizes
 
@@ -180,10 +179,10 @@ def _parent_run(cfg: RunConfig, name: str, study_id: str, storage_label: str) ->
 
 def study_id_of(study: optuna.Study) -> str:
     """The study's unique id, given at creation and kept in its user attrs."""
-    sid = study.user_attrs.get(STUDY_ID_ATTR)
+    sid = study.user_attrs.get(contract.STUDY_ID_ATTR)
     if sid is None:
         sid = uuid.uuid4().hex[:16]
-        study.set_user_attr(STUDY_ID_ATTR, sid)
+        study.set_user_attr(contract.STUDY_ID_ATTR, sid)
     return sid
 
 
@@ -380,7 +379,7 @@ def summarize(opened: OpenStudy) -> StudySummary:
         n_failed=states.count(optuna.trial.TrialState.FAIL),
         best_number=best.number if best else None, best_value=best.value if best else None,
         best_params=dict(best.params) if best else {},
-        best_run_id=best.user_attrs.get("mlflow_run_id") if best else None,
+        best_run_id=best.user_attrs.get(contract.TRIAL_RUN_ID_ATTR) if best else None,
         study_id=opened.study_id,
     )
     if best is not None:

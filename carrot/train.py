@@ -272,7 +272,7 @@ class Run:
         self.monitor = start_system_metrics(logger)
         try:
             if trial is not None:  # from the start, so a worker that dies leaves a run to close
-                trial.set_user_attr("mlflow_run_id", logger.run_id)
+                trial.set_user_attr(contract.TRIAL_RUN_ID_ATTR, logger.run_id)
             resolved = cfg.to_dict()
             resolved["data"]["effective_batch_size"] = parts.train_loader.batch_size
             logger.log_params(flatten("", resolved))

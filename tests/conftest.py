@@ -59,3 +59,18 @@ def tiny_config(**overrides):
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return RunConfig.from_dict(data)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV table, keyed by header."""
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def md_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of the first Markdown table in a file, keyed by header."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    return [dict(zip(header, [c.strip() for c in line.strip().strip("|").split(" | ")])) for line in lines[1:]]

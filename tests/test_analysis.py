@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import md_rows, read_csv
+
 from conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -79,18 +81,6 @@ def store(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- helpers
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def md_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of the first Markdown table in a file, keyed by header."""
-    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
-    return [dict(zip(header, [c.strip() for c in line.strip().strip("|").split(" | ")])) for line in lines[1:]]
-
-
 def row(rows: list[dict[str, str]], **match) -> dict[str, str]:
     found = [r for r in rows if all(r[k] == v for k, v in match.items())]
     assert len(found) == 1, (match, rows)

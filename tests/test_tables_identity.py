@@ -15,7 +15,6 @@ recomputed here from the arrays written, with NumPy and SciPy, never with ``anal
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, md_rows, read_csv
 
 EXPERIMENT = "carrot"
 BACKBONE = "test_resnet"
@@ -113,17 +112,6 @@ class Store:
         args = ["--out", str(out), "--tracking-uri", self.uri, "--storage", str(self.root / "none.journal")]
         assert tables.main(args + list(extra)) == 0
         return out
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def md_rows(path: Path) -> list[dict[str, str]]:
-    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
-    return [dict(zip(header, [c.strip() for c in line.strip().strip("|").split(" | ")])) for line in lines[1:]]
 
 
 def note_text(md: Path, cell: str) -> list[str]:
