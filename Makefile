@@ -21,6 +21,7 @@ STORAGE   ?=
 CONFIG    ?=
 STUDY     ?=
 JOBS      ?=
+NPROC     ?=
 PORT      ?= 5000
 DASHBOARD_PORT ?= 8080
 PYTEST_ARGS ?=
@@ -35,7 +36,7 @@ RUN_FLAGS = $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATASET),--dataset $(DATAS
 .PHONY: help setup study worker train final tables plots ui dashboard test test-heavy test-fast bench clean
 
 help: ## list the targets and their variables
-	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name JOBS=n CONFIG=file.yaml]"
+	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name JOBS=n NPROC=k CONFIG=file.yaml]"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
@@ -49,14 +50,14 @@ setup: $(STAMP) ## build the virtual environment (.venv) with every dependency
 study: $(STAMP) ## Optuna study of VARIANT (or VARIANT=all) on the validation split
 	$(BIN)/carrot study --variant $(VARIANT) $(if $(TRIALS),--trials $(TRIALS)) \
 		$(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study-name $(STUDY)) $(if $(JOBS),--jobs $(JOBS)) \
-		$(RUN_FLAGS)
+		$(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
 
 worker: $(STAMP) ## join the study STUDY in STORAGE from this machine (TRIALS trials; DEVICE, WORKERS)
 	$(BIN)/carrot worker --study-name $(STUDY) --trials $(or $(TRIALS),6) $(if $(STORAGE),--storage $(STORAGE)) \
-		$(if $(DEVICE),--device $(DEVICE)) $(if $(WORKERS),--workers $(WORKERS))
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(NPROC),--nproc $(NPROC))
 
 train: $(STAMP) ## one run of VARIANT at its recommended setting
-	$(BIN)/carrot train --variant $(VARIANT) $(RUN_FLAGS)
+	$(BIN)/carrot train --variant $(VARIANT) $(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
 
 final: $(STAMP) ## best configuration of each studied variant, SEEDS seeds (default 5), test split
 	$(BIN)/carrot final $(if $(filter command line environment,$(origin VARIANT)),--variant $(VARIANT)) \

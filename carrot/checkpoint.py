@@ -41,7 +41,8 @@ def sampler_state(loader: torch.utils.data.DataLoader) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if loader.generator is not None:
         state["generator"] = loader.generator.get_state()
-    if hasattr(loader.sampler, "epoch"):  # MPerClassSampler also shuffles its class list in place
+    if hasattr(loader.sampler, "labels"):  # MPerClassSampler also shuffles its class list in place
+        # (a DistributedSampler needs nothing: set_epoch re-seeds it every epoch)
         state["pk_epoch"] = loader.sampler.epoch
         state["pk_labels"] = list(loader.sampler.labels)
     return state

@@ -114,6 +114,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="decode every image before training (default: read each image's header only)")
 
 
+def _nproc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=_int_arg, default=1,
+                   help="DDP processes per trial, started through torchrun: one GPU each (NCCL), or CPU "
+                        "processes (gloo); data.batch_size is the global batch (default 1)")
+
+
 def _variants_arg(name: str | None) -> list[str]:
     from carrot.variants import list_variants
 
@@ -134,6 +140,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         from carrot.config import ConfigError
 
         raise ConfigError(f"invalid jobs={args.jobs}: expected a positive integer (worker processes)")
+    _check_nproc(args)
+    if args.nproc > 1 and args.launcher != "local":
+        from carrot.config import ConfigError
+
+        raise ConfigError(f"--nproc {args.nproc} runs DDP workers on this machine (--launcher local); "
+                          f"--launcher {args.launcher} starts single-process workers")
     configs = [build_config(args, v) for v in _variants_arg(args.variant)]
     # fail on an unusable dataset or store before any run is created
     _preflight_data(configs[0], args)
@@ -149,6 +161,7 @@ def cmd_study(args: argparse.Namespace) -> int:
               f"{_device_name(cfg.device)}", flush=True)
         s = run_study(cfg, args.trials, args.storage, name=args.study_name,
                       keep_checkpoints=args.keep_checkpoints, jobs=args.jobs, launcher=args.launcher,
+                      nproc=args.nproc,
                       slurm={"partition": args.slurm_partition, "gpus_per_task": args.slurm_gpus_per_task,
                              "time_min": args.slurm_time})
         print(f"study {s.name}: {s.n_trials} trials in total ({s.n_complete} complete, {s.n_pruned} pruned, "
@@ -164,6 +177,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Join an existing study: its configuration comes from the study."""
+    from carrot import ddp
     from carrot.config import ConfigError
     from carrot.study import join_study
     from carrot.tracking import client
@@ -175,26 +189,53 @@ def cmd_worker(args: argparse.Namespace) -> int:
                  if value is not None}
     if args.no_progress:
         overrides["show_progress"] = False
+    _check_nproc(args)
+    if args.nproc > 1 and not ddp.launched():  # this command again, as a torchrun group
+        return ddp.relaunch(args.nproc, args.argv)
+    ddp.init_from_env()
+    if not ddp.is_main():  # ranks 1..k-1 train what rank 0 broadcasts
+        from carrot.study import follow
+
+        follow()
+        return 0
     client()
-    stopped = join_study(args.storage, args.study_name, trials=args.trials, until=args.until,
-                         worker=args.worker_index, overrides=overrides, keep_checkpoints=args.keep_checkpoints)
+    try:
+        stopped = join_study(args.storage, args.study_name, trials=args.trials, until=args.until,
+                             worker=args.worker_index, overrides=overrides, keep_checkpoints=args.keep_checkpoints)
+    finally:
+        if ddp.active():  # the other ranks stop following
+            try:
+                ddp.broadcast(None)
+            except Exception:  # they are gone already (the group broke down)
+                pass
     if stopped:
         raise stopped[0]
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from carrot import contract
+    from carrot import contract, ddp
     from carrot.reference import count_classes, resolve
     from carrot.study import open_storage
     from carrot.tracking import client
     from carrot.train import run
 
+    _check_nproc(args)
     cfg = build_config(args)
     _preflight_data(cfg, args)
-    client()
+    if args.nproc > 1 and not ddp.launched():  # this command again, as a torchrun group
+        return ddp.relaunch(args.nproc, args.argv)
+    ddp.init_from_env()
+
+    def stores():  # an unusable store fails here, before any run exists (exit 2)
+        client()
+        return resolve(cfg, open_storage(args.storage), count_classes(cfg))
+
     try:
-        reference = resolve(cfg, open_storage(args.storage), count_classes(cfg))
+        reference = ddp.on_main(stores)
+    except ddp.RemoteFailure:  # rank 0 reports it
+        return 2
+    try:
         result = run(cfg, reference=reference,
                      extra_tags={contract.TAG_ROLE: contract.ROLE_TRAIN})
     except (FloatingPointError, RuntimeError) as exc:  # a diverging or broken run: one line, exit 1
@@ -202,6 +243,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(f"carrot: error: the run failed: {contract.redact(failure_reason(exc))}", file=sys.stderr)
         return 1
+    if not ddp.is_main():
+        return 0
     print(f"run {result.run_id}: {cfg.split}/acc={result.objective:.4f} after {result.epochs_done} epochs "
           f"({result.seconds:.0f} s)")
     return 0
@@ -260,6 +303,13 @@ def cmd_variants(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_nproc(args: argparse.Namespace) -> None:
+    if args.nproc < 1:
+        from carrot.config import ConfigError
+
+        raise ConfigError(f"invalid nproc={args.nproc}: expected a positive integer (DDP processes per trial)")
+
+
 def _device_name(device: str) -> str:
     from carrot.runtime import resolve_device
 
@@ -276,10 +326,29 @@ def _preflight_data(cfg, args: argparse.Namespace) -> None:
     check_batch(cfg, splits)
 
 
+def _is_nproc(argv: list[str], i: int) -> bool:
+    """``argv[i]`` is ``--nproc``, ``--nproc=k`` or the value after ``--nproc``."""
+    a = argv[i]
+    return a == "--nproc" or a.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
+
+
+def _leave_group(wait: bool) -> None:
+    """Close the DDP process group of a torchrun rank (nothing to do, and nothing imported, otherwise)."""
+    if "carrot.ddp" in sys.modules:
+        sys.modules["carrot.ddp"].shutdown(wait=wait)
+
+
 PASSTHROUGH = {"tables": "cmd_tables", "plots": "cmd_plots", "bench": "cmd_bench"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if "carrot.ddp" in sys.modules:  # a torchrun rank of `--nproc`: rank 0's status is the command's
+        return sys.modules["carrot.ddp"].exit_status(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:  # their own parsers take every flag that follows
         return globals()[PASSTHROUGH[argv[0]]](argparse.Namespace(rest=argv[1:]))
@@ -302,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slurm-gpus-per-task", type=_int_arg, default=1, help="GPUs per worker (default 1)")
     p.add_argument("--slurm-time", type=_int_arg, default=24 * 60, help="minutes per job before requeue "
                                                                            "(default 1440)")
+    _nproc_flag(p)
     p.set_defaults(fn=cmd_study)
     p = sub.add_parser("worker", help="join an existing study from any machine and run its trials")
     p.add_argument("--storage", help="the study's Optuna storage, e.g. postgresql://user:pass@head/db "
@@ -314,11 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=_int_arg, help="DataLoader worker processes")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished trial's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    _nproc_flag(p)
     p.set_defaults(fn=cmd_worker)
     p = sub.add_parser("train", help="one run at the recommended setting")
     _common(p)
     p.add_argument("--storage", help="Optuna storage whose baseline study supplies the reference pairs "
                                      "(default studies/optuna.journal)")
+    _nproc_flag(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("final", help="best configuration of each variant, several seeds, test split")
     _common(p)
@@ -334,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("variants", help="list the registered variants and their recommended settings")
     p.set_defaults(fn=cmd_variants)
     args = parser.parse_args(argv)
+    args.argv = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]  # what a torchrun relaunch runs
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -348,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with interrupt.graceful():
-            return args.fn(args)
+            code = args.fn(args)
+        _leave_group(wait=code == 0)  # a torchrun rank: once every rank is done
+        return code
     except (ConfigError, DatasetError, ModelError, StoreError) as exc:
         print(f"carrot: error: {redact(str(exc))}", file=sys.stderr)
         return 2
@@ -359,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("carrot: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_group(wait=False)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,55 @@ def pk_sampler(labels: np.ndarray, m: int, batch_size: int, seed: int):
     return sampler
 
 
+class RankSlice(torch.utils.data.Sampler):
+    """Rank ``rank``'s slice of every global batch a P x K sampler draws: every rank draws the
+    same global batches (same seed) and keeps rows ``rank * B/W .. (rank + 1) * B/W - 1``, that
+    is, whole classes (each class's m indices are consecutive)."""
+
+    def __init__(self, sampler, batch_size: int, rank: int, world: int) -> None:
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+        self.share = batch_size // world
+
+    @property
+    def epoch(self) -> int:  # the checkpoint's view of the P x K sampler
+        return self.sampler.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.sampler.epoch = value
+
+    @property
+    def labels(self):
+        return self.sampler.labels
+
+    def __iter__(self):
+        indices = list(iter(self.sampler))
+        for start in range(0, len(indices) - self.batch_size + 1, self.batch_size):
+            yield from indices[start + self.rank * self.share:start + (self.rank + 1) * self.share]
+
+    def __len__(self) -> int:
+        return (len(self.sampler) // self.batch_size) * self.share
+
+
+def rank_batch_size(global_batch: int, world: int, per: int = 1, what: str = "data.batch_size") -> int:
+    """The batch each of ``world`` ranks holds: equal shares of whole groups of ``per`` rows."""
+    if global_batch % (world * per):
+        unit = f"{world} processes" + (f" x data.m_per_class={per}" if per > 1 else "")
+        raise ConfigError(f"invalid {what}={global_batch} for {world} DDP processes: expected a multiple of "
+                          f"{world * per} ({unit}), so every rank holds an equal share"
+                          + (" of whole classes" if per > 1 else ""))
+    return global_batch // world
+
+
 def make_loader(dataset: Dataset, cfg: RunConfig, *, train: bool, labels: np.ndarray | None = None,
                 pin: bool = False) -> DataLoader:
     """Evaluation: in order, double batches. Training: ``cfg.data.sampler`` (resolved: ``pk``
-    or ``random``), seeded by the run's seed."""
+    or ``random``), seeded by the run's seed. Under DDP (:mod:`carrot.ddp`) the global batch
+    is ``data.batch_size`` and each rank loads its equal share: a ``DistributedSampler``
+    slice, or, for P x K, whole classes of the global P x K batch."""
+    from carrot import ddp
+
+    world, rank = ddp.world_size(), ddp.rank()
     workers = cfg.data.workers
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     if workers > 0:
@@ -103,6 +148,17 @@ def make_loader(dataset: Dataset, cfg: RunConfig, *, train: bool, labels: np.nda
         m = cfg.data.m_per_class
         batch_size = pk_batch_size(len(np.unique(labels)), m, cfg.data.batch_size)
         sampler = pk_sampler(labels, m, batch_size, cfg.seed)
+        if world > 1:
+            share = rank_batch_size(batch_size, world, m, "P x K batch")
+            return DataLoader(dataset, batch_size=share, sampler=RankSlice(sampler, batch_size, rank, world),
+                              drop_last=True, **common)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        share = rank_batch_size(cfg.data.batch_size, world)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+        return DataLoader(dataset, batch_size=share, sampler=sampler, drop_last=True, **common)
     return DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                       generator=generator, **common)

@@ -21,7 +21,7 @@ import optuna
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from carrot import checkpoint, contract, interrupt, liveness
+from carrot import checkpoint, contract, ddp, interrupt, liveness
 from carrot.config import ConfigError, RunConfig, set_dotted
 from carrot.contract import redact
 from carrot.progress import Progress
@@ -301,6 +301,9 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
         if history:  # a retry: continue from the last checkpoint of the trial it retries
             path = checkpoint_folder(checkpoint_root, study_id, history[-1]) / checkpoint.CHECKPOINT_FILE
             resume = path if path.exists() else None
+        # a torchrun group: the other ranks train the same trial (see follow)
+        ddp.broadcast({"config": cfg.to_dict(), "resume_from": None if resume is None else str(resume),
+                       "number": trial.number})
         with liveness.Heartbeat(study, trial):
             try:
                 result = run(cfg, trial, study=name, parent_run_id=parent.run_id, log=log,
@@ -359,6 +362,26 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
     return stopped
 
 
+def follow(log: Callable[[str], None] = print) -> None:
+    """The ranks other than 0 of a torchrun worker: train each trial rank 0 broadcasts (its
+    configuration and checkpoint), until it broadcasts the end. Rank 0 tracks and reports;
+    a trial that ends (pruned, failed) ends on every rank at the same epoch."""
+    from carrot.train import run
+
+    while True:
+        order = ddp.broadcast(None)
+        if order is None:
+            return
+        resume = order["resume_from"]
+        try:
+            run(RunConfig.from_dict(order["config"]), track=False, log=log,
+                resume_from=None if resume is None else Path(resume))
+        except interrupt.Interrupted:
+            raise
+        except Exception as exc:  # rank 0 records it; this rank waits for the next trial
+            log(f"rank {ddp.rank()}: trial {order['number']} ended: {exc}".splitlines()[0])
+
+
 def _finished(study: optuna.Study, with_running: bool = False) -> int:
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     return len(study.get_trials(deepcopy=False, states=done + ((optuna.trial.TrialState.RUNNING,)
@@ -391,11 +414,12 @@ def summarize(opened: OpenStudy) -> StudySummary:
 def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Callable[[str], None] = print,
               name: str | None = None, checkpoint_root: Path = DEFAULT_CHECKPOINTS,
               keep_checkpoints: bool = False, jobs: int = 1, launcher: str = "local",
-              slurm: dict[str, Any] | None = None) -> StudySummary:
+              slurm: dict[str, Any] | None = None, nproc: int = 1) -> StudySummary:
     """Add ``trials`` trials to the study of ``base``'s dataset, backbone and variant (or the
     study ``name``), in this process or in ``jobs`` worker processes. A signal stops it after the
     current step: the trial fails with the reason and is queued again, resuming from its
-    checkpoint, when the study is continued."""
+    checkpoint, when the study is continued. With ``nproc`` > 1 each worker is a torchrun
+    group training every trial with DDP on ``nproc`` processes."""
     opened = open_study(base, storage, name, log)
     if launcher != "local":  # a submitit job array: Slurm, or submitit's local executor
         from carrot import workers
@@ -410,10 +434,10 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Cal
             executor.update_parameters(timeout_min=(slurm or {}).get("time_min", 60))
         results = workers.submit_workers(opened, storage, trials, jobs, executor, log)
         stopped = [interrupt.Interrupted(15)] if any(results) else []
-    elif jobs > 1:
+    elif jobs > 1 or nproc > 1:
         from carrot.workers import run_workers
 
-        stopped = run_workers(opened, storage, trials, jobs, log, keep_checkpoints=keep_checkpoints)
+        stopped = run_workers(opened, storage, trials, jobs, log, keep_checkpoints=keep_checkpoints, nproc=nproc)
     else:
         stopped = work(opened, trials, log=log, checkpoint_root=checkpoint_root, keep_checkpoints=keep_checkpoints)
     opened.parent.finish("KILLED" if stopped else "FINISHED")

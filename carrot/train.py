@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from carrot import checkpoint, contract, interrupt
+from carrot import checkpoint, contract, ddp, interrupt
 from carrot.checks import check_names
 from carrot.config import ConfigError, RunConfig
 from carrot.data import DatasetSplits, build_dataset
@@ -92,6 +92,8 @@ class RunParts:
     params: list[nn.Parameter]  # what gradient clipping sees
     use_amp: bool
     scaler: torch.amp.GradScaler  # float16 autocast only; a pass-through otherwise
+    step: nn.Module  # model and variant as one module (DDP-wrapped under torchrun): (x, y, ...) -> VariantOutput
+    world_size: int = 1
 
     @property
     def steps_per_epoch(self) -> int:
@@ -109,7 +111,7 @@ def build_run(cfg: RunConfig) -> RunParts:
     """Model, variant, data loaders, optimiser and LR schedule of ``cfg``, seeded."""
     check_names(cfg)
     cfg = cfg.resolved()
-    device = resolve_device(cfg.device)
+    device = ddp.local_device(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     variant = create_variant(cfg.variant.name, **cfg.variant.hparams)
     backbone = create_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.pretrained_path,
@@ -120,6 +122,9 @@ def build_run(cfg: RunConfig) -> RunParts:
                         cfg.model.probe_layers).to(device)
     if device.type == "cuda" and cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    world = ddp.world_size()
+    if world > 1 and device.type == "cuda":  # per-rank batch-norm statistics would differ from one process's
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.compile:
         model.backbone = torch.compile(model.backbone)
     variant.to(device)
@@ -143,12 +148,18 @@ def build_run(cfg: RunConfig) -> RunParts:
     total_steps = cfg.optim.epochs * updates
     warmup_steps = int(round(cfg.optim.warmup_epochs * updates))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+    step: nn.Module = StepModule(model, variant)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     return RunParts(cfg=cfg, device=device, model=model, variant=variant, splits=splits, eval_split=eval_split,
                     train_loader=train_loader, eval_loader=eval_loader, probe_loader=probe_loader,
                     optimizer=optimizer, scheduler=scheduler, params=params,
                     use_amp=cfg.amp and device.type == "cuda",
                     scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"
-                                                and cfg.amp_dtype == "float16"))
+                                                and cfg.amp_dtype == "float16"),
+                    step=step, world_size=world)
 
 
 # ----------------------------------------------------------------------------- one step, one epoch
@@ -161,9 +172,22 @@ def forward_step(model: nn.Module, variant: Variant, x: Tensor, y: Tensor, progr
                              features=out.features, progress=progress, label_smoothing=label_smoothing))
 
 
+class StepModule(nn.Module):
+    """The model and the variant as one module, so that DDP sees every trained parameter
+    (backbone, neck, head, and the variant's own) in one forward."""
+
+    def __init__(self, model: nn.Module, variant: Variant) -> None:
+        super().__init__()
+        self.model, self.variant = model, variant
+
+    def forward(self, x: Tensor, y: Tensor, progress: float, label_smoothing: float = 0.0) -> VariantOutput:
+        return forward_step(self.model, self.variant, x, y, progress, label_smoothing)
+
+
 class MeanAggregator:
     """Running means of 0-dim tensors, kept on their device: adding never syncs with the host,
-    :meth:`compute` syncs once. With ``skip_nonfinite`` a NaN/inf value counts as missing."""
+    :meth:`compute` syncs once. With ``skip_nonfinite`` a NaN/inf value counts as missing.
+    Under DDP :meth:`compute` averages over every rank's values (the same keys on every rank)."""
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor] = {}  # key -> (sum, count)
@@ -179,7 +203,12 @@ class MeanAggregator:
         if not self._sums:
             return {}
         keys = list(self._sums)
-        sums = torch.stack([self._sums[k] for k in keys]).cpu()  # (n, 2)
+        sums = torch.stack([self._sums[k] for k in keys])  # (n, 2)
+        if ddp.active():
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        sums = sums.cpu()
         return {k: float(s[0] / s[1]) if float(s[1]) > 0 else float("nan") for k, s in zip(keys, sums)}
 
 
@@ -194,20 +223,26 @@ def train_one_epoch(parts: RunParts, epoch: int) -> dict[str, float]:
     steps = parts.steps_per_epoch
     accumulate = cfg.optim.accumulate
     channels_last = parts.device.type == "cuda" and cfg.model.channels_last
+    if hasattr(parts.train_loader.sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+        parts.train_loader.sampler.set_epoch(epoch)
     for step, (x, y) in enumerate(parts.train_loader):
         interrupt.check()
         x = x.to(parts.device, non_blocking=True)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(parts.device, non_blocking=True)
-        with parts.autocast():
-            result = forward_step(model, variant, x, y, epoch + step / steps, cfg.optim.label_smoothing)
-            loss = result.loss
-        if step % accumulate == 0:
-            parts.optimizer.zero_grad(set_to_none=True)
-        # each micro-batch's mean loss counts 1/k of the step's, as one batch k times larger would
-        parts.scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
-        if (step + 1) % accumulate == 0 or step + 1 == steps:
+        update = (step + 1) % accumulate == 0 or step + 1 == steps
+        # DDP averages the gradients once per optimiser step, not after every micro-batch
+        sync = contextlib.nullcontext() if update or parts.world_size == 1 else parts.step.no_sync()
+        with sync:
+            with parts.autocast():
+                result = parts.step(x, y, epoch + step / steps, cfg.optim.label_smoothing)
+                loss = result.loss
+            if step % accumulate == 0:
+                parts.optimizer.zero_grad(set_to_none=True)
+            # each micro-batch's mean loss counts 1/k of the step's, as one batch k times larger would
+            parts.scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        if update:
             if cfg.optim.grad_clip:
                 parts.scaler.unscale_(parts.optimizer)
                 torch.nn.utils.clip_grad_norm_(parts.params, cfg.optim.grad_clip)
@@ -243,6 +278,7 @@ def run_tags(cfg: RunConfig, study: str | None, trial: int | None) -> dict[str, 
         contract.TAG_SEED: str(cfg.seed),
         contract.TAG_SPLIT: cfg.split,
         contract.TAG_GIT_COMMIT: git_commit(),
+        contract.TAG_WORLD_SIZE: str(ddp.world_size()),
     }
 
 
@@ -274,7 +310,7 @@ class Run:
             if trial is not None:  # from the start, so a worker that dies leaves a run to close
                 trial.set_user_attr(contract.TRIAL_RUN_ID_ATTR, logger.run_id)
             resolved = cfg.to_dict()
-            resolved["data"]["effective_batch_size"] = parts.train_loader.batch_size
+            resolved["data"]["effective_batch_size"] = parts.train_loader.batch_size * parts.world_size
             logger.log_params(flatten("", resolved))
             logger.log_dict(resolved, contract.CONFIG_ARTIFACT)
             logger.log_dict({"num_classes": splits.num_classes, "class_names": splits.class_names,
@@ -391,7 +427,9 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     checkpoint there (removed when the run finishes, unless ``keep_checkpoint``);
     ``resume_from`` continues from a checkpoint. A signal (:mod:`carrot.interrupt`) stops the
     run at the next step: its MLflow run ends KILLED and :class:`~carrot.interrupt.Interrupted`
-    propagates.
+    propagates. Under DDP (:mod:`carrot.ddp`) every rank calls it; rank 0 alone evaluates,
+    tracks, reports and writes the checkpoint, and the other ranks' result holds only the
+    training metrics.
     """
     started = time.time()
     parts = build_run(cfg)
@@ -401,25 +439,28 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
         tags[contract.TAG_CHECKPOINT] = str(checkpoint_dir)
     if resume_from is not None:
         tags[contract.TAG_RESUMED_FROM] = str(resume_from)
-    tracked = Run.start(parts, trial, track=track, study=study, parent_run_id=parent_run_id,
-                        run_name=run_name, extra_tags=tags)
+    main = ddp.is_main()
+    tracked = Run.start(parts, trial if main else None, track=track and main, study=study,
+                        parent_run_id=parent_run_id, run_name=run_name, extra_tags=tags)
     history: list[dict[str, float]] = []
     evaluator = None
     progress = None
     error = ""
     try:
         evaluator = Evaluator(cfg, parts.splits, parts.eval_split, parts.model, parts.device, reference)
-        # set-up (lazy imports, store calls) may have drawn from the global generators
-        seed_everything(cfg.seed)
+        # set-up (lazy imports, store calls) may have drawn from the global generators; under DDP
+        # each rank draws its own noise (dropout, augmentation, nuisance's perturbations)
+        seed_everything(cfg.seed + 1_000_003 * ddp.rank())
         first = 0
         if resume_from is not None:
             first, history = restore(parts, evaluator, checkpoint.load(resume_from))
-            for epoch, metrics in enumerate(history):  # the new run holds the whole history
-                tracked.log_epoch(epoch, metrics, evaluator, report_only=True)
+            if main:
+                for epoch, metrics in enumerate(history):  # the new run holds the whole history
+                    tracked.log_epoch(epoch, metrics, evaluator, report_only=True)
             log(f"resumed {name_for_progress(cfg, None)} from {resume_from} after epoch {first}")
         number = None if trial is None else trial.number
         progress = Progress(total=cfg.optim.epochs, desc=name_for_progress(cfg, number),
-                            enabled=cfg.show_progress, log=log)
+                            enabled=cfg.show_progress and main, log=log)
         for epoch in range(first, cfg.optim.epochs):
             try:
                 train_metrics = train_one_epoch(parts, epoch)
@@ -430,16 +471,22 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
                 raise TrialPruned(str(exc)) from None
             last = epoch == cfg.optim.epochs - 1
             probe = last or (cfg.eval.probe_every > 0 and (epoch + 1) % cfg.eval.probe_every == 0)
-            eval_metrics = evaluator.evaluate(epoch, parts.eval_loader, parts.probe_loader if probe else None,
-                                              parts.amp_dtype if parts.use_amp else None)
-            metrics = {**train_metrics, **eval_metrics}
-            history.append(metrics)
-            acc = metrics[contract.split_metric(parts.eval_split, "acc")]
-            progress.update(epoch + 1, loss=train_metrics["train/loss"], acc=acc)
-            tracked.log_epoch(epoch, metrics, evaluator)
-            if checkpoint_dir is not None:
-                checkpoint.save(checkpoint_dir / checkpoint.CHECKPOINT_FILE,
-                                snapshot(parts, evaluator, epoch + 1, history))
+
+            def evaluate_and_log() -> None:  # rank 0 only; the other ranks learn how it ended
+                eval_metrics = evaluator.evaluate(epoch, parts.eval_loader, parts.probe_loader if probe else None,
+                                                  parts.amp_dtype if parts.use_amp else None)
+                metrics = {**train_metrics, **eval_metrics}
+                history.append(metrics)
+                acc = metrics[contract.split_metric(parts.eval_split, "acc")]
+                progress.update(epoch + 1, loss=train_metrics["train/loss"], acc=acc)
+                tracked.log_epoch(epoch, metrics, evaluator)
+                if checkpoint_dir is not None:
+                    checkpoint.save(checkpoint_dir / checkpoint.CHECKPOINT_FILE,
+                                    snapshot(parts, evaluator, epoch + 1, history))
+
+            ddp.on_main(evaluate_and_log, TrialPruned)
+            if not main:
+                history.append(train_metrics)
         if save_weights:
             tracked.log_weights(parts.model)
         tracked.status = "FINISHED"
@@ -465,7 +512,8 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
         checkpoint.remove(checkpoint_dir, keep_last=keep_checkpoint)
     final = history[-1]
     return RunResult(run_id=tracked.run_id, metrics=final, history=history,
-                     objective=final[contract.split_metric(parts.eval_split, "acc")], epochs_done=len(history),
+                     objective=final.get(contract.split_metric(parts.eval_split, "acc"), float("nan")),
+                     epochs_done=len(history),
                      seconds=time.time() - started)
 
 

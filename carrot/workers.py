@@ -24,13 +24,21 @@ from carrot import interrupt
 POLL_S = 2.0
 
 
-def gpu_assignment(jobs: int, gpus: int) -> list[str | None]:
-    """``CUDA_VISIBLE_DEVICES`` of each worker: one GPU each, round robin; None without GPUs."""
-    return [str(i % gpus) if gpus else None for i in range(jobs)]
+def gpu_assignment(jobs: int, gpus: int, nproc: int = 1) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each worker: its own ``nproc`` GPUs (one, or a DDP group),
+    round robin when there are fewer than ``jobs * nproc``; None without GPUs."""
+    if not gpus:
+        return [None] * jobs
+    if nproc > gpus:
+        from carrot.config import ConfigError
+
+        raise ConfigError(f"invalid nproc={nproc}: this machine has {gpus} GPU(s); expected at most {gpus}")
+    groups = max(1, gpus // nproc)
+    return [",".join(str((i % groups) * nproc + j) for j in range(nproc)) for i in range(jobs)]
 
 
 def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callable[[str], None] = print,
-                keep_checkpoints: bool = False) -> list[BaseException]:
+                keep_checkpoints: bool = False, nproc: int = 1) -> list[BaseException]:
     from carrot.study import DEFAULT_JOURNAL, _finished
 
     study = opened.study
@@ -39,21 +47,30 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
     folder.mkdir(parents=True, exist_ok=True)
     import torch
 
-    devices = gpu_assignment(jobs, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    devices = gpu_assignment(jobs, torch.cuda.device_count() if torch.cuda.is_available() else 0, nproc)
     procs = []
     for i in range(jobs):
-        argv = [sys.executable, "-m", "carrot.cli", "worker", "--study-name", opened.name, "--until", str(until),
-                "--worker-index", str(i + 1), "--no-progress"]
+        command = ["carrot.cli", "worker", "--study-name", opened.name, "--until", str(until),
+                   "--worker-index", str(i + 1), "--no-progress"]
+        if nproc > 1:  # one torchrun group per worker: a DDP trial of nproc ranks at a time
+            from carrot.ddp import torchrun_argv
+
+            argv = torchrun_argv(nproc, command)
+        else:
+            argv = [sys.executable, "-m", *command]
         if storage:
             argv += ["--storage", storage]
         if keep_checkpoints:
             argv.append("--keep-checkpoints")
         env = dict(os.environ)
+        if nproc > 1:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (nproc * jobs))))
         if devices[i] is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices[i]
         logfile = open(folder / f"worker-{i + 1}.log", "w")
         procs.append((subprocess.Popen(argv, env=env, stdout=logfile, stderr=subprocess.STDOUT), logfile))
-    log(f"study {opened.name}: {jobs} workers until {until} finished trials; logs in {folder}")
+    log(f"study {opened.name}: {jobs} worker(s)" + (f" of {nproc} DDP processes" if nproc > 1 else "")
+        + f" until {until} finished trials; logs in {folder}")
     shown = None
     stopping = False
     try:

@@ -1,0 +1,201 @@
+"""Multi-process trials (``--nproc``): the per-rank loaders, rank 0's decisions reaching every
+rank, and whole DDP runs and studies through torchrun on CPU (gloo)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+# ----------------------------------------------------------------------------- loaders
+def _pk_labels() -> np.ndarray:
+    return np.repeat(np.arange(12), 10)  # 12 classes x 10 samples
+
+
+def test_rank_slices_are_whole_classes_and_tile_the_global_batch():
+    from carrot.loaders import RankSlice, pk_sampler
+
+    labels, m, batch, world = _pk_labels(), 4, 32, 2
+    whole = list(iter(pk_sampler(labels, m, batch, seed=5)))
+    slices = [list(iter(RankSlice(pk_sampler(labels, m, batch, seed=5), batch, r, world))) for r in range(world)]
+    share = batch // world
+    assert all(len(s) == len(whole) // batch * share for s in slices)
+    for b in range(len(whole) // batch):
+        got = [s[b * share:(b + 1) * share] for s in slices]
+        assert sum(got, []) == whole[b * batch:(b + 1) * batch]  # rank 0's rows, then rank 1's
+        classes = [set(labels[g]) for g in got]
+        assert not classes[0] & classes[1]  # no class split across ranks
+        for g in got:
+            assert np.all(np.unique(labels[g], return_counts=True)[1] == m)  # m samples of each class
+
+
+def test_rank_slice_carries_the_pk_sampler_state():
+    from carrot import checkpoint
+    from carrot.loaders import RankSlice, pk_sampler
+
+    sl = RankSlice(pk_sampler(_pk_labels(), 4, 32, seed=1), 32, 1, 2)
+    loader = torch.utils.data.DataLoader(list(range(120)), batch_size=16, sampler=sl)
+    first = list(iter(sl))
+    state = checkpoint.sampler_state(loader)
+    assert state["pk_epoch"] == 1
+    second = list(iter(sl))
+    assert second != first  # the next epoch draws new batches
+    checkpoint.set_sampler_state(loader, state)
+    assert list(iter(sl)) == second  # and a resumed run draws the same ones
+
+
+def test_rank_batch_size_needs_equal_shares_of_whole_classes():
+    from carrot.config import ConfigError
+    from carrot.loaders import rank_batch_size
+
+    assert rank_batch_size(64, 2) == 32
+    assert rank_batch_size(64, 4, 4) == 16
+    with pytest.raises(ConfigError, match=r"multiple of 12 \(3 processes x data.m_per_class=4\)"):
+        rank_batch_size(64, 3, 4)
+
+
+def test_gpu_groups_of_ddp_workers():
+    from carrot.config import ConfigError
+    from carrot.workers import gpu_assignment
+
+    assert gpu_assignment(2, 4, nproc=2) == ["0,1", "2,3"]
+    assert gpu_assignment(3, 4, nproc=2) == ["0,1", "2,3", "0,1"]
+    assert gpu_assignment(2, 2) == ["0", "1"]
+    assert gpu_assignment(2, 0, nproc=2) == [None, None]
+    with pytest.raises(ConfigError, match="at most 2"):
+        gpu_assignment(1, 2, nproc=4)
+
+
+def test_relaunch_drops_only_the_nproc_flag():
+    from carrot.cli import _is_nproc
+
+    for argv, kept in ((["train", "--nproc", "2", "--epochs", "2"], ["train", "--epochs", "2"]),
+                       (["train", "--nproc=2", "--seed", "2"], ["train", "--seed", "2"])):
+        assert [a for i, a in enumerate(argv) if not _is_nproc(argv, i)] == kept
+
+
+# ----------------------------------------------------------------------------- rank 0 decides
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _decide(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from carrot import ddp
+    from carrot.train import TrialPruned
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    seen = []
+    try:
+        seen.append(ddp.on_main(lambda: 7, TrialPruned))
+        for error in (TrialPruned("pruned after epoch 2"), ValueError("broken")):
+            def fail(error=error):
+                raise error
+            try:
+                ddp.on_main(fail, TrialPruned)
+                seen.append("went on")
+            except BaseException as exc:  # what each rank leaves the trial with
+                seen.append(f"{type(exc).__name__}: {exc}")
+        seen.append(ddp.broadcast({"trial": 3} if rank == 0 else "ignored"))
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(repr(seen))
+
+
+def test_rank_zero_decisions_reach_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_decide, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = eval((tmp_path / "rank0.txt").read_text())
+    rank1 = eval((tmp_path / "rank1.txt").read_text())
+    assert rank0 == [7, "TrialPruned: pruned after epoch 2", "ValueError: broken", {"trial": 3}]
+    assert rank1 == [None, "TrialPruned: pruned after epoch 2", "RemoteFailure: rank 0 failed: broken",
+                     {"trial": 3}]
+
+
+# ----------------------------------------------------------------------------- whole runs through torchrun
+def _carrot(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}",
+           "CARROT_SYSTEM_METRICS": "0"}
+    return subprocess.run([sys.executable, "-m", "carrot.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _runs(cwd: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("carrot")
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_a_ddp_run_equals_one_process_on_the_global_batch(tmp_path):
+    """Two gloo ranks, each loading half of every P x K batch (whole classes), DDP-averaged
+    gradients and expansion's gathered class statistics: the epoch's training loss, its term
+    and the validation accuracy equal one process's on the same global batches. test_vit has
+    no batch norm (whose per-rank statistics would differ) and augment=none draws nothing."""
+    argv = ["train", "--variant", "expansion", "--epochs", "1", "--image-size", "32", "--batch-size", "32",
+            "--device", "cpu", "--backbone", "test_vit", "--set", "data.sampler=pk", "--set", "data.augment=none",
+            "--set", "eval.probe_max_train=200", "--no-progress"]
+    for nproc in ("1", "2"):
+        done = _carrot(tmp_path, *argv, "--nproc", nproc)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+    runs = _runs(tmp_path)
+    assert len(runs) == 2  # rank 1 logged nothing
+    one, two = runs
+    assert (one.data.tags["carrot.world_size"], two.data.tags["carrot.world_size"]) == ("1", "2")
+    assert one.data.params["data.effective_batch_size"] == two.data.params["data.effective_batch_size"] == "32"
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    for key in ("train/loss", "train/ce", "train/kl"):
+        assert two.data.metrics[key] == pytest.approx(one.data.metrics[key], rel=1e-5, abs=1e-7), key
+    assert two.data.metrics["train/kl"] > 1e-5  # the gathered term is part of what was compared
+    assert two.data.metrics["val/acc"] == one.data.metrics["val/acc"]
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_a_study_of_ddp_trials(tmp_path):
+    import optuna
+
+    done = _carrot(tmp_path, "study", "--variant", "barrier", "--trials", "3", "--epochs", "2", "--image-size", "16",
+                   "--batch-size", "32", "--device", "cpu", "--nproc", "2", "--no-progress",
+                   "--set", "eval.probe_max_train=200")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 worker(s) of 2 DDP processes" in done.stdout
+    logs = "".join(p.read_text() for p in (tmp_path / "studies" / "logs").rglob("*.log"))
+    assert "Traceback" not in done.stderr + logs
+    study = optuna.load_study(study_name="digits-test_resnet-barrier",
+                              storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+                                  str(tmp_path / "studies" / "optuna.journal"))))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    runs = _runs(tmp_path)
+    trials = [r for r in runs if r.data.tags.get("carrot.role") == "trial"]
+    assert len(trials) == 3 and {r.data.tags["carrot.world_size"] for r in trials} == {"2"}
+    assert {r.info.run_id for r in trials} == {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_a_ddp_run_reports_a_bad_store_in_one_line(tmp_path):
+    env_uri = "http://127.0.0.1:1"  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "carrot.cli", "train", "--epochs", "1", "--device", "cpu",
+                           "--nproc", "2", "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": env_uri}, timeout=300)
+    assert done.returncode == 2
+    lines = [ln for ln in done.stderr.splitlines() if "INFO" not in ln]
+    assert lines == [f"carrot: error: MLflow tracking server {env_uri} is unreachable (ConnectionError); "
+                     "expected a running `mlflow server` at MLFLOW_TRACKING_URI"]
