@@ -22,6 +22,8 @@ CONFIG    ?=
 STUDY     ?=
 JOBS      ?=
 NPROC     ?=
+RUN       ?=
+SPLIT     ?=
 PORT      ?= 5000
 DASHBOARD_PORT ?= 8080
 PYTEST_ARGS ?=
@@ -33,7 +35,7 @@ RUN_FLAGS = $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATASET),--dataset $(DATAS
 	$(if $(SEED),--seed $(SEED)) $(if $(CONFIG),--config $(CONFIG))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup study worker train final tables plots ui dashboard test test-heavy test-fast bench clean
+.PHONY: help setup study worker train final evaluate tables plots ui dashboard test test-heavy test-fast bench clean
 
 help: ## list the targets and their variables
 	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name JOBS=n NPROC=k CONFIG=file.yaml]"
@@ -63,11 +65,17 @@ final: $(STAMP) ## best configuration of each studied variant, SEEDS seeds (defa
 	$(BIN)/carrot final $(if $(filter command line environment,$(origin VARIANT)),--variant $(VARIANT)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(STORAGE),--storage $(STORAGE)) $(RUN_FLAGS)
 
-tables: $(STAMP) ## ablation and paper tables from finished runs (analysis/output/)
-	$(BIN)/carrot tables
+evaluate: $(STAMP) ## recompute a run's diagnostics from its weights: make evaluate RUN=<run id> [SPLIT=test]
+	$(BIN)/carrot evaluate $(RUN) $(if $(SPLIT),--split $(SPLIT))
 
-plots: $(STAMP) ## sanity-check plots from finished runs (analysis/output/plots/)
-	$(BIN)/carrot plots
+# the store and the slice of runs that tables and plots read
+ANALYSIS_FLAGS = $(if $(DATASET),--dataset $(DATASET)) $(if $(BACKBONE),--backbone $(BACKBONE))
+
+tables: $(STAMP) ## ablation and paper tables from finished runs (analysis/output/; DATASET, BACKBONE, STORAGE, SEEDS)
+	$(BIN)/carrot tables $(ANALYSIS_FLAGS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(SEEDS),--seeds $(SEEDS))
+
+plots: $(STAMP) ## sanity-check plots from finished runs (analysis/output/plots/; DATASET, BACKBONE)
+	$(BIN)/carrot plots $(ANALYSIS_FLAGS)
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:PORT (default 5000)
 	mkdir -p mlruns

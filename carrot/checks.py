@@ -17,17 +17,61 @@ def did_you_mean(name: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _registered_in_sources(package: str, pattern: str) -> list[str]:
+    """Names registered in the source files of ``package`` (``carrot.variants`` or
+    ``carrot.data``), read as text: no module is imported."""
+    import re
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent / package.split(".")[-1]
+    names = set()
+    for path in folder.glob("*.py"):
+        if path.name == "__init__.py":  # the registry itself (its docstring shows the syntax)
+            continue
+        names.update(re.findall(pattern, path.read_text(encoding="utf-8")))
+    return sorted(names)
+
+
+def variant_names() -> list[str]:
+    """The registered variant names, ``baseline`` first. Without importing the variants
+    (and torch) unless they are loaded already, e.g. with a variant registered at run time."""
+    import sys
+
+    if "carrot.variants" in sys.modules:
+        return sys.modules["carrot.variants"].list_variants()
+    found = _registered_in_sources("carrot.variants",
+                                   r'@register_variant\s*\nclass \w+[^\n]*:\n(?:[^\n]*\n)*?\s+name = "(\w+)"')
+    return sorted(found, key=lambda n: (n != "baseline", n))
+
+
+def dataset_names() -> list[str]:
+    """The registered dataset names (read from the sources unless the registry is loaded)."""
+    import sys
+
+    if "carrot.data" in sys.modules:
+        return sys.modules["carrot.data"].list_datasets()
+    return _registered_in_sources("carrot.data", r'@register_dataset\("(\w+)"\)')
+
+
+def check_names_fast(cfg: RunConfig) -> None:
+    """The variant and the dataset exist; else one line. Imports nothing heavy, so a typo is
+    reported at once."""
+    variants, datasets = variant_names(), dataset_names()
+    if cfg.variant.name not in variants:
+        raise ConfigError(f"unknown variant {cfg.variant.name!r}{did_you_mean(cfg.variant.name, variants)}; "
+                          f"valid: {', '.join(variants)} (or all, for a study)")
+    if cfg.data.name not in datasets:
+        raise ConfigError(f"unknown dataset {cfg.data.name!r}{did_you_mean(cfg.data.name, datasets)}; "
+                          f"valid: {', '.join(datasets)}")
+
+
 def check_names(cfg: RunConfig) -> None:
     """The variant, its hyperparameters, the dataset and the backbone exist; else one line."""
     from carrot.data import list_datasets
     from carrot.variants import get_variant_class, list_variants
 
-    if cfg.variant.name not in list_variants():
-        raise ConfigError(f"unknown variant {cfg.variant.name!r}{did_you_mean(cfg.variant.name, list_variants())}; "
-                          f"valid: {', '.join(list_variants())} (or all, for a study)")
-    if cfg.data.name not in list_datasets():
-        raise ConfigError(f"unknown dataset {cfg.data.name!r}{did_you_mean(cfg.data.name, list_datasets())}; "
-                          f"valid: {', '.join(list_datasets())}")
+    if cfg.variant.name not in list_variants() or cfg.data.name not in list_datasets():
+        check_names_fast(cfg)
     try:  # hyperparameters are validated by the variant itself
         get_variant_class(cfg.variant.name)(**cfg.variant.hparams)
     except (TypeError, ValueError) as exc:
@@ -37,6 +81,7 @@ def check_names(cfg: RunConfig) -> None:
     if not timm.is_model(cfg.model.backbone):
         close = timm.list_models(f"*{cfg.model.backbone.split('_')[0]}*")[:8]
         raise ConfigError(
-            f"unknown backbone {cfg.model.backbone!r}; expected a timm model name"
+            f"unknown backbone {cfg.model.backbone!r}{did_you_mean(cfg.model.backbone, timm.list_models())}; "
+            "expected a timm model name"
             + (f" (similar: {', '.join(close)})" if close else " (see timm.list_models())")
         )

@@ -67,10 +67,10 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
         data["show_progress"] = False
     for key, value in _set_items(args):
         set_dotted(data, key, value)
-    from carrot.checks import check_names
+    from carrot.checks import check_names_fast
 
     cfg = RunConfig.from_dict(data)
-    check_names(cfg)
+    check_names_fast(cfg)  # typos are reported before anything heavy is imported
     return cfg
 
 
@@ -93,23 +93,29 @@ def _int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", help="variant name (see `carrot variants`)")
-    p.add_argument("--dataset", help="dataset name (default: digits)")
-    p.add_argument("--data-root", help="dataset folder on disk (real datasets)")
-    p.add_argument("--backbone", help="timm model name (default: test_resnet)")
-    p.add_argument("--pretrained-path", help="local backbone weights file")
-    p.add_argument("--epochs", type=_int_arg)
-    p.add_argument("--image-size", type=_int_arg)
-    p.add_argument("--batch-size", type=_int_arg)
-    p.add_argument("--workers", type=_int_arg, help="DataLoader worker processes")
-    p.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--seed", type=_int_arg)
-    p.add_argument("--experiment", help="MLflow experiment name (default: carrot)")
-    p.add_argument("--config", help="YAML file with config sections (see studies/*.yaml)")
+def _common(p: argparse.ArgumentParser, variant_default: str = "baseline") -> None:
+    from carrot.config import RunConfig
+
+    d = RunConfig()
+    p.add_argument("--variant", help=f"variant name, see `carrot variants` (default {variant_default})")
+    p.add_argument("--dataset", help=f"dataset name (default {d.data.name})")
+    p.add_argument("--data-root", help="dataset folder on disk (real datasets; default: none, the built-in data)")
+    p.add_argument("--backbone", help=f"timm model name (default {d.model.backbone})")
+    p.add_argument("--pretrained-path", help="local backbone weights file (default: none, random initialisation)")
+    p.add_argument("--epochs", type=_int_arg, help=f"training epochs per run (default {d.optim.epochs})")
+    p.add_argument("--image-size", type=_int_arg,
+                   help="input size in pixels (default: the dataset's, 32 for digits; the backbone's for real data)")
+    p.add_argument("--batch-size", type=_int_arg,
+                   help=f"global training batch (default {d.data.batch_size})")
+    p.add_argument("--workers", type=_int_arg, help=f"DataLoader worker processes (default {d.data.workers})")
+    p.add_argument("--device", help=f"auto (CUDA when present), cpu or cuda (default {d.device})")
+    p.add_argument("--seed", type=_int_arg, help=f"run seed (default {d.seed})")
+    p.add_argument("--experiment", help=f"MLflow experiment name (default {d.experiment})")
+    p.add_argument("--config", help="YAML file with config sections, e.g. studies/cub_resnet50.yaml (default: none)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set optim.lr=0.001 --set variant.hparams.lam=0.5")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+                   help="override any config key, e.g. --set optim.lr=0.001 --set variant.hparams.lam=0.5; "
+                        "`carrot config --show` lists the keys (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines (default: shown)")
     p.add_argument("--verify-images", action="store_true",
                    help="decode every image before training (default: read each image's header only)")
 
@@ -121,17 +127,14 @@ def _nproc_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _variants_arg(name: str | None) -> list[str]:
-    from carrot.variants import list_variants
+    from carrot.checks import variant_names
 
     if name == "all":
-        return list_variants()
+        return variant_names()
     return [name or "baseline"]
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from carrot.study import open_storage, run_study, study_name
-    from carrot.tracking import client
-
     if args.trials < 1:
         from carrot.config import ConfigError
 
@@ -147,17 +150,25 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc {args.nproc} runs DDP workers on this machine (--launcher local); "
                           f"--launcher {args.launcher} starts single-process workers")
     configs = [build_config(args, v) for v in _variants_arg(args.variant)]
-    # fail on an unusable dataset or store before any run is created
-    _preflight_data(configs[0], args)
-    client()
-    open_storage(args.storage)
     if args.study_name and len(configs) > 1:
         from carrot.config import ConfigError
 
         raise ConfigError("--study-name names one study; use it with one variant, not VARIANT=all")
+    from carrot.checks import check_names
+    from carrot.study import open_storage, run_study, study_name
+    from carrot.tracking import client, experiment_url
+
     for cfg in configs:
+        check_names(cfg)
+    # fail on an unusable dataset or store before any run is created
+    _preflight_data(configs[0], args)
+    mlf = client()
+    open_storage(args.storage)
+    summaries = []
+    for index, cfg in enumerate(configs):
         name = args.study_name or study_name(cfg)
-        print(f"study {name}: {args.trials} trial(s) of {cfg.optim.epochs} epoch(s) on "
+        count = f"[{index + 1}/{len(configs)}] " if len(configs) > 1 else ""
+        print(f"{count}study {name}: {args.trials} trial(s) of {cfg.optim.epochs} epoch(s) on "
               f"{_device_name(cfg.device)}", flush=True)
         s = run_study(cfg, args.trials, args.storage, name=args.study_name,
                       keep_checkpoints=args.keep_checkpoints, jobs=args.jobs, launcher=args.launcher,
@@ -172,15 +183,21 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"  runs: {s.tracking_uri} (experiment {cfg.experiment!r}, parent run {s.parent_run_id}); "
               f"`make ui` to browse")
         print(f"  study storage: {s.storage}")
+        summaries.append((cfg, s))
+    if len(summaries) > 1:
+        print(f"{len(summaries)} studies:")
+        for cfg, s in summaries:
+            best = f"{cfg.split}/acc={s.best_value:.4f} (trial {s.best_number})" if s.best_number is not None \
+                else "no complete trial"
+            print(f"  {cfg.variant.name:<20} {s.n_complete:>3} complete {s.n_pruned:>3} pruned {s.n_failed:>3} failed"
+                  f"  best {best}")
+    print(f"MLflow UI: {experiment_url(mlf, configs[0].experiment)} (`make ui`)")
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Join an existing study: its configuration comes from the study."""
-    from carrot import ddp
     from carrot.config import ConfigError
-    from carrot.study import join_study
-    from carrot.tracking import client
 
     if (args.trials is None) == (args.until is None):
         raise ConfigError("carrot worker needs exactly one of --trials N (trials to run) or --until N "
@@ -190,6 +207,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides["show_progress"] = False
     _check_nproc(args)
+    from carrot import ddp
+    from carrot.study import join_study
+    from carrot.tracking import client
+
     if args.nproc > 1 and not ddp.launched():  # this command again, as a torchrun group
         return ddp.relaunch(args.nproc, args.argv)
     ddp.init_from_env()
@@ -214,18 +235,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from carrot import contract, ddp
-    from carrot.reference import count_classes, resolve
-    from carrot.study import open_storage
-    from carrot.tracking import client
-    from carrot.train import run
+    from carrot import contract
 
     _check_nproc(args)
     cfg = build_config(args)
+    from carrot import ddp
+    from carrot.checks import check_names
+
+    check_names(cfg)
     _preflight_data(cfg, args)
     if args.nproc > 1 and not ddp.launched():  # this command again, as a torchrun group
         return ddp.relaunch(args.nproc, args.argv)
     ddp.init_from_env()
+
+    from carrot.reference import count_classes, resolve
+    from carrot.study import open_storage
+    from carrot.tracking import client, run_url
+    from carrot.train import run
 
     def stores():  # an unusable store fails here, before any run exists (exit 2)
         client()
@@ -247,14 +273,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"run {result.run_id}: {cfg.split}/acc={result.objective:.4f} after {result.epochs_done} epochs "
           f"({result.seconds:.0f} s)")
+    _print_headline(result.metrics, cfg.split)
+    print(f"  MLflow UI: {run_url(client(), result.run_id)} (`make ui`)")
     return 0
 
 
+def _print_headline(metrics: dict, split: str) -> None:
+    from carrot.run_report import headline
+
+    for label, value in headline(metrics, split)[1:]:
+        print(f"  {label}: {value}")
+
+
 def cmd_final(args: argparse.Namespace) -> int:
+    cfg = build_config(args, "baseline")
+    if args.seeds < 1:
+        from carrot.config import ConfigError
+
+        raise ConfigError(f"invalid seeds={args.seeds}: expected a positive integer")
     from carrot.final import FinalRunsFailed, run_final
     from carrot.tracking import client
-
-    cfg = build_config(args, "baseline")
     variants = None if not args.variant or args.variant == "all" else [args.variant]
     overrides = {key: value for key, value in {
         "optim.epochs": args.epochs, "device": args.device, "data.workers": args.workers,
@@ -265,10 +303,17 @@ def cmd_final(args: argparse.Namespace) -> int:
     _preflight_data(cfg, args)
     client()
     try:
-        run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage, overrides=overrides)
+        plans = run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage, overrides=overrides)
     except FinalRunsFailed as exc:
         print(f"carrot: error: {exc}", file=sys.stderr)
         return 1
+    from carrot.final import summary_lines
+    from carrot.tracking import experiment_url
+
+    print(f"final runs ({cfg.data.dataset_id}, {cfg.model.backbone}):")
+    for line in summary_lines(plans, cfg.experiment):
+        print(line)
+    print(f"  tables: `make tables`; MLflow UI: {experiment_url(client(), cfg.experiment)} (`make ui`)")
     return 0
 
 
@@ -297,10 +342,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_variants(args: argparse.Namespace) -> int:
     from carrot.variants import get_variant_class, list_variants
 
+    print(f"{'variant':<20} {'knob':<20} {'recommended':<14} searched over")
     for name in list_variants():
         cls = get_variant_class(name)
-        print(f"{name}: recommended {cls.recommended()}")
+        recommended, space = cls.recommended(), cls.full_search_space()
+        knobs = list(dict.fromkeys([*recommended, *space]))
+        if not knobs:
+            print(f"{name:<20} {'(none: cross-entropy only)':<20}")
+        for i, knob in enumerate(knobs):
+            print(f"{name if i == 0 else '':<20} {knob:<20} {_show(recommended.get(knob, '')):<14} "
+                  f"{_describe_distribution(space.get(knob))}")
+    print("every study also searches optim.lr, optim.weight_decay and the sampler (data.sampler, "
+          "data.m_per_class) around the configured values; pin a knob with --set variant.hparams.<knob>=v")
     return 0
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _describe_distribution(dist) -> str:
+    if dist is None:
+        return "fixed"
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return "{" + ", ".join(_show(c) for c in dist.choices) + "}"
+    scale = ", log" if getattr(dist, "log", False) else ""
+    return f"[{_show(dist.low)}, {_show(dist.high)}{scale}]"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """The resolved configuration as YAML: defaults, the config file, flags and --set."""
+    import yaml
+
+    cfg = build_config(args)
+    data = cfg.resolved().to_dict() if args.resolve else cfg.to_dict()
+    print(yaml.safe_dump(data, sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from carrot.reevaluate import main as evaluate_main
+
+    return evaluate_main(args.run_id, args.split, args.device, args.tolerance)
 
 
 def _check_nproc(args: argparse.Namespace) -> None:
@@ -348,10 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:  # their own parsers take every flag that follows
-        return globals()[PASSTHROUGH[argv[0]]](argparse.Namespace(rest=argv[1:]))
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every subcommand and flag, each with its help and its default."""
     parser = argparse.ArgumentParser(prog="carrot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("study", help="Optuna search over one variant's hyperparameters (or all)")
@@ -367,8 +450,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
                    help="local: worker processes here; slurm: a Slurm job array through submitit (requeued on "
                         "pre-emption); submitit-local: the same through submitit's local executor (default local)")
-    p.add_argument("--slurm-partition", help="Slurm partition (--launcher slurm)")
-    p.add_argument("--slurm-gpus-per-task", type=_int_arg, default=1, help="GPUs per worker (default 1)")
+    p.add_argument("--slurm-partition", help="Slurm partition (--launcher slurm; default: the cluster's default partition)")
+    p.add_argument("--slurm-gpus-per-task", type=_int_arg, default=1, help="GPUs per worker (default %(default)s)")
     p.add_argument("--slurm-time", type=_int_arg, default=24 * 60, help="minutes per job before requeue "
                                                                            "(default 1440)")
     _nproc_flag(p)
@@ -377,13 +460,13 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", help="the study's Optuna storage, e.g. postgresql://user:pass@head/db "
                                      "(default studies/optuna.journal)")
     p.add_argument("--study-name", required=True, help="the study to join (see `carrot study`'s output)")
-    p.add_argument("--trials", type=_int_arg, help="trials to run")
-    p.add_argument("--until", type=_int_arg, help="run until the study holds this many finished trials")
-    p.add_argument("--worker-index", type=_int_arg, default=1, help="this worker's number (its sampler seed)")
-    p.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--workers", type=_int_arg, help="DataLoader worker processes")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished trial's last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--trials", type=_int_arg, help="trials to run (exactly one of --trials and --until)")
+    p.add_argument("--until", type=_int_arg, help="run until the study holds this many finished trials (exactly one of --trials and --until)")
+    p.add_argument("--worker-index", type=_int_arg, default=1, help="this worker's number, which moves its sampler seed (default %(default)s)")
+    p.add_argument("--device", help="auto (CUDA when present), cpu or cuda (default: the study's)")
+    p.add_argument("--workers", type=_int_arg, help="DataLoader worker processes (default: the study's)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished trial's last checkpoint (default: removed when the trial ends)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines (default: shown)")
     _nproc_flag(p)
     p.set_defaults(fn=cmd_worker)
     p = sub.add_parser("train", help="one run at the recommended setting")
@@ -393,9 +476,9 @@ def _main(argv: list[str] | None = None) -> int:
     _nproc_flag(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("final", help="best configuration of each variant, several seeds, test split")
-    _common(p)
-    p.add_argument("--seeds", type=_int_arg, default=5)
-    p.add_argument("--storage")
+    _common(p, variant_default="all studied variants")
+    p.add_argument("--seeds", type=_int_arg, default=5, help="seeds per variant (default %(default)s)")
+    p.add_argument("--storage", help="Optuna storage holding the studies (default studies/optuna.journal)")
     p.set_defaults(fn=cmd_final)
     for name, fn, help_ in (("tables", cmd_tables, "ablation and paper tables from finished runs"),
                             ("plots", cmd_plots, "sanity-check plots from finished runs"),
@@ -403,20 +486,39 @@ def _main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(fn=fn)
-    p = sub.add_parser("variants", help="list the registered variants and their recommended settings")
+    p = sub.add_parser("variants", help="the registered variants: their knobs, recommended values and search ranges")
     p.set_defaults(fn=cmd_variants)
-    args = parser.parse_args(argv)
+    p = sub.add_parser("config", help="print the configuration a command would run with (defaults, --config, "
+                                      "flags and --set applied)")
+    _common(p)
+    p.add_argument("--show", action="store_true", help="print it (the default action)")
+    p.add_argument("--resolve", action="store_true",
+                   help="fill in the variant's recommended hyperparameters and its sampler (default: as given)")
+    p.set_defaults(fn=cmd_config)
+    p = sub.add_parser("evaluate", help="rebuild a run's model from its weights, recompute its diagnostics and "
+                                        "report where they differ from what it logged")
+    p.add_argument("run_id", help="an MLflow run that kept its weights (final runs do)")
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="split to evaluate (default: the run's own, test for final runs)")
+    p.add_argument("--device", help="auto, cpu or cuda (default: the run's)")
+    p.add_argument("--tolerance", type=float, default=1e-6,
+                   help="relative difference reported as a mismatch (default %(default)g)")
+    p.set_defaults(fn=cmd_evaluate)
+    return parser
+
+
+def _main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:  # their own parsers take every flag that follows
+        return globals()[PASSTHROUGH[argv[0]]](argparse.Namespace(rest=argv[1:]))
+    args = build_parser().parse_args(argv)
     args.argv = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]  # what a torchrun relaunch runs
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
-    from carrot.config import ConfigError
-    from carrot.data import DatasetError
-    from carrot.model import ModelError
-    from carrot.tracking import StoreError
-
     from carrot import interrupt
+    from carrot.config import UserError
     from carrot.contract import redact
 
     try:
@@ -424,7 +526,7 @@ def _main(argv: list[str] | None = None) -> int:
             code = args.fn(args)
         _leave_group(wait=code == 0)  # a torchrun rank: once every rank is done
         return code
-    except (ConfigError, DatasetError, ModelError, StoreError) as exc:
+    except UserError as exc:
         print(f"carrot: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except interrupt.Interrupted as exc:
@@ -434,6 +536,11 @@ def _main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("carrot: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `carrot variants | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         _leave_group(wait=False)
 

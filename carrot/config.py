@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,11 +27,17 @@ SAMPLERS = ("auto", "pk", "random")
 # keys a study searches (besides the variant's hyperparameters): they vary between its trials
 SEARCHED_KEYS = contract.SEARCHED_CONFIG_KEYS
 # keys that do not change what is computed: the seed is a run's, the rest is display and plumbing
-NON_IDENTITY_KEYS = ("seed", "device", "show_progress", "experiment", "data.workers")
+NON_IDENTITY_KEYS = ("seed", "device", "show_progress", "experiment", "data.workers", "eval.probe", "eval.images")
+PROBE_MODES = ("final", "last", "always")
 OPTIMIZERS = ("adamw", "sgd")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Bad input a command reports in one line (exit status 2): a configuration, a dataset, a
+    backbone or a store that cannot be used as given."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the key and what is valid."""
 
 
@@ -118,13 +125,29 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     top_n: int = 20  # confusable pairs kept per run
-    probe_every: int = 0  # linear probes every n epochs; 0: only after the last epoch
+    # when the linear probes run: final (after the last epoch of final runs only; search trials
+    # and `carrot train` runs skip them), last (after the last epoch of every run), always
+    # (every epoch), every:N (every N epochs and after the last)
+    probe: str = "final"
+    images: bool = True  # confusion, top-pair and trajectory pictures in each run's artifacts
     probe_l2_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
     probe_max_train: int = 4000  # training samples used to fit a probe (subsampled, stratified)
 
     def validate(self) -> None:
         _check(self.top_n >= 1, "eval.top_n", self.top_n, ">= 1")
-        _check(self.probe_every >= 0, "eval.probe_every", self.probe_every, ">= 0")
+        _check(self.probe in PROBE_MODES or bool(re.fullmatch(r"every:[1-9][0-9]*", str(self.probe))),
+               "eval.probe", self.probe, "one of final, last, always, every:N (N a positive integer)")
+
+    def probes_at(self, epoch: int, epochs: int, split: str) -> bool:
+        """Whether the probes run after ``epoch`` (0-based) of a run of ``epochs`` epochs on ``split``."""
+        last = epoch == epochs - 1
+        if self.probe == "final":
+            return last and split == "test"
+        if self.probe == "last":
+            return last
+        if self.probe == "always":
+            return True
+        return last or (epoch + 1) % int(self.probe.split(":")[1]) == 0
         _check(len(self.probe_l2_grid) >= 1 and all(v > 0 for v in self.probe_l2_grid),
                "eval.probe_l2_grid", self.probe_l2_grid, "a non-empty list of positive numbers")
 
@@ -227,7 +250,12 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[path + k for k in unknown]}; valid: {sorted(names)}")
+        import difflib
+
+        hints_text = "".join(f" (did you mean {path + close[0]!r}?)" for k in unknown
+                             for close in [difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.6)] if close)
+        raise ConfigError(f"unknown config key(s) {[path + k for k in unknown]}{hints_text}; "
+                          f"valid: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, path + name)

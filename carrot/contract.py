@@ -53,6 +53,10 @@ TAG_RESUMED_FROM = "carrot.resumed_from"  # the checkpoint a retried trial start
 MLFLOW_NOTE = "mlflow.note.content"  # the run description in the MLflow UI
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 MLFLOW_RUN_NAME = "mlflow.runName"
+MLFLOW_SOURCE_NAME = "mlflow.source.name"
+MLFLOW_SOURCE_TYPE = "mlflow.source.type"
+MLFLOW_SOURCE_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens "custom_model_development" on its runs
 
 ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
@@ -129,6 +133,7 @@ def probe_metric(layer: str) -> str:
 # trials of one study, and between the best configurations of two variants by design
 SEARCHED_CONFIG_KEYS = ("optim.lr", "optim.weight_decay", "data.sampler", "data.m_per_class")
 
+TRIAL_RUN_URL_ATTR = "mlflow_run_url"  # the Optuna user attr linking a trial to its run in the MLflow UI
 STUDY_ID_ATTR = "study_id"  # the Optuna user attr holding a study's unique id (TAG_STUDY_ID on its runs)
 TRIAL_RUN_ID_ATTR = "mlflow_run_id"  # an Optuna trial's user attr: its MLflow run, set when the run starts
 

@@ -127,3 +127,26 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
 
 class FinalRunsFailed(RuntimeError):
     """Some seeds failed (the others finished); ``make final`` exits non-zero."""
+
+
+def summary_lines(plans: list[FinalPlan], experiment: str) -> list[str]:
+    """One line per variant: its finished final runs of this configuration and their test
+    accuracy (mean and sample standard deviation over seeds)."""
+    import statistics
+
+    mlf = client()
+    lines = []
+    for plan in plans:
+        runs = find_runs(mlf, experiment,
+                         f"tags.`{contract.TAG_ROLE}` = '{contract.ROLE_FINAL}' and "
+                         f"tags.`{contract.TAG_STUDY}` = '{plan.study}' and "
+                         f"tags.`{contract.TAG_CONFIG_HASH}` = '{plan.config.identity_hash()}' and "
+                         "attributes.status = 'FINISHED'")
+        accs = [100 * r.data.metrics[contract.split_metric("test", "acc")] for r in runs
+                if contract.split_metric("test", "acc") in r.data.metrics]
+        if not accs:
+            lines.append(f"  {plan.variant:<20} no finished final run")
+            continue
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else " (one seed: no spread)"
+        lines.append(f"  {plan.variant:<20} test/acc {statistics.mean(accs):.2f}%{spread} over {len(accs)} seed(s)")
+    return lines

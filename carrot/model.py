@@ -13,10 +13,11 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from carrot.config import UserError
 from carrot.data import ImageSpec
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """The backbone or its weights cannot be built as asked."""
 
 

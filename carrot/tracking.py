@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from carrot import contract
+from carrot.config import UserError
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
@@ -25,7 +26,7 @@ MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 _READY: set[str] = set()  # tracking URIs whose store this process has already opened
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The tracking or study store cannot be used (unwritable, unreachable)."""
 
 
@@ -93,13 +94,38 @@ def client() -> MlflowClient:
 def experiment_id(mlf: MlflowClient, name: str) -> str:
     exp = mlf.get_experiment_by_name(name)
     if exp is not None:
+        if contract.MLFLOW_EXPERIMENT_KIND not in exp.tags:
+            mlf.set_experiment_tag(exp.experiment_id, contract.MLFLOW_EXPERIMENT_KIND, "custom_model_development")
         return exp.experiment_id
     root = artifact_root(mlf.tracking_uri)
     location = Path(root, "artifacts", name).as_uri() if root else None
-    try:
-        return mlf.create_experiment(name, artifact_location=location)
+    try:  # the UI opens a model-training experiment on its runs, not on GenAI traces
+        return mlf.create_experiment(name, artifact_location=location,
+                                     tags={contract.MLFLOW_EXPERIMENT_KIND: "custom_model_development"})
     except mlflow.exceptions.MlflowException:  # created by a concurrent process
         return mlf.get_experiment_by_name(name).experiment_id
+
+
+def ui_base(uri: str | None = None) -> str:
+    """The MLflow UI's address: the tracking server itself, or ``CARROT_UI_URL`` (default
+    ``http://127.0.0.1:5000``, where ``make ui`` serves a local store)."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import re
+
+        return re.sub(r"^(https?://)[^/@]*@", r"\1", uri).rstrip("/")  # a link carries no credentials
+    return os.environ.get("CARROT_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+
+
+def run_url(mlf: MlflowClient, run_id: str) -> str:
+    """The run's page in the MLflow UI."""
+    run = mlf.get_run(run_id)
+    return f"{ui_base(mlf.tracking_uri)}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def experiment_url(mlf: MlflowClient, name: str) -> str:
+    exp = mlf.get_experiment_by_name(name)
+    return f"{ui_base(mlf.tracking_uri)}/#/experiments/{exp.experiment_id}" if exp else ui_base(mlf.tracking_uri)
 
 
 def git_commit() -> str:

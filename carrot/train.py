@@ -300,20 +300,30 @@ class Run:
             return cls(parts, trial)
         from carrot.tracking import RunLogger, flatten
 
+        from carrot import run_report
+
         cfg, splits = parts.cfg, parts.splits
         number = None if trial is None else trial.number
         tags = {**run_tags(cfg, study, number), contract.TAG_NUM_CLASSES: str(splits.num_classes),
-                **(extra_tags or {})}
+                **source_tags((extra_tags or {}).get(contract.TAG_ROLE, "")), **(extra_tags or {})}
+        tags[contract.MLFLOW_NOTE] = run_report.describe(cfg.variant.name, study, number, "RUNNING", 0,
+                                                         cfg.optim.epochs, None, parts.eval_split)
         name = run_name or f"{cfg.variant.name}-s{cfg.seed}" + ("" if trial is None else f"-t{number}")
         logger = RunLogger.start(cfg.experiment, name, tags, parent_run_id)
         self = cls(parts, trial, logger)
+        self.study = study
         self.monitor = start_system_metrics(logger)
         try:
             if trial is not None:  # from the start, so a worker that dies leaves a run to close
+                from carrot.tracking import run_url
+
                 trial.set_user_attr(contract.TRIAL_RUN_ID_ATTR, logger.run_id)
+                trial.set_user_attr(contract.TRIAL_RUN_URL_ATTR, run_url(logger.client, logger.run_id))
             resolved = cfg.to_dict()
             resolved["data"]["effective_batch_size"] = parts.train_loader.batch_size * parts.world_size
-            logger.log_params(flatten("", resolved))
+            logger.log_params(run_report.logged_params(flatten("", resolved), parts.device.type))
+            logger.client.log_inputs(logger.run_id, datasets=run_report.dataset_inputs(
+                cfg.data.dataset_id, cfg.data.root, splits))
             logger.log_dict(resolved, contract.CONFIG_ARTIFACT)
             logger.log_dict({"num_classes": splits.num_classes, "class_names": splits.class_names,
                              "sizes": {k: int(len(v)) for k, v in splits.labels.items()}, **splits.info},
@@ -362,7 +372,21 @@ class Run:
                 self.status = "KILLED"
                 raise TrialPruned(f"pruned after epoch {epoch + 1} ({key}={metrics[key]:.4f})")
 
-    def close(self, evaluator: Evaluator | None, epochs_done: int, error: str = "") -> None:
+    def close(self, evaluator: Evaluator | None, history: list[dict[str, float]], error: str = "",
+              pruned: str = "") -> None:
+        """End the run: its artifacts and pictures, its description and status tags, the
+        variant's last statistics on the Optuna trial (``pruned``: the pruner's reason)."""
+        from carrot import run_report
+
+        epochs_done = len(history)
+        last = history[-1] if history else None
+        if self.trial is not None and last is not None:
+            try:
+                for key, value in last.items():
+                    if key.startswith(contract.VARIANT_STAT_PREFIX) and math.isfinite(value):
+                        self.trial.set_user_attr(key, value)
+            except Exception:  # the study's storage went away: the run is still closed below
+                pass
         if not self.logger:
             return
         start = time.time()
@@ -373,11 +397,18 @@ class Run:
                         self.logger.log_bytes(content, name)
                     else:
                         self.logger.log_dict(content, name)
-            tags = {contract.TAG_STATUS: "pruned" if self.status == "KILLED" and not error else self.status.lower(),
-                    contract.TAG_EPOCHS_DONE: epochs_done}
+                if evaluator.confusions and self.parts.cfg.eval.images:
+                    self._log_figures(run_report.figures(evaluator.confusions[-1], evaluator.class_names, history,
+                                                         self.parts.cfg.eval.top_n))
+            status = "pruned" if self.status == "KILLED" and not error else self.status.lower()
+            tags = {contract.TAG_STATUS: status, contract.TAG_EPOCHS_DONE: epochs_done}
             if error:
                 tags[contract.TAG_ERROR] = error
-                tags[contract.MLFLOW_NOTE] = f"{self.status.lower()}: {error}"
+            cfg = self.parts.cfg
+            tags[contract.MLFLOW_NOTE] = run_report.describe(
+                cfg.variant.name, self.study, None if self.trial is None else self.trial.number,
+                "PRUNED" if status == "pruned" else self.status, epochs_done, cfg.optim.epochs, last,
+                self.parts.eval_split, error or pruned)
             self.logger.set_tags(tags)
             # where the run's wall time went (the bench reads these): logging includes this close
             self.logging_s += time.time() - start
@@ -387,6 +418,15 @@ class Run:
             self.stop_monitor()
             self.logger.finish(self.status)
 
+    def _log_figures(self, figures: dict[str, Any]) -> None:
+        import matplotlib.pyplot as plt
+
+        for name, fig in figures.items():
+            try:
+                self.logger.log_figure(fig, name)
+            finally:
+                plt.close(fig)
+
     def log_weights(self, model: nn.Module) -> None:
         """The trained weights as an artifact (final runs: a test number can be re-checked)."""
         if self.logger:
@@ -395,6 +435,17 @@ class Run:
             buf = io.BytesIO()
             torch.save(model.state_dict(), buf)
             self.logger.log_bytes(buf.getvalue(), contract.WEIGHTS_ARTIFACT)
+
+
+def source_tags(role: str) -> dict[str, str]:
+    """MLflow's own source tags: the command and the commit the run came from."""
+    from carrot.tracking import git_commit
+
+    commit = git_commit()
+    tags = {contract.MLFLOW_SOURCE_NAME: f"carrot {role}".strip(), contract.MLFLOW_SOURCE_TYPE: "LOCAL"}
+    if commit != "unknown":
+        tags[contract.MLFLOW_SOURCE_GIT_COMMIT] = commit.removesuffix("-dirty")
+    return tags
 
 
 def start_system_metrics(logger):
@@ -459,7 +510,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     history: list[dict[str, float]] = []
     evaluator = None
     progress = None
-    error = ""
+    error = pruned = ""
     try:
         evaluator = Evaluator(cfg, parts.splits, parts.eval_split, parts.model, parts.device, reference)
         # set-up (lazy imports, store calls) may have drawn from the global generators; under DDP
@@ -483,8 +534,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
                     raise
                 tracked.status = "KILLED"
                 raise TrialPruned(str(exc)) from None
-            last = epoch == cfg.optim.epochs - 1
-            probe = last or (cfg.eval.probe_every > 0 and (epoch + 1) % cfg.eval.probe_every == 0)
+            probe = cfg.eval.probes_at(epoch, cfg.optim.epochs, cfg.split)
 
             def evaluate_and_log() -> None:  # rank 0 only; the other ranks learn how it ended
                 eval_metrics = evaluator.evaluate(epoch, parts.eval_loader, parts.probe_loader if probe else None,
@@ -506,6 +556,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
         tracked.status = "FINISHED"
     except TrialPruned as exc:
         error = "" if tracked.status == "KILLED" and str(exc).startswith("pruned") else str(exc)
+        pruned = str(exc)
         _drop_checkpoint(checkpoint_dir)  # a pruned trial is finished: nothing will resume it
         raise
     except interrupt.Interrupted as exc:
@@ -521,7 +572,7 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     finally:
         if progress:
             progress.close()
-        tracked.close(evaluator, len(history), error)
+        tracked.close(evaluator, history, error, pruned)
     if checkpoint_dir is not None:
         checkpoint.remove(checkpoint_dir, keep_last=keep_checkpoint)
     final = history[-1]

@@ -21,7 +21,7 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path, monkeypatch, variant
     import carrot.train as train
 
     cfg = tiny_config(**{"variant.name": variant, "data.sampler": sampler, "optim.epochs": 3,
-                         "eval.probe_every": 1})
+                         "eval.probe": "always"})
     whole = train.run(cfg, track=False, log=lambda s: None)
 
     real = train.train_one_epoch

@@ -14,8 +14,10 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
+from carrot.config import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset cannot be built (missing or incomplete root, bad layout)."""
 
 

@@ -1,0 +1,112 @@
+"""``carrot evaluate RUN_ID [--split test]``: rebuild a run's model from its logged
+configuration and weights, recompute every diagnostic of its last epoch on a split, and
+report where the result differs from what the run logged.
+
+Only runs that kept their weights can be re-evaluated: final runs always do (``weights.pt``).
+The reference pairs are the ones the run used (its ``pairs.json``), and the probes run when
+the run logged probe accuracies, so every logged diagnostic has a recomputed counterpart.
+On the same device and software the values match exactly; a value that differs by more
+than ``--tolerance`` (default 1e-6, relative) is printed, and the exit status is 1.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from carrot import contract
+from carrot.config import ConfigError
+
+
+def _artifact(mlf, run_id: str, name: str, folder: str) -> Path | None:
+    try:
+        return Path(mlf.download_artifacts(run_id, name, dst_path=folder))
+    except Exception:
+        return None
+
+
+def reevaluate(run_id: str, split: str | None = None, device: str | None = None, tolerance: float = 1e-6,
+               log: Callable[[str], None] = print) -> tuple[dict[str, float], dict[str, tuple[float, float]], int]:
+    """(recomputed metrics, {key: (logged, recomputed)} for every key that differs, the number
+    of keys compared: 0 when the run logged another split)."""
+    import torch
+
+    from carrot.config import RunConfig
+    from carrot.evaluate import Evaluator
+    from carrot.loaders import make_loader
+    from carrot.reference import ReferencePairs
+    from carrot.tracking import client
+    from carrot.train import build_run
+
+    mlf = client()
+    try:
+        run = mlf.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"no MLflow run {run_id!r} in {contract.redact(mlf.tracking_uri)}; expected the id of a "
+                          "finished run (see `make ui` or the summary `carrot final` prints)") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _artifact(mlf, run_id, contract.CONFIG_ARTIFACT, tmp)
+        weights = _artifact(mlf, run_id, contract.WEIGHTS_ARTIFACT, tmp)
+        pairs = _artifact(mlf, run_id, contract.PAIRS_ARTIFACT, tmp)
+        if config is None:
+            raise ConfigError(f"run {run_id} has no {contract.CONFIG_ARTIFACT}; it cannot be rebuilt")
+        if weights is None:
+            raise ConfigError(f"run {run_id} kept no {contract.WEIGHTS_ARTIFACT}; only final runs (`carrot final`) "
+                              "keep their weights")
+        data = json.loads(config.read_text())
+        data.get("data", {}).pop("effective_batch_size", None)
+        data["show_progress"] = False
+        if device:
+            data["device"] = device
+        cfg = RunConfig.from_dict(data)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        reference = ReferencePairs.none()
+        if pairs is not None:
+            saved = json.loads(pairs.read_text())
+            if saved.get(contract.PAIRS_REFERENCE_KEY):
+                reference = ReferencePairs(saved[contract.PAIRS_REFERENCE_KEY], saved.get("reference_source", ""))
+    parts = build_run(cfg)
+    parts.model.load_state_dict(state)
+    split = split or cfg.split  # the split the run evaluated on: val for trials, test for final runs
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"invalid --split {split!r}: expected train, val or test")
+    loader = make_loader(getattr(parts.splits, split), cfg, train=False, pin=parts.device.type == "cuda")
+    logged = run.data.metrics
+    probes = any(k.startswith("probe/") for k in logged)
+    epochs = int(run.data.tags.get(contract.TAG_EPOCHS_DONE, cfg.optim.epochs) or cfg.optim.epochs)
+    evaluator = Evaluator(cfg, parts.splits, split, parts.model, parts.device, reference)
+    log(f"re-evaluating run {run_id} ({cfg.variant.name}, {cfg.data.dataset_id}, {cfg.model.backbone}) on the "
+        f"{split} split ({len(parts.splits.labels[split])} samples) on {parts.device.type}"
+        + (" with probes" if probes else ""))
+    metrics = evaluator.evaluate(epochs - 1, loader, parts.probe_loader if probes else None,
+                                 parts.amp_dtype if parts.use_amp else None)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("time/")}
+    differ, compared = {}, 0
+    if split == parts.eval_split:  # the run logged this split: compare every key it has
+        for key, value in metrics.items():
+            if key not in logged:
+                continue
+            compared += 1
+            old = logged[key]
+            same = (math.isnan(old) and math.isnan(value)) or abs(old - value) <= tolerance * max(1.0, abs(old))
+            if not same:
+                differ[key] = (old, value)
+    return metrics, differ, compared
+
+
+def main(run_id: str, split: str | None, device: str | None, tolerance: float) -> int:
+    metrics, differ, compared = reevaluate(run_id, split, device, tolerance)
+    for key in sorted(k for k in metrics if k.count("/") == 1 and k.endswith(("/acc", "/mean_class_acc"))):
+        print(f"  {key} = {metrics[key]:.6f}")
+    if differ:
+        print(f"{len(differ)} of {compared} logged values differ (tolerance {tolerance:g}):")
+        for key, (old, new) in sorted(differ.items()):
+            print(f"  {key}: logged {old:.6g}, recomputed {new:.6g}")
+        return 1
+    if compared:
+        print(f"all {compared} logged values of the last epoch recomputed exactly (tolerance {tolerance:g})")
+    else:
+        print(f"{len(metrics)} values computed; the run logged another split, so there is nothing to compare")
+    return 0

@@ -1,0 +1,286 @@
+"""What a researcher sees: a small study and a final run on the real stores, read back through
+MlflowClient and Optuna (descriptions, dataset inputs, system metrics, pictures, weights,
+`carrot evaluate`, trial links), and the command line's quick answers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import pytest
+
+from conftest import tiny_config
+
+VARIANT = "expansion"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An expansion study of 2 trials and one final run of its best trial, in a fresh store."""
+    from carrot.final import run_final
+    from carrot.study import run_study
+
+    root = tmp_path_factory.mktemp("view")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        base = tiny_config(**{"variant.name": VARIANT, "optim.epochs": 2})
+        storage = str(root / "studies" / "optuna.journal")
+        summary = run_study(base, 2, storage, log=lambda s: None)
+        run_final(base, seeds=1, variants=[VARIANT], storage=storage,
+                  overrides={"optim.epochs": 2, "show_progress": False}, log=lambda s: None)
+        yield root, storage, summary
+    finally:
+        os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _client(root):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+
+
+def _runs(root, role):
+    client = _client(root)
+    exp = client.get_experiment_by_name("carrot")
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("carrot.role") == role]
+
+
+def test_runs_describe_themselves(finished):
+    root, _, summary = finished
+    (final,) = _runs(root, "final")
+    note = final.data.tags["mlflow.note.content"]
+    acc = final.data.metrics["test/acc"]
+    assert f"**{VARIANT}**" in note and summary.name in note and "finished after 2/2 epochs" in note
+    assert f"| test accuracy | {100 * acc:.2f}% |" in note
+    assert f"| linear probe (embedding) | {100 * final.data.metrics['probe/embedding/acc']:.2f}% |" in note
+    for trial in _runs(root, "trial"):
+        number = trial.data.tags["carrot.trial"]
+        assert f"trial {number}" in trial.data.tags["mlflow.note.content"]
+        assert f"{100 * trial.data.metrics['val/acc']:.2f}%" in trial.data.tags["mlflow.note.content"]
+    (parent,) = _runs(root, "study")
+    assert parent.info.run_name == summary.name  # the study's name in full
+    client = _client(root)
+    exp = client.get_experiment_by_name("carrot")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert final.data.tags["mlflow.source.name"] == "carrot final"
+    commit = final.data.tags["carrot.git_commit"]
+    if commit != "unknown":
+        assert final.data.tags["mlflow.source.git.commit"] == commit.removesuffix("-dirty")
+
+
+def test_params_are_the_resolved_hyperparameters(finished):
+    root, _, _ = finished
+    (final,) = _runs(root, "final")
+    params = final.data.params
+    assert "show_progress" not in params and "experiment" not in params
+    assert params["device"] == "cpu"  # resolved, never "auto"
+    assert params["variant.hparams.lam"]  # the variant's recommended values filled in
+
+
+def test_dataset_inputs_carry_a_content_digest(finished):
+    from carrot.data import build_dataset
+    from carrot.model import create_backbone, image_spec
+    from carrot.run_report import content_digest
+
+    root, _, _ = finished
+    runs = _runs(root, "final") + _runs(root, "trial")
+    inputs = [{d.dataset.name: d for d in r.inputs.dataset_inputs} for r in runs]
+    for found in inputs:
+        assert set(found) == {"digits/train", "digits/val", "digits/test"}
+        contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in found.items()}
+        assert contexts == {"digits/train": "train", "digits/val": "validation", "digits/test": "test"}
+    # every run of one dataset shows the same digests, and they are the splits' content
+    assert len({json.dumps({k: d.dataset.digest for k, d in f.items()}, sort_keys=True) for f in inputs}) == 1
+    cfg = tiny_config()
+    splits = build_dataset(cfg.data, image_spec(create_backbone(cfg.model.backbone, False, None, 0.0, {})))
+    assert inputs[0]["digits/test"].dataset.digest == content_digest(splits.test, splits.labels["test"])
+    moved = tiny_config(**{"data.split_seed": 1})  # another partition: other content, other digests
+    other = build_dataset(moved.data, image_spec(create_backbone(cfg.model.backbone, False, None, 0.0, {})))
+    assert content_digest(other.test, other.labels["test"]) != inputs[0]["digits/test"].dataset.digest
+    labels = splits.labels["test"].copy()
+    labels[[0, 1]] = labels[[1, 0]] if labels[0] != labels[1] else (labels[0], (labels[1] + 1) % 10)
+    assert content_digest(splits.test, labels) != content_digest(splits.test, splits.labels["test"])
+
+
+def test_system_metrics_pictures_and_weights(finished):
+    from PIL import Image
+
+    from carrot.run_report import CONFUSION_IMAGE, PAIRS_IMAGE, TRAJECTORY_IMAGE
+
+    root, _, _ = finished
+    client = _client(root)
+    (final,) = _runs(root, "final")
+    assert any(k.startswith("system/cpu_utilization_percentage") for k in final.data.metrics)
+    assert any(k.startswith("system/system_memory_usage") for k in final.data.metrics)
+    for run in [final] + _runs(root, "trial"):
+        names = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+        assert names == {CONFUSION_IMAGE, PAIRS_IMAGE, TRAJECTORY_IMAGE}
+    local = client.download_artifacts(final.info.run_id, CONFUSION_IMAGE, str(root / "dl"))
+    assert Image.open(local).size[0] > 300
+    assert "weights.pt" in {a.path for a in client.list_artifacts(final.info.run_id)}
+    assert not [r for r in _runs(root, "trial") if "weights.pt" in {a.path for a in client.list_artifacts(
+        r.info.run_id)}]  # search trials keep no weights
+
+
+def test_evaluate_reproduces_the_final_run_exactly(finished, monkeypatch):
+    import torch
+
+    from carrot.reevaluate import reevaluate
+
+    root, _, _ = finished
+    monkeypatch.chdir(root)
+    (final,) = _runs(root, "final")
+    metrics, differ, compared = reevaluate(final.info.run_id, log=lambda s: None)
+    assert differ == {}
+    assert compared >= 20  # accuracy, pair errors, cosines, D_B per layer, NC1, probes
+    assert metrics["test/acc"] == final.data.metrics["test/acc"]
+    assert metrics["probe/embedding/acc"] == final.data.metrics["probe/embedding/acc"]
+    # other weights: the same command reports the differences
+    client = _client(root)
+    path = client.download_artifacts(final.info.run_id, "weights.pt", str(root / "w"))
+    state = torch.load(path, weights_only=True)
+    key = next(k for k in state if k.startswith("head") and k.endswith("weight"))
+    state[key] = state[key] + 0.5 * torch.randn_like(state[key], generator=torch.Generator().manual_seed(0))
+    torch.save(state, path)
+    client.log_artifact(final.info.run_id, path)
+    _, differ, _ = reevaluate(final.info.run_id, log=lambda s: None)
+    assert "test/acc" in differ or "test/loss" in differ
+
+
+def test_evaluate_needs_a_run_with_weights(finished, monkeypatch):
+    from carrot.cli import main
+
+    root, _, _ = finished
+    monkeypatch.chdir(root)
+    trial = _runs(root, "trial")[0]
+    assert main(["evaluate", trial.info.run_id]) == 2
+    assert main(["evaluate", "0" * 32]) == 2
+
+
+def test_every_trial_links_its_run(finished):
+    root, storage, summary = finished
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=summary.name, storage=JournalStorage(JournalFileBackend(storage)))
+    assert study.metric_names == ["val/acc"]
+    runs = {r.info.run_id: r for r in _runs(root, "trial")}
+    exp = _client(root).get_experiment_by_name("carrot")
+    assert len(study.trials) == 2
+    for t in study.trials:
+        run_id = t.user_attrs["mlflow_run_id"]
+        assert run_id in runs
+        assert t.user_attrs["mlflow_run_url"].endswith(f"/#/experiments/{exp.experiment_id}/runs/{run_id}")
+        stats = {k: v for k, v in t.user_attrs.items() if k.startswith("var/")}
+        logged = {k: v for k, v in runs[run_id].data.metrics.items() if k.startswith("var/")}
+        assert stats and stats == pytest.approx(logged)  # the variant's last statistics
+
+
+def test_probes_follow_eval_probe():
+    cfg = tiny_config()
+    assert cfg.eval.probe == "final"
+    assert [cfg.eval.probes_at(e, 4, "val") for e in range(4)] == [False] * 4
+    assert [cfg.eval.probes_at(e, 4, "test") for e in range(4)] == [False, False, False, True]
+    every = tiny_config(**{"eval.probe": "every:2"})
+    assert [every.eval.probes_at(e, 5, "val") for e in range(5)] == [False, True, False, True, True]
+    assert [tiny_config(**{"eval.probe": "always"}).eval.probes_at(e, 3, "val") for e in range(3)] == [True] * 3
+    assert [tiny_config(**{"eval.probe": "last"}).eval.probes_at(e, 3, "val") for e in range(3)] == [False,
+                                                                                                      False, True]
+    from carrot.config import ConfigError
+
+    with pytest.raises(ConfigError, match="every:N"):
+        tiny_config(**{"eval.probe": "every:0"})
+
+
+# ----------------------------------------------------------------------------- the command line
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    code = ("import sys; from carrot.cli import main; code = main(sys.argv[1:]); "
+            "print('heavy:', sorted(m for m in ('torch', 'timm', 'mlflow', 'optuna') if m in sys.modules)); "
+            "sys.exit(code)")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("study", "--variant", "expansoin"), "unknown variant 'expansoin' (did you mean 'expansion'?)"),
+    (("train", "--dataset", "cubb"), "unknown dataset 'cubb' (did you mean 'cub'?)"),
+    (("study", "--set", "optim.lrr=1"), "unknown config key(s) ['optim.lrr'] (did you mean 'optim.lr'?)"),
+    (("train", "--epochs", "-1"), "invalid epochs=-1: expected a positive integer"),
+    (("final", "--seeds", "0"), "invalid seeds=0: expected a positive integer"),
+])
+def test_input_errors_come_before_the_heavy_imports(argv, message):
+    done = _cli(*argv)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"carrot: error: {message}")
+    assert "heavy: []" in done.stdout  # nothing heavy was imported to find the mistake
+
+
+def test_variants_table_shows_knobs_defaults_and_ranges():
+    import contextlib
+    import io
+    import itertools
+
+    from carrot.cli import main
+    from carrot.variants import get_variant_class
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["variants"]) == 0
+    lines = out.getvalue().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("expansion "))
+    block = [lines[start], *itertools.takewhile(lambda ln: ln.startswith(" "), lines[start + 1:])]
+    rows = {ln[21:].split()[0]: ln for ln in block}
+    cls = get_variant_class("expansion")
+    lam = cls.full_search_space()["lam"]
+    assert f"[{lam.low:g}, {lam.high:g}, log]" in rows["lam"]
+    assert f" {cls.recommended()['lam']:g} " in rows["lam"]
+    assert "{kl, supcon}" in rows["mode"]  # a categorical knob lists its choices
+    assert set(rows) == set(cls.recommended()) | set(cls.full_search_space())
+
+
+def test_config_show_prints_the_resolved_configuration(tmp_path):
+    import yaml
+
+    from carrot.config import RunConfig
+
+    done = subprocess.run([sys.executable, "-m", "carrot.cli", "config", "--show", "--variant", "prototype",
+                           "--resolve", "--set", "optim.lr=0.002", "--epochs", "3"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = RunConfig.from_dict(yaml.safe_load(done.stdout))
+    assert shown.optim.lr == 0.002 and shown.optim.epochs == 3 and shown.variant.name == "prototype"
+    expected = RunConfig.from_dict({"variant": {"name": "prototype"}, "optim": {"lr": 0.002, "epochs": 3}}).resolved()
+    assert shown.to_dict() == expected.to_dict()
+    assert shown.variant.hparams and shown.data.sampler != "auto"
+
+
+def test_every_flag_has_help_with_its_default():
+    import argparse
+
+    from carrot.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = 0
+    for command, p in sub.choices.items():
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help" or command in ("tables", "plots", "bench"):
+                continue
+            text = action.help or ""
+            assert len(text) > 10, (command, action.option_strings)
+            if not action.required:  # an optional flag says what happens without it
+                assert "default" in text or "exactly one of" in text, (command, action.option_strings, text)
+            checked += 1
+    assert checked > 50
