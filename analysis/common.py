@@ -8,6 +8,12 @@ imports (it needs nothing but NumPy); the training code is never imported.
 >>> runs = load_runs(client, "carrot")                   # one row per run
 >>> final = final_runs(runs).kept                        # split=test, finished, one per seed
 >>> final[["variant", "seed", "metrics.test/acc"]]       # last-epoch values
+
+A store is portable as a whole folder: a run's artifacts are read from the folder its artifact
+URI names or, when that path no longer exists, from the same relative place under the folder of
+the SQLite database (:func:`artifact_folder`), so a copied or moved ``mlruns/`` (``mlflow.db``
+with ``artifacts/`` beside it) builds the same tables and plots. An artifact found nowhere is
+reported with the run, the artifact and every folder looked in.
 """
 from __future__ import annotations
 
@@ -388,18 +394,140 @@ def mean_history(client, run_ids: Iterable[str], keys: str | Sequence[str]) -> p
 
 
 # ----------------------------------------------------------------------------- artifacts
-def download_artifact(client, run_id: str, path: str, dst: str | Path) -> Path | None:
-    """Copy one artifact of a run into ``dst``; None when the run has no such artifact."""
-    try:
-        return Path(client.download_artifacts(run_id, path, dst_path=str(dst)))
-    except Exception:  # missing artifact, or an artifact store that is not reachable here
+def store_folder(client) -> Path | None:
+    """The folder of a SQLite store's database file (``mlruns/``, which holds ``artifacts/``);
+    None for a store of another kind."""
+    uri = str(getattr(client, "tracking_uri", "") or "")
+    if not uri.startswith("sqlite:///"):
         return None
+    return Path(uri[len("sqlite:///"):]).absolute().parent
 
 
-def read_artifact(client, run_id: str, path: str, read: Callable[[Path], Any]) -> Any | None:
-    """``read(local file)`` on a temporary copy of one artifact; None when the run has none."""
+def local_path(uri: str) -> Path | None:
+    """The local path of a ``file:`` URI or a plain path; None for a remote artifact store
+    (``s3://``, ``mlflow-artifacts:``, ``http://``...)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme == "" or re.fullmatch(r"[A-Za-z]", parsed.scheme):  # a path (or a Windows drive)
+        return Path(uri)
+    return None
+
+
+@dataclass(frozen=True)
+class ArtifactFolder:
+    """Where one run's artifacts are: the folder its artifact URI names when it exists, else the
+    same relative location under the store's folder (a store copied or moved as a whole)."""
+
+    run_id: str
+    uri: str  # the run's artifact URI, as logged
+    path: Path | None  # the local folder of the run's artifacts; None when remote or not found
+    looked: tuple[str, ...]  # the local folders tried, in order
+    remote: bool = False  # an artifact store that MLflow downloads from (path is None)
+    error: str = ""  # why the run could not be read
+
+    def missing(self, artifact: str) -> str:
+        """One line: which run, which artifact, where it was looked for."""
+        if self.error:
+            return f"run {self.run_id}: artifact {artifact} not read: {self.error}"
+        text = f"run {self.run_id}: artifact {artifact} not found: looked in {self.looked[0]} (the run's artifact folder)"
+        if len(self.looked) > 1:
+            text += f" and, under the store's folder, {self.looked[1]}"
+        if len(self.looked) > 2:
+            tail = Path(self.looked[-1]).relative_to(Path(self.looked[-1]).parent.parent)
+            text += f" and {len(self.looked) - 2} other folder(s) there ending in {tail}"
+        return text
+
+
+def store_relative_candidates(logged: Path, run_id: str, root: Path) -> list[Path]:
+    """The folders under ``root`` that a run's moved artifact folder ``logged`` may be: the part of
+    the logged path after the store folder's name first, then every trailing part of the path that
+    still holds the run id, longest first."""
+    parts = logged.parts
+    if run_id not in parts:
+        return []
+    at = len(parts) - 1 - parts[::-1].index(run_id)  # the last component that is the run id
+    tails = [parts[i:] for i in range(1, at + 1)]
+    named = [i for i, part in enumerate(parts[:at]) if part == root.name]
+    if named:
+        first = parts[named[-1] + 1:]
+        tails = [first] + [t for t in tails if t != first]
+    return [root.joinpath(*tail) for tail in tails]
+
+
+def artifact_folder(client, run_id: str) -> ArtifactFolder:
+    """The local folder holding a run's artifacts (:class:`ArtifactFolder`)."""
+    try:
+        uri = client.get_run(run_id).info.artifact_uri
+    except Exception as exc:  # a run id the store does not hold
+        return ArtifactFolder(run_id, "", None, (), error=f"{type(exc).__name__}: {exc}")
+    logged = local_path(uri)
+    if logged is None:
+        return ArtifactFolder(run_id, uri, None, (), remote=True)
+    looked = [str(logged)]
+    if logged.is_dir():
+        return ArtifactFolder(run_id, uri, logged, tuple(looked))
+    root = store_folder(client)
+    for candidate in store_relative_candidates(logged, run_id, root) if root is not None else []:
+        looked.append(str(candidate))
+        if candidate.is_dir():
+            return ArtifactFolder(run_id, uri, candidate, tuple(looked))
+    return ArtifactFolder(run_id, uri, None, tuple(looked))
+
+
+def _report(problems: list[str] | None, text: str) -> None:
+    import sys
+
+    if problems is None:
+        print(f"carrot analysis: {text}", file=sys.stderr)
+    elif text not in problems:
+        problems.append(text)
+
+
+def download_artifact(client, run_id: str, path: str, dst: str | Path, *,
+                      problems: list[str] | None = None) -> Path | None:
+    """Copy one artifact of a run into ``dst``; None when the run has no such artifact.
+
+    A run's artifacts are read from the folder its artifact URI names or, when that folder is
+    gone (a store copied or moved with its ``artifacts/``), from the same relative location under
+    the store's folder (:func:`artifact_folder`). When the run's artifact folder is found nowhere,
+    or a remote artifact store fails, one line says which run, which artifact and where it was
+    looked for: appended to ``problems``, or printed to stderr when ``problems`` is None. A run
+    whose artifact folder exists but lacks the file simply did not log it: None, nothing said."""
+    import shutil
+
+    folder = artifact_folder(client, run_id)
+    if folder.remote:
+        try:
+            return Path(client.download_artifacts(run_id, path, dst_path=str(dst)))
+        except Exception as exc:  # an artifact store that is not reachable here, or no such artifact
+            _report(problems, f"run {run_id}: artifact {path} could not be downloaded from {folder.uri}: "
+                              f"{type(exc).__name__}: {exc}")
+            return None
+    if folder.path is None:
+        _report(problems, folder.missing(path))
+        return None
+    source = folder.path / path
+    if not source.exists():
+        return None
+    target = Path(dst) / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(source, target)
+    return target
+
+
+def read_artifact(client, run_id: str, path: str, read: Callable[[Path], Any], *,
+                  problems: list[str] | None = None) -> Any | None:
+    """``read(local file)`` on a temporary copy of one artifact; None when the run has none
+    (:func:`download_artifact` says why where the artifact could not be found)."""
     with tempfile.TemporaryDirectory(prefix="carrot-analysis-") as tmp:
-        local = download_artifact(client, run_id, path, tmp)
+        local = download_artifact(client, run_id, path, tmp, problems=problems)
         if local is None or not local.is_file():
             return None
         return read(local)
@@ -410,28 +538,51 @@ def _read_npz(local: Path) -> dict[str, np.ndarray]:
         return {k: np.array(data[k]) for k in data.files}
 
 
-def read_confusion(client, run_id: str) -> dict[str, np.ndarray] | None:
+def read_confusion(client, run_id: str, *, problems: list[str] | None = None) -> dict[str, np.ndarray] | None:
     """``confusion`` (E, K, K) counts, ``epochs`` (E,), ``class_names`` (K,) of one run."""
-    return read_artifact(client, run_id, contract.CONFUSION_ARTIFACT, _read_npz)
+    return read_artifact(client, run_id, contract.CONFUSION_ARTIFACT, _read_npz, problems=problems)
 
 
-def read_predictions(client, run_id: str) -> dict[str, np.ndarray] | None:
+def read_predictions(client, run_id: str, *, problems: list[str] | None = None) -> dict[str, np.ndarray] | None:
     """A final run's per-sample test predictions (:data:`contract.PREDICTIONS_ARTIFACT`)."""
-    return read_artifact(client, run_id, contract.PREDICTIONS_ARTIFACT, _read_npz)
+    return read_artifact(client, run_id, contract.PREDICTIONS_ARTIFACT, _read_npz, problems=problems)
 
 
 class Artifacts:
     """The runs' confusion matrices and predictions, each read from the store once per command
-    (several tables and plots read the same files)."""
+    (several tables and plots read the same files).
 
-    def __init__(self, client) -> None:
+    ``missing`` collects one line per artifact that could not be found or downloaded (which run,
+    which artifact, where it was looked for); each line is also passed to ``log`` (stderr by
+    default) when it first occurs."""
+
+    def __init__(self, client, log: Callable[[str], None] | None = None) -> None:
         self.client = client
+        self.missing: list[str] = []
+        self.unreachable: set[str] = set()  # runs whose artifacts could not be found or downloaded
+        self._log = log
         self._read: dict[tuple[str, str], Any] = {}
 
-    def _get(self, run_id: str, name: str, read: Callable[[Any, str], Any]) -> Any:
+    def _get(self, run_id: str, name: str, read: Callable[..., Any]) -> Any:
+        if self.client is None:  # no store to read from
+            return None
         if (run_id, name) not in self._read:
-            self._read[(run_id, name)] = read(self.client, run_id)
+            problems: list[str] = []
+            self._read[(run_id, name)] = read(self.client, run_id, problems=problems)
+            for text in problems:
+                self.unreachable.add(run_id)
+                if text not in self.missing:
+                    self.missing.append(text)
+                    self._say(text)
         return self._read[(run_id, name)]
+
+    def _say(self, text: str) -> None:
+        if self._log is not None:
+            self._log(text)
+        else:
+            import sys
+
+            print(f"carrot analysis: {text}", file=sys.stderr)
 
     def confusion(self, run_id: str) -> np.ndarray | None:
         """The last epoch's confusion matrix (K, K) int64 (rows: true class), or None."""

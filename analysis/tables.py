@@ -29,11 +29,29 @@ finished trials; the trials of different studies are never averaged together. Mi
 written into the table with a numbered note, never dropped. Each table is one DataFrame
 (:meth:`Table.frame`), rendered by :func:`render` to all three formats. The output is
 deterministic: the same store gives byte-identical files.
+
+As a paper shows them:
+
+- negative numbers carry a true minus sign (U+2212 in Markdown, ``$-$`` in LaTeX); the CSV keeps
+  plain ASCII numbers at full precision;
+- the 95% t-interval of an accuracy is shown clipped to [0, 100] with a note on the cell (the
+  CSV keeps the unclipped bounds); the significance table's intervals are percentile bootstraps;
+- a number resting on too few runs is marked with a note: a t-interval or paired t-test over
+  fewer than :data:`MIN_SEEDS` seeds, a pooled McNemar test over fewer than :data:`MIN_SEEDS`
+  seeds, an ablation setting with fewer than :data:`MIN_SETTING_TRIALS` trials, an importance
+  from fewer than :data:`MIN_IMPORTANCE_TRIALS` complete trials;
+- D_B = -log rho (never rho, which underflows), and in ``geometry`` a value that would round to
+  zero or is 10^5 or more is written m×10ⁿ;
+- the LaTeX is a fragment to ``\\input`` (needs ``booktabs`` and ``graphicx``): a table too wide
+  to stay readable is split into panels that repeat the label columns, each panel is scaled
+  down to ``\\linewidth`` when still wider, long headers take two lines, `code` in notes is set
+  in typewriter, and the notes follow as small ragged-right paragraphs.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +111,12 @@ CONFIDENCE = 0.95
 CSV_FLOAT = "{:.10g}"
 NA = "n/a"
 DASH = "—"
+MINUS = "\u2212"  # the minus sign of a displayed number (the CSV keeps ASCII '-')
+# Below these counts a number is shown with a note that it rests on too few runs.
+MIN_SEEDS = 3  # seeds behind a 95% t-interval, a paired t-test or a pooled McNemar test
+MIN_SETTING_TRIALS = 3  # study trials behind one ablation setting's mean
+MIN_IMPORTANCE_TRIALS = 10  # complete trials behind an fANOVA importance
+ACC_BOUNDS = (0.0, 1.0)  # an accuracy's range; an interval beyond it is shown clipped, with a note
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -151,23 +175,63 @@ def by_seed(runs: pd.DataFrame, key: str) -> dict[int, float]:
 
 
 # ----------------------------------------------------------------------------- formatting
-def fmt(x: float, digits: int = 2, scale: float = 1.0, sign: bool = False) -> str:
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+SCI_ABOVE = 1e5  # magnitudes from here on (and those that would round to zero) are shown as m×10ⁿ
+
+
+def _needs_sci(v: float, digits: int) -> bool:
+    """A value that would show as zero with ``digits`` decimals, or is at least :data:`SCI_ABOVE`."""
+    return math.isfinite(v) and v != 0 and (abs(v) < 0.5 * 10.0 ** -digits or abs(v) >= SCI_ABOVE)
+
+
+def _power(exponent: int) -> str:
+    return "×10" + str(exponent).translate(_SUPERSCRIPT)
+
+
+def fmt(x: float, digits: int = 2, scale: float = 1.0, sign: bool = False, sci: bool = False) -> str:
+    """A displayed number: ``digits`` decimals, a true minus sign (U+2212), '+' with ``sign``.
+
+    ``sci``: a value that would show as 0.00 (or is at least :data:`SCI_ABOVE`) is written
+    m×10ⁿ with three significant digits instead, so a tiny or huge value stays readable."""
     if x is None or not math.isfinite(x):
         return NA
-    return f"{x * scale:+.{digits}f}" if sign else f"{x * scale:.{digits}f}"
+    v = x * scale
+    if sci and _needs_sci(v, digits):
+        mantissa, exponent = f"{v:{'+' if sign else ''}.2e}".split("e")
+        text = mantissa + _power(int(exponent))
+    else:
+        text = f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+    return text.replace("-", MINUS)
 
 
-def fmt_pm(s: Summary, digits: int = 2, scale: float = 1.0) -> str:
-    """'mean ± std'; 'n/a' for no value; the std says n/a for a single value."""
+def fmt_pm(s: Summary, digits: int = 2, scale: float = 1.0, sci: bool = False) -> str:
+    """'mean ± std'; 'n/a' for no value; the std says n/a for a single value.
+
+    ``sci``: a mean that :func:`fmt` would write as m×10ⁿ gives '(m ± s)×10ⁿ', both in the
+    mean's power of ten."""
     if s.n == 0:
         return NA
-    return f"{fmt(s.mean, digits, scale)} ± {fmt(s.std, digits, scale)}"
+    mean, std = s.mean * scale, s.std * scale
+    if sci and _needs_sci(mean, digits) and math.isfinite(std):
+        exponent = math.floor(math.log10(abs(mean)))
+        m, sd = mean / 10.0 ** exponent, std / 10.0 ** exponent
+        if f"{abs(m):.2f}" == "10.00":  # rounding carried into the next power
+            exponent, m, sd = exponent + 1, m / 10, sd / 10
+        return (f"({m:.2f} ± {sd:.2f})" + _power(exponent)).replace("-", MINUS)
+    return f"{fmt(s.mean, digits, scale, sci=sci)} ± {fmt(s.std, digits, scale, sci=sci)}"
 
 
-def fmt_ci(s: Summary, digits: int = 2, scale: float = 1.0) -> str:
+def fmt_ci(s: Summary, digits: int = 2, scale: float = 1.0,
+           bounds: tuple[float, float] | None = None) -> tuple[str, bool]:
+    """'[low, high]' ('n/a' below 2 values), each end clipped to ``bounds`` (in the values'
+    units, before ``scale``); and whether an end was clipped."""
     if s.n < 2:
-        return NA
-    return f"[{fmt(s.ci_low, digits, scale)}, {fmt(s.ci_high, digits, scale)}]"
+        return NA, False
+    low, high = s.ci_low, s.ci_high
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    clipped = (low, high) != (s.ci_low, s.ci_high)
+    return f"[{fmt(low, digits, scale)}, {fmt(high, digits, scale)}]", clipped
 
 
 def fmt_p(p: float) -> str:
@@ -279,17 +343,89 @@ def _markdown(table: Table, shown: pd.DataFrame) -> str:
     return "\n".join(out) + "\n"
 
 
-def _latex(table: Table, shown: pd.DataFrame) -> str:
-    spec = "l" * table.label_columns + "r" * (shown.shape[1] - table.label_columns)
-    styler = shown.style.hide(axis="index").format(latex_escape).format_index(latex_escape, axis=1)
-    lines = styler.to_latex(column_format=spec, hrules=True).splitlines()
+LATEX_PACKAGES = ("booktabs", "graphicx")  # what a document \\input-ing a table needs
+# Each tabular's box, scaled down to the line width when it is wider (never up).
+LATEX_FIT = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
+# Estimated widths (pt, 10pt Computer Modern) that decide where a wide table is split into
+# panels: each panel repeats the label columns and takes as many value columns as keep it under
+# LATEX_PANEL_PT, so the scaling above shrinks it to no less than about 345 / 500 = 0.7.
+LATEX_PANEL_PT = 500.0
+LATEX_CHAR_PT = 5.0  # an average character
+LATEX_COLSEP_PT = 12.0  # \tabcolsep on both sides
+
+
+def _header_lines(header: str, body_chars: int) -> list[str]:
+    """A column header on one line, or on two (split at the space that balances them best) when
+    it is longer than the column's widest cell."""
+    words = header.split(" ")
+    if len(header) <= body_chars or len(words) < 2:
+        return [header]
+    splits = [(" ".join(words[:i]), " ".join(words[i:])) for i in range(1, len(words))]
+    return list(min(splits, key=lambda pair: max(len(pair[0]), len(pair[1]))))
+
+
+def _latex_header(lines: list[str], align: str) -> str:
+    if len(lines) == 1:
+        return latex_escape(lines[0])
+    return (r"\begin{tabular}[b]{@{}" + align + "@{}}" + r"\\".join(latex_escape(x) for x in lines)
+            + r"\end{tabular}")
+
+
+def _panels(table: Table, shown: pd.DataFrame, headers: list[list[str]]) -> list[list[int]]:
+    """The columns of each panel: the label columns, then value columns while the estimated
+    width stays under :data:`LATEX_PANEL_PT` (at least one value column a panel)."""
+    def width(i: int) -> float:
+        chars = max([len(x) for x in headers[i]] + [len(str(c)) for c in shown.iloc[:, i]])
+        return chars * LATEX_CHAR_PT + LATEX_COLSEP_PT
+
+    labels = list(range(table.label_columns))
+    base = sum(width(i) for i in labels)
+    panels: list[list[int]] = []
+    current: list[int] = []
+    for i in range(table.label_columns, shown.shape[1]):
+        if current and base + sum(width(j) for j in current) + width(i) > LATEX_PANEL_PT:
+            panels.append(labels + current)
+            current = []
+        current.append(i)
+    return panels + [labels + current] if current or not panels else panels
+
+
+def _latex_tabular(table: Table, shown: pd.DataFrame, columns: list[int], headers: list[list[str]]) -> list[str]:
+    part = shown.iloc[:, columns]
+    aligns = ["l" if i < table.label_columns else "r" for i in columns]
+    names = {name: _latex_header(headers[i], align) for name, i, align in zip(part.columns, columns, aligns)}
+    styler = part.style.hide(axis="index").format(latex_escape).format_index(lambda name: names[name], axis=1)
+    lines = styler.to_latex(column_format="".join(aligns), hrules=True).splitlines()
     first = lines.index(r"\midrule") + 1  # the first body row: one line per row
-    assert lines.index(r"\bottomrule") - first == len(shown), "a LaTeX row spans one line"
-    for end in sorted((i for i in table.group_ends if i < len(shown) - 1), reverse=True):
+    assert lines.index(r"\bottomrule") - first == len(part), "a LaTeX row spans one line"
+    for end in sorted((i for i in table.group_ends if i < len(part) - 1), reverse=True):
         lines.insert(first + end + 1, r"\midrule")  # a rule between datasets or variants
-    header = [f"% {latex_escape(table.title)}", "% generated by analysis/tables.py from the MLflow store"]
-    notes = [f"\\par{{\\footnotesize {latex_escape(line)}}}" for line in table.notes.lines()]
-    return "\n".join(header + lines + notes) + "\n"
+    assert lines[-1] == r"\end{tabular}", lines[-1]
+    lines[-1] += "%"
+    return [r"\par\noindent" + LATEX_FIT, *lines, "}\\par"]
+
+
+def _latex(table: Table, shown: pd.DataFrame) -> str:
+    """A fragment to ``\\input``: the booktabs tabular in a box no wider than ``\\linewidth``
+    (a table too wide to stay readable is split into panels one under the other, each repeating
+    the label columns), then the notes as small ragged-right paragraphs (a path in a note may
+    break after '/')."""
+    if len(set(shown.columns)) != shown.shape[1]:
+        raise ValueError(f"{table.name}: column names repeat")
+    headers = [_header_lines(str(name), max((len(str(c)) for c in shown.iloc[:, i]), default=0))
+               if i >= table.label_columns else [str(name)] for i, name in enumerate(shown.columns)]
+    body: list[str] = []
+    for n, columns in enumerate(_panels(table, shown, headers)):
+        body += ([r"\par\medskip"] if n else []) + _latex_tabular(table, shown, columns, headers)
+    header = [f"% {latex_escape(table.title)}", "% generated by analysis/tables.py from the MLflow store; needs "
+              f"\\usepackage{{{','.join(LATEX_PACKAGES)}}}"]
+    header += [f"% caption: {latex_escape(table.caption)}"] if table.caption else []
+    notes = []
+    if table.notes.texts:
+        notes = [r"{\footnotesize\raggedright"] + [
+            r"\noindent " + latex_escape(line).replace("/", r"\slash{}") + r"\par" for line in table.notes.lines()]
+        notes[-1] += "}"
+    return "\n".join(header + body + notes) + "\n"
 
 
 def write_table(table: Table, out: Path) -> list[Path]:
@@ -305,12 +441,32 @@ def write_table(table: Table, out: Path) -> list[Path]:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-_LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "ρ": r"$\rho$", "≥": r"$\geq$", "—": "---", "<": r"$<$",
-                  ">": r"$>$"}
+_LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "ρ": r"$\rho$", "≥": r"$\geq$", "≤": r"$\leq$", "—": "---",
+                  "<": r"$<$", ">": r"$>$", MINUS: r"$-$", "×": r"$\times$", "Σ": r"$\Sigma$", "…": r"\ldots{}"}
+# Spans written as LaTeX constructs rather than character by character: `code`, a power of ten
+# m×10ⁿ (see :func:`fmt`), and the symbol D_B.
+_LATEX_SPANS = re.compile(r"`(?P<code>[^`]*)`|×10(?P<power>[⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+)|(?P<db>\bD_B\b)")
+_FROM_SUPERSCRIPT = str.maketrans("⁻⁰¹²³⁴⁵⁶⁷⁸⁹", "-0123456789")
+
+
+def _latex_chars(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch) or _LATEX_SYMBOLS.get(ch) or ch for ch in text)
 
 
 def latex_escape(text: Any) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch) or _LATEX_SYMBOLS.get(ch) or ch for ch in str(text))
+    """Text for a LaTeX document: special characters escaped, symbols in math mode, `code` in
+    typewriter (never backticks, which LaTeX would set as quotes)."""
+    text, out, at = str(text), [], 0
+    for m in _LATEX_SPANS.finditer(text):
+        out.append(_latex_chars(text[at:m.start()]))
+        if m["code"] is not None:
+            out.append(r"\texttt{" + _latex_chars(m["code"]) + "}")
+        elif m["power"] is not None:
+            out.append(r"$\times 10^{" + m["power"].translate(_FROM_SUPERSCRIPT) + "}$")
+        else:
+            out.append(r"$D_B$")
+        at = m.end()
+    return "".join(out) + _latex_chars(text[at:])
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -334,6 +490,11 @@ class Context:
             baseline = group_runs(self.final, dataset, backbone, "baseline")
             self._references[(dataset, backbone)] = reference_set(self.artifacts, baseline)
         return self._references[(dataset, backbone)]
+
+    def lost(self, dataset: str, backbone: str) -> int:
+        """Baseline final runs of one dataset and backbone whose artifacts could not be found."""
+        baseline = group_runs(self.final, dataset, backbone, "baseline")
+        return len(set(baseline["run_id"]) & self.artifacts.unreachable) if len(baseline) else 0
 
 
 def group_runs(frame: pd.DataFrame, dataset: str, backbone: str, variant: str | None = None) -> pd.DataFrame:
@@ -470,9 +631,37 @@ def reference_cells(ctx: Context, slot: FinalSlot, per_seed: str | Callable[[pd.
             cells.append(f"{NA} " + notes.mark(
                 "fewer than 2 seeds in common with the reference variant: no paired test"))
         else:
-            cells.append(f"{fmt(result.diff, digits, scale, sign=True)} ({fmt_p(result.p)}, n={result.n})"
+            few = "" if result.n >= MIN_SEEDS else " " + notes.mark(
+                f"paired t-test over fewer than {MIN_SEEDS} seeds ({degrees(result.n - 1)} of freedom): it has "
+                f"little power and its p-value is unreliable; run {MIN_SEEDS} or more seeds")
+            cells.append(f"{fmt(result.diff, digits, scale, sign=True)} ({fmt_p(result.p)}, n={result.n})" + few
                          + setup_note(notes, slot.runs, ref_runs, ref))
     return cells, fields
+
+
+def degrees(n: int) -> str:
+    return f"{n} degree" + ("" if n == 1 else "s")
+
+
+def ci_cell(s: Summary, notes: Notes, digits: int, scale: float, bounds: tuple[float, float] | None) -> str:
+    """The 95% t-interval of a mean over seeds, clipped to ``bounds`` with a note, and marked
+    when it rests on fewer than :data:`MIN_SEEDS` seeds."""
+    text, clipped = fmt_ci(s, digits, scale, bounds)
+    if s.n == 1:
+        text += " " + notes.mark("one seed: no interval (a 95% t-interval needs at least 2 seeds)")
+    elif 1 < s.n < MIN_SEEDS:
+        from scipy import stats
+
+        t = float(stats.t.ppf(0.5 + CONFIDENCE / 2, s.n - 1))
+        text += " " + notes.mark(
+            f"95% t-interval over {s.n} seeds ({degrees(s.n - 1)} of freedom, t = {t:.2f}): very wide; "
+            f"run {MIN_SEEDS} or more seeds")
+    if clipped:
+        lo, hi = (fmt(b, 0, scale) for b in bounds)
+        text += " " + notes.mark(
+            f"the t-interval runs past the range of an accuracy: shown clipped to [{lo}, {hi}] (the CSV keeps the "
+            "unclipped bounds)")
+    return text
 
 
 # ----------------------------------------------------------------------------- 1. main results
@@ -489,9 +678,11 @@ def main_results(ctx: Context) -> Table:
         csv_columns=["dataset", "backbone", "variant", "n_seeds", "n_expected", "acc_mean", "acc_std",
                      "acc_ci_low", "acc_ci_high", *REFERENCE_COLUMNS, "mean_class_acc_mean", "mean_class_acc_std",
                      "seeds", "note"],
-        caption="Final runs (split=test, finished), last epoch; mean ± std over seeds; 95% t-interval; "
-                "Δ = mean paired difference over common seeds with a paired t-test (scipy ttest_rel); "
-                "PC = pairwise_confusion.")
+        caption="Final runs (split=test, finished), last epoch; mean ± std over seeds; 95% t-interval of the "
+                "mean over seeds (shown clipped to [0, 100] where it runs past, with a note; the CSV keeps the "
+                "unclipped bounds); Δ = mean paired difference over common seeds with a paired t-test (scipy "
+                f"ttest_rel); PC = pairwise_confusion. Intervals and tests over fewer than {MIN_SEEDS} seeds are "
+                "marked.")
     for slot in final_slots(ctx, table):
         acc = summarize(metric_values(slot.runs, TEST_ACC))
         mca = summarize(metric_values(slot.runs, TEST_MEAN_CLASS_ACC))
@@ -499,7 +690,8 @@ def main_results(ctx: Context) -> Table:
         if slot.n == 0:
             cells = [slot.seeds, "no finished runs", NA, *refs, NA]
         else:
-            cells = [slot.seeds, fmt_pm(acc, 2, 100), fmt_ci(acc, 2, 100), *refs, fmt_pm(mca, 2, 100)]
+            cells = [slot.seeds, fmt_pm(acc, 2, 100), ci_cell(acc, table.notes, 2, 100, ACC_BOUNDS), *refs,
+                     fmt_pm(mca, 2, 100)]
         table.add(slot.labels + cells, {
             **slot.keys, "n_seeds": slot.n, "n_expected": slot.expected, "acc_mean": acc.mean, "acc_std": acc.std,
             "acc_ci_low": acc.ci_low, "acc_ci_high": acc.ci_high, **fields, "mean_class_acc_mean": mca.mean,
@@ -519,11 +711,18 @@ def reference_errors(ctx: Context, runs: pd.DataFrame, ref: ReferenceSet) -> dic
     return out
 
 
-def reference_note(ref: ReferenceSet, notes: Notes) -> str:
-    """The note mark of a reference set that is smaller than asked, or missing; "" otherwise."""
-    if ref.pooled is None:
-        return " " + notes.mark(f"no baseline final run with a {contract.CONFUSION_ARTIFACT}: no reference pairs")
+def reference_note(ref: ReferenceSet, notes: Notes, lost: int = 0) -> str:
+    """The note mark of a reference set that is smaller than asked, or missing; "" otherwise.
+    ``lost``: baseline runs whose artifact folder was not found (see :class:`Artifacts`)."""
     marks = ""
+    if lost:
+        marks += " " + notes.mark(
+            f"the artifact folder of {lost} baseline run(s) was found neither where the run logged it nor under the "
+            f"store's folder: no {contract.CONFUSION_ARTIFACT} read from them (stderr names each run and where it "
+            "was looked for)")
+    if ref.pooled is None:
+        return marks + " " + notes.mark(
+            f"no baseline final run with a {contract.CONFUSION_ARTIFACT}: no reference pairs")
     if len(ref) < ref.top_n:
         marks += " " + notes.mark(
             f"the baseline's pooled confusion holds only {len(ref)} confused pair(s) (S > 0): the reference "
@@ -562,10 +761,13 @@ def confusable_pairs(ctx: Context) -> Table:
         else:
             ref_cell = fmt_pm(errors, 2, 100)
             if errors.n < slot.n:
+                lost = len(set(slot.runs["run_id"]) & ctx.artifacts.unreachable)
                 ref_cell += " " + table.notes.mark(
+                    f"the artifact folder of {lost} of these runs was not found (stderr names each run and where it "
+                    "was looked for): statistics over the others" if lost else
                     f"some runs have no usable {contract.CONFUSION_ARTIFACT}: statistics over the others")
-        table.add(slot.labels + [slot.seeds, str(len(ref)) + reference_note(ref, table.notes), ref_cell, *refs,
-                                 fmt_pm(top, 2, 100) if slot.n else NA],
+        pairs_cell = str(len(ref)) + reference_note(ref, table.notes, ctx.lost(slot.dataset, slot.backbone))
+        table.add(slot.labels + [slot.seeds, pairs_cell, ref_cell, *refs, fmt_pm(top, 2, 100) if slot.n else NA],
                   {**slot.keys, "n_seeds": slot.n, "n_ref_pairs": len(ref), "n_rescored": errors.n,
                    "ref_error_mean": errors.mean, "ref_error_std": errors.std, **fields,
                    "top_error_mean": top.mean, "top_error_std": top.std})
@@ -587,13 +789,14 @@ def reference_pairs(ctx: Context) -> Table:
         base = {"dataset": dataset, "backbone": backbone, "n_baseline_runs": len(ref.run_ids)}
         errors = ref.errors(ref.pooled)
         for rank, ((i, j), score, error) in enumerate(zip(ref.pairs.tolist(), ref.scores, errors), start=1):
-            marks = reference_note(ref, table.notes) if rank == len(ref) else ""
+            marks = reference_note(ref, table.notes, ctx.lost(dataset, backbone)) if rank == len(ref) else ""
             table.add([dataset, backbone, str(rank), f"({i}, {j})", f"{ref.name(i)} / {ref.name(j)}",
                        fmt(score, 4), fmt(error, 2, 100) + marks],
                       {**base, "rank": rank, "i": i, "j": j, "class_i": ref.name(i), "class_j": ref.name(j),
                        "score": float(score), "baseline_error": float(error)})
         if not len(ref):
-            table.add([dataset, backbone, DASH, DASH, DASH, DASH, NA + reference_note(ref, table.notes)], base)
+            table.add([dataset, backbone, DASH, DASH, DASH, DASH,
+                       NA + reference_note(ref, table.notes, ctx.lost(dataset, backbone))], base)
         table.end_group()
     return table
 
@@ -611,11 +814,13 @@ def geometry(ctx: Context) -> Table:
         ["Dataset", "Backbone", "Variant", "Seeds", *[m[1] for m in metrics]], label_columns=3,
         csv_columns=["dataset", "backbone", "variant", "n_seeds",
                      *[f"{keys[0]}:{stat}" for keys, *_ in metrics for stat in ("mean", "std", "n")], "note"],
-        caption="Final runs, last epoch, mean ± std over seeds. D_B = -log ρ: diagonal-Gaussian Bhattacharyya "
+        caption="Final runs, last epoch, mean ± std over seeds. D_B = −log ρ: diagonal-Gaussian Bhattacharyya "
                 "distance of the class-conditional features of the reference pairs each run was scored on, per "
                 f"layer ({contract.db_metric('<layer>', 'ref')}, or {contract.legacy_db_metric('<layer>', 'ref')} "
                 "in older runs; higher = less overlap; ρ itself underflows to 0 on wide layers); cos: prototype "
-                "cosine of those pairs; probe: linear-probe accuracy per layer; NC1 = Tr(Σ_W Σ_B^+)/K.")
+                "cosine of those pairs; probe: linear-probe accuracy per layer; NC1 = Tr(Σ_W Σ_B^+)/K. A value that "
+                f"would round to zero, or of 10{str(round(math.log10(SCI_ABOVE))).translate(_SUPERSCRIPT)} or more, is "
+                "written m×10ⁿ.")
     for slot in final_slots(ctx, table):
         cells, fields = [slot.seeds], {}
         for keys, _, scale, digits in metrics:
@@ -625,7 +830,7 @@ def geometry(ctx: Context) -> Table:
             elif s.n == 0:
                 cell = f"{NA} " + table.notes.mark("metric not logged by these runs")
             else:
-                cell = fmt_pm(s, digits, scale)
+                cell = fmt_pm(s, digits, scale, sci=True)
                 if s.n < slot.n:
                     cell += " " + table.notes.mark("logged by only some of the runs; statistics over those")
             cells.append(cell)
@@ -680,7 +885,8 @@ def ablations(ctx: Context) -> Table:
         caption="Finished study trials (split=val), last-epoch val/acc, grouped by one switch at a time and by "
                 "the variant's switches jointly; other hyperparameters vary across trials as the search chose them. "
                 f"Each study ({contract.TAG_STUDY_ID}; shown as name and the id's first {SHORT_ID} characters) has "
-                "its own rows: trials of different studies are never averaged together.")
+                "its own rows: trials of different studies are never averaged together. Settings with fewer than "
+                f"{MIN_SETTING_TRIALS} trials are marked.")
     for slot in slots(ctx, table):
         found = studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
         if not found:
@@ -721,8 +927,12 @@ def ablation_rows(table: Table, slot: Slot, trials: pd.DataFrame, label: str, ma
         for setting in sorted(set(settings), key=_setting_key):
             mask = np.array([s == setting for s in settings])
             s = summarize(acc[mask])
+            n_cell = str(int(mask.sum()))
+            if mask.sum() < MIN_SETTING_TRIALS:
+                n_cell += " " + table.notes.mark(
+                    f"fewer than {MIN_SETTING_TRIALS} trials: this mean is not a reliable comparison")
             table.add(slot.labels + [label + ("" if len(table) > first else marks), switch, setting,
-                                     str(int(mask.sum())), fmt_pm(s, 2, 100)],
+                                     n_cell, fmt_pm(s, 2, 100)],
                       {**slot.keys, **study, "switch": switch, "setting": setting, "n_trials": int(mask.sum()),
                        "val_acc_mean": s.mean, "val_acc_std": s.std})
 
@@ -757,7 +967,8 @@ def importance(ctx: Context) -> Table:
         csv_columns=["dataset", "backbone", "variant", "study", "study_id", "n_complete", "param", "importance",
                      "note"],
         caption=f"optuna.importance.get_param_importances (fANOVA, seed 0) on the study in {ctx.storage}; "
-                "importances sum to 1 within a study.")
+                f"importances sum to 1 within a study. Studies with fewer than {MIN_IMPORTANCE_TRIALS} complete "
+                "trials are marked.")
     storage, problem = open_study_storage(ctx.storage)
     names = set()
     if storage is not None:
@@ -791,14 +1002,21 @@ def importance(ctx: Context) -> Table:
         label = f"{name} ({study_id[:SHORT_ID]})" if study_id else name
         others = {st.study_id for st in studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
                   if st.name == name and st.study_id} - {study_id}
+        label_note = ""
         if others and n_complete is not None:
-            label += " " + table.notes.mark(
-                "the MLflow store also holds trials of other studies of this name (other ids: another storage); "
-                f"the importance is of the study in {ctx.storage}")
+            label_note = ("the MLflow store also holds trials of other studies of this name (other ids: another "
+                          f"storage); the importance is of the study in {ctx.storage}")
+            label += " " + table.notes.mark(label_note)
+        few = ""
+        if rows and n_complete is not None and n_complete < MIN_IMPORTANCE_TRIALS:
+            few = (f"fewer than {MIN_IMPORTANCE_TRIALS} complete trials: the fANOVA importance rests on too few "
+                   "trials to rank hyperparameters reliably")
+            trials_cell += " " + table.notes.mark(few)
         base = {**slot.keys, "study": name, "study_id": study_id, "n_complete": n_complete}
-        for param, value in rows:
+        for param, value in rows:  # every row of the study carries the study's notes
             table.add(slot.labels + [label, param, trials_cell, fmt(value, 3)],
-                      {**base, "param": param, "importance": value})
+                      {**base, "param": param, "importance": value, "note": "; ".join(
+                          t for t in (label_note, few) if t)})
         if not rows:
             table.add(slot.labels + [label, DASH, trials_cell, f"{NA} " + table.notes.mark(note)],
                       {**base, "param": "", "importance": None, "note": note})
@@ -930,6 +1148,10 @@ def significance_slots(ctx: Context, table: Table) -> list[tuple[FinalSlot, list
             setup = setup_difference(slot.runs, group_runs(ctx.final, slot.dataset, slot.backbone, "baseline"),
                                      "baseline")
             pooled.notes += [setup] if setup else []
+            if len(common) < MIN_SEEDS:
+                pooled.notes.append(
+                    f"pooled over fewer than {MIN_SEEDS} seeds: the test and its interval are over test samples and "
+                    f"say little about seed-to-seed variation; run {MIN_SEEDS} or more seeds")
         out.append((slot, rows + [pooled]))
     rows = [r for _, part in out for r in part]
     family = [r for r in rows if r.tested]

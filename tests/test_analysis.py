@@ -150,7 +150,14 @@ def test_main_results_cells_equal_the_runs_metrics(store):
         m = row(md, Variant=variant)
         assert m["Seeds"] == "2"
         assert m["Top-1 (%)"] == f"{100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}"
-        assert m["95% CI"] == f"[{100 * (acc.mean() - half):.2f}, {100 * (acc.mean() + half):.2f}]"
+        # the interval as shown: clipped to [0, 100], true minus signs, and marked as resting on 2 seeds
+        low, high = max(acc.mean() - half, 0.0), min(acc.mean() + half, 1.0)
+        shown = f"[{100 * low:.2f}, {100 * high:.2f}]".replace("-", "\u2212")
+        assert m["95% CI"].startswith(shown + " [")
+        text = (store["out"] / "main_results.md").read_text()
+        assert "95% t-interval over 2 seeds" in text
+        if (low, high) != (acc.mean() - half, acc.mean() + half):
+            assert "shown clipped to [0, 100]" in text
         assert m["Mean class acc. (%)"] == f"{100 * mca.mean():.2f} ± {100 * mca.std(ddof=1):.2f}"
 
 
@@ -168,7 +175,8 @@ def test_paired_difference_to_baseline_by_hand(store):
     assert c["n_paired_vs_baseline"] == "2"
     cell = row(md_rows(store["out"] / "main_results.md"), Variant="barrier")["Δ vs baseline (pp)"]
     p_text = "p<0.001" if p < 0.001 else f"p={p:.3f}"
-    assert cell == f"{100 * d.mean():+.2f} ({p_text}, n=2)"
+    assert cell.startswith(f"{100 * d.mean():+.2f} ({p_text}, n=2) [".replace("-", "\u2212"))
+    assert "paired t-test over fewer than 3 seeds" in (store["out"] / "main_results.md").read_text()
     # the reference row compares with nothing; no pairwise_confusion run exists: said, not zero
     assert row(md_rows(store["out"] / "main_results.md"), Variant="baseline")["Δ vs baseline (pp)"] == "—"
     pc = row(md_rows(store["out"] / "main_results.md"), Variant="barrier")["Δ vs PC (pp)"]
@@ -334,10 +342,11 @@ def test_failed_and_missing_runs_are_shown_not_dropped(store, tmp_path):
     barrier = row(md_rows(out / "main_results.md"), Variant="barrier")
     assert barrier["Seeds"].startswith("1 of 2 [")
     value = final_values(store, "barrier", "test/acc")[0]
-    assert barrier["Top-1 (%)"] == f"{100 * value:.2f} ± n/a" and barrier["95% CI"] == "n/a"
+    assert barrier["Top-1 (%)"] == f"{100 * value:.2f} ± n/a" and barrier["95% CI"].startswith("n/a [")
     assert barrier["Δ vs baseline (pp)"].startswith("n/a [")
     text = (out / "main_results.md").read_text()
     assert "fewer seeds than expected" in text and "fewer than 2 seeds in common" in text
+    assert "one seed: no interval" in text
     assert row(read_csv(out / "main_results.csv"), variant="barrier")["diff_vs_baseline"] == ""
 
     copy.set_terminated(store["final"][("barrier", 0)], "FAILED")

@@ -1,0 +1,137 @@
+"""A store moved as a whole folder still builds the same tables.
+
+Real final runs are trained into ``<project>/mlruns/`` (``mlflow.db`` and ``artifacts/``, the
+layout ``carrot`` writes), the tables are built, then the whole project folder is moved away
+(``shutil.move``: the original path is gone) and the tables are built again from the moved
+store. The runs' artifact URIs still name the old folder; ``analysis`` finds each run's
+``confusion.npz`` and ``predictions.npz`` at the same relative place under the moved store.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import read_csv, tiny_config
+
+TABLES = ("main_results", "significance", "confusable_pairs", "reference_pairs", "geometry", "ablations", "importance")
+FINAL = (("baseline", 0), ("barrier", 0))
+# As small as a final run gets: one epoch on 10 images per class, one probed layer, one L2 value.
+TINY = {"optim.epochs": 1, "data.limit_per_class": 10, "eval.probe_max_train": 40, "eval.probe_l2_grid": [1e-2],
+        "model.probe_layers": ["layer4"], "data.batch_size": 32}
+STORAGE = "no-study.journal"  # the same (absent) Optuna storage before and after the move
+
+
+def build_tables(uri: str, out: Path, capsys) -> tuple[int, str]:
+    from analysis import tables
+
+    capsys.readouterr()
+    code = tables.main(["--out", str(out), "--tracking-uri", uri, "--storage", STORAGE])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory):
+    """Two real final runs in <root>/project/mlruns, tables built, then the project moved."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from carrot.train import run
+
+    root = tmp_path_factory.mktemp("portable")
+    project = root / "project"
+    (project / "mlruns").mkdir(parents=True)
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(project)
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        ids = {}
+        for variant, seed in FINAL:
+            cfg = tiny_config(**{"variant.name": variant, "split": "test", "seed": seed, **TINY})
+            result = run(cfg, run_name=f"final-{variant}-s{seed}", log=lambda s: None)
+            client.set_tag(result.run_id, "carrot.role", "final")
+            ids[(variant, seed)] = result.run_id
+        logged = {key: client.get_run(rid).info.artifact_uri for key, rid in ids.items()}
+        mp.chdir(root)
+        from analysis import tables
+
+        assert tables.main(["--out", str(root / "before"), "--tracking-uri", uri, "--storage", STORAGE]) == 0
+        (root / "elsewhere").mkdir()
+        shutil.move(str(project), str(root / "elsewhere" / "project"))
+        assert not project.exists()
+        new_uri = f"sqlite:///{root / 'elsewhere' / 'project' / 'mlruns' / 'mlflow.db'}"
+        yield {"root": root, "old": project, "uri": new_uri, "ids": ids, "logged": logged}
+    finally:
+        mp.undo()
+        mlflow.set_tracking_uri(previous)
+
+
+def test_tables_from_a_moved_store_equal_the_tables_before_the_move(moved, capsys):
+    root = moved["root"]
+    code, err = build_tables(moved["uri"], root / "after", capsys)
+    assert code == 0
+    assert "not found" not in err, err
+    # the artifact-dependent tables read every run's confusion.npz and predictions.npz ...
+    pairs = read_csv(root / "after" / "reference_pairs.csv")
+    assert pairs and all(r["n_baseline_runs"] == "1" for r in pairs)
+    rescored = {r["variant"]: r for r in read_csv(root / "after" / "confusable_pairs.csv")}
+    assert rescored["baseline"]["n_rescored"] == "1" and rescored["barrier"]["n_rescored"] == "1"
+    sig = [r for r in read_csv(root / "after" / "significance.csv") if r["variant"] == "barrier"]
+    assert sig and sig[0]["b"] != "" and sig[0]["n_samples"] not in ("", "0")
+    # ... and every table is the same, byte for byte, as before the move
+    for name in TABLES:
+        for ext in ("md", "tex", "csv"):
+            before = (root / "before" / f"{name}.{ext}").read_bytes()
+            assert (root / "after" / f"{name}.{ext}").read_bytes() == before, f"{name}.{ext}"
+
+
+def test_an_artifact_is_read_from_the_moved_folder(moved, tmp_path):
+    from analysis.common import Artifacts, artifact_folder, connect, download_artifact, local_path
+
+    client = connect(moved["uri"])
+    rid = moved["ids"][("baseline", 0)]
+    old = local_path(moved["logged"][("baseline", 0)])
+    assert old is not None and not old.exists(), "the run's logged artifact folder is gone"
+    folder = artifact_folder(client, rid)
+    new_store = Path(moved["uri"][len("sqlite:///"):]).parent
+    assert folder.path == new_store / old.relative_to(moved["old"] / "mlruns")
+    got = download_artifact(client, rid, "confusion.npz", tmp_path)
+    assert got is not None and got.read_bytes() == (folder.path / "confusion.npz").read_bytes()
+    with np.load(got) as data:
+        cm = data["confusion"][-1]
+    assert np.array_equal(Artifacts(client).confusion(rid), cm) and cm.sum() > 0
+
+
+def test_a_store_copied_without_its_artifacts_says_which_run_and_where_it_looked(moved, tmp_path, capsys):
+    # only the database is copied: the artifacts are neither at the logged path (moved away)
+    # nor under the copy's folder
+    copy = tmp_path / "copy" / "mlruns"
+    copy.mkdir(parents=True)
+    shutil.copy(Path(moved["uri"][len("sqlite:///"):]), copy / "mlflow.db")
+    code, err = build_tables(f"sqlite:///{copy / 'mlflow.db'}", tmp_path / "out", capsys)
+    assert code == 0
+    for (variant, seed), rid in moved["ids"].items():
+        line = next((x for x in err.splitlines() if f"run {rid}: artifact confusion.npz not found" in x), None)
+        assert line is not None, (variant, seed, err)
+        old = local_path_of(moved["logged"][(variant, seed)])
+        assert str(old) in line, line
+        assert str(copy / old.relative_to(moved["old"] / "mlruns")) in line, line
+    assert f"run {moved['ids'][('barrier', 0)]}: artifact predictions.npz not found" in err
+    # the tables say why there are no reference pairs instead of implying the runs never logged any
+    text = (tmp_path / "out" / "reference_pairs.md").read_text()
+    assert "the artifact folder of 1 baseline run(s) was found neither where the run logged it nor under " \
+           "the store's folder" in text
+
+
+def local_path_of(uri: str) -> Path:
+    from analysis.common import local_path
+
+    path = local_path(uri)
+    assert path is not None, uri
+    return path
