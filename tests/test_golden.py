@@ -23,7 +23,8 @@ def golden_run(variant: str, hparams: dict, data: dict) -> list[dict[str, float]
     from carrot.train import run
 
     cfg = RunConfig.from_dict({"variant": {"name": variant, "hparams": dict(hparams)}, "optim": {"epochs": 2},
-                               "device": "cpu", "show_progress": False, "data": {"limit_per_class": 40, **data}})
+                               "device": "cpu", "show_progress": False, "data": {"limit_per_class": 40, **data},
+                               "eval": {"probe": "last"}})  # the probes after the last epoch, as recorded
     result = run(cfg, track=False, log=lambda s: None)
     return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in result.history]
 
