@@ -117,15 +117,22 @@ def ui_base(uri: str | None = None) -> str:
     return os.environ.get("CARROT_UI_URL", "http://127.0.0.1:5000").rstrip("/")
 
 
+# the UI shows the model-training pages (runs, metrics, charts), not the GenAI ones it opens by default
+UI_VIEW = "?workflowType=machine_learning"
+
+
 def run_url(mlf: MlflowClient, run_id: str) -> str:
     """The run's page in the MLflow UI."""
     run = mlf.get_run(run_id)
-    return f"{ui_base(mlf.tracking_uri)}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{ui_base(mlf.tracking_uri)}/#/experiments/{run.info.experiment_id}/runs/{run_id}{UI_VIEW}"
 
 
 def experiment_url(mlf: MlflowClient, name: str) -> str:
+    """The experiment's run list in the MLflow UI."""
     exp = mlf.get_experiment_by_name(name)
-    return f"{ui_base(mlf.tracking_uri)}/#/experiments/{exp.experiment_id}" if exp else ui_base(mlf.tracking_uri)
+    if exp is None:
+        return ui_base(mlf.tracking_uri)
+    return f"{ui_base(mlf.tracking_uri)}/#/experiments/{exp.experiment_id}/runs{UI_VIEW}"
 
 
 def git_commit() -> str:

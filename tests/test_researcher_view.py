@@ -182,7 +182,8 @@ def test_every_trial_links_its_run(finished):
     for t in study.trials:
         run_id = t.user_attrs["mlflow_run_id"]
         assert run_id in runs
-        assert t.user_attrs["mlflow_run_url"].endswith(f"/#/experiments/{exp.experiment_id}/runs/{run_id}")
+        assert t.user_attrs["mlflow_run_url"] == (f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/"
+                                                  f"{run_id}?workflowType=machine_learning")
         stats = {k: v for k, v in t.user_attrs.items() if k.startswith("var/")}
         logged = {k: v for k, v in runs[run_id].data.metrics.items() if k.startswith("var/")}
         assert stats and stats == pytest.approx(logged)  # the variant's last statistics
