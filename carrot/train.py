@@ -302,6 +302,7 @@ class Run:
 
         from carrot import run_report
 
+        began = time.time()
         cfg, splits = parts.cfg, parts.splits
         number = None if trial is None else trial.number
         tags = {**run_tags(cfg, study, number), contract.TAG_NUM_CLASSES: str(splits.num_classes),
@@ -332,6 +333,7 @@ class Run:
             self.stop_monitor()
             logger.finish("FAILED")
             raise
+        self.logging_s += time.time() - began  # the run's creation, params, inputs and config
         return self
 
     def stop_monitor(self) -> None:
