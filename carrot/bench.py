@@ -1,23 +1,34 @@
-"""How much each variant's term costs, as ratios (``make bench`` / ``carrot bench``).
+"""``make bench`` / ``carrot bench``: what every part of the harness costs, as ratios measured side by side.
 
-Embedding level (always): at the fine-grained scale (B = 64 as 16 classes x 4, D = 2048,
-K = 200) one *step* of a variant is
+Every figure is a ratio of two things timed in the same run, interleaved: each repeat times
+the reference and the measured step one after the other (each timed call right after an
+untimed one of the same function, so both run warm), and the ratio is the median over
+repeats of the per-repeat ratios, so machine noise hits both sides alike. Sections:
 
-    leaf embedding z -> variant neck -> nn.Linear head -> variant forward (CE + its terms)
-    [+ 3 pooled intermediate features for variants that use them] -> backward,
+- **variants**: one step of each variant at the embedding level (the leaf embedding through
+  the variant's neck and the head, the variant's CE and terms, three pooled intermediate
+  features for the variants that use them, backward) over the CE head's (z -> Linear -> CE ->
+  backward), at B = 64 (16 classes x 4), D = 2048, K = 200; and the same ratio at K = 50, 1000
+  and D = 512 (**scaling**). Where a term cannot avoid some matrix products (a second head
+  pass, the K x K Gram; :meth:`carrot.variants.base.Variant.floor_products`), those products
+  are timed after the CE head as the term's **floor**.
+- **memory**: the step's peak memory over the CE step's (CUDA: ``max_memory_allocated``; CPU:
+  the allocations the profiler records, counted from the step's start).
+- **train step**: a whole training step of the default study's model (backbone, image size,
+  batch and optimiser of the default configuration, one real batch) with the variant over
+  the same step with ``baseline``.
+- **study**: the default study (``carrot study --variant baseline``; ``--study-trials``
+  trials) in a temporary MLflow store and Optuna journal: trials per hour with one worker and
+  with ``--study-jobs`` workers, the epochs pruning saved against the ``trials x epochs`` an
+  unpruned study of the same size trains, and the shares of a trial's wall time spent
+  logging (``time/logging_s``), in the per-epoch diagnostics (``time/eval_s``) and in the
+  probes (``time/probe_s``), read back from the trials' runs.
+- on CUDA: the variants and memory again, each variant's share of a ResNet-50 step at 448 px
+  (bf16), and whether a variant's step synchronises with the host (``--sync-debug``, or
+  always on CUDA): ``torch.cuda.set_sync_debug_mode("error")`` around it.
 
-timed against the CE head alone (z -> Linear -> CE -> backward). ``ratio`` = step time / CE
-time, so ``baseline`` is ~1 and the CPU target is ratio <= 3.
-
-ResNet-50 (``--resnet50``, CUDA only): a full training step (timm resnet50 from scratch,
-bf16 autocast, SGD) with each variant against the same step with CE only; the target is
-< 5 % added time.
-
-Timings are medians over ``repeats`` calls after ``warmup`` calls (stateful variants fill
-their state during the warm-up), with CUDA synchronised around every call. At the
-embedding level the CE head is timed right before and right after each variant (each in a
-warm block; alternating calls would let the variant's larger working set evict the head's
-and flatter the ratio). The ResNet-50 steps alternate: there every step is cache-cold anyway.
+Then each target is printed as PASS / FAIL (SKIP where it needs CUDA); ``--json FILE``
+writes every section.
 
 >>> rows = bench_variants(batch=8, classes_in_batch=4, num_classes=10, dim=16, repeats=1, warmup=1)
 >>> rows[0]["variant"], rows[0]["ratio"] > 0
@@ -27,23 +38,35 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import json
+import os
+import platform
 import statistics
+import sys
+import tempfile
 import time
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carrot.model import ModelOutput
-from carrot.runtime import resolve_device
 from carrot.train import forward_step
 from carrot.variants import create_variant, list_variants
 
-CPU_TARGET_RATIO = 3.0
-GPU_TARGET_PERCENT = 5.0
+CPU_TARGET_RATIO = 3.0  # a variant's step over the CE head's, CPU, at the scale above
+FLOOR_SLACK = 1.5  # ... and within this factor of its floor where it has one
+GPU_TARGET_PERCENT = 5.0  # added to a ResNet-50 step at 448 px
+LOGGING_TARGET = 0.02  # share of a trial's wall time spent in MLflow calls and Optuna reports
+DIAGNOSTICS_TARGET = 0.20  # share spent in the per-epoch diagnostics and the probes
+PRUNING_TARGET = 1.0 / 3.0  # share of an unpruned study's epochs that pruning saves
 FEATURE_DIMS = {"layer2": 512, "layer3": 1024, "layer4": 2048}  # resnet50's last three stages
 PROGRESS = 1000.0  # epochs elapsed: past every warm-up, so every term is active
+SCALING = ((50, 2048), (200, 2048), (1000, 2048), (200, 512))  # (K, D) of the scaling table
+SECTIONS = ("machine", "variants", "scaling", "memory", "train_step", "study", "cuda", "targets")
 
 
 def _sync(device: torch.device) -> None:
@@ -51,26 +74,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (synchronised on CUDA)."""
-    return paired_median_ms([fn], device, repeats, warmup)[0]
+def interleaved_times(fns: Sequence[Callable[[], object]], device: torch.device, repeats: int,
+                      warmup: int) -> list[list[float]]:
+    """Wall times (s) of each of ``fns`` in every repeat (synchronised on CUDA).
 
-
-def paired_median_ms(fns: Sequence[Callable[[], object]], device: torch.device, repeats: int,
-                     warmup: int) -> list[float]:
-    """Median wall time (ms) of each of ``fns``, called in turn so load drift hits all alike."""
+    Within a repeat the functions run in turn, each timed call right after an untimed call of
+    the same function, so each is timed warm in cache and load drift hits all of them alike.
+    """
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(max(1, repeats)):
         for fn, acc in zip(fns, times):
+            fn()
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
             acc.append(time.perf_counter() - start)
-    return [1e3 * statistics.median(t) for t in times]
+    return times
+
+
+def median_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over repeats of ``times[r] / reference[r]``."""
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in milliseconds (synchronised on CUDA)."""
+    return 1e3 * statistics.median(interleaved_times([fn], device, repeats, warmup)[0])
 
 
 def parse_variant_spec(spec: str) -> tuple[str, dict[str, object]]:
@@ -111,6 +144,90 @@ class EmbeddingModel(nn.Module):
         return ModelOutput(embedding, self.head(embedding), self.features if with_features else {})
 
 
+# ----------------------------------------------------------------------------- embedding level
+class EmbeddingBench:
+    """The CE head's step and every variant's step at one scale, on one device."""
+
+    def __init__(self, device: torch.device, batch: int, classes_in_batch: int, num_classes: int, dim: int,
+                 variants: Sequence[str], seed: int = 0) -> None:
+        self.device, self.specs = device, list(variants)
+        self.batch, self.num_classes, self.dim = batch, num_classes, dim
+        self.y = pk_labels(batch, classes_in_batch, num_classes, device)
+        torch.manual_seed(seed)
+        self.z = torch.randn(batch, dim, device=device, requires_grad=True)  # (B, D)
+        self.head = nn.Linear(dim, num_classes).to(device)
+        self.variants = []
+        self.steps = [self._variant_step(spec, seed) for spec in self.specs]
+
+    def ce_step(self) -> None:
+        self.z.grad = None
+        self.head.zero_grad(set_to_none=True)
+        F.cross_entropy(self.head(self.z), self.y).backward()
+
+    def _variant_step(self, spec: str, seed: int) -> Callable[[], None]:
+        name, hparams = parse_variant_spec(spec)
+        torch.manual_seed(seed)
+        variant = create_variant(name, **hparams).to(self.device).train()
+        self.variants.append(variant)
+        neck = variant.build_neck(self.dim).to(self.device)
+        features = {
+            layer: torch.randn(self.batch, d, device=self.device, requires_grad=True)
+            for layer, d in (FEATURE_DIMS.items() if variant.uses_features else ())
+        }
+        model = EmbeddingModel(neck, self.head, features)
+        leaves = [self.z, *features.values()]
+        params = [*model.parameters(), *variant.parameters()]
+        z, y = self.z, self.y
+
+        def step() -> None:
+            for t in leaves + params:
+                t.grad = None
+            forward_step(model, variant, z, y, PROGRESS).loss.backward()
+
+        return step
+
+    def floor_step(self, variant) -> Callable[[], None] | None:
+        """The CE head's step followed by the matrix products the variant's term cannot avoid."""
+        products = variant.floor_products(self.batch, self.num_classes, self.dim)
+        if not products:
+            return None
+        g = torch.Generator(device="cpu").manual_seed(0)
+        operands = [(torch.randn(n, k, generator=g).to(self.device), torch.randn(k, m, generator=g).to(self.device))
+                    for n, k, m in products]
+
+        def step() -> None:
+            self.ce_step()
+            for a, b in operands:
+                torch.mm(a, b)
+
+        return step
+
+    def ratios(self, repeats: int, warmup: int, floors: bool = True) -> list[dict[str, Any]]:
+        """One row per variant: ``ms``, ``ce_ms``, ``ratio`` (median of per-repeat ratios) and,
+        with a floor, ``floor_ratio`` and ``over_floor`` = ratio / floor_ratio. Each variant is
+        interleaved with the CE head (and its floor) alone."""
+        rows = []
+        for spec, variant, step in zip(self.specs, self.variants, self.steps):
+            floor = self.floor_step(variant) if floors else None
+            times = interleaved_times([self.ce_step, step] + ([floor] if floor else []), self.device, repeats, warmup)
+            ce, t = times[0], times[1]
+            row: dict[str, Any] = {"variant": spec, "ms": 1e3 * statistics.median(t),
+                                   "ce_ms": 1e3 * statistics.median(ce), "ratio": median_ratio(t, ce),
+                                   "floor_ratio": None, "over_floor": None}
+            if floor is not None:
+                row["floor_ratio"] = median_ratio(times[2], ce)
+                row["over_floor"] = row["ratio"] / row["floor_ratio"]
+            rows.append(row)
+        return rows
+
+    def memory(self) -> list[dict[str, Any]]:
+        """Peak memory of each variant's step over the CE step's (bytes above the level at its start)."""
+        ce = peak_step_bytes(self.ce_step, self.device)
+        return [{"variant": spec, "peak_bytes": (peak := peak_step_bytes(step, self.device)), "ce_peak_bytes": ce,
+                 "ratio": peak / ce if ce > 0 else float("nan")}
+                for spec, step in zip(self.specs, self.steps)]
+
+
 def bench_variants(
     device: str | torch.device = "cpu",
     batch: int = 64,
@@ -121,83 +238,156 @@ def bench_variants(
     warmup: int = 5,
     variants: Sequence[str] | None = None,
     seed: int = 0,
-) -> list[dict[str, object]]:
-    """Time every registered variant's step against the CE head (see module doc).
+) -> list[dict[str, Any]]:
+    """Every variant's step over the CE head's at one scale (see the module doc).
 
     Each variant runs at its recommended setting; an entry of ``variants`` may override
     hyperparameters as ``"name:key=value,..."`` (see :func:`parse_variant_spec`). Returns one
-    row per entry:
-    ``variant``, ``ms`` (its step), ``ce_ms`` (the CE head, timed just before and after it),
-    ``ratio`` = ms / ce_ms,
-    ``within_target`` (ratio <= 3, the CPU target).
+    row per entry: ``variant``, ``ms`` (its step), ``ce_ms`` (the CE head's), ``ratio``
+    (median of per-repeat ratios), ``floor_ratio`` and ``over_floor`` (None without a floor),
+    ``within_target`` (ratio <= 3, the CPU target, and within 1.5x of the floor where there is one).
     """
-    device = torch.device(device)
     names = list(variants) if variants is not None else list_variants()
-    y = pk_labels(batch, classes_in_batch, num_classes, device)
+    rows = EmbeddingBench(torch.device(device), batch, classes_in_batch, num_classes, dim, names, seed).ratios(
+        repeats, warmup)
+    for row in rows:
+        row["within_target"] = within_cpu_target(row)
+    return rows
 
-    torch.manual_seed(seed)
-    z = torch.randn(batch, dim, device=device, requires_grad=True)  # (B, D)
-    head = nn.Linear(dim, num_classes).to(device)
 
-    def ce_step() -> None:
-        z.grad = None
-        head.zero_grad(set_to_none=True)
-        F.cross_entropy(head(z), y).backward()
+def within_cpu_target(row: dict[str, Any]) -> bool:
+    return row["ratio"] <= CPU_TARGET_RATIO and (row["over_floor"] is None or row["over_floor"] <= FLOOR_SLACK)
 
-    rows: list[dict[str, object]] = []
-    for spec in names:
+
+class _QuietStderr:
+    """Send the C++ side's stderr (the profiler's notes about blocks allocated before it started) to /dev/null."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+def peak_step_bytes(step: Callable[[], None], device: torch.device) -> float:
+    """Peak bytes a call of ``step`` holds above the level at its start (after one warm call).
+
+    CUDA: ``max_memory_allocated``. CPU: the profiler's allocation and free records of the
+    call, summed in time order.
+    """
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _QuietStderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    level = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        level += event.nbytes()
+        peak = max(peak, level)
+    return float(peak)
+
+
+# ----------------------------------------------------------------------------- training step
+def default_config(variant: str = "baseline", **overrides: Any):
+    """The configuration ``carrot study --variant <variant>`` starts from (its defaults), on ``device``."""
+    from carrot.config import RunConfig
+
+    data: dict[str, Any] = {"variant": {"name": variant}, "show_progress": False}
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return RunConfig.from_dict(data)
+
+
+def bench_train_step(device: torch.device, variants: Sequence[str], repeats: int, warmup: int,
+                     **overrides: Any) -> list[dict[str, Any]]:
+    """A whole training step of the default configuration's model (forward, variant, backward,
+    gradient clipping, optimiser step) with each variant over the same step with ``baseline``.
+
+    Each step is built by :func:`carrot.train.build_run` and trains on its own first batch (its
+    variant's sampler), at the learning rate of the schedule's first step.
+    """
+    from carrot.train import build_run
+
+    def make_step(spec: str) -> tuple[Callable[[], None], dict[str, Any]]:
         name, hparams = parse_variant_spec(spec)
-        torch.manual_seed(seed)
-        variant = create_variant(name, **hparams).to(device).train()
-        neck = variant.build_neck(dim).to(device)
-        features = {
-            layer: torch.randn(batch, d, device=device, requires_grad=True)
-            for layer, d in (FEATURE_DIMS.items() if variant.uses_features else ())
-        }
-        model = EmbeddingModel(neck, head, features)
-        leaves = [z, *features.values()]
-        params = [*model.parameters(), *variant.parameters()]
+        cfg = default_config(name, device=device.type, **{f"variant.hparams.{k}": v for k, v in hparams.items()},
+                             **overrides)
+        parts = build_run(cfg)
+        x, y = next(iter(parts.train_loader))
+        x, y = x.to(parts.device), y.to(parts.device)
+        if parts.device.type == "cuda" and parts.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        clip = parts.cfg.optim.grad_clip
 
         def step() -> None:
-            for t in leaves + params:
-                t.grad = None
-            forward_step(model, variant, z, y, PROGRESS).loss.backward()
+            with parts.autocast():
+                loss = parts.step(x, y, PROGRESS, parts.cfg.optim.label_smoothing).loss
+            parts.optimizer.zero_grad(set_to_none=True)
+            parts.scaler.scale(loss).backward()
+            if clip:
+                parts.scaler.unscale_(parts.optimizer)
+                torch.nn.utils.clip_grad_norm_(parts.params, clip)
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
 
-        # Blocks CE, step, CE (each warm in cache); the two CE medians bracket any drift.
-        ce_before = median_ms(ce_step, device, repeats, warmup)
-        ms = median_ms(step, device, repeats, warmup)
-        ce_ms = 0.5 * (ce_before + median_ms(ce_step, device, repeats, warmup))
-        ratio = ms / ce_ms
-        rows.append({"variant": spec, "ms": ms, "ce_ms": ce_ms, "ratio": ratio,
-                     "within_target": ratio <= CPU_TARGET_RATIO})
+        info = {"backbone": parts.cfg.model.backbone, "batch": int(len(y)), "image_size": int(x.shape[-1]),
+                "num_classes": parts.splits.num_classes}
+        return step, info
+
+    names = [n for n in variants if parse_variant_spec(n)[0] != "baseline"]
+    base_step, info = make_step("baseline")
+    steps = [make_step(n)[0] for n in names]
+    times = interleaved_times([base_step, *steps], device, repeats, warmup)
+    base_ms = 1e3 * statistics.median(times[0])
+    rows = [{"variant": "baseline", "ms": base_ms, "baseline_ms": base_ms, "ratio": 1.0, "added_percent": 0.0, **info}]
+    for name, t in zip(names, times[1:]):
+        ratio = median_ratio(t, times[0])
+        rows.append({"variant": name, "ms": 1e3 * statistics.median(t), "baseline_ms": base_ms, "ratio": ratio,
+                     "added_percent": 100.0 * (ratio - 1.0), **info})
     return rows
 
 
 def bench_resnet50(
     batch: int = 32,
-    image_size: int = 224,
+    image_size: int = 448,
     num_classes: int = 200,
     classes_in_batch: int = 8,
     repeats: int = 20,
     warmup: int = 5,
     variants: Sequence[str] | None = None,
     device: str | torch.device = "cuda",
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     """Full ResNet-50 training steps (bf16 autocast, SGD) with each variant vs CE only.
 
-    Returns rows ``variant``, ``ms``, ``ce_ms`` (the ``baseline`` step), ``added_percent``,
-    ``within_target`` (< 5 %). CUDA only.
+    Returns rows ``variant``, ``ms``, ``ce_ms`` (the ``baseline`` step), ``added_percent`` (median
+    of per-repeat ratios), ``within_target`` (< 5 %). CUDA only.
     """
     from carrot.model import CarrotModel, create_backbone
 
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError("the ResNet-50 benchmark runs on CUDA only")
-    names = list(variants) if variants is not None else list_variants()
-    if "baseline" in names:
-        names.remove("baseline")
+    names = [n for n in (list(variants) if variants is not None else list_variants())
+             if parse_variant_spec(n)[0] != "baseline"]
     y = pk_labels(batch, classes_in_batch, num_classes, device)
-    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
 
     def make_step(spec: str) -> Callable[[], None]:
         name, hparams = parse_variant_spec(spec)
@@ -205,6 +395,7 @@ def bench_resnet50(
         variant = create_variant(name, **hparams).to(device).train()
         backbone = create_backbone("resnet50", pretrained=False)
         model = CarrotModel(backbone, variant.build_neck(backbone.num_features), num_classes).to(device).train()
+        model = model.to(memory_format=torch.channels_last)
         params = [p for m in (model, variant) for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
@@ -217,68 +408,390 @@ def bench_resnet50(
 
         return step
 
-    # All models live at once and their steps alternate, so clock and load drift hit all alike.
     steps = [make_step(name) for name in ["baseline", *names]]
-    times = paired_median_ms(steps, device, repeats, warmup)
-    ce_ms = times[0]
-    rows: list[dict[str, object]] = []
-    for name, ms in zip(names, times[1:]):
-        added = 100.0 * (ms / ce_ms - 1.0)
-        rows.append({"variant": name, "ms": ms, "ce_ms": ce_ms, "added_percent": added,
-                     "within_target": added < GPU_TARGET_PERCENT})
+    times = interleaved_times(steps, device, repeats, warmup)
+    ce_ms = 1e3 * statistics.median(times[0])
+    rows: list[dict[str, Any]] = []
+    for name, t in zip(names, times[1:]):
+        added = 100.0 * (median_ratio(t, times[0]) - 1.0)
+        rows.append({"variant": name, "ms": 1e3 * statistics.median(t), "ce_ms": ce_ms, "added_percent": added,
+                     "within_target": added <= GPU_TARGET_PERCENT})
     return rows
 
 
-def format_table(rows: list[dict[str, object]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """Plain-text table; ``columns`` are (key, header, format)."""
+def sync_check(bench: EmbeddingBench) -> list[dict[str, Any]]:
+    """Whether each variant's step (forward and backward) makes the host wait for the GPU:
+    run under ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first sync."""
+    rows = []
+    for spec, step in zip(bench.specs, bench.steps):
+        step()  # lazily allocated state and the first-call paths outside the check
+        torch.cuda.synchronize(bench.device)
+        error = ""
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            step()
+        except RuntimeError as exc:
+            error = str(exc).strip().splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize(bench.device)
+        rows.append({"variant": spec, "sync_free": not error, "sync": error})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the default study
+@contextlib.contextmanager
+def temporary_stores():
+    """A temporary folder as the working directory, its MLflow store (``MLFLOW_TRACKING_URI``)
+    and the study's journal; all put back (and removed) on the way out."""
+    saved_cwd, saved_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory(prefix="carrot-bench-") as tmp:
+        root = Path(tmp)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+        os.chdir(root)  # worker logs and checkpoints go under ./studies of the working directory
+        try:
+            yield root
+        finally:
+            os.chdir(saved_cwd)
+            if saved_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+            import mlflow
+
+            mlflow.set_tracking_uri(saved_uri or "")
+
+
+def _timed_study(cfg, trials: int, jobs: int, root: Path, name: str):
+    from carrot.study import run_study
+
+    start = time.perf_counter()
+    summary = run_study(cfg, trials, storage=str(root / f"{name}.journal"), name=name, log=lambda s: None,
+                        checkpoint_root=root / "checkpoints", jobs=jobs)
+    return summary, time.perf_counter() - start
+
+
+def study_epochs(journal: Path, name: str) -> tuple[int, int]:
+    """(epochs trained, trials) of a finished study: an epoch is one reported intermediate value."""
+    import optuna
+
+    from carrot.study import open_storage
+
+    study = optuna.load_study(study_name=name, storage=open_storage(str(journal)))
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    return sum(len(t.intermediate_values) for t in done), len(done)
+
+
+def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
+    """Shares of the study's trials' wall time (``time/run_s``) spent logging (``time/logging_s``),
+    in the per-epoch diagnostics (``time/eval_s``) and in the probes (``time/probe_s``), summed
+    over the trials; read from their MLflow runs."""
+    from carrot import contract
+    from carrot.tracking import client
+
+    mlf = client()
+    runs = contract.search_runs(mlf, experiment, f"tags.`{contract.TAG_STUDY}` = '{study_name}' and "
+                                                 f"tags.`{contract.TAG_ROLE}` = '{contract.ROLE_TRIAL}'")
+    totals = {"run_s": 0.0, "logging_s": 0.0, "eval_s": 0.0, "probe_s": 0.0, "train_s": 0.0}
+    for run in runs:
+        metrics = run.data.metrics
+        if "time/run_s" not in metrics:
+            continue
+        totals["run_s"] += metrics["time/run_s"]
+        totals["logging_s"] += metrics.get("time/logging_s", 0.0)
+        for key, metric in (("eval_s", "time/eval_s"), ("probe_s", "time/probe_s"), ("train_s", "time/train_epoch_s")):
+            totals[key] += sum(m.value for m in mlf.get_metric_history(run.info.run_id, metric))
+    run_s = totals["run_s"] or float("nan")
+    return {"runs": len(runs), "seconds": totals,
+            "logging": totals["logging_s"] / run_s, "diagnostics": totals["eval_s"] / run_s,
+            "probes": totals["probe_s"] / run_s,
+            "diagnostics_with_probes": (totals["eval_s"] + totals["probe_s"]) / run_s,
+            "training": totals["train_s"] / run_s}
+
+
+def bench_study(trials: int, jobs: int = 2, device: str = "auto", **overrides: Any) -> dict[str, Any]:
+    """The default study of ``baseline`` run twice in temporary stores, with one worker and with
+    ``jobs`` workers: trials per hour, epochs saved by pruning, shares of the trials' wall time."""
+    cfg = default_config("baseline", device=device, **overrides)
+    out: dict[str, Any] = {"trials": trials, "epochs": cfg.optim.epochs, "device": device,
+                           "overrides": {k: v for k, v in overrides.items()}}
+    with temporary_stores() as root:
+        summary, seconds = _timed_study(cfg, trials, 1, root, "bench-jobs1")
+        trained, finished = study_epochs(root / "bench-jobs1.journal", "bench-jobs1")
+        unpruned = finished * cfg.optim.epochs
+        out["jobs1"] = {"jobs": 1, "seconds": seconds, "trials_per_hour": 3600.0 * finished / seconds,
+                        "complete": summary.n_complete, "pruned": summary.n_pruned, "failed": summary.n_failed}
+        out["pruning"] = {"epochs_trained": trained, "epochs_unpruned": unpruned,
+                          "saved_fraction": 1.0 - trained / unpruned if unpruned else float("nan")}
+        out["shares"] = time_shares("bench-jobs1", cfg.experiment)
+        out["jobs"] = None
+        if jobs > 1:
+            summary, seconds = _timed_study(cfg, trials, jobs, root, f"bench-jobs{jobs}")
+            _, finished = study_epochs(root / f"bench-jobs{jobs}.journal", f"bench-jobs{jobs}")
+            out["jobs"] = {"jobs": jobs, "seconds": seconds, "trials_per_hour": 3600.0 * finished / seconds,
+                           "complete": summary.n_complete, "pruned": summary.n_pruned, "failed": summary.n_failed}
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def format_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Plain-text table; ``columns`` are (key, header, format); None prints as -."""
     cells = [[h for _, h, _ in columns]] + [
-        [format(r[k], f) if f else str(r[k]) for k, _, f in columns] for r in rows
+        ["-" if r.get(k) is None else (format(r[k], f) if f else str(r[k])) for k, _, f in columns] for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none): other work on the machine."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_start": load_average()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["processor"] = line.split(":", 1)[1].strip()
+                break
+    return info
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with its value, its limit and PASS / FAIL (None: not measured here)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, at_most: bool = True) -> None:
+        ok = None if value is None else (value <= limit if at_most else value >= limit)
+        out.append({"target": name, "value": value, "limit": limit, "at_most": at_most, "passed": ok})
+
+    for row in report["variants"]["rows"]:
+        add(f"cpu term {row['variant']} <= {CPU_TARGET_RATIO:g}x CE head", row["ratio"], CPU_TARGET_RATIO)
+        if row["over_floor"] is not None:
+            add(f"cpu term {row['variant']} <= {FLOOR_SLACK:g}x its floor", row["over_floor"], FLOOR_SLACK)
+    cuda = report.get("cuda") or {}
+    for row in cuda.get("resnet50") or [{"variant": v["variant"], "added_percent": None}
+                                        for v in report["variants"]["rows"] if v["variant"] != "baseline"]:
+        add(f"cuda resnet50 448px step +{row['variant']} <= {GPU_TARGET_PERCENT:g}%", row["added_percent"],
+            GPU_TARGET_PERCENT)
+    sync = {r["variant"]: r for r in cuda.get("sync") or []}
+    barrier = next((s for s in sync if parse_variant_spec(s)[0] == "barrier"), None)
+    add("cuda barrier step without a host sync", None if barrier is None else float(not sync[barrier]["sync_free"]),
+        0.0)
+    study = report.get("study")
+    shares = (study or {}).get("shares") or {}
+    add(f"MLflow logging <= {100 * LOGGING_TARGET:g}% of trial time", shares.get("logging"), LOGGING_TARGET)
+    add(f"diagnostics with probes <= {100 * DIAGNOSTICS_TARGET:g}% of trial time",
+        shares.get("diagnostics_with_probes"), DIAGNOSTICS_TARGET)
+    pruning = (study or {}).get("pruning") or {}
+    add("pruning saves >= 1/3 of the epochs", pruning.get("saved_fraction"), PRUNING_TARGET, at_most=False)
+    return out
+
+
+def _verdict(passed: bool | None) -> str:
+    return "SKIP" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def _print_variants(title: str, rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        row["target"] = _verdict(within_cpu_target(row)) if "ratio" in row else ""
+    print(title)
+    print(format_table(rows, [("variant", "variant", ""), ("ms", "ms", ".2f"), ("ce_ms", "CE ms", ".2f"),
+                              ("ratio", "ratio", ".2f"), ("floor_ratio", "floor", ".2f"),
+                              ("over_floor", "ratio/floor", ".2f"), ("target", "target", "")]))
+
+
+def _print_scaling(title: str, section: dict[str, Any]) -> None:
+    print(title)
+    keys = [f"K={c['num_classes']},D={c['dim']}" for c in section["configs"]]
+    print(format_table(section["rows"], [("variant", "variant", ""), *((k, k, ".2f") for k in keys)]))
+
+
+def _print_memory(title: str, rows: list[dict[str, Any]]) -> None:
+    print(title)
+    for row in rows:
+        row["peak_mib"], row["ce_peak_mib"] = row["peak_bytes"] / 2**20, row["ce_peak_bytes"] / 2**20
+    print(format_table(rows, [("variant", "variant", ""), ("peak_mib", "peak MiB", ".2f"),
+                              ("ce_peak_mib", "CE MiB", ".2f"), ("ratio", "ratio", ".2f")]))
+
+
+def _print_study(study: dict[str, Any]) -> None:
+    j1, pr, sh = study["jobs1"], study["pruning"], study["shares"]
+    print(f"\ndefault study (baseline, {study['trials']} trials of {study['epochs']} epochs, device "
+          f"{study['device']}, temporary stores)")
+    rows = [j1] + ([study["jobs"]] if study.get("jobs") else [])
+    print(format_table(rows, [("jobs", "JOBS", ""), ("seconds", "seconds", ".1f"),
+                              ("trials_per_hour", "trials/hour", ".0f"), ("complete", "complete", ""),
+                              ("pruned", "pruned", ""), ("failed", "failed", "")]))
+    print(f"pruning: {pr['epochs_trained']} epochs trained of {pr['epochs_unpruned']} unpruned: "
+          f"{100 * pr['saved_fraction']:.1f}% saved")
+    print(f"shares of trial wall time ({sh['runs']} runs, {sh['seconds']['run_s']:.1f} s): "
+          f"training {100 * sh['training']:.1f}%, MLflow logging {100 * sh['logging']:.2f}%, "
+          f"diagnostics {100 * sh['diagnostics']:.1f}%, probes {100 * sh['probes']:.1f}%, "
+          f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%")
+
+
+def _device_sections(device: torch.device, args, names: list[str]) -> dict[str, Any]:
+    """Variants, scaling and memory at the embedding level on ``device``."""
+    main = EmbeddingBench(device, args.batch, args.classes_in_batch, args.num_classes, args.dim, names)
+    rows = main.ratios(args.repeats, args.warmup)
+    for row in rows:
+        row["within_target"] = within_cpu_target(row)
+    scaling = {spec: {"variant": spec} for spec in names}
+    for k, d in args.scaling:
+        if (k, d) == (args.num_classes, args.dim):
+            scale_rows = rows
+        else:
+            bench = EmbeddingBench(device, args.batch, min(args.classes_in_batch, k), k, d, names)
+            scale_rows = bench.ratios(args.repeats, args.warmup, floors=False)
+        for row in scale_rows:
+            scaling[row["variant"]][f"K={k},D={d}"] = row["ratio"]
+    out = {"variants": {"device": device.type, "batch": args.batch, "classes_in_batch": args.classes_in_batch,
+                        "num_classes": args.num_classes, "dim": args.dim, "threads": torch.get_num_threads(),
+                        "repeats": args.repeats, "rows": rows},
+           "scaling": {"device": device.type, "configs": [{"num_classes": k, "dim": d} for k, d in args.scaling],
+                       "rows": list(scaling.values())},
+           "memory": {"device": device.type, "rows": main.memory()}}
+    out["bench"] = main
+    return out
+
+
+def _scaling_arg(text: str) -> tuple[tuple[int, int], ...]:
+    """``"50x2048,200x512"`` -> ((50, 2048), (200, 512)): (K, D) pairs."""
+    try:
+        return tuple((int(k), int(d)) for k, d in (item.split("x") for item in text.split(",") if item))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KxD pairs such as 50x2048,200x512, got {text!r}") from None
+
+
+def _report_json(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: report.get(k) for k in SECTIONS}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="carrot bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument("--device", default="all", help="all (CPU, and CUDA when present), cpu or cuda")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--classes-in-batch", type=int, default=16)
     parser.add_argument("--num-classes", type=int, default=200)
     parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--scaling", type=_scaling_arg, default=SCALING,
+                        help="(K, D) pairs of the scaling table, e.g. 50x2048,200x2048,1000x2048,200x512")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=None,
                         help="subset of variants (default: all), each optionally name:key=value,...")
-    parser.add_argument("--resnet50", action="store_true", help="also time full ResNet-50 steps (CUDA only)")
+    parser.add_argument("--train-step-repeats", type=int, default=10)
+    parser.add_argument("--study-trials", type=int, default=8,
+                        help="trials of each bench study (more than the pruner's 4 start-up trials; 0 skips the study)")
+    parser.add_argument("--study-epochs", type=int, default=None, help="epochs per trial (default: the config's)")
+    parser.add_argument("--study-jobs", type=int, default=2, help="workers of the second study (1: one study only)")
+    parser.add_argument("--limit-per-class", type=int, default=None,
+                        help="training images per class in the study and the training step (default: all)")
+    parser.add_argument("--resnet50", action="store_true", help="(kept for the Makefile: on CUDA it always runs)")
     parser.add_argument("--resnet-batch", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=448, help="ResNet-50 step image size (CUDA)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="only check which variant steps synchronise with the host (CUDA)")
+    parser.add_argument("--json", metavar="FILE", help="write every section to FILE")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
 
-    device = resolve_device(args.device).type
-    rows = bench_variants(device, args.batch, args.classes_in_batch, args.num_classes, args.dim,
-                          args.repeats, args.warmup, args.variants)
-    for row in rows:
-        row["target"] = "yes" if row["within_target"] else "NO"
-    print(f"variant step vs CE head on {device}: B={args.batch} ({args.classes_in_batch} classes), "
-          f"D={args.dim}, K={args.num_classes}, {torch.get_num_threads()} threads")
-    print(format_table(rows, [("variant", "variant", ""), ("ms", "ms", ".2f"), ("ce_ms", "CE ms", ".2f"),
-                              ("ratio", "ratio", ".2f"),
-                              ("target", f"<= {CPU_TARGET_RATIO:g}x", "")]))
-    if args.resnet50:
-        if torch.device(device).type != "cuda":
-            print("\n--resnet50 skipped: CUDA only")
-        else:
-            res = bench_resnet50(args.resnet_batch, args.image_size, args.num_classes,
-                                 variants=args.variants, device=device)
-            for row in res:
-                row["target"] = "yes" if row["within_target"] else "NO"
-            print(f"\nResNet-50 training step, batch {args.resnet_batch} at {args.image_size} px, bf16; "
-                  f"CE only {res[0]['ce_ms']:.1f} ms" if res else "")
-            print(format_table(res, [("variant", "variant", ""), ("ms", "ms", ".1f"),
-                                     ("added_percent", "added %", "+.1f"),
-                                     ("target", f"< {GPU_TARGET_PERCENT:g}%", "")]))
+    names = list(args.variants) if args.variants is not None else list_variants()
+    cuda = torch.cuda.is_available()
+    if args.device not in ("all", "cpu", "cuda"):
+        parser.error(f"--device must be all, cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not cuda:
+        print("--device cuda: no CUDA device here")
+        return 1
+    if args.sync_debug:
+        if not cuda:
+            print("--sync-debug needs CUDA (torch.cuda.set_sync_debug_mode); no CUDA device here")
+            return 0
+        bench = EmbeddingBench(torch.device("cuda"), args.batch, args.classes_in_batch, args.num_classes, args.dim,
+                               names)
+        sync = sync_check(bench)
+        print("host syncs in each variant's step on CUDA (torch.cuda.set_sync_debug_mode('error'))")
+        print(format_table(sync, [("variant", "variant", ""), ("sync_free", "sync-free", ""), ("sync", "sync", "")]))
+        return 0 if all(r["sync_free"] for r in sync) else 1
+
+    report: dict[str, Any] = {"machine": machine()}
+    print(f"carrot bench on {report['machine']['processor']} ({report['machine']['cpus']} CPUs, "
+          f"{report['machine']['torch_threads']} torch threads, load average {report['machine']['load_average_start']}), "
+          f"torch {torch.__version__}" + (f", {report['machine']['cuda']}" if cuda else ", no CUDA device"), flush=True)
+    overrides = {} if args.limit_per_class is None else {"data.limit_per_class": args.limit_per_class}
+    scale = f"B={args.batch} ({args.classes_in_batch} classes), D={args.dim}, K={args.num_classes}"
+
+    if args.device in ("all", "cpu"):
+        cpu = _device_sections(torch.device("cpu"), args, names)
+        cpu.pop("bench")
+        report.update(cpu)
+        _print_variants(f"\nvariant step vs CE head, cpu, {scale}, median of {args.repeats} interleaved ratios",
+                        cpu["variants"]["rows"])
+        _print_scaling("\nthe same ratio at other K and D, cpu", cpu["scaling"])
+        _print_memory("\npeak memory of the step over the CE step's, cpu", cpu["memory"]["rows"])
+        report["train_step"] = {"device": "cpu", "rows": bench_train_step(
+            torch.device("cpu"), names, args.train_step_repeats, 2, **overrides)}
+        first = report["train_step"]["rows"][0]
+        print(f"\nwhole training step of the default study's model ({first['backbone']}, {first['image_size']} px, "
+              f"batch {first['batch']}, {first['num_classes']} classes) with the variant over baseline's, cpu")
+        print(format_table(report["train_step"]["rows"], [("variant", "variant", ""), ("ms", "ms", ".1f"),
+                                                          ("ratio", "ratio", ".2f"),
+                                                          ("added_percent", "added %", "+.1f")]), flush=True)
+
+    if args.device in ("all", "cuda") and cuda:
+        gpu = _device_sections(torch.device("cuda"), args, names)
+        bench = gpu.pop("bench")
+        gpu["resnet50"] = bench_resnet50(args.resnet_batch, args.image_size, args.num_classes, variants=names,
+                                         repeats=args.repeats)
+        gpu["sync"] = sync_check(bench)
+        gpu["train_step"] = bench_train_step(torch.device("cuda"), names, args.train_step_repeats, 2, **overrides)
+        report["cuda"] = gpu
+        _print_variants(f"\nvariant step vs CE head, cuda, {scale}", gpu["variants"]["rows"])
+        _print_scaling("\nthe same ratio at other K and D, cuda", gpu["scaling"])
+        _print_memory("\npeak memory of the step over the CE step's, cuda (max_memory_allocated)",
+                      gpu["memory"]["rows"])
+        print(f"\nResNet-50 training step, batch {args.resnet_batch} at {args.image_size} px, bf16, "
+              f"CE only {gpu['resnet50'][0]['ce_ms']:.1f} ms" if gpu["resnet50"] else "")
+        print(format_table(gpu["resnet50"], [("variant", "variant", ""), ("ms", "ms", ".1f"),
+                                             ("added_percent", "added %", "+.1f")]))
+        print("\nhost syncs in each variant's step (torch.cuda.set_sync_debug_mode('error'))")
+        print(format_table(gpu["sync"], [("variant", "variant", ""), ("sync_free", "sync-free", ""),
+                                         ("sync", "sync", "")]))
+    elif args.device == "all":
+        report["cuda"] = None
+        print("\nno CUDA device: the CUDA sections (variants on CUDA, ResNet-50 448 px step, host syncs) skipped")
+
+    if args.study_trials > 0:
+        epochs = {} if args.study_epochs is None else {"optim.epochs": args.study_epochs}
+        print(flush=True)
+        report["study"] = bench_study(args.study_trials, args.study_jobs,
+                                      "cpu" if args.device == "cpu" else "auto", **epochs, **overrides)
+        _print_study(report["study"])
+    else:
+        report["study"] = None
+
+    report["targets"] = targets(report)
+    print("\ntargets")
+    for t in report["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        print(f"  {_verdict(t['passed']):4s}  {t['target']}  ({value})")
+    report["machine"]["bench_seconds"] = time.perf_counter() - started
+    report["machine"]["load_average_end"] = load_average()
+    print(f"\nbench took {report['machine']['bench_seconds']:.0f} s (load average at the end "
+          f"{report['machine']['load_average_end']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_report_json(report), indent=1, default=float) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

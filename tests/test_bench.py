@@ -1,12 +1,16 @@
-"""``carrot.bench``: one finite row per registered variant (no timing assertions)."""
+"""``carrot.bench``: every section of the report on a tiny configuration (no timing assertions)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from carrot.bench import bench_variants, main, pk_labels
-from carrot.variants import list_variants
+from carrot.bench import SECTIONS, bench_variants, main, pk_labels
+from carrot.variants import create_variant, list_variants
+
+TINY = ["--batch", "8", "--classes-in-batch", "4", "--num-classes", "10", "--dim", "16", "--scaling", "10x16,20x8",
+        "--repeats", "1", "--warmup", "0", "--train-step-repeats", "1"]
 
 
 def test_bench_rows_cover_every_variant():
@@ -16,6 +20,19 @@ def test_bench_rows_cover_every_variant():
         for key in ("ms", "ce_ms", "ratio"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["variant"], key, r[key])
         assert isinstance(r["within_target"], bool)
+        has_floor = bool(create_variant(r["variant"]).floor_products(8, 10, 16))
+        assert (r["floor_ratio"] is not None) == has_floor == (r["over_floor"] is not None), r["variant"]
+        if has_floor:
+            assert r["floor_ratio"] > 0 and r["over_floor"] == pytest.approx(r["ratio"] / r["floor_ratio"])
+
+
+@pytest.mark.parametrize("name", list_variants())
+def test_floor_products_are_matrix_shapes(name):
+    """A floor is a list of (n, k, m) products with positive sizes; the variants with a second head
+    pass or a K x K Gram declare one."""
+    products = create_variant(name).floor_products(64, 200, 2048)
+    assert all(len(p) == 3 and all(isinstance(v, int) and v > 0 for v in p) for p in products)
+    assert bool(products) == (name in ("expansion", "nuisance", "prototype"))
 
 
 @pytest.mark.parametrize("name", list_variants())
@@ -26,7 +43,7 @@ def test_the_bench_step_is_the_training_step(name):
 
     from carrot.bench import FEATURE_DIMS, PROGRESS, EmbeddingModel
     from carrot.train import forward_step
-    from carrot.variants import StepBatch, create_variant
+    from carrot.variants import StepBatch
 
     torch.manual_seed(0)
     y = pk_labels(16, 4, 10, "cpu")
@@ -50,12 +67,19 @@ def test_the_bench_step_is_the_training_step(name):
 def test_pk_labels_and_cli_table(capsys):
     y = pk_labels(10, 4, 20, "cpu")
     assert len(y) == 10 and len(set(y.tolist())) == 4 and int(y.max()) < 20
-    assert main(["--batch", "8", "--classes-in-batch", "4", "--num-classes", "10", "--dim", "16",
-                 "--repeats", "1", "--warmup", "1", "--variants", "baseline", "pairwise_confusion",
-                 "--resnet50"]) == 0
+    assert main([*TINY, "--device", "cpu", "--study-trials", "0", "--variants", "baseline", "pairwise_confusion"]) == 0
     out = capsys.readouterr().out
-    assert "pairwise_confusion" in out and "ratio" in out
-    assert "CUDA only" in out  # --resnet50 on a CPU run says it was skipped
+    assert "pairwise_confusion" in out and "ratio" in out and "targets" in out
+    assert "SKIP  cuda barrier step without a host sync" in out  # nothing measured on a CPU-only run
+
+
+def test_sync_debug_needs_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["--sync-debug"]) == 0
+    assert "needs CUDA" in capsys.readouterr().out
 
 
 def test_variant_specs_override_hparams():
@@ -70,3 +94,66 @@ def test_variant_specs_override_hparams():
     with pytest.raises(ValueError):
         bench_variants(batch=8, classes_in_batch=4, num_classes=10, dim=16, repeats=1, warmup=1,
                        variants=["prototype:no_such_hparam=1"])
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@pytest.mark.slow
+def test_json_holds_every_section(tmp_path, monkeypatch):
+    """The whole report on a tiny configuration: each section is in the JSON with its figures
+    (the default study with one worker, in temporary stores that leave nothing behind)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.json"
+    names = ["baseline", "prototype", "barrier"]
+    assert main([*TINY, "--device", "cpu", "--variants", *names, "--study-trials", "2", "--study-epochs", "1",
+                 "--study-jobs", "1", "--limit-per-class", "10", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report) == list(SECTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no mlruns/ or studies/ here
+
+    assert report["machine"]["torch_threads"] >= 1 and report["machine"]["bench_seconds"] > 0
+    rows = report["variants"]["rows"]
+    assert [r["variant"] for r in rows] == names
+    assert all(_finite(r["ratio"]) and _finite(r["ms"]) and _finite(r["ce_ms"]) for r in rows)
+    assert _finite(rows[1]["floor_ratio"]) and rows[0]["floor_ratio"] is None  # prototype has a floor
+    assert [(c["num_classes"], c["dim"]) for c in report["scaling"]["configs"]] == [(10, 16), (20, 8)]
+    for row in report["scaling"]["rows"]:
+        assert _finite(row["K=10,D=16"]) and _finite(row["K=20,D=8"])
+    assert [r["variant"] for r in report["memory"]["rows"]] == names
+    assert all(r["peak_bytes"] > 0 and r["ce_peak_bytes"] > 0 for r in report["memory"]["rows"])
+    steps = report["train_step"]["rows"]
+    assert [r["variant"] for r in steps] == names and steps[0]["backbone"] == "test_resnet"
+    assert all(_finite(r["ratio"]) for r in steps)
+
+    study = report["study"]
+    assert study["trials"] == 2 and study["epochs"] == 1 and study["jobs"] is None
+    assert study["jobs1"]["complete"] + study["jobs1"]["pruned"] == 2 and study["jobs1"]["trials_per_hour"] > 0
+    assert study["pruning"] == {"epochs_trained": 2, "epochs_unpruned": 2, "saved_fraction": 0.0}
+    shares = study["shares"]
+    assert shares["runs"] == 2 and shares["seconds"]["run_s"] > 0
+    for key in ("logging", "diagnostics", "probes", "diagnostics_with_probes", "training"):
+        assert 0.0 <= shares[key] < 1.0, key
+    assert report["cuda"] is None
+
+    targets = {t["target"]: t for t in report["targets"]}
+    assert targets["cpu term prototype <= 3x CE head"]["value"] == rows[1]["ratio"]
+    assert targets["cpu term prototype <= 1.5x its floor"]["value"] == rows[1]["over_floor"]
+    assert targets["MLflow logging <= 2% of trial time"]["value"] == shares["logging"]
+    assert targets["diagnostics with probes <= 20% of trial time"]["value"] == shares["diagnostics_with_probes"]
+    assert targets["pruning saves >= 1/3 of the epochs"]["passed"] is False  # two trials: nothing to prune
+    assert targets["cuda barrier step without a host sync"]["passed"] is None
+    assert all(t["passed"] in (True, False, None) for t in report["targets"])
+
+
+@pytest.mark.heavy
+def test_study_with_two_workers(tmp_path, monkeypatch):
+    """The second study of the report: the same default study with two worker processes."""
+    from carrot.bench import bench_study
+
+    monkeypatch.chdir(tmp_path)
+    study = bench_study(2, jobs=2, device="cpu", **{"optim.epochs": 1, "data.limit_per_class": 10})
+    assert study["jobs"]["jobs"] == 2 and study["jobs"]["failed"] == 0
+    assert study["jobs"]["complete"] + study["jobs"]["pruned"] >= 2 and study["jobs"]["trials_per_hour"] > 0
+    assert list(tmp_path.iterdir()) == []

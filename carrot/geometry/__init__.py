@@ -5,14 +5,15 @@ and by the validation diagnostics.
   moments, L2 normalisation, pairwise distances;
 - :mod:`~carrot.geometry.bhattacharyya`: Bhattacharyya distance and coefficient of
   diagonal Gaussians;
-- :mod:`~carrot.geometry.spectra`: spectral entropy and effective rank, per matrix and per
-  class from one eigendecomposition;
+- :mod:`~carrot.geometry.spectra`: spectral entropy and effective rank, per matrix and for
+  every class of a batch at once (one ``eigh`` on the CPU, a resolvent integral on CUDA);
 - :mod:`~carrot.geometry.confusion`: soft confusion between classes;
 - :mod:`~carrot.geometry.distributed`: batch statistics across data-parallel processes
   (autograd-aware gathers and sums; no-ops without a process group).
 
-Everything here is sync-free on CUDA (no ``torch.unique``, no boolean indexing with
-data-dependent shapes, no ``.item()`` / ``.cpu()``) except the ``eigh`` of the spectra.
+What a training step calls here is sync-free on CUDA (no ``torch.unique``, no boolean
+indexing with data-dependent shapes, no ``.item()`` / ``.cpu()``, no ``eigh``: the per-class
+spectra take the resolvent route of :mod:`~carrot.geometry.spectra` there).
 Statistics are computed in float32 whatever the input dtype (inputs are cast inside, and
 the matrix products run with autocast off, so bf16 autocast does not round them); the
 per-class sums and means take a ``dtype`` for the float64 diagnostics.
@@ -20,17 +21,18 @@ per-class sums and means take a ``dtype`` for the float64 diagnostics.
 from carrot.geometry.bhattacharyya import bhattacharyya_diag, bhattacharyya_pairs, sample_pair_bhattacharyya
 from carrot.geometry.confusion import soft_confusion, symmetric_confusion
 from carrot.geometry.slots import (
-    class_means, class_moments, class_slots, class_sums, compact_slots, l2_normalize, no_autocast,
-    pairwise_distance, rms_radius,
+    class_deviations, class_means, class_moments, class_slots, class_sums, compact_slots, l2_normalize, no_autocast,
+    pairwise_distance, pairwise_sq_distance, rms_radius, slot_variance, sq_distance_to_distance,
 )
 from carrot.geometry.spectra import (
-    BlockSpectrum, block_spectrum, class_centring_operator, effective_rank, spectral_entropy, symmetric_eigh,
-    trace_terms, xlogx_sum,
+    BlockSpectrum, block_spectrum, class_centring_operator, effective_rank, resolvent_xlogx, spectral_entropy,
+    symmetric_eigh, trace_terms, xlogx_sum,
 )
 
 __all__ = [
     "BlockSpectrum", "bhattacharyya_diag", "bhattacharyya_pairs", "block_spectrum", "class_centring_operator",
-    "class_means", "class_moments", "class_slots", "class_sums", "compact_slots", "effective_rank",
-    "l2_normalize", "no_autocast", "pairwise_distance", "rms_radius", "sample_pair_bhattacharyya",
-    "soft_confusion", "spectral_entropy", "symmetric_confusion", "symmetric_eigh", "trace_terms", "xlogx_sum",
+    "class_deviations", "class_means", "class_moments", "class_slots", "class_sums", "compact_slots", "effective_rank",
+    "l2_normalize", "no_autocast", "pairwise_distance", "pairwise_sq_distance", "resolvent_xlogx", "rms_radius",
+    "sample_pair_bhattacharyya", "slot_variance", "soft_confusion", "spectral_entropy", "sq_distance_to_distance",
+    "symmetric_confusion", "symmetric_eigh", "trace_terms", "xlogx_sum",
 ]

@@ -133,13 +133,24 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         dev, klass, inv_n, keep, v, vbar, ratio, pick_i, pick_j = ctx.saved_tensors
         widths = ctx.widths
-        g_terms = _column_block_expand(0.5 * grad, widths)  # (P, D)
-        g_vbar = torch.reciprocal(vbar).addcmul_(ratio, ratio, value=-0.25).mul_(g_terms)  # (P, D)
-        g_diff = g_terms.mul_(ratio).mul_(0.5)  # (P, D)
+        # dD/dvbar = (1 / vbar - r^2 / 4) / 2 and dD/d(mu_c - mu_d) = r / 4, each column block
+        # scaled by its layer's incoming gradient (no (P, D) copy of the gradient)
+        g_vbar = torch.reciprocal(vbar).addcmul_(ratio, ratio, value=-0.25)  # (P, D)
+        g_diff = torch.empty_like(ratio)  # (P, D)
+        start = 0
+        for k, w in enumerate(widths):
+            g = grad[:, k:k + 1]  # (P, 1)
+            g_vbar[:, start:start + w].mul_(0.5 * g)
+            torch.mul(ratio[:, start:start + w], 0.25 * g, out=g_diff[:, start:start + w])
+            start += w
         g_mu = (pick_i - pick_j).T @ g_diff  # (C, D)
         g_v = (0.5 * (pick_i + pick_j)).T @ g_vbar  # (C, D)
         g_log_det = -0.25 * ((pick_i + pick_j).T @ grad)  # (C, L)
-        g_v.addcdiv_(_column_block_expand(g_log_det, widths), v).mul_(keep)  # (C, D) d/dvar
+        start = 0
+        for k, w in enumerate(widths):  # d log_det / dv = 1 / v, block by block
+            g_v[:, start:start + w].addcdiv_(g_log_det[:, k:k + 1], v[:, start:start + w])
+            start += w
+        g_v.mul_(keep)  # (C, D) d/dvar
         g_x = g_v.mul_(inv_n[:, None]).index_select(0, klass).mul_(dev).mul_(2.0)  # (B, D)
         g_x.add_(g_mu.mul_(inv_n[:, None]).index_select(0, klass))
         return g_x, None, None, None, None, None

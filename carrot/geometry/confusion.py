@@ -17,8 +17,7 @@ from carrot.geometry.slots import class_means
 
 def symmetric_confusion(a: Tensor) -> Tensor:
     """``omega = (A + A^T) / 2`` with a zero diagonal, (S, S)."""
-    omega = 0.5 * (a + a.T)
-    return omega * (1.0 - torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+    return (a + a.T).mul_(0.5).fill_diagonal_(0.0)
 
 
 def soft_confusion(probs: Tensor, inv: Tensor, counts: Tensor, labels_of_slot: Tensor) -> Tensor:

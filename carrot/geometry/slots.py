@@ -92,6 +92,16 @@ def class_means(x: Tensor, inv: Tensor, num_slots: int, dtype: torch.dtype = tor
     return sums / counts.clamp_min(1.0)[:, None], counts
 
 
+def class_deviations(x: Tensor, inv: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-slot means and every sample's deviation from its slot's mean, float32.
+
+    Returns ``(means (S, D), dev (B, D) = x - means[inv], counts (S,))``.
+    """
+    x = x.float()
+    means, counts = class_means(x, inv, num_slots)
+    return means, x - means[inv], counts
+
+
 def class_moments(x: Tensor, inv: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-slot mean and biased diagonal variance in float32.
 
@@ -101,11 +111,14 @@ def class_moments(x: Tensor, inv: Tensor, num_slots: int) -> tuple[Tensor, Tenso
 
     Returns ``(means (S, D), var (S, D), counts (S,))``.
     """
-    x = x.float()
-    means, counts = class_means(x, inv, num_slots)
-    dev = x - means[inv]  # (B, D)
-    sq = torch.zeros_like(means).index_add_(0, inv, dev * dev)  # (S, D)
-    return means, sq / counts.clamp_min(1.0)[:, None], counts
+    means, dev, counts = class_deviations(x, inv, num_slots)  # (S, D), (B, D), (S,)
+    return means, slot_variance(dev, inv, counts), counts
+
+
+def slot_variance(dev: Tensor, inv: Tensor, counts: Tensor) -> Tensor:
+    """``(1/n_s) sum_{i in s} dev_i^2`` per slot, (S, D), from the deviations of :func:`class_deviations`."""
+    sq = torch.zeros(counts.shape[0], dev.shape[1], dtype=dev.dtype, device=dev.device).index_add_(0, inv, dev * dev)
+    return sq / counts.clamp_min(1.0)[:, None]
 
 
 def rms_radius(var: Tensor) -> Tensor:
@@ -118,22 +131,59 @@ def rms_radius(var: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------- norms, distances
+class _L2Normalize(torch.autograd.Function):
+    """``x * r`` with ``r = rsqrt(||x||^2)`` per row (0 where ``||x|| <= eps``), closed-form backward.
+
+    With ``u = x r`` the gradient is ``dx = r (g - u (g . u))``: two (N, D) passes, where
+    autograd's graph of the product, the row norm and the mask keeps and allocates one (N, D)
+    buffer per op. ``r = 0`` on the rows left out gives their 0 value and zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+        sq = (x * x).sum(dim=-1, keepdim=True)  # (N, 1)
+        no_norm = sq <= eps * eps  # false for a NaN row, which stays NaN (absent classes in the diagnostics)
+        # rsqrt of 1 (not of the clamp) on the rows left out, so 0 * rsqrt is never 0 * inf
+        r = torch.rsqrt(torch.where(no_norm, torch.ones_like(sq), sq)).masked_fill_(no_norm, 0.0)  # (N, 1)
+        out = x * r  # (N, D)
+        ctx.save_for_backward(out, r)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        out, r = ctx.saved_tensors
+        dot = torch.linalg.vecdot(g, out).unsqueeze(-1)  # (N, 1) g . u
+        return g.addcmul(out, dot, value=-1.0).mul_(r), None
+
+
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     """``x / ||x||`` along the last dim, in ``x``'s dtype; 0, with a zero gradient, where ``||x|| <= eps``.
 
     The same value as ``F.normalize`` wherever ``||x|| > eps``, written as a product with a
-    (N, 1) factor: on the CPU its backward is several times faster than ``F.normalize``'s
-    expanded division. A (near-)zero row has no direction: ``F.normalize`` maps it to
-    ``x / eps`` with the gradient ``1 / eps = 1e12``, which overflows float16 and, through two
-    normalisations in a row (a normalised neck, then prototypes or the expansion operator),
-    reaches ~1e26 in float32. Here it maps to 0 with a zero gradient (the convention of
-    :func:`pairwise_distance` at 0).
+    (N, 1) factor and a closed-form backward (:class:`_L2Normalize`): on the CPU it is several
+    times faster than ``F.normalize``'s expanded division. A (near-)zero row has no direction:
+    ``F.normalize`` maps it to ``x / eps`` with the gradient ``1 / eps = 1e12``, which
+    overflows float16 and, through two normalisations in a row (a normalised neck, then
+    prototypes or the expansion operator), reaches ~1e26 in float32. Here it maps to 0 with a
+    zero gradient (the convention of :func:`pairwise_distance` at 0).
     """
-    sq = (x * x).sum(dim=-1, keepdim=True)  # (N, 1)
-    no_norm = sq <= eps * eps  # false for a NaN row, which stays NaN (absent classes in the diagnostics)
-    # rsqrt of 1 (not of the clamp) on the rows left out, so 0 * rsqrt is never 0 * inf
-    scaled = x * torch.rsqrt(torch.where(no_norm, torch.ones_like(sq), sq))
-    return torch.where(no_norm, torch.zeros_like(scaled), scaled)
+    return _L2Normalize.apply(x, eps)
+
+
+def pairwise_sq_distance(a: Tensor) -> Tensor:
+    """Squared Euclidean distances ``||a_i||^2 + ||a_j||^2 - 2 a_i.a_j`` (N, N) float32, clamped >= 0
+    against round-off (no (N, N, D) tensor); the diagonal is not forced to 0."""
+    a = a.float()
+    sq = (a * a).sum(-1)  # (N,)
+    with no_autocast(a):
+        inner = a @ a.T  # (N, N)
+    return (sq[:, None] + sq[None, :] - 2.0 * inner).clamp_min(0.0)  # (N, N)
+
+
+def sq_distance_to_distance(d2: Tensor) -> Tensor:
+    """``sqrt(d2)`` with a finite gradient at 0 (0 there); non-decreasing in ``d2``."""
+    return torch.sqrt(d2.clamp_min(FLOOR)) * (d2 > 0)
 
 
 def pairwise_distance(a: Tensor) -> Tensor:
@@ -142,10 +192,6 @@ def pairwise_distance(a: Tensor) -> Tensor:
     Uses ``||a_i||^2 + ||a_j||^2 - 2 a_i.a_j`` (no (N, N, D) tensor), clamped >= 0 against
     round-off; the diagonal is exactly 0.
     """
-    a = a.float()
-    sq = (a * a).sum(-1)  # (N,)
-    with no_autocast(a):
-        inner = a @ a.T  # (N, N)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * inner).clamp_min(0.0)  # (N, N)
+    d2 = pairwise_sq_distance(a)
     d2 = d2 * (1.0 - torch.eye(a.shape[0], dtype=d2.dtype, device=d2.device))
-    return torch.sqrt(d2.clamp_min(FLOOR)) * (d2 > 0)
+    return sq_distance_to_distance(d2)

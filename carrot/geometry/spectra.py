@@ -5,7 +5,7 @@ eigenvalues of the covariance (squared singular values of the centred data, not 
 values of Roy & Vetterli's definition; see :func:`effective_rank`). Written once as
 :func:`spectral_entropy` of the trace ``T = sum lam`` and ``sum lam log lam``:
 ``H = log T - (sum lam log lam) / T``. :func:`effective_rank` applies it to one matrix;
-:class:`BlockSpectrum` to every class of a batch from ONE ``eigh`` of the block-diagonal
+:class:`BlockSpectrum` to every class of a batch at once, from the block-diagonal
 within-class Gram (the ``barrier`` variant).
 
 "No spread" is relative: a trace at or below ``REL_SPREAD_FLOOR`` times the squared norm of
@@ -13,11 +13,16 @@ the samples it comes from is the round-off of centring identical samples (float3
 deviations of ~1e-7 of the values), not a spread; it counts as 0, so identical embeddings
 give erank 1 with a zero gradient instead of 1 / round-off.
 
-``torch.linalg.eigh`` is the one host sync here: PyTorch checks the solver's error codes on
-the host, one synchronisation per call (there is no ``eigh_ex``); the per-class version
-makes one call per step, for all classes at once.
+``torch.linalg.eigh`` checks the solver's error codes on the host, one synchronisation per
+call on CUDA (there is no ``eigh_ex``). So on CUDA :class:`BlockSpectrum` takes another
+route to the same numbers: ``tr(G_s log G_s)`` and ``log G`` from the resolvent integral
+``P log P = int_0^inf [P / (1 + t) - P (P + t I)^{-1}] dt`` (P = G_s / tr G_s), a trapezoid
+rule in ``log t`` over batched Cholesky factorisations without an error check
+(:func:`resolvent_xlogx`): no host sync. Elsewhere (the CPU) it keeps the one ``eigh``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -119,12 +124,70 @@ def class_centring_operator(inv: Tensor, counts: Tensor, rows: Tensor) -> Tensor
 
 
 def symmetric_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of a small symmetric matrix, ``torch.linalg.eigh``.
-
-    The one place the spectral code calls the solver (and, on CUDA, the one host sync of
-    the error check), so a different solver path is a one-line change.
-    """
+    """Eigenvalues (ascending) and eigenvectors of a small symmetric matrix, ``torch.linalg.eigh``
+    (on CUDA it synchronises with the host: its error check)."""
     return torch.linalg.eigh(gram)
+
+
+# The trapezoid rule of resolvent_xlogx: nodes t = exp(s), s from RESOLVENT_LOG_T[0] to [1] in
+# steps of RESOLVENT_STEP. The integrand is analytic in |Im s| < pi, so the rule's error is
+# ~exp(-2 pi^2 / step) ~ 1e-11; the ends cut eigenvalues below e^-27.6 ~ 1e-12 of the trace
+# (their p log p is under 1e-10) and a tail under 1e-10.
+RESOLVENT_LOG_T = (-27.6, 23.0)
+RESOLVENT_STEP = 0.8
+
+
+def resolvent_xlogx(xc: Tensor, same: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
+    """``tr(G_s log G_s)`` per block and ``f'(G) = log G + I`` (block-diagonal), without an eigensolver.
+
+    ``xc`` (B, D) are the samples centred on their blocks (rows in block order), ``same``
+    (B, B) the block mask, ``member`` (S, B). In float64: ``G = (xc xc^T) * same``, each block
+    scaled to unit trace, ``P = G_s / T_s``; with ``R_t = (P + t I)^{-1}`` from a batched
+    Cholesky (``cholesky_ex``: no error check, hence no host sync on CUDA) and the identity
+    ``log P = int_0^inf [I / (1 + t) - R_t] dt`` (eigenvalue by eigenvalue:
+    ``log p = int [1 / (1 + t) - 1 / (p + t)] dt``) taken by the trapezoid rule in ``log t``
+    (:data:`RESOLVENT_LOG_T`, :data:`RESOLVENT_STEP`):
+
+        tr(G_s log G_s) = T_s (tr(P_s log P_s) + log T_s),   f'(G) = log P + (log T + 1) I.
+
+    On the null space of a block (the centring direction, repeated samples) ``log P`` is
+    about ``log e^-27.6`` instead of ``-inf``; the gradient never reads it there (``G v = 0``
+    means ``xc^T v = 0``). Blocks without a trace give 0 and a finite ``f'``. The float64 Gram
+    keeps the round-off of its zero eigenvalues (~1e-16 of the trace) far below the smallest
+    node, so every ``P + t I`` is positive definite.
+
+    Returns ``(xlogx (S,), fprime (B, B))`` in ``xc``'s dtype.
+    """
+    dtype, b = xc.dtype, xc.shape[0]
+    x64 = xc.double()
+    gram = (x64 @ x64.T) * same.double()  # (B, B) block diagonal
+    diag = gram.diagonal()  # (B,)
+    member64 = member.double()
+    trace = member64 @ diag  # (S,)
+    row_trace = member64.T @ trace  # (B,) the trace of each row's block (0 outside every block)
+    has = row_trace > 0
+    scale = torch.where(has, row_trace, torch.ones_like(row_trace)).rsqrt() * has  # (B,) 1 / sqrt(T), 0 without
+    p = gram * scale[:, None] * scale[None, :]  # (B, B) each block at unit trace
+    lo, hi = RESOLVENT_LOG_T
+    count = int(math.ceil((hi - lo) / RESOLVENT_STEP)) + 1
+    t = torch.exp(torch.linspace(lo, hi, count, dtype=torch.float64, device=xc.device))  # (N,)
+    w = ((hi - lo) / (count - 1)) * t  # dt = t ds
+    w = torch.cat([0.5 * w[:1], w[1:-1], 0.5 * w[-1:]])  # trapezoid ends
+    eye = torch.eye(b, dtype=torch.float64, device=xc.device)
+    chol, _ = torch.linalg.cholesky_ex(p + t[:, None, None] * eye)  # (N, B, B), check_errors=False
+    inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)  # L^-1
+    resolvent = inv_chol.mT @ inv_chol  # (N, B, B) (P + t I)^-1
+    log_p = (w / (1.0 + t)).sum() * eye - torch.einsum("n,nij->ij", w, resolvent)  # (B, B) log P
+    log_t = torch.log(torch.where(trace > 0, trace, torch.ones_like(trace)))  # (S,)
+    plogp = member64 @ (p * log_p.T).sum(1)  # (S,) tr(P log P) per block
+    xlogx = torch.where(trace > 0, trace * (plogp + log_t), torch.zeros_like(trace))
+    fprime = (log_p + torch.diag(member64.T @ log_t + 1.0)) * same.double()
+    return xlogx.to(dtype), fprime.to(dtype)
+
+
+def use_resolvent(device: torch.device) -> bool:
+    """The spectrum comes from :func:`resolvent_xlogx` (no host sync) on CUDA, from ``eigh`` elsewhere."""
+    return device.type == "cuda"
 
 
 class BlockSpectrum:
@@ -132,8 +195,9 @@ class BlockSpectrum:
 
     ``G = (C x)(C x)^T`` restricted to its diagonal blocks, ``C`` the centring operator
     with rows in block order (:func:`class_centring_operator`), so ``G`` is block diagonal
-    with contiguous blocks. ONE ``eigh`` of ``G`` serves every block: any matrix function
-    of a block-diagonal matrix is block diagonal, so with ``G = V diag(lam) V^T``
+    with contiguous blocks. One spectral computation of ``G`` serves every block: any matrix
+    function of a block-diagonal matrix is block diagonal. On the CPU it is one ``eigh``: with
+    ``G = V diag(lam) V^T``
 
         tr f(G_s) = sum_k mass_sk f(lam_k),   mass_sk = sum_{i in s} V_ik^2,
 
@@ -141,7 +205,9 @@ class BlockSpectrum:
     ``f(lam) = max(lam, 0) log max(lam, floor)`` (``xlogx``), plus the traces ``T_s`` and
     the batch scatter ``||x - mean(x)||_F^2`` (``total``); the non-zero eigenvalues of a
     block are ``n_s`` times those of the class covariance (the factor cancels in ``p``), so
-    :meth:`entropy` is each class's spectral entropy.
+    :meth:`entropy` is each class's spectral entropy. On CUDA, where ``eigh`` would
+    synchronise with the host, the same ``tr f(G_s)`` and ``f'(G)`` come from the resolvent
+    integral (:func:`resolvent_xlogx`); ``resolvent`` forces either route.
 
     :meth:`operator` gives the analytic derivative: ``d tr f(G_s) / dG = f'(G)`` on block s
     (``f'(G) = V diag(f'(lam)) V^T``, no ``1 / (lam_i - lam_j)`` eigenvector terms, so it
@@ -149,18 +215,21 @@ class BlockSpectrum:
     with ``dL/dG = Gg`` (symmetric) ``dL/dx = 2 C^T Gg C x``: every term folds into one
     B x B matrix, so backward costs one (B, B) @ (B, D) product. The pieces are used inside
     ``torch.autograd.Function`` s (no autograd graph of their own); the work before the
-    ``eigh`` (:meth:`__init__`) is split from the spectrum (:meth:`xlogx`), so a caller can
-    queue everything that does not need the eigenvalues before the solver's host sync.
+    spectrum (:meth:`__init__`) is split from it (:meth:`xlogx`), so a caller can queue
+    everything that does not need it first.
     ``trace_terms[0]`` (per block) and ``total_spread`` (the batch) say where there is a
     spread above the round-off of centring (:func:`has_spread`).
     """
 
-    def __init__(self, x: Tensor, centre: Tensor, block: Tensor, num_blocks: int) -> None:
+    def __init__(self, x: Tensor, centre: Tensor, block: Tensor, num_blocks: int,
+                 resolvent: bool | None = None) -> None:
         self.centre = centre
+        self.resolvent = use_resolvent(x.device) if resolvent is None else resolvent
         ok = block >= 0
         self.same = ((block[:, None] == block[None, :]) & ok[:, None]).to(x.dtype)  # (B, B) block mask
         self.member = (block[None, :] == torch.arange(num_blocks, device=x.device)[:, None]).to(x.dtype)  # (S, B)
         xc = centre @ x  # (B, D) class-centred, block order
+        self.xc = xc
         self.gram = (xc @ xc.T) * self.same  # (B, B)
         self.trace = self.member @ torch.diagonal(self.gram)  # (S,)
         xb = (x - x.mean(0, keepdim=True)).reshape(-1)
@@ -171,14 +240,19 @@ class BlockSpectrum:
         self.total_spread = has_spread(self.total, sq_norm.sum())  # 0-dim: the batch has a spread
 
     def xlogx(self) -> Tensor:
-        """(S,) ``tr(G_s log G_s)``, eigenvalues clamped >= 0; the ``eigh`` (host sync on CUDA)."""
-        self.lam, self.vec = symmetric_eigh(self.gram)  # (B,), (B, B)
-        pos = self.lam.clamp_min(0.0)
+        """(S,) ``tr(G_s log G_s)``, eigenvalues clamped >= 0: one ``eigh`` (CPU), or the
+        resolvent integral without a host sync (CUDA, :func:`resolvent_xlogx`)."""
+        if self.resolvent:
+            xlogx, self.fprime = resolvent_xlogx(self.xc, self.same, self.member)
+            return xlogx
+        lam, vec = symmetric_eigh(self.gram)  # (B,), (B, B)
+        pos = lam.clamp_min(0.0)
         log_pos = torch.log(pos.clamp_min(FLOOR))
         # f'(lam) for backward: log lam + 1, 0 for lam <= 0 (the clamp). Between 0 and the
         # floor (1e-30, round-off of a zero eigenvalue) the exact derivative is log(floor).
-        self.dphi = (log_pos + 1.0) * (self.lam > 0)
-        return self.member @ ((self.vec * self.vec) @ (pos * log_pos))
+        dphi = (log_pos + 1.0) * (lam > 0)
+        self.fprime = (vec * dphi) @ vec.T  # (B, B) f'(G)
+        return self.member @ ((vec * vec) @ (pos * log_pos))
 
     def entropy(self, xlogx: Tensor) -> Tensor:
         """(S,) spectral entropy of every block from its :meth:`xlogx` (0 for a block without spread)."""
@@ -193,8 +267,7 @@ class BlockSpectrum:
         centre, b = self.centre, self.centre.shape[0]
         grad_gram = torch.diag(g_trace @ self.member)  # (B, B) trace: identity on each block's diagonal
         if g_xlogx is not None:
-            fprime = (self.vec * self.dphi) @ self.vec.T  # (B, B) f'(G)
-            grad_gram = grad_gram + fprime * self.same * (g_xlogx @ self.member)[:, None]
+            grad_gram = grad_gram + self.fprime * self.same * (g_xlogx @ self.member)[:, None]
         op = centre.T @ (2.0 * grad_gram) @ centre
         if g_total is not None:
             eye = torch.eye(b, dtype=centre.dtype, device=centre.device)
@@ -202,7 +275,8 @@ class BlockSpectrum:
         return op
 
 
-def block_spectrum(x: Tensor, inv: Tensor, blocks: Tensor, num_blocks: int) -> BlockSpectrum:
+def block_spectrum(x: Tensor, inv: Tensor, blocks: Tensor, num_blocks: int,
+                   resolvent: bool | None = None) -> BlockSpectrum:
     """:class:`BlockSpectrum` of ``x`` (B, D) centred on its classes ``inv``, rows grouped by ``blocks``.
 
     ``blocks`` (B,) int64 in ``[0, num_blocks)`` or -1 to leave a sample out. Computed in
@@ -214,4 +288,4 @@ def block_spectrum(x: Tensor, inv: Tensor, blocks: Tensor, num_blocks: int) -> B
         0, inv, torch.ones(b, dtype=x.dtype, device=x.device))
     order = torch.sort(blocks, stable=True).indices  # (B,) rows in block order: contiguous blocks
     centre = class_centring_operator(inv, counts, order).to(x.dtype)  # (B, B)
-    return BlockSpectrum(x, centre, blocks[order], num_blocks)
+    return BlockSpectrum(x, centre, blocks[order], num_blocks, resolvent)

@@ -25,24 +25,22 @@ from carrot.variants.base import BaseHparams, StepBatch, Variant
 class _BarrierTerms(torch.autograd.Function):
     """R_var and R_rank of a batch with a closed-form backward through the block spectrum.
 
-    Inside a CUDA training step ``eigh`` synchronises the host (PyTorch checks its error
-    codes), so every op queued after it, the rest of this forward and the whole backward of
-    the term, runs while the GPU waits (~30 us of host time each). Hence one function that
-    queues everything not needing eigenvalues before the solver: R_var, its statistics and
-    its gradient operator; after it, R_rank and its gradient operator (both terms are linear
-    in z's Gram, so each gradient is ``M @ z`` for a B x B ``M`` from
-    :meth:`carrot.geometry.BlockSpectrum.operator`); backward is then ``(g_var M_var +
-    g_rank M_rank) @ z``.
+    One function that queues everything not needing the spectrum first: R_var, its
+    statistics and its gradient operator; then the spectrum (on CUDA without a host sync, the
+    resolvent route of :class:`carrot.geometry.BlockSpectrum`; ``eigh`` on the CPU), R_rank
+    and its gradient operator (both terms are linear in z's Gram, so each gradient is
+    ``M @ z`` for a B x B ``M`` from :meth:`carrot.geometry.BlockSpectrum.operator`);
+    backward is then ``(g_var M_var + g_rank M_rank) @ z``.
 
     Forward returns ``r_var, r_rank`` (0-dim) and, not differentiable, ``ratio`` (S,) r_c,
     ``erank`` (S,), ``min_r``, ``min_erank_ratio`` (0-dim).
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, inv: Tensor, counts: Tensor, eps: float):
+    def forward(ctx, z: Tensor, inv: Tensor, counts: Tensor, eps: float, resolvent: bool | None = None):
         ctx.set_materialize_grads(False)
         b, d = z.shape
-        spec = block_spectrum(z, inv, inv, b)
+        spec = block_spectrum(z, inv, inv, b, resolvent)
         used = counts >= 2  # (S,)
         any_used = used.any()
         w = used.to(z.dtype) / used.sum().clamp_min(1)  # (S,) weights of the class means
@@ -70,7 +68,6 @@ class _BarrierTerms(torch.autograd.Function):
             ctx.op_var = spec.operator(-a_var * inv_t, None, g_total)
             w_spread_inv_t = w * spread * inv_t
 
-        # The eigh (host sync), then as few ops as possible: the GPU idles until they are queued.
         # Rank barrier: H_c = log T_c - tr(G_c log G_c) / T_c, -log(max(erank / D, eps)) = -q_c.
         xlogx = spec.xlogx()
         entropy = spec.entropy(xlogx)  # (S,)
@@ -91,14 +88,15 @@ class _BarrierTerms(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_var: Tensor | None, g_rank: Tensor | None, *_unused):
         if g_var is None and g_rank is None:
-            return None, None, None, None
+            return None, None, None, None, None
         op = ctx.op_var * g_var if g_var is not None else 0.0
         if g_rank is not None:
             op = op + ctx.op_rank * g_rank
-        return op @ ctx.z, None, None, None
+        return op @ ctx.z, None, None, None, None
 
 
-def barrier_terms(z: Tensor, y: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def barrier_terms(z: Tensor, y: Tensor, eps: float = 1e-12,
+                  resolvent: bool | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Variance and effective-rank barriers of a batch, batched over classes.
 
     S_bar = mean_i ||z_i - zbar||^2 (trace of the batch covariance, floored at eps); for
@@ -110,12 +108,12 @@ def barrier_terms(z: Tensor, y: Tensor, eps: float = 1e-12) -> tuple[Tensor, Ten
 
     Everything comes from the B x B within-class Gram matrix (samples centred on their class
     mean by one matrix product, rows in class order so it is block diagonal): S_c are traces
-    of its blocks and one ``eigh`` gives every class's spectrum
-    (:class:`carrot.geometry.BlockSpectrum`); the gradient is written out by hand
-    (:class:`_BarrierTerms`). Float32 with autocast off.
+    of its blocks and one spectral computation serves every class
+    (:class:`carrot.geometry.BlockSpectrum`: ``eigh`` on the CPU; on CUDA the resolvent
+    integral, which needs no error check and so no host sync; ``resolvent`` forces either);
+    the gradient is written out by hand (:class:`_BarrierTerms`). Float32 with autocast off.
 
-    Both are 0 (with finite, zero gradients) when no class has two samples. No host sync
-    apart from the one inside ``eigh`` (PyTorch's error check).
+    Both are 0 (with finite, zero gradients) when no class has two samples. No host sync on CUDA.
 
     Args:
         z: (B, D) embeddings (computed in float32); y: (B,) labels.
@@ -129,7 +127,7 @@ def barrier_terms(z: Tensor, y: Tensor, eps: float = 1e-12) -> tuple[Tensor, Ten
         used = counts >= 2
         classes_used = used.sum().float()
         # erank is 1 (H = 0) for a slot with fewer than two samples: no spread.
-        r_var, r_rank, ratio, erank, min_r, min_er = _BarrierTerms.apply(z.float(), inv, counts, eps)
+        r_var, r_rank, ratio, erank, min_r, min_er = _BarrierTerms.apply(z.float(), inv, counts, eps, resolvent)
     stats = {
         "r_var": r_var.detach(),
         "r_rank": r_rank.detach(),
@@ -176,7 +174,7 @@ class Barrier(Variant):
         # embeddings are all-gathered with gradients (carrot.geometry.distributed).
         r_var, r_rank, st = barrier_terms(gather_rows(batch.embedding), gather_rows_no_grad(batch.labels))
         terms: dict[str, Tensor] = {}
-        # (no multiply at the parameter-free weight 1: each op after the eigh's sync costs host time)
+        # (no multiply at the parameter-free weight 1)
         if hp.use_var:
             terms["r_var"] = r_var if hp.weight == 1.0 else hp.weight * r_var
         if hp.use_rank:

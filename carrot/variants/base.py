@@ -94,6 +94,12 @@ class Variant(nn.Module):
         """Module between the pooled embedding and the head (identity unless overridden)."""
         return nn.Identity()
 
+    def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
+        """The matrix products, ``(n, k, m)`` for an (n, k) @ (k, m) product, that a step of the
+        term cannot avoid at this scale beyond the CE head's own three (a second head pass, a
+        K x K Gram); ``make bench`` times them after the CE head as the term's floor. None by default."""
+        return ()
+
     def forward(self, batch: StepBatch) -> VariantOutput:
         if batch.embedding.ndim != 2 or batch.logits.ndim != 2 or batch.labels.ndim != 1:
             raise ValueError(
@@ -102,7 +108,8 @@ class Variant(nn.Module):
             )
         ce = F.cross_entropy(batch.logits.float(), batch.labels, label_smoothing=batch.label_smoothing)
         terms, stats = self.compute(batch, ce)
-        stats = {k: v.detach().float() for k, v in stats.items()}
+        stats = {k: v if v.dtype == torch.float32 and not v.requires_grad else v.detach().float()
+                 for k, v in stats.items()}
         return VariantOutput({"ce": ce, **terms}, stats)
 
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -132,6 +139,47 @@ class L2Normalize(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return l2_normalize(z.float()).to(z.dtype)
+
+
+class _HeadPass(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose backward returns fresh contiguous gradients.
+
+    The variants that put a second set of rows through the head (``expansion``'s z+,
+    ``nuisance``'s noisy copies) add a weight gradient to the one of the main pass. Autograd's
+    linear backward hands the weight a transposed view, which the accumulation cannot add
+    in place, so every step allocates a third (K, D) buffer for the sum; a contiguous
+    ``g^T x`` is summed in place. Backward runs under the forward's autocast state, as
+    autograd's would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        device = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            g_x = g @ weight if ctx.needs_input_grad[0] else None  # (N, D)
+            g_w = g.T @ x if ctx.needs_input_grad[1] else None  # (K, D), contiguous
+        g_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return g_x, g_w, g_b
+
+
+def linear_pass(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for extra rows through the step's head (:class:`_HeadPass`), (N, K)."""
+    return _HeadPass.apply(x, weight, bias)
+
+
+def head_pass(head: nn.Linear, x: Tensor) -> Tensor:
+    """``head(x)`` for extra rows through the step's head (:class:`_HeadPass`), (N, K)."""
+    return linear_pass(x, head.weight, head.bias)
 
 
 def linear_ramp(progress: float, warmup_epochs: float) -> float:

@@ -24,12 +24,86 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
 
-from carrot.geometry import class_moments, class_slots, pairwise_distance, rms_radius
+from carrot.geometry import (
+    class_deviations, class_slots, pairwise_sq_distance, rms_radius, slot_variance, sq_distance_to_distance,
+)
 from carrot.geometry.distributed import gather_rows, gather_rows_no_grad, local_rows
 from carrot.variants import register_variant
-from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant
+from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant, head_pass
 
 MODES = ("kl", "supcon")
+
+
+def _class_geometry(h: Tensor, inv: Tensor, counts: Tensor, eps: float) -> dict[str, Tensor]:
+    """Centroids, deviations, radii, nearest other centroid and gamma of every class slot of ``h``.
+
+    ``h`` (B, D) float32, unit rows; ``inv``, ``counts`` from :func:`carrot.geometry.class_slots`.
+    Differentiable (``detach_stats=False``) or run under no_grad (the default path).
+    """
+    b = h.shape[0]
+    mu, dev, _ = class_deviations(h, inv, b)  # (S, D), (B, D) = h - mu[inv]
+    radius = rms_radius(slot_variance(dev, inv, counts))  # (S,)
+    present = counts > 0  # (S,)
+    eligible = counts >= 2  # (S,) classes whose radius means something
+
+    # The nearest other centroid from the squared distances: ||.|| = f(d2) with f non-decreasing
+    # (pairwise_distance's sqrt, 0 at 0), so min f = f(min), taken on (S,) instead of (S, S).
+    d2 = pairwise_sq_distance(mu)  # (S, S)
+    other = present[:, None] & present[None, :] & ~torch.eye(b, dtype=torch.bool, device=h.device)
+    nearest = sq_distance_to_distance(torch.where(other, d2, torch.full_like(d2, float("inf"))).min(1).values)
+    has_other = torch.isfinite(nearest)
+    nearest = torch.where(has_other, nearest, torch.zeros_like(nearest))
+
+    gamma = torch.clamp(nearest / (2.0 * radius + eps), min=1.0)  # (S,)
+    gamma = torch.where(eligible & has_other, gamma, torch.ones_like(gamma))
+    return {"mu": mu, "dev": dev, "gamma": gamma, "radius": radius, "nearest": nearest, "present": present,
+            "eligible": eligible}
+
+
+def _normalize_backward(g: Tensor, unit: Tensor, norm: Tensor, eps: float) -> Tensor:
+    """Adjoint of ``F.normalize`` at ``x = unit * max(||x||, eps)``: ``(g - unit (g . unit)) / max(||x||, eps)``,
+    the projection only where ``||x|| >= eps`` (where the clamp passes the gradient). A new (B, D) tensor."""
+    dot = torch.linalg.vecdot(g, unit).unsqueeze(1) * (norm >= eps)  # (B, 1) g . unit
+    return g.addcmul(unit, dot, value=-1.0).div_(norm.clamp_min(eps))
+
+
+class _Expansion(torch.autograd.Function):
+    """z+ of :func:`expansion_operator` with the statistics detached, closed-form backward.
+
+    With mu and gamma constant, ``z+ = N(mu_i + gamma_i (h_i - mu_i))``, ``h = N(z)`` (``N`` =
+    ``F.normalize``), so ``dz = N'(z)^T (gamma_i N'(e_i)^T g)``, each ``N'^T`` a projection and a
+    scale per row: three (B, D) buffers in all (autograd's graph of the two normalisations, the
+    moments and the blend would keep and walk about twenty).
+    Returns ``z+`` (B, D) and, not differentiable, the slot statistics ``gamma``, ``radius``,
+    ``nearest``, ``eligible``, ``present`` (S,).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, inv: Tensor, counts: Tensor, eps: float):
+        z_norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)  # (B, 1)
+        h = z / z_norm.clamp_min(eps)  # F.normalize(z)
+        geo = _class_geometry(h, inv, counts, eps)
+        gamma_i = geo["gamma"][inv, None]  # (B, 1)
+        e = (gamma_i * geo["dev"]).add_(geo["mu"][inv])  # (B, D) mu_i + gamma_i (h - mu_i)
+        e_norm = torch.linalg.vector_norm(e, dim=1, keepdim=True)
+        expanded = e.div_(e_norm.clamp_min(eps))  # F.normalize(e)
+        two_classes = geo["present"].sum() >= 2  # 0-dim device bool
+        z_plus = torch.where(two_classes, expanded, h)
+        ctx.save_for_backward(h, z_norm, expanded, e_norm, gamma_i, two_classes)
+        ctx.eps = eps
+        stats = [geo[k] for k in ("gamma", "radius", "nearest", "eligible", "present")]
+        ctx.mark_non_differentiable(*stats)
+        return (z_plus, *stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor | None, *_unused):
+        if g is None:
+            return None, None, None, None
+        h, z_norm, expanded, e_norm, gamma_i, two_classes = ctx.saved_tensors
+        g_h = _normalize_backward(g, expanded, e_norm, ctx.eps).mul_(gamma_i)  # (B, D) through e = mu + gamma (h - mu)
+        g_h = torch.where(two_classes, g_h, g)
+        return _normalize_backward(g_h, h, z_norm, ctx.eps), None, None, None
 
 
 def expansion_operator(
@@ -47,7 +121,8 @@ def expansion_operator(
     A class with one sample has h = mu, so z+ = h whatever gamma; its gamma is set to 1.
     With fewer than two classes present z+ = h (chosen with ``torch.where`` on a device
     flag, no host sync). ``detach_stats`` stops the gradient through mu and gamma, so the
-    gradient reaches z only through (h - mu) and the final normalisation.
+    gradient reaches z only through (h - mu) and the final normalisation (with a closed-form
+    backward, :class:`_Expansion`).
 
     Args:
         z: (B, D) embeddings (any float dtype; computed in float32).
@@ -59,29 +134,16 @@ def expansion_operator(
             ``radius_mean``, ``margin_mean`` (mean m_c), ``classes_used`` — all over
             classes with >= 2 samples (gamma 1, radius/margin 0 when there are none).
     """
-    h = F.normalize(z.float(), dim=1)  # (B, D)
-    b = h.shape[0]
     inv, counts, _ = class_slots(y)
-    mu, var, _ = class_moments(h, inv, b)  # (S, D), (S, D)
-    radius = rms_radius(var)  # (S,)
-    present = counts > 0  # (S,)
-    eligible = counts >= 2  # (S,) classes whose radius means something
-
-    dist = pairwise_distance(mu)  # (S, S)
-    other = present[:, None] & present[None, :] & ~torch.eye(b, dtype=torch.bool, device=h.device)
-    nearest = torch.where(other, dist, torch.full_like(dist, float("inf"))).min(1).values  # (S,)
-    has_other = torch.isfinite(nearest)
-    nearest = torch.where(has_other, nearest, torch.zeros_like(nearest))
-
-    gamma = torch.clamp(nearest / (2.0 * radius + eps), min=1.0)  # (S,)
-    gamma = torch.where(eligible & has_other, gamma, torch.ones_like(gamma))
     if detach_stats:
-        mu, gamma = mu.detach(), gamma.detach()
-
-    mu_i = mu[inv]  # (B, D)
-    expanded = F.normalize(mu_i + gamma[inv, None] * (h - mu_i), dim=1)  # (B, D)
-    two_classes = present.sum() >= 2  # 0-dim device bool
-    z_plus = torch.where(two_classes, expanded, h)
+        z_plus, gamma, radius, nearest, eligible, _ = _Expansion.apply(z.float(), inv, counts, eps)
+    else:
+        h = F.normalize(z.float(), dim=1)  # (B, D)
+        geo = _class_geometry(h, inv, counts, eps)
+        gamma, radius, nearest, eligible = geo["gamma"], geo["radius"], geo["nearest"], geo["eligible"]
+        mu_i = geo["mu"][inv]  # (B, D)
+        expanded = F.normalize(mu_i + gamma[inv, None] * geo["dev"], dim=1)  # (B, D)
+        z_plus = torch.where(geo["present"].sum() >= 2, expanded, h)
 
     with torch.no_grad():
         n_used = eligible.sum()
@@ -177,6 +239,16 @@ class Expansion(Variant):
         """The head sees the L2-normalised embedding (the note's logits come from h)."""
         return L2Normalize()
 
+    def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
+        """z+ through the head (forward, the z+ and weight gradients) for ``kl`` and the auxiliary
+        CE; the (2B, 2B) similarity of the two views and its backward for ``supcon``."""
+        out: tuple[tuple[int, int, int], ...] = ()
+        if self.hp.mode == "kl" or self.hp.aux_ce_weight > 0:
+            out += ((batch, dim, num_classes), (batch, num_classes, dim), (num_classes, batch, dim))
+        if self.hp.mode == "supcon":
+            out += ((2 * batch, dim, 2 * batch), (2 * batch, 2 * batch, dim))
+        return out
+
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         hp = self.hp
         # all ranks' rows (this batch's when not distributed); this rank's rows of z+ after
@@ -186,7 +258,7 @@ class Expansion(Variant):
         terms: dict[str, Tensor] = {}
         logits_plus = None
         if hp.mode == "kl" or hp.aux_ce_weight > 0:
-            logits_plus = batch.head(z_plus.to(batch.head.weight.dtype)).float()  # (B, K)
+            logits_plus = head_pass(batch.head, z_plus.to(batch.head.weight.dtype)).float()  # (B, K)
         if hp.mode == "kl":
             terms["kl"] = hp.lam * expansion_kl(batch.logits, logits_plus, hp.T)
         else:

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from carrot.geometry.distributed import all_reduce_sum_no_grad
 from carrot.variants import register_variant
-from carrot.variants.base import BaseHparams, StepBatch, Variant
+from carrot.variants.base import BaseHparams, StepBatch, Variant, linear_pass
 
 BASES = ("sample", "class")
 
@@ -102,9 +102,19 @@ def gram_schmidt_coefficients(s: Tensor, rel_tol: float) -> tuple[Tensor, Tensor
     the kept q's span exactly the competitors. Use float64: one classical pass then loses
     orthogonality only at ~eps * cond^2 <= 1e-16 / rel_tol. The loop runs over the m
     competitors (a hyperparameter), not over samples, and there is no linalg call, hence no
-    error-check sync on CUDA.
+    error-check sync on CUDA. On the CPU a batch where no direction is dropped takes the
+    Cholesky route (the same T to float64 round-off).
     """
     b, m, _ = s.shape
+    if s.device.type == "cpu":
+        # Where nothing is dropped the recurrence is the Cholesky factorisation S = R^T R and
+        # T = R^{-1}: two batched LAPACK calls instead of ~8 ops per competitor. Reading the
+        # flag is free on the CPU (on a GPU it would be a host sync, so there the loop runs).
+        chol, info = torch.linalg.cholesky_ex(s)  # (B, m, m) lower, R = chol^T
+        kept = (info == 0)[:, None] & (chol.diagonal(dim1=1, dim2=2).square() > rel_tol * s.diagonal(dim1=1, dim2=2))
+        if bool(kept.all()):
+            eye = torch.eye(m, dtype=s.dtype, device=s.device).expand(b, m, m)
+            return torch.linalg.solve_triangular(chol.mT, eye, upper=True), kept
     t = torch.zeros_like(s)  # (B, m, m), column j = coefficients of q_j (upper triangular)
     diag = s.diagonal(dim1=1, dim2=2)[:, :, None, None]  # (B, m, 1, 1) S_jj
     floor = rel_tol * diag
@@ -334,6 +344,14 @@ class Nuisance(Variant):
     maybe_undefined = ("label_safety", "subspace_rank")  # nothing augmented / still warming up
     default_sampler = "random"
 
+    def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
+        """The head's Gram W W^T (every bound reads it: K x K x D), the noise through the head and
+        back into D (u = W eps, then its in-span part), and the noisy rows' input and weight
+        gradients. (Their logits need no product of their own: logits + sqrt(alpha) (u - C G).)"""
+        rows = batch * self.hp.n_aug
+        return ((num_classes, dim, num_classes), (rows, dim, num_classes), (rows, num_classes, dim),
+                (rows, num_classes, dim), (num_classes, rows, dim))
+
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         hp = self.hp
         z, y, head = batch.embedding, batch.labels.long(), batch.head
@@ -360,7 +378,7 @@ class Nuisance(Variant):
         # more than the logit differences it must preserve, which bf16 would round away.
         with torch.autocast(z.device.type, enabled=False):
             bias = None if head.bias is None else head.bias.to(z_aug.dtype)
-            logits_aug = F.linear(z_aug, head.weight.to(z_aug.dtype), bias)  # (B n, K)
+            logits_aug = linear_pass(z_aug, head.weight.to(z_aug.dtype), bias)  # (B n, K)
         rows = st["augmented"].repeat_interleave(hp.n_aug)  # (B n,)
         ce_rows = F.cross_entropy(logits_aug.float(), y_aug, reduction="none", label_smoothing=batch.label_smoothing)
         # SPEC: w_aug * CE(head(z~), y) over every row; a row with alpha = 0 has z~ = z

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor, nn
 
-from carrot.geometry import class_slots, class_sums, l2_normalize, symmetric_confusion
+from carrot.geometry import class_slots, class_sums, symmetric_confusion
 from carrot.geometry.distributed import (
     all_reduce_sum, all_reduce_sum_no_grad, gather_rows_no_grad, local_rows,
 )
@@ -83,36 +83,68 @@ METRICS = ("euclidean", "mahalanobis", "whitening")
 
 
 # ------------------------------------------------------------------ functional core
+class _BlendedPrototypes(torch.autograd.Function):
+    """``normalize((1 - beta) mu + beta means)`` row-wise with a closed-form backward:
+    ``dmeans = beta r (g - u (g . u))``, ``u`` the output and ``r`` one over the blend's norm
+    (0 for a zero row, which stays 0 with a zero gradient, as :func:`carrot.geometry.l2_normalize`)."""
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, means: Tensor, momentum: float) -> Tensor:
+        v = (1.0 - momentum) * mu + momentum * means  # (R, D)
+        sq = (v * v).sum(dim=-1, keepdim=True)
+        no_norm = sq <= 1e-24
+        r = torch.rsqrt(torch.where(no_norm, torch.ones_like(sq), sq)).masked_fill_(no_norm, 0.0)  # (R, 1)
+        out = v.mul_(r)
+        ctx.save_for_backward(out, r)
+        ctx.momentum = momentum
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        out, r = ctx.saved_tensors
+        dot = torch.linalg.vecdot(g, out).unsqueeze(-1)  # (R, 1)
+        return None, g.addcmul(out, dot, value=-1.0).mul_(r * ctx.momentum), None
+
+
 def blend_prototypes(mu: Tensor, means: Tensor, momentum: float) -> Tensor:
     """mu~ = normalize((1 - beta) mu.detach() + beta * means), row-wise, (R, D).
 
     ``means`` are this batch's class means, so mu~ carries the batch gradient (the fix to the
     sketch). A never-seen class (mu = 0) starts at its normalised batch mean.
     """
-    return l2_normalize((1.0 - momentum) * mu.detach() + momentum * means)
+    return _BlendedPrototypes.apply(mu.detach(), means, momentum)
 
 
-def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0) -> Tensor:
-    """Sum over each class's samples of their softmax probabilities, (K, K), no grad.
-
-    With ``topk > 0`` only each sample's ``topk`` largest probabilities are kept (a scatter,
-    no per-sample loop).
-    """
+def sparse_probabilities(logits: Tensor, topk: int = 0) -> Tensor:
+    """softmax(logits), (B, K), no grad; with ``topk > 0`` only each sample's ``topk`` largest
+    probabilities are kept (a scatter, no per-sample loop)."""
     with torch.no_grad():
         k = logits.shape[1]
         p = F.softmax(logits.detach().float(), dim=1)  # (B, K)
         if 0 < topk < k:
             vals, idx = p.topk(topk, dim=1)  # (B, topk)
             p = torch.zeros_like(p).scatter_(1, idx, vals)
-        return class_sums(p, y, k)[0]
+        return p
+
+
+def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0) -> Tensor:
+    """Sum over each class's samples of their softmax probabilities (:func:`sparse_probabilities`), (K, K), no grad."""
+    return class_sums(sparse_probabilities(logits, topk), y, logits.shape[1])[0]
+
+
+def blend_confusion_rows(rows: Tensor, sums: Tensor, counts: Tensor, labels: Tensor, momentum: float) -> Tensor:
+    """New confusion rows, (R, K): ``(1 - m) rows + m sums / n`` where ``n > 0`` (kept
+    otherwise), each row's own class (``labels``, (R,)) at 0. No grad."""
+    with torch.no_grad():
+        mean = sums / counts.clamp_min(1.0)[:, None]  # (R, K)
+        new = torch.where((counts > 0)[:, None], (1.0 - momentum) * rows + momentum * mean, rows)
+        return new.scatter_(1, labels[:, None], 0.0)
 
 
 def update_confusion(conf: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
     """conf_c <- (1 - m) conf_c + m sums_c / n_c for present classes; others kept; diag 0."""
-    with torch.no_grad():
-        mean = sums / counts.clamp_min(1.0)[:, None]  # (K, K)
-        new = torch.where((counts > 0)[:, None], (1.0 - momentum) * conf + momentum * mean, conf)
-        return new.fill_diagonal_(0.0)
+    return blend_confusion_rows(conf, sums, counts, torch.arange(conf.shape[0], device=conf.device), momentum)
 
 
 def neighbour_pairs(omega: Tensor, top_m: int, valid: Tensor) -> Tensor:
@@ -123,33 +155,87 @@ def neighbour_pairs(omega: Tensor, top_m: int, valid: Tensor) -> Tensor:
     """
     k = omega.shape[0]
     m = min(top_m, k - 1)
-    allowed = valid[:, None] & valid[None, :] & ~torch.eye(k, dtype=torch.bool, device=omega.device)
-    score = omega.masked_fill(~allowed, float("-inf"))
-    idx = score.topk(m, dim=1).indices  # (K, m)
-    chosen = torch.zeros(k, k, dtype=torch.bool, device=omega.device).scatter_(1, idx, True)
-    return (chosen | chosen.T).triu(1) & allowed & (omega > 0)
+    # Only positive weights between two valid classes count, so everything else may rank as 0:
+    # it never displaces a positive neighbour, and a 0 that is picked is dropped below.
+    score = omega * (valid[:, None] & valid[None, :])  # (K, K)
+    score.fill_diagonal_(0.0)
+    vals, idx = score.topk(m, dim=1)  # (K, m)
+    chosen = torch.zeros(k, k, dtype=torch.bool, device=omega.device).scatter_(1, idx, vals > 0)
+    return (chosen | chosen.T).triu(1)
 
 
-def confusion_pair_loss(d2: Tensor, omega: Tensor, mask: Tensor, alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
+class _PairGramLoss(torch.autograd.Function):
+    """``sum_ij W_ij exp(-alpha d2_ij)`` from the Gram rows of the present classes, closed-form backward.
+
+    Forward (see :func:`prototype_pair_loss`): ``R = t_slots stop(t_buffer)^T`` (S, K), its
+    rows moved to their classes by the (K, S) one-hot, spliced into the stored Gram
+    (``r_ij + r_ji - stop(r_ij)`` where both classes are present), ``d2_ij = G_ii + G_jj -
+    2 G_ij`` clamped >= 0, and the weighted sum. Backward, with ``E = -alpha W exp(-alpha d2)``
+    where the clamp passes the gradient and ``A = E + E^T``: ``dL/dG + (dL/dG)^T =
+    2 (diag(A 1) - A)`` (d2 is a Laplacian form of G), every present row ``r_i`` reads
+    both ``G_ij`` and ``G_ji``, so ``dL/dR = 2 (onehot^T diag(A 1) - onehot^T A)`` and
+    ``dL/dt_slots = dL/dR t_buffer``: one (S, K) x (K, D) product after two K x K passes
+    (autograd's graph of the splice would keep and walk a dozen K x K buffers).
+
+    Returns ``loss`` (0-dim), and, not differentiable, ``gram`` and ``d2`` (K, K).
+    """
+
+    @staticmethod
+    def forward(ctx, t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor, stored_gram: Tensor, weight: Tensor,
+                alpha: float):
+        present = one_hot.sum(1) > 0  # (K,)
+        rows = one_hot @ (t_slots @ t_buffer.T)  # (K, K): row c from its slot, 0 if absent
+        both = present[:, None] & present
+        gram = torch.where(present[:, None], rows, torch.where(present, rows.T, stored_gram))
+        gram = torch.where(both, rows + rows.T - rows, gram)  # the value of r_ij + r_ji - stop(r_ij)
+        sq = gram.diagonal()
+        raw = sq[:, None] + sq[None, :] - 2.0 * gram  # (K, K)
+        d2 = raw.clamp_min(0.0)  # against round-off
+        weighted = weight * torch.exp(-alpha * d2)  # (K, K)
+        loss = weighted.sum()
+        ctx.save_for_backward(weighted.mul_(raw >= 0), one_hot, t_buffer)  # clamp_min passes where raw >= 0
+        ctx.alpha = alpha
+        ctx.mark_non_differentiable(gram, d2)
+        return loss, gram, d2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss: Tensor | None, *_unused):
+        if g_loss is None:
+            return None, None, None, None, None, None
+        weighted, one_hot, t_buffer = ctx.saved_tensors
+        e = weighted * (-ctx.alpha * g_loss)  # (K, K) dL/dd2
+        a = e + e.T
+        onehot_t = one_hot.T  # (S, K)
+        g_r = (onehot_t * a.sum(1)).sub_(onehot_t @ a).mul_(2.0)  # (S, K) dL/dR
+        return g_r @ t_buffer, None, None, None, None, None
+
+
+def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor, stored_gram: Tensor, omega: Tensor,
+                        mask: Tensor, alpha: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """L_carrot = sum_{mask} omega_ij exp(-alpha d2_ij) / |mask| (0 when the mask is empty).
 
-    omega and the mask carry no gradient. Returns the loss and ``pairs``, ``omega_mean``,
-    ``d2_mean`` over the selected pairs.
+    ``t_slots`` (S, D) are this step's prototypes in the metric space (with the gradient),
+    ``t_buffer`` (K, D) every class's stored one with the present rows already replaced
+    (detached), ``one_hot`` (K, S) maps each present class to its slot, ``stored_gram``
+    (K, K) is the Gram of the stored prototypes. d2_ij = G_ii + G_jj - 2 G_ij (clamped >= 0
+    against round-off) from the Gram G of the prototypes: the stored Gram with the rows and
+    columns of the present classes recomputed; where both classes are present
+    ``G_ij = r_ij + r_ji - stop(r_ij)``, ``r_ij = t_i . stop(t_j)``, which has the value
+    t_i . t_j and its exact gradient with respect to both prototypes. omega and the mask
+    carry no gradient (:class:`_PairGramLoss` has the backward).
+
+    Returns the loss, the new Gram (K, K, detached) and ``pairs``, ``omega_mean``, ``d2_mean``
+    over the selected pairs.
     """
     with torch.no_grad():
-        w = mask.to(d2.dtype)
+        w = mask.to(t_slots.dtype)
         count = w.sum()
         w = w / count.clamp_min(1.0)
         weight = omega.detach() * w  # (K, K) omega_ij / |mask| on the selected pairs
-        stats = {"pairs": count, "omega_mean": weight.sum(), "d2_mean": (d2.detach() * w).sum()}
-    loss = (weight * torch.exp(-alpha * d2)).sum()
-    return loss, stats
-
-
-def gram_to_sq_distance(gram: Tensor) -> Tensor:
-    """d2_ij = G_ii + G_jj - 2 G_ij, clamped >= 0 against round-off, (K, K)."""
-    sq = gram.diagonal()
-    return (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
+    loss, gram, d2 = _PairGramLoss.apply(t_slots, t_buffer.detach(), one_hot, stored_gram, weight, alpha)
+    stats = {"pairs": count, "omega_mean": weight.sum(), "d2_mean": (d2 * w).sum()}
+    return loss, gram, stats
 
 
 def within_class_scatter(h: Tensor, group: Tensor, means: Tensor) -> Tensor:
@@ -262,6 +348,16 @@ class PrototypeVariant(Variant):
         self._steps = 0  # host mirror of ``steps``: the refresh schedule needs no device read
         self._whitener: list[nn.Linear] = []  # the neck's V; a plain list so it is not a submodule twice
 
+    def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
+        """The Gram rows of the batch's class slots, ``t_slots stop(t_buffer)^T`` and its backward
+        (one head pass without the weight gradient); with the metric's D x D map, its products."""
+        gram = ((batch, dim, num_classes), (batch, num_classes, dim))
+        if self.hp.metric == "mahalanobis":  # t = mu L forward and backward
+            return gram + ((batch, dim, dim), (batch, dim, dim))
+        if self.hp.metric == "whitening":  # the neck's V: forward, and the input and weight gradients
+            return gram + ((batch, dim, dim), (batch, dim, dim), (dim, batch, dim))
+        return gram
+
     # ------------------------------------------------------------- state handling
     def build_neck(self, dim: int) -> nn.Module:
         """L2 normalisation, then (metric = whitening) V: bias-free Linear(dim, dim), V = I."""
@@ -325,13 +421,20 @@ class PrototypeVariant(Variant):
             one_hot = one_hot.float()  # (K, S)
             counts = one_hot @ slot_counts  # (K,)
             present = counts > 0  # (K,)
-            conf_sums = all_reduce_sum_no_grad(confusion_sums(batch.logits, y, hp.conf_topk))  # (K, K)
-            conf = update_confusion(self.conf, conf_sums, counts, hp.conf_momentum)
+            # The confusion rows of the present classes, by slot: (S, K) sums, not (K, K).
+            inv = local_rows(inv_all, b)  # (B,) this rank's samples
+            slot_conf = all_reduce_sum_no_grad(
+                class_sums(sparse_probabilities(batch.logits, hp.conf_topk), inv, len(y_all))[0])  # (S, K)
+            rows = blend_confusion_rows(self.conf[slot_labels], slot_conf, slot_counts, slot_labels,
+                                        hp.conf_momentum)  # (S, K)
+            # unused slots (label 0) write slot 0's row again: repeated indices, equal values
+            used = slot_counts > 0
+            target, rows = torch.where(used, slot_labels, slot_labels[:1]), torch.where(used[:, None], rows, rows[:1])
+            conf = self.conf.index_put_((target,), rows) if update else self.conf.index_put((target,), rows)
             omega = symmetric_confusion(conf)
             seen = self.seen | present
             mask = neighbour_pairs(omega, hp.top_m, seen)  # (K, K)
 
-        inv = local_rows(inv_all, b)  # (B,) this rank's samples
         slot_sums = all_reduce_sum(class_sums(h, inv, len(y_all))[0])  # (S, D) over all ranks, with gradient
         slot_means = slot_sums / slot_counts.clamp_min(1.0)[:, None]  # (S, D) class means, 0 on unused slots
         if hp.metric == "mahalanobis" and update:
@@ -350,23 +453,17 @@ class PrototypeVariant(Variant):
             t_buffer = buffer.index_put_(*new_rows) if update else buffer.index_put(*new_rows)  # (K, D)
             if update and hp.metric == "mahalanobis":
                 self.mu.index_put_((y_all,), mu_slots.detach()[inv_all])
-        # Gram matrix of the prototypes. Rows of present classes: one (S, D) x (D, K) product,
-        # the step's O(B K D) part, with the gradient on the row side. Where both classes are
-        # present, G_ij = r_ij + r_ji - r_ij.detach() (r_ij = t_i . stop(t_j)) has the value
-        # t_i . t_j and its exact gradient with respect to both t_i and t_j.
-        rows = one_hot @ (t_slots @ t_buffer.T)  # (K, K): row c from its slot, 0 if absent
-        both = present[:, None] & present
-        gram = torch.where(present[:, None], rows, torch.where(present, rows.T, self.gram))
-        gram = torch.where(both, rows + rows.T - rows.detach(), gram)  # (K, K)
-        d2 = gram_to_sq_distance(gram)
-        l_carrot, pair_stats = confusion_pair_loss(d2, omega, mask, hp.alpha)
+        # Gram matrix of the prototypes: the rows of present classes are one (S, D) x (D, K)
+        # product, the step's O(B K D) part, with the gradient on the row side.
+        l_carrot, gram, pair_stats = prototype_pair_loss(t_slots, t_buffer, one_hot, self.gram, omega, mask,
+                                                         hp.alpha)
         lam_t = hp.lam * linear_ramp(batch.progress, hp.warmup_epochs)
 
         if update:
             with torch.no_grad():
                 self.seen = seen
                 self.conf = conf
-                self.gram = gram.detach()
+                self.gram = gram
                 self._steps += 1
                 self.steps.fill_(self._steps)
 
