@@ -1,6 +1,7 @@
 """Shared fixtures: real MLflow and Optuna stores in a temporary folder."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -74,3 +75,25 @@ def md_rows(path: Path) -> list[dict[str, str]]:
     lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split(" | ")]
     return [dict(zip(header, [c.strip() for c in line.strip().strip("|").split(" | ")])) for line in lines[1:]]
+
+
+@contextlib.contextmanager
+def module_store(root: Path):
+    """A fresh MLflow store ``root/mlruns/mlflow.db`` for a module-scoped fixture: the
+    tracking URI set (environment and mlflow) and the working folder at ``root`` while it is
+    open; both restored after. Yields (uri, MlflowClient)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    (root / "mlruns").mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri, MlflowClient(tracking_uri=uri)
+    finally:
+        mp.undo()
+        mlflow.set_tracking_uri(previous)

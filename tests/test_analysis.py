@@ -20,7 +20,7 @@ import pytest
 
 from conftest import md_rows, read_csv
 
-from conftest import REPO, tiny_config
+from conftest import REPO, module_store, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -43,21 +43,11 @@ def _client(uri: str):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A store with 2 variants x 2 final seeds and a 2-trial barrier study, tables and plots built once."""
-    import mlflow
-
     from carrot.study import run_study
     from carrot.train import run
 
     root = tmp_path_factory.mktemp("analysis_store")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    (root / "mlruns").mkdir()
-    previous_uri = mlflow.get_tracking_uri()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(root)
-    mlflow.set_tracking_uri(uri)
-    try:
-        client = _client(uri)
+    with module_store(root) as (uri, client):
         final_ids: dict[tuple[str, int], str] = {}
         for variant in VARIANTS:  # baseline first: the later runs score its reference pairs
             for seed in SEEDS:
@@ -75,9 +65,6 @@ def store(tmp_path_factory):
         assert tables.main(["--out", str(out)]) == 0
         assert plots.main(["--out", str(out)]) == 0
         yield {"root": root, "uri": uri, "client": client, "out": out, "final": final_ids}
-    finally:
-        mp.undo()
-        mlflow.set_tracking_uri(previous_uri)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import module_store, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -31,21 +31,10 @@ STEMS = ("confusion_concentration", "proto_cos_ref", "pair_error_vs_baseline", "
 @pytest.fixture(scope="module")
 def st(tmp_path_factory):
     """Final runs of baseline (2 seeds) and expansion (1 seed); every plot saved once."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     from carrot.train import run
 
     root = tmp_path_factory.mktemp("plots_store")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    (root / "mlruns").mkdir()
-    previous_uri = mlflow.get_tracking_uri()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(root)
-    mlflow.set_tracking_uri(uri)
-    try:
-        client = MlflowClient(tracking_uri=uri)
+    with module_store(root) as (uri, client):
         ids: dict[tuple[str, int], str] = {}
         for variant, seed in RUNS:  # baseline first: the later run scores its reference pairs
             cfg = tiny_config(**{"variant.name": variant, "split": "test", "seed": seed, **TINY})
@@ -62,9 +51,6 @@ def st(tmp_path_factory):
         (group,) = plots.groups(client, load_runs(client, "carrot"), root / "drawn")
         yield {"client": client, "ids": ids, "out": out / "plots" / f"{DATASET}-{BACKBONE}", "written": written,
                "group": group}
-    finally:
-        mp.undo()
-        mlflow.set_tracking_uri(previous_uri)
 
 
 @pytest.fixture(scope="module")
