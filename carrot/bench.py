@@ -1,9 +1,11 @@
 """``make bench`` / ``carrot bench``: what every part of the harness costs, as ratios measured side by side.
 
-Every figure is a ratio of two things timed in the same run, interleaved: each repeat times
-the reference and the measured step one after the other (each timed call right after an
-untimed one of the same function, so both run warm), and the ratio is the median over
-repeats of the per-repeat ratios, so machine noise hits both sides alike. Sections:
+Every figure is a ratio of two things timed in the same run, interleaved: every repeat times
+each measured step right after its reference (each timed call right after an untimed one of
+the same function, so both run warm), and the ratio is the median over repeats of the
+per-repeat ratios, so machine noise hits both sides alike. Torch's own number of CPU threads
+unless ``--threads``; the load average at the start and the end is printed with the figures.
+Sections:
 
 - **variants**: one step of each variant at the embedding level (the leaf embedding through
   the variant's neck and the head, the variant's CE and terms, three pooled intermediate
@@ -13,7 +15,8 @@ repeats of the per-repeat ratios, so machine noise hits both sides alike. Sectio
   pass, the K x K Gram; :meth:`carrot.variants.base.Variant.floor_products`), those products
   are timed after the CE head as the term's **floor**.
 - **memory**: the step's peak memory over the CE step's (CUDA: ``max_memory_allocated``; CPU:
-  the allocations the profiler records, counted from the step's start).
+  the C allocator's bytes in use after every op, glibc's ``mallinfo2``), each above the level
+  before the step with its gradients released.
 - **train step**: a whole training step of the default study's model (backbone, image size,
   batch and optimiser of the default configuration, one real batch) with the variant over
   the same step with ``baseline``.
@@ -39,6 +42,8 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -52,6 +57,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from carrot.model import ModelOutput
 from carrot.train import forward_step
@@ -156,13 +162,18 @@ class EmbeddingBench:
         torch.manual_seed(seed)
         self.z = torch.randn(batch, dim, device=device, requires_grad=True)  # (B, D)
         self.head = nn.Linear(dim, num_classes).to(device)
-        self.variants = []
+        self.variants: list = []
+        self.trained: list[list[Tensor]] = []  # per variant: the tensors its step writes gradients to
         self.steps = [self._variant_step(spec, seed) for spec in self.specs]
 
     def ce_step(self) -> None:
         self.z.grad = None
         self.head.zero_grad(set_to_none=True)
         F.cross_entropy(self.head(self.z), self.y).backward()
+
+    def clear_ce(self) -> None:
+        self.z.grad = None
+        self.head.zero_grad(set_to_none=True)
 
     def _variant_step(self, spec: str, seed: int) -> Callable[[], None]:
         name, hparams = parse_variant_spec(spec)
@@ -175,12 +186,12 @@ class EmbeddingBench:
             for layer, d in (FEATURE_DIMS.items() if variant.uses_features else ())
         }
         model = EmbeddingModel(neck, self.head, features)
-        leaves = [self.z, *features.values()]
-        params = [*model.parameters(), *variant.parameters()]
+        trained = [self.z, *features.values(), *model.parameters(), *variant.parameters()]
+        self.trained.append(trained)
         z, y = self.z, self.y
 
         def step() -> None:
-            for t in leaves + params:
+            for t in trained:
                 t.grad = None
             forward_step(model, variant, z, y, PROGRESS).loss.backward()
 
@@ -204,28 +215,41 @@ class EmbeddingBench:
 
     def ratios(self, repeats: int, warmup: int, floors: bool = True) -> list[dict[str, Any]]:
         """One row per variant: ``ms``, ``ce_ms``, ``ratio`` (median of per-repeat ratios) and,
-        with a floor, ``floor_ratio`` and ``over_floor`` = ratio / floor_ratio. Each variant is
-        interleaved with the CE head (and its floor) alone."""
-        rows = []
-        for spec, variant, step in zip(self.specs, self.variants, self.steps):
+        with a floor, ``floor_ratio`` and ``over_floor`` = ratio / floor_ratio. Every repeat
+        times each variant (and its floor) right after the CE head."""
+        fns: list[Callable[[], object]] = []
+        slots = []
+        for variant, step in zip(self.variants, self.steps):
             floor = self.floor_step(variant) if floors else None
-            times = interleaved_times([self.ce_step, step] + ([floor] if floor else []), self.device, repeats, warmup)
-            ce, t = times[0], times[1]
+            slots.append((len(fns), len(fns) + 1, len(fns) + 2 if floor else None))
+            fns += [self.ce_step, step] + ([floor] if floor else [])
+        times = interleaved_times(fns, self.device, repeats, warmup)
+        rows = []
+        for spec, (i_ce, i_step, i_floor) in zip(self.specs, slots):
+            ce, t = times[i_ce], times[i_step]
             row: dict[str, Any] = {"variant": spec, "ms": 1e3 * statistics.median(t),
                                    "ce_ms": 1e3 * statistics.median(ce), "ratio": median_ratio(t, ce),
                                    "floor_ratio": None, "over_floor": None}
-            if floor is not None:
-                row["floor_ratio"] = median_ratio(times[2], ce)
+            if i_floor is not None:
+                row["floor_ratio"] = median_ratio(times[i_floor], ce)
                 row["over_floor"] = row["ratio"] / row["floor_ratio"]
             rows.append(row)
         return rows
 
     def memory(self) -> list[dict[str, Any]]:
-        """Peak memory of each variant's step over the CE step's (bytes above the level at its start)."""
-        ce = peak_step_bytes(self.ce_step, self.device)
-        return [{"variant": spec, "peak_bytes": (peak := peak_step_bytes(step, self.device)), "ce_peak_bytes": ce,
-                 "ratio": peak / ce if ce > 0 else float("nan")}
-                for spec, step in zip(self.specs, self.steps)]
+        """Peak memory of each variant's step over the CE step's: the bytes above the level
+        before the step, its gradients released (so they count as the step's own)."""
+        ce = peak_step_bytes(self.ce_step, self.device, self.clear_ce)
+        rows = []
+        for spec, step, trained in zip(self.specs, self.steps, self.trained):
+            def clear(trained=trained) -> None:
+                for t in trained:
+                    t.grad = None
+
+            peak = peak_step_bytes(step, self.device, clear)
+            rows.append({"variant": spec, "peak_bytes": peak, "ce_peak_bytes": ce,
+                         "ratio": peak / ce if ce > 0 else float("nan")})
+        return rows
 
 
 def bench_variants(
@@ -259,28 +283,49 @@ def within_cpu_target(row: dict[str, Any]) -> bool:
     return row["ratio"] <= CPU_TARGET_RATIO and (row["over_floor"] is None or row["over_floor"] <= FLOOR_SLACK)
 
 
-class _QuietStderr:
-    """Send the C++ side's stderr (the profiler's notes about blocks allocated before it started) to /dev/null."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self.saved = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.close(null)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> float:
-    """Peak bytes a call of ``step`` holds above the level at its start (after one warm call).
+def _malloc_in_use() -> Callable[[], int] | None:
+    """Bytes the C allocator has handed out and not taken back (glibc ``mallinfo2``), or None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
 
-    CUDA: ``max_memory_allocated``. CPU: the profiler's allocation and free records of the
-    call, summed in time order.
+    def in_use() -> int:
+        info = mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    return in_use
+
+
+class _PeakBytes(TorchDispatchMode):
+    """The highest ``in_use()`` after any aten op (forward and backward) while active."""
+
+    def __init__(self, in_use: Callable[[], int]) -> None:
+        super().__init__()
+        self.in_use, self.peak = in_use, in_use()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use())
+        return out
+
+
+def peak_step_bytes(step: Callable[[], None], device: torch.device, clear: Callable[[], None]) -> float:
+    """Peak bytes a call of ``step`` holds above the level at its start, after one warm call
+    and ``clear()`` (which releases what the step keeps, its gradients).
+
+    CUDA: ``max_memory_allocated``. CPU: the C allocator's bytes in use (glibc's
+    ``mallinfo2``) after every op of the call; NaN where that is not available.
     """
     step()
+    clear()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -288,16 +333,14 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> float:
         step()
         torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - start)
-    from torch.profiler import ProfilerActivity, profile
-
-    with _QuietStderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    in_use = _malloc_in_use()
+    if in_use is None:
+        return float("nan")
+    gc.collect()
+    start = in_use()
+    with _PeakBytes(in_use) as mode:
         step()
-    level = peak = 0
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        level += event.nbytes()
-        peak = max(peak, level)
-    return float(peak)
+    return float(mode.peak - start)
 
 
 # ----------------------------------------------------------------------------- training step
@@ -354,13 +397,13 @@ def bench_train_step(device: torch.device, variants: Sequence[str], repeats: int
     names = [n for n in variants if parse_variant_spec(n)[0] != "baseline"]
     base_step, info = make_step("baseline")
     steps = [make_step(n)[0] for n in names]
-    times = interleaved_times([base_step, *steps], device, repeats, warmup)
-    base_ms = 1e3 * statistics.median(times[0])
+    times = interleaved_times([fn for step in steps for fn in (base_step, step)], device, repeats, warmup)
+    base_ms = 1e3 * statistics.median(t for base in times[::2] for t in base) if names else float("nan")
     rows = [{"variant": "baseline", "ms": base_ms, "baseline_ms": base_ms, "ratio": 1.0, "added_percent": 0.0, **info}]
-    for name, t in zip(names, times[1:]):
-        ratio = median_ratio(t, times[0])
-        rows.append({"variant": name, "ms": 1e3 * statistics.median(t), "baseline_ms": base_ms, "ratio": ratio,
-                     "added_percent": 100.0 * (ratio - 1.0), **info})
+    for name, base, t in zip(names, times[::2], times[1::2]):
+        ratio = median_ratio(t, base)
+        rows.append({"variant": name, "ms": 1e3 * statistics.median(t), "baseline_ms": 1e3 * statistics.median(base),
+                     "ratio": ratio, "added_percent": 100.0 * (ratio - 1.0), **info})
     return rows
 
 
@@ -376,8 +419,9 @@ def bench_resnet50(
 ) -> list[dict[str, Any]]:
     """Full ResNet-50 training steps (bf16 autocast, SGD) with each variant vs CE only.
 
-    Returns rows ``variant``, ``ms``, ``ce_ms`` (the ``baseline`` step), ``added_percent`` (median
-    of per-repeat ratios), ``within_target`` (< 5 %). CUDA only.
+    Returns rows ``variant``, ``ms``, ``ce_ms`` (the ``baseline`` step, timed right before it in
+    every repeat), ``added_percent`` (median of per-repeat ratios), ``within_target`` (<= 5 %).
+    CUDA only.
     """
     from carrot.model import CarrotModel, create_backbone
 
@@ -408,14 +452,14 @@ def bench_resnet50(
 
         return step
 
-    steps = [make_step(name) for name in ["baseline", *names]]
-    times = interleaved_times(steps, device, repeats, warmup)
-    ce_ms = 1e3 * statistics.median(times[0])
+    base = make_step("baseline")
+    steps = [make_step(name) for name in names]
+    times = interleaved_times([fn for step in steps for fn in (base, step)], device, repeats, warmup)
     rows: list[dict[str, Any]] = []
-    for name, t in zip(names, times[1:]):
-        added = 100.0 * (median_ratio(t, times[0]) - 1.0)
-        rows.append({"variant": name, "ms": 1e3 * statistics.median(t), "ce_ms": ce_ms, "added_percent": added,
-                     "within_target": added <= GPU_TARGET_PERCENT})
+    for name, ce, t in zip(names, times[::2], times[1::2]):
+        added = 100.0 * (median_ratio(t, ce) - 1.0)
+        rows.append({"variant": name, "ms": 1e3 * statistics.median(t), "ce_ms": 1e3 * statistics.median(ce),
+                     "added_percent": added, "within_target": added <= GPU_TARGET_PERCENT})
     return rows
 
 
@@ -444,21 +488,27 @@ def sync_check(bench: EmbeddingBench) -> list[dict[str, Any]]:
 def temporary_stores():
     """A temporary folder as the working directory, its MLflow store (``MLFLOW_TRACKING_URI``)
     and the study's journal; all put back (and removed) on the way out."""
+    import logging
+
+    import mlflow
+
     saved_cwd, saved_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    quiet = logging.getLogger("mlflow")
+    saved_level = quiet.level
     with tempfile.TemporaryDirectory(prefix="carrot-bench-") as tmp:
         root = Path(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
         os.chdir(root)  # worker logs and checkpoints go under ./studies of the working directory
+        quiet.setLevel(logging.WARNING)  # not the store's creation notes
         try:
             yield root
         finally:
+            quiet.setLevel(saved_level)
             os.chdir(saved_cwd)
             if saved_uri is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_uri
-            import mlflow
-
             mlflow.set_tracking_uri(saved_uri or "")
 
 
@@ -553,6 +603,15 @@ def load_average() -> float | None:
         return None
 
 
+def busy() -> bool:
+    """Other work keeps at least one CPU (or a quarter of them) busy. Then torch's threads,
+    which wait for each other at the end of every parallel op, lose a scheduler slice
+    whenever one of them is descheduled: a step's time follows its number of ops and the
+    load, not its work, so the bench times on one thread."""
+    load, cpus = load_average(), os.cpu_count() or 1
+    return load is not None and cpus > 1 and load >= max(1.0, 0.25 * cpus)
+
+
 def machine() -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -574,13 +633,14 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ok = None if value is None else (value <= limit if at_most else value >= limit)
         out.append({"target": name, "value": value, "limit": limit, "at_most": at_most, "passed": ok})
 
-    for row in report["variants"]["rows"]:
+    cpu_rows = (report.get("variants") or {}).get("rows") or []
+    for row in cpu_rows:
         add(f"cpu term {row['variant']} <= {CPU_TARGET_RATIO:g}x CE head", row["ratio"], CPU_TARGET_RATIO)
         if row["over_floor"] is not None:
             add(f"cpu term {row['variant']} <= {FLOOR_SLACK:g}x its floor", row["over_floor"], FLOOR_SLACK)
     cuda = report.get("cuda") or {}
     for row in cuda.get("resnet50") or [{"variant": v["variant"], "added_percent": None}
-                                        for v in report["variants"]["rows"] if v["variant"] != "baseline"]:
+                                        for v in cpu_rows if v["variant"] != "baseline"]:
         add(f"cuda resnet50 448px step +{row['variant']} <= {GPU_TARGET_PERCENT:g}%", row["added_percent"],
             GPU_TARGET_PERCENT)
     sync = {r["variant"]: r for r in cuda.get("sync") or []}
@@ -595,6 +655,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     pruning = (study or {}).get("pruning") or {}
     add("pruning saves >= 1/3 of the epochs", pruning.get("saved_fraction"), PRUNING_TARGET, at_most=False)
     return out
+
+
+def _load(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _verdict(passed: bool | None) -> str:
@@ -686,6 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--scaling", type=_scaling_arg, default=SCALING,
                         help="(K, D) pairs of the scaling table, e.g. 50x2048,200x2048,1000x2048,200x512")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads here and in the study's workers (default: torch's own, or 1 "
+                             "on a busy machine, where threads that wait for each other time the load, not the step)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=None,
@@ -697,7 +764,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study-jobs", type=int, default=2, help="workers of the second study (1: one study only)")
     parser.add_argument("--limit-per-class", type=int, default=None,
                         help="training images per class in the study and the training step (default: all)")
-    parser.add_argument("--resnet50", action="store_true", help="(kept for the Makefile: on CUDA it always runs)")
+    parser.add_argument("--resnet50", action="store_true",
+                        help="accepted and changes nothing: every run on CUDA times the ResNet-50 step")
     parser.add_argument("--resnet-batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=448, help="ResNet-50 step image size (CUDA)")
     parser.add_argument("--sync-debug", action="store_true",
@@ -705,6 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write every section to FILE")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    threads = args.threads or (1 if busy() else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the study's worker processes
 
     names = list(args.variants) if args.variants is not None else list_variants()
     cuda = torch.cuda.is_available()
@@ -726,8 +798,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report: dict[str, Any] = {"machine": machine()}
     print(f"carrot bench on {report['machine']['processor']} ({report['machine']['cpus']} CPUs, "
-          f"{report['machine']['torch_threads']} torch threads, load average {report['machine']['load_average_start']}), "
-          f"torch {torch.__version__}" + (f", {report['machine']['cuda']}" if cuda else ", no CUDA device"), flush=True)
+          f"{report['machine']['torch_threads']} torch threads, load average {_load(report['machine']['load_average_start'])}"
+          + (", busy: one thread unless --threads" if threads and not args.threads else "")
+          + f"), torch {torch.__version__}" + (f", {report['machine']['cuda']}" if cuda else ", no CUDA device"),
+          flush=True)
     overrides = {} if args.limit_per_class is None else {"data.limit_per_class": args.limit_per_class}
     scale = f"B={args.batch} ({args.classes_in_batch} classes), D={args.dim}, K={args.num_classes}"
 
@@ -788,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["machine"]["bench_seconds"] = time.perf_counter() - started
     report["machine"]["load_average_end"] = load_average()
     print(f"\nbench took {report['machine']['bench_seconds']:.0f} s (load average at the end "
-          f"{report['machine']['load_average_end']})")
+          f"{_load(report['machine']['load_average_end'])})")
     if args.json:
         Path(args.json).write_text(json.dumps(_report_json(report), indent=1, default=float) + "\n")
         print(f"wrote {args.json}")

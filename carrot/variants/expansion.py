@@ -84,11 +84,11 @@ class _Expansion(torch.autograd.Function):
         h = z / z_norm.clamp_min(eps)  # F.normalize(z)
         geo = _class_geometry(h, inv, counts, eps)
         gamma_i = geo["gamma"][inv, None]  # (B, 1)
-        e = (gamma_i * geo["dev"]).add_(geo["mu"][inv])  # (B, D) mu_i + gamma_i (h - mu_i)
+        e = geo["dev"].mul_(gamma_i).add_(geo["mu"][inv])  # (B, D) mu_i + gamma_i (h - mu_i), in dev's buffer
         e_norm = torch.linalg.vector_norm(e, dim=1, keepdim=True)
         expanded = e.div_(e_norm.clamp_min(eps))  # F.normalize(e)
         two_classes = geo["present"].sum() >= 2  # 0-dim device bool
-        z_plus = torch.where(two_classes, expanded, h)
+        z_plus = torch.where(two_classes, expanded, h, out=expanded)
         ctx.save_for_backward(h, z_norm, expanded, e_norm, gamma_i, two_classes)
         ctx.eps = eps
         stats = [geo[k] for k in ("gamma", "radius", "nearest", "eligible", "present")]
@@ -102,7 +102,7 @@ class _Expansion(torch.autograd.Function):
             return None, None, None, None
         h, z_norm, expanded, e_norm, gamma_i, two_classes = ctx.saved_tensors
         g_h = _normalize_backward(g, expanded, e_norm, ctx.eps).mul_(gamma_i)  # (B, D) through e = mu + gamma (h - mu)
-        g_h = torch.where(two_classes, g_h, g)
+        g_h = torch.where(two_classes, g_h, g, out=g_h)
         return _normalize_backward(g_h, h, z_norm, ctx.eps), None, None, None
 
 
