@@ -363,20 +363,25 @@ def bench_train_step(device: torch.device, variants: Sequence[str], repeats: int
     """A whole training step of the default configuration's model (forward, variant, backward,
     gradient clipping, optimiser step) with each variant over the same step with ``baseline``.
 
-    Each step is built by :func:`carrot.train.build_run` and trains on its own first batch (its
-    variant's sampler), at the learning rate of the schedule's first step.
+    Each step is built by :func:`carrot.train.build_run` and all train on the same batch (the
+    first of ``baseline``'s loader), at the learning rate of the schedule's first step.
     """
     from carrot.train import build_run
+
+    batch: list[Tensor] = []
 
     def make_step(spec: str) -> tuple[Callable[[], None], dict[str, Any]]:
         name, hparams = parse_variant_spec(spec)
         cfg = default_config(name, device=device.type, **{f"variant.hparams.{k}": v for k, v in hparams.items()},
                              **overrides)
         parts = build_run(cfg)
-        x, y = next(iter(parts.train_loader))
-        x, y = x.to(parts.device), y.to(parts.device)
-        if parts.device.type == "cuda" and parts.cfg.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if not batch:
+            x, y = next(iter(parts.train_loader))
+            x, y = x.to(parts.device), y.to(parts.device)
+            if parts.device.type == "cuda" and parts.cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            batch.extend((x, y))
+        x, y = batch
         clip = parts.cfg.optim.grad_clip
 
         def step() -> None:
