@@ -23,6 +23,7 @@ STUDY     ?=
 JOBS      ?=
 NPROC     ?=
 RUN       ?=
+JSON      ?=
 SPLIT     ?=
 PORT      ?= 5000
 DASHBOARD_PORT ?= 8080
@@ -95,12 +96,10 @@ test-heavy: $(STAMP) ## the multi-process tests: signals, killed workers, parall
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
 
-bench: $(STAMP) ## variant cost as a ratio to the CE head (CPU, and CUDA with a ResNet-50 step when present)
-	$(BIN)/carrot bench --device cpu
+bench: $(STAMP) ## what each part of the harness costs, as ratios (CPU, and CUDA when present); JSON=file writes them
+	$(BIN)/carrot bench $(if $(JSON),--json $(JSON))
 	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(BIN)/carrot bench --device cuda --resnet50 --image-size 448; \
-		$(BIN)/carrot bench throughput; \
-	else echo "no CUDA device: GPU benchmarks skipped"; fi
+		$(BIN)/carrot bench throughput; fi
 
 clean: ## remove the virtual environment and caches (keeps mlruns/ and studies/)
 	rm -rf $(VENV) .pytest_cache build *.egg-info
