@@ -215,6 +215,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("argv, message", [
     (("study", "--variant", "expansoin"), "unknown variant 'expansoin' (did you mean 'expansion'?)"),
+    (("study", "--variant", "nosuch"), "unknown variant 'nosuch' (did you mean 'nuisance'?)"),
     (("train", "--dataset", "cubb"), "unknown dataset 'cubb' (did you mean 'cub'?)"),
     (("study", "--set", "optim.lrr=1"), "unknown config key(s) ['optim.lrr'] (did you mean 'optim.lr'?)"),
     (("train", "--epochs", "-1"), "invalid epochs=-1: expected a positive integer"),
