@@ -746,7 +746,7 @@ def _report_json(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report.get(k) for k in SECTIONS}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _bench_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="carrot bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="all", help="all (CPU, and CUDA when present), cpu or cuda")
     parser.add_argument("--batch", type=int, default=64)
@@ -876,3 +876,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``carrot bench``: the torch thread count and ``OMP_NUM_THREADS`` it may change for its
+    timings are restored afterwards, so a caller in the same process computes as before."""
+    import os
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        return _bench_main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp

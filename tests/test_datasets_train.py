@@ -21,7 +21,7 @@ MAKERS = {
 
 def _cfg(name: str, root: Path, **extra) -> RunConfig:
     data = {"data": {"name": name, "root": str(root), "image_size": 32, "batch_size": 4, "val_fraction": 0.25},
-            "optim": {"epochs": 1}, "eval": {"probe_l2_grid": [1e-2]}, "device": "cpu", "show_progress": False}
+            "optim": {"epochs": 1}, "eval": {"probe_l2_grid": [1e-2], "probe": "last"}, "device": "cpu", "show_progress": False}
     for key, value in extra.items():
         section, _, field = key.partition(".")
         data.setdefault(section, {})[field] = value
