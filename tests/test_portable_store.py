@@ -8,13 +8,14 @@ store. The runs' artifact URIs still name the old folder; ``analysis`` finds eac
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import read_csv, tiny_config
+from conftest import module_store, read_csv, tiny_config
 
 TABLES = ("main_results", "significance", "confusable_pairs", "reference_pairs", "geometry", "ablations", "importance")
 FINAL = (("baseline", 0), ("barrier", 0))
@@ -35,22 +36,11 @@ def build_tables(uri: str, out: Path, capsys) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def moved(tmp_path_factory):
     """Two real final runs in <root>/project/mlruns, tables built, then the project moved."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     from carrot.train import run
 
     root = tmp_path_factory.mktemp("portable")
     project = root / "project"
-    (project / "mlruns").mkdir(parents=True)
-    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(project)
-    mlflow.set_tracking_uri(uri)
-    try:
-        client = MlflowClient(tracking_uri=uri)
+    with module_store(project) as (uri, client):
         ids = {}
         for variant, seed in FINAL:
             cfg = tiny_config(**{"variant.name": variant, "split": "test", "seed": seed, **TINY})
@@ -58,7 +48,7 @@ def moved(tmp_path_factory):
             client.set_tag(result.run_id, "carrot.role", "final")
             ids[(variant, seed)] = result.run_id
         logged = {key: client.get_run(rid).info.artifact_uri for key, rid in ids.items()}
-        mp.chdir(root)
+        os.chdir(root)  # module_store returns to the first folder when it closes
         from analysis import tables
 
         assert tables.main(["--out", str(root / "before"), "--tracking-uri", uri, "--storage", STORAGE]) == 0
@@ -67,9 +57,6 @@ def moved(tmp_path_factory):
         assert not project.exists()
         new_uri = f"sqlite:///{root / 'elsewhere' / 'project' / 'mlruns' / 'mlflow.db'}"
         yield {"root": root, "old": project, "uri": new_uri, "ids": ids, "logged": logged}
-    finally:
-        mp.undo()
-        mlflow.set_tracking_uri(previous)
 
 
 def test_tables_from_a_moved_store_equal_the_tables_before_the_move(moved, capsys):
