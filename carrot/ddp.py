@@ -118,14 +118,20 @@ def torchrun_argv(nproc: int, module_argv: list[str]) -> list[str]:
             "-m", *module_argv]
 
 
+def share_threads(env: dict[str, str], processes: int) -> dict[str, str]:
+    """``env`` with ``OMP_NUM_THREADS`` (unless set) giving each of ``processes`` concurrent
+    ranks an equal share of this machine's cores, so they do not oversubscribe it."""
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    return env
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``carrot <argv>`` as ``nproc`` DDP ranks through torchrun and return its exit status."""
     import subprocess
 
     import tempfile
 
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env = share_threads(dict(os.environ), nproc)
     fd, status_file = tempfile.mkstemp(prefix="carrot-ddp-", suffix=".status")
     os.close(fd)
     env[STATUS_ENV] = status_file

@@ -75,7 +75,7 @@ def describe(variant: str, study: str | None, trial: int | None, status: str, ep
 
 # ----------------------------------------------------------------------------- dataset inputs
 def _unwrap(ds) -> tuple[Any, np.ndarray | None]:
-    """(base dataset, indices into it) through Subset and ConcatDataset-free wrappers."""
+    """(base dataset, indices into it), through any nesting of ``Subset``."""
     import torch
 
     indices = None

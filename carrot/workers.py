@@ -64,7 +64,9 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
             argv.append("--keep-checkpoints")
         env = dict(os.environ)
         if nproc > 1:
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (nproc * jobs))))
+            from carrot.ddp import share_threads
+
+            share_threads(env, nproc * jobs)
         if devices[i] is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices[i]
         logfile = open(folder / f"worker-{i + 1}.log", "w")
