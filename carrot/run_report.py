@@ -182,7 +182,8 @@ def figures(confusion: np.ndarray, class_names: list[str], history: list[dict[st
         axes[0].set_xlabel("epoch")
         axes[0].set_ylabel("prototype cosine")
         axes[0].set_title("Prototype cosine of confusable pairs")
-        axes[0].legend(fontsize=8)
+        if axes[0].lines:  # no prototype cosine was logged: an empty panel, no empty legend
+            axes[0].legend(fontsize=8)
         for layer in layers:
             axes[1].plot(epochs, [h.get(contract.db_metric(layer, "ref"), np.nan) for h in history], marker="o",
                          label=layer)

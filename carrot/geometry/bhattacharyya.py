@@ -92,8 +92,10 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
     The maths is :func:`bhattacharyya_pairs` on the moments of :func:`class_moments`
     (two-pass, ``v = max(var, eps)``, ``vbar = (v_c + v_d) / 2 + eps``). Doing moments and
     pair terms in one function lets forward and backward work in place on a handful of
-    (B, D), (C, D), (P, D) buffers, where autograd would keep and allocate one per op
-    (on CPU each fresh MiB-sized buffer costs page faults, more than the arithmetic).
+    (B, D), (C, D), (P, D) buffers, where autograd would keep and allocate one per op.
+    Rows move between samples, classes and pairs by gathers (``index_select``) and scatters
+    (``index_add_``), not by one-hot products: a (P, C) @ (C, D) product costs several
+    gathers on CPU.
     Gradients, with ``r = (mu_c - mu_d) / vbar`` and ``n_c`` the class size:
     ``dD/dmu_c = r / 4``, ``dD/dvbar = 1 / (2 vbar) - r^2 / 8``, ``dD/dv_c = -1 / (4 v_c)``
     from the log-determinant, ``dvar_c / dx_i = 2 (x_i - mu_c) / n_c``,
@@ -103,7 +105,7 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, klass: Tensor, pairs: Tensor, num_classes: int, widths: tuple[int, ...],
                 eps: float) -> Tensor:
-        d = x.shape[1]
+        d, p = x.shape[1], pairs.shape[1]
         inv_n = 1.0 / torch.zeros(num_classes, dtype=x.dtype, device=x.device).index_add_(
             0, klass, torch.ones_like(klass, dtype=x.dtype)).clamp_min(1.0)  # (C,)
         mu = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, klass, x)
@@ -114,45 +116,50 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
         v = var.clamp_min_(eps)
         log_det = _column_block_sum(torch.log(v), widths)  # (C, L)
 
-        classes = torch.arange(num_classes, device=x.device)
-        pick_i = (pairs[0][:, None] == classes).to(x.dtype)  # (P, C)
-        pick_j = (pairs[1][:, None] == classes).to(x.dtype)
-        diff = (pick_i - pick_j) @ mu  # (P, D)
-        vbar = (0.5 * (pick_i + pick_j)) @ v  # (P, D)
-        vbar.add_(eps)
+        ends = pairs.reshape(-1)  # (2P,) the c of every pair, then the d of every pair
+        diff = mu.index_select(0, ends)  # (2P, D)
+        diff = diff[:p].sub_(diff[p:])  # (P, D) mu_c - mu_d
+        vbar = v.index_select(0, ends)  # (2P, D)
+        vbar = vbar[:p].add_(vbar[p:]).mul_(0.5).add_(eps)  # (P, D)
         terms = torch.log(vbar)
-        ratio = diff / vbar  # (P, D) r
+        ratio = torch.div(diff, vbar)  # (P, D) r
         terms.addcmul_(diff, ratio, value=0.25)  # log vbar + (mu_c - mu_d)^2 / (4 vbar)
-        distance = 0.5 * _column_block_sum(terms, widths) - 0.25 * ((pick_i + pick_j) @ log_det)  # (P, L)
-        ctx.save_for_backward(dev, klass, inv_n, keep, v, vbar, ratio, pick_i, pick_j)
+        log_det = log_det.index_select(0, ends)  # (2P, L)
+        distance = 0.5 * _column_block_sum(terms, widths) - 0.25 * (log_det[:p] + log_det[p:])  # (P, L)
+        ctx.save_for_backward(dev, klass, ends, inv_n, keep, v, vbar, ratio)
         ctx.widths = widths
         return distance
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        dev, klass, inv_n, keep, v, vbar, ratio, pick_i, pick_j = ctx.saved_tensors
+        dev, klass, ends, inv_n, keep, v, vbar, ratio = ctx.saved_tensors
         widths = ctx.widths
-        # dD/dvbar = (1 / vbar - r^2 / 4) / 2 and dD/d(mu_c - mu_d) = r / 4, each column block
-        # scaled by its layer's incoming gradient (no (P, D) copy of the gradient)
-        g_vbar = torch.reciprocal(vbar).addcmul_(ratio, ratio, value=-0.25)  # (P, D)
-        g_diff = torch.empty_like(ratio)  # (P, D)
+        p = ratio.shape[0]
+        # Per pair: dD/dmu_c = -dD/dmu_d = r / 4 and dD/dv_c = dD/dv_d = dD/dvbar / 2
+        # = (1 / vbar - r^2 / 4) / 4, each column block scaled by its layer's incoming
+        # gradient, side by side in one (2P, D) buffer that is scattered to the classes.
+        g_ends = torch.empty(2 * p, ratio.shape[1], dtype=ratio.dtype, device=ratio.device)
+        g_mu, g_v = g_ends[:p], g_ends[p:]
+        torch.reciprocal(vbar, out=g_v).addcmul_(ratio, ratio, value=-0.25)
         start = 0
         for k, w in enumerate(widths):
             g = grad[:, k:k + 1]  # (P, 1)
-            g_vbar[:, start:start + w].mul_(0.5 * g)
-            torch.mul(ratio[:, start:start + w], 0.25 * g, out=g_diff[:, start:start + w])
+            torch.mul(ratio[:, start:start + w], 0.25 * g, out=g_mu[:, start:start + w])
+            g_v[:, start:start + w].mul_(0.25 * g)
             start += w
-        g_mu = (pick_i - pick_j).T @ g_diff  # (C, D)
-        g_v = (0.5 * (pick_i + pick_j)).T @ g_vbar  # (C, D)
-        g_log_det = -0.25 * ((pick_i + pick_j).T @ grad)  # (C, L)
+        c = v.shape[0]
+        g_mean = torch.zeros_like(v).index_add_(0, ends[:p], g_mu).index_add_(0, ends[p:], g_mu, alpha=-1.0)  # (C, D)
+        g_var = torch.zeros_like(v).index_add_(0, ends[:p], g_v).index_add_(0, ends[p:], g_v)  # (C, D)
+        g_log_det = torch.zeros(c, grad.shape[1], dtype=grad.dtype, device=grad.device).index_add_(
+            0, ends, torch.cat([grad, grad])).mul_(-0.25)  # (C, L)
         start = 0
         for k, w in enumerate(widths):  # d log_det / dv = 1 / v, block by block
-            g_v[:, start:start + w].addcdiv_(g_log_det[:, k:k + 1], v[:, start:start + w])
+            g_var[:, start:start + w].addcdiv_(g_log_det[:, k:k + 1], v[:, start:start + w])
             start += w
-        g_v.mul_(keep)  # (C, D) d/dvar
-        g_x = g_v.mul_(inv_n[:, None]).index_select(0, klass).mul_(dev).mul_(2.0)  # (B, D)
-        g_x.add_(g_mu.mul_(inv_n[:, None]).index_select(0, klass))
+        g_var.mul_(keep).mul_((2.0 * inv_n)[:, None])  # (C, D) d/dvar times dvar/d(x - mu) / (x - mu)
+        g_x = g_mean.mul_(inv_n[:, None]).index_select(0, klass)  # (B, D)
+        g_x.addcmul_(g_var.index_select(0, klass), dev)
         return g_x, None, None, None, None, None
 
 

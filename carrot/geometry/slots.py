@@ -99,7 +99,7 @@ def class_deviations(x: Tensor, inv: Tensor, num_slots: int) -> tuple[Tensor, Te
     """
     x = x.float()
     means, counts = class_means(x, inv, num_slots)
-    return means, x - means[inv], counts
+    return means, x - means.index_select(0, inv), counts
 
 
 def class_moments(x: Tensor, inv: Tensor, num_slots: int) -> tuple[Tensor, Tensor, Tensor]:

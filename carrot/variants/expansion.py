@@ -84,7 +84,7 @@ class _Expansion(torch.autograd.Function):
         h = z / z_norm.clamp_min(eps)  # F.normalize(z)
         geo = _class_geometry(h, inv, counts, eps)
         gamma_i = geo["gamma"][inv, None]  # (B, 1)
-        e = geo["dev"].mul_(gamma_i).add_(geo["mu"][inv])  # (B, D) mu_i + gamma_i (h - mu_i), in dev's buffer
+        e = geo["dev"].mul_(gamma_i).add_(geo["mu"].index_select(0, inv))  # (B, D) mu_i + gamma_i (h - mu_i), in dev's buffer
         e_norm = torch.linalg.vector_norm(e, dim=1, keepdim=True)
         expanded = e.div_(e_norm.clamp_min(eps))  # F.normalize(e)
         two_classes = geo["present"].sum() >= 2  # 0-dim device bool
@@ -141,7 +141,7 @@ def expansion_operator(
         h = F.normalize(z.float(), dim=1)  # (B, D)
         geo = _class_geometry(h, inv, counts, eps)
         gamma, radius, nearest, eligible = geo["gamma"], geo["radius"], geo["nearest"], geo["eligible"]
-        mu_i = geo["mu"][inv]  # (B, D)
+        mu_i = geo["mu"].index_select(0, inv)  # (B, D)
         expanded = F.normalize(mu_i + gamma[inv, None] * geo["dev"], dim=1)  # (B, D)
         z_plus = torch.where(geo["present"].sum() >= 2, expanded, h)
 

@@ -82,7 +82,7 @@ def competitor_classes(logits: Tensor, y: Tensor, m: int, basis: str = "sample")
             0, y, torch.ones_like(y, dtype=score.dtype))  # (K,) (bincount syncs on CUDA)
         # under torch.distributed: the class means of the global batch
         sums, counts = all_reduce_sum_no_grad(sums), all_reduce_sum_no_grad(counts)
-        score = (sums / counts.clamp_min(1.0)[:, None])[y]  # (B, K) class-mean logits
+        score = (sums / counts.clamp_min(1.0)[:, None]).index_select(0, y)  # (B, K) class-mean logits
     elif basis != "sample":
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     score = score.scatter(1, y[:, None], float("-inf"))  # never pick y itself
@@ -152,7 +152,7 @@ def nuisance_geometry(
         w = w - w.mean(0, keepdim=True)  # differences are unchanged; less cancellation in G
         gram = w @ w.T  # (K, K)
         g_diag = gram.diagonal()  # (K,)
-        g_y = gram[y]  # (B, K)  G_yk
+        g_y = gram.index_select(0, y)  # (B, K)  G_yk
         g_yy = g_diag[y]  # (B,)
         d2 = (g_yy[:, None] + g_diag[None, :] - 2.0 * g_y).clamp_min(0.0)  # (B, K)
         g_cy = g_y.gather(1, comp)  # (B, m)  G_{c_s y}

@@ -425,7 +425,7 @@ class PrototypeVariant(Variant):
             inv = local_rows(inv_all, b)  # (B,) this rank's samples
             slot_conf = all_reduce_sum_no_grad(
                 class_sums(sparse_probabilities(batch.logits, hp.conf_topk), inv, len(y_all))[0])  # (S, K)
-            rows = blend_confusion_rows(self.conf[slot_labels], slot_conf, slot_counts, slot_labels,
+            rows = blend_confusion_rows(self.conf.index_select(0, slot_labels), slot_conf, slot_counts, slot_labels,
                                         hp.conf_momentum)  # (S, K)
             # unused slots (label 0) write slot 0's row again: repeated indices, equal values
             used = slot_counts > 0
@@ -442,17 +442,17 @@ class PrototypeVariant(Variant):
 
         # mu~ of the present classes, carrying the batch gradient (the fix), (S, D); rows of
         # unused slots are never read.
-        mu_slots = blend_prototypes(self.mu[slot_labels], slot_means, hp.mu_momentum)
+        mu_slots = blend_prototypes(self.mu.index_select(0, slot_labels), slot_means, hp.mu_momentum)
         t_slots = mu_slots @ self.metric_factor if hp.metric == "mahalanobis" else mu_slots  # (S, D)
         # The stored prototypes with the present rows replaced by mu~ (detached). Training
         # writes them into the buffer in place before the graph reads it; evaluation copies.
         # Every sample writes its class's row: repeated indices, equal values.
         with torch.no_grad():
             buffer = self.mu_metric if hp.metric == "mahalanobis" else self.mu
-            new_rows = (y_all,), t_slots.detach()[inv_all]
+            new_rows = (y_all,), t_slots.detach().index_select(0, inv_all)
             t_buffer = buffer.index_put_(*new_rows) if update else buffer.index_put(*new_rows)  # (K, D)
             if update and hp.metric == "mahalanobis":
-                self.mu.index_put_((y_all,), mu_slots.detach()[inv_all])
+                self.mu.index_put_((y_all,), mu_slots.detach().index_select(0, inv_all))
         # Gram matrix of the prototypes: the rows of present classes are one (S, D) x (D, K)
         # product, the step's O(B K D) part, with the gradient on the row side.
         l_carrot, gram, pair_stats = prototype_pair_loss(t_slots, t_buffer, one_hot, self.gram, omega, mask,
