@@ -116,6 +116,29 @@ def test_expansion_operator_value_and_gradient(labels):
     assert torch.equal(expansion_operator(z32, y)[0], free)  # both paths: the same z+
 
 
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("labels", [[3, 3, 3, 1, 1, 8, 5, 5, 5, 5], [2, 2, 2, 2]])
+def test_expansion_on_unit_rows_after_the_neck(labels, detach):
+    """``unit=True`` (the variant, after its L2-normalising neck): the same z+ and, through the
+    neck, the same gradient as the operator that normalises again; without the neck the
+    gradient keeps the radial part that the neck projects out."""
+    y = torch.tensor(labels)
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(10, 7, generator=g, dtype=torch.float64) * 3.0
+    x = centres[y] + 0.2 * torch.randn(len(y), 7, generator=g, dtype=torch.float64)  # tight classes: gamma > 1
+    if len(set(labels)) >= 2:
+        assert expansion_operator(x, y)[1]["gamma"].max() > 1.5
+    twice, (g_twice,) = _grad(lambda t: expansion_operator(l2_normalize(t), y, detach_stats=detach)[0], x)
+    once, (g_once,) = _grad(lambda t: expansion_operator(l2_normalize(t), y, detach_stats=detach, unit=True)[0], x)
+    # float32 inside; gamma ~ 14 scales the rounding of h
+    torch.testing.assert_close(once, twice, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_once, g_twice, rtol=1e-4, atol=1e-5)
+    h = l2_normalize(x)
+    _, (g_h,) = _grad(lambda t: expansion_operator(t, y, detach_stats=detach, unit=True)[0], h)
+    if len(set(labels)) >= 2:  # the radial part, which the neck removes, is there before it
+        assert (g_h * h).sum(1).abs().max() > 1e-3
+
+
 def test_linear_pass_matches_linear():
     x, w, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64), torch.randn(3)
     b = b.double()

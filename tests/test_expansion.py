@@ -160,7 +160,7 @@ def test_variant_kl_term_and_neck() -> None:
     emb, head, batch = _step(v, y)
     torch.testing.assert_close(batch.embedding.norm(dim=1), torch.ones(len(y)))
     out = v(batch)
-    z_plus, _ = expansion_operator(batch.embedding, y)
+    z_plus, _ = expansion_operator(batch.embedding, y, unit=True)  # the neck made the rows unit
     expected = 0.5 * expansion_kl(batch.logits, head(z_plus), 2.0)
     assert set(out.terms) == {"ce", "kl"}
     assert out.terms["kl"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -172,7 +172,7 @@ def test_variant_supcon_and_aux_terms() -> None:
     y = torch.arange(4).repeat_interleave(3)
     emb, head, batch = _step(v, y)
     out = v(batch)
-    z_plus, _ = expansion_operator(batch.embedding, y)
+    z_plus, _ = expansion_operator(batch.embedding, y, unit=True)
     views = torch.cat([batch.embedding.float(), z_plus])
     assert set(out.terms) == {"ce", "supcon", "aux_ce"}
     assert out.terms["supcon"].item() == pytest.approx(2.0 * supcon_loss(views, y.repeat(2), 0.2).item(), rel=1e-5)

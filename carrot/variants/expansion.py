@@ -79,9 +79,12 @@ class _Expansion(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, inv: Tensor, counts: Tensor, eps: float):
-        z_norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)  # (B, 1)
-        h = z / z_norm.clamp_min(eps)  # F.normalize(z)
+    def forward(ctx, z: Tensor, inv: Tensor, counts: Tensor, eps: float, unit: bool):
+        if unit:  # rows already unit (or 0): h = z, and the caller's normalisation projects the gradient
+            h, z_norm = z, None
+        else:
+            z_norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)  # (B, 1)
+            h = z / z_norm.clamp_min(eps)  # F.normalize(z)
         geo = _class_geometry(h, inv, counts, eps)
         gamma_i = geo["gamma"][inv, None]  # (B, 1)
         e = geo["dev"].mul_(gamma_i).add_(geo["mu"].index_select(0, inv))  # (B, D) mu_i + gamma_i (h - mu_i), in dev's buffer
@@ -90,7 +93,7 @@ class _Expansion(torch.autograd.Function):
         two_classes = geo["present"].sum() >= 2  # 0-dim device bool
         z_plus = torch.where(two_classes, expanded, h, out=expanded)
         ctx.save_for_backward(h, z_norm, expanded, e_norm, gamma_i, two_classes)
-        ctx.eps = eps
+        ctx.eps, ctx.unit = eps, unit
         stats = [geo[k] for k in ("gamma", "radius", "nearest", "eligible", "present")]
         ctx.mark_non_differentiable(*stats)
         return (z_plus, *stats)
@@ -99,15 +102,17 @@ class _Expansion(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor | None, *_unused):
         if g is None:
-            return None, None, None, None
+            return None, None, None, None, None
         h, z_norm, expanded, e_norm, gamma_i, two_classes = ctx.saved_tensors
         g_h = _normalize_backward(g, expanded, e_norm, ctx.eps).mul_(gamma_i)  # (B, D) through e = mu + gamma (h - mu)
         g_h = torch.where(two_classes, g_h, g, out=g_h)
-        return _normalize_backward(g_h, h, z_norm, ctx.eps), None, None, None
+        if ctx.unit:
+            return g_h, None, None, None, None
+        return _normalize_backward(g_h, h, z_norm, ctx.eps), None, None, None, None
 
 
 def expansion_operator(
-    z: Tensor, y: Tensor, eps: float = 1e-12, detach_stats: bool = True
+    z: Tensor, y: Tensor, eps: float = 1e-12, detach_stats: bool = True, unit: bool = False
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Expand each class of a batch about its centroid on the unit sphere.
 
@@ -124,6 +129,12 @@ def expansion_operator(
     gradient reaches z only through (h - mu) and the final normalisation (with a closed-form
     backward, :class:`_Expansion`).
 
+    ``unit=True`` says the rows of ``z`` are unit (or zero) already, as after the variant's
+    L2-normalising neck: h = z without a second normalisation, and the gradient reaches z
+    without its projection onto the sphere's tangent space, which the neck's own backward
+    applies (so the gradient before the neck is the same, two (B, D) passes and four
+    backward passes cheaper).
+
     Args:
         z: (B, D) embeddings (any float dtype; computed in float32).
         y: (B,) int labels.
@@ -136,9 +147,9 @@ def expansion_operator(
     """
     inv, counts, _ = class_slots(y)
     if detach_stats:
-        z_plus, gamma, radius, nearest, eligible, _ = _Expansion.apply(z.float(), inv, counts, eps)
+        z_plus, gamma, radius, nearest, eligible, _ = _Expansion.apply(z.float(), inv, counts, eps, unit)
     else:
-        h = F.normalize(z.float(), dim=1)  # (B, D)
+        h = z.float() if unit else F.normalize(z.float(), dim=1)  # (B, D)
         geo = _class_geometry(h, inv, counts, eps)
         gamma, radius, nearest, eligible = geo["gamma"], geo["radius"], geo["nearest"], geo["eligible"]
         mu_i = geo["mu"].index_select(0, inv)  # (B, D)
@@ -253,7 +264,8 @@ class Expansion(Variant):
         hp = self.hp
         # all ranks' rows (this batch's when not distributed); this rank's rows of z+ after
         z_all, y_all = gather_rows(batch.embedding), gather_rows_no_grad(batch.labels)  # (W B, D), (W B,)
-        z_plus_all, op_stats = expansion_operator(z_all, y_all, detach_stats=hp.detach_stats)
+        # the neck (L2Normalize) made the rows unit: the operator does not normalise them again
+        z_plus_all, op_stats = expansion_operator(z_all, y_all, detach_stats=hp.detach_stats, unit=True)
         z_plus = local_rows(z_plus_all, batch.embedding.shape[0])  # (B, D)
         terms: dict[str, Tensor] = {}
         logits_plus = None
