@@ -403,7 +403,8 @@ def bench_train_step(device: torch.device, variants: Sequence[str], repeats: int
     base_step, info = make_step("baseline")
     steps = [make_step(n)[0] for n in names]
     times = interleaved_times([fn for step in steps for fn in (base_step, step)], device, repeats, warmup)
-    base_ms = 1e3 * statistics.median(t for base in times[::2] for t in base) if names else float("nan")
+    base_ms = (1e3 * statistics.median(t for base in times[::2] for t in base) if names
+               else median_ms(base_step, device, repeats, warmup))
     rows = [{"variant": "baseline", "ms": base_ms, "baseline_ms": base_ms, "ratio": 1.0, "added_percent": 0.0, **info}]
     for name, base, t in zip(names, times[::2], times[1::2]):
         ratio = median_ratio(t, base)

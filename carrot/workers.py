@@ -37,6 +37,19 @@ def gpu_assignment(jobs: int, gpus: int, nproc: int = 1) -> list[str | None]:
     return [",".join(str((i % groups) * nproc + j) for j in range(nproc)) for i in range(jobs)]
 
 
+def worker_env(env: dict[str, str], gpus: str | None, jobs: int, nproc: int = 1) -> dict[str, str]:
+    """One worker's environment: its GPUs (``CUDA_VISIBLE_DEVICES``), and, where ``jobs x nproc``
+    processes share the machine, an equal share of its cores (``OMP_NUM_THREADS``, unless
+    set): oversubscribed OpenMP threads wait on each other."""
+    if nproc * jobs > 1:
+        from carrot.ddp import share_threads
+
+        share_threads(env, nproc * jobs)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    return env
+
+
 def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callable[[str], None] = print,
                 keep_checkpoints: bool = False, nproc: int = 1) -> list[BaseException]:
     from carrot.study import DEFAULT_JOURNAL, _finished
@@ -62,13 +75,7 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
             argv += ["--storage", storage]
         if keep_checkpoints:
             argv.append("--keep-checkpoints")
-        env = dict(os.environ)
-        if nproc > 1:
-            from carrot.ddp import share_threads
-
-            share_threads(env, nproc * jobs)
-        if devices[i] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices[i]
+        env = worker_env(dict(os.environ), devices[i], jobs, nproc)
         logfile = open(folder / f"worker-{i + 1}.log", "w")
         procs.append((subprocess.Popen(argv, env=env, stdout=logfile, stderr=subprocess.STDOUT), logfile))
     log(f"study {opened.name}: {jobs} worker(s)" + (f" of {nproc} DDP processes" if nproc > 1 else "")

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from carrot.bench import SECTIONS, bench_variants, main, pk_labels
 from carrot.variants import create_variant, list_variants
@@ -125,7 +126,7 @@ def test_json_holds_every_section(tmp_path, monkeypatch):
     assert all(r["peak_bytes"] > 0 and r["ce_peak_bytes"] > 0 for r in report["memory"]["rows"])
     steps = report["train_step"]["rows"]
     assert [r["variant"] for r in steps] == names and steps[0]["backbone"] == "test_resnet"
-    assert all(_finite(r["ratio"]) for r in steps)
+    assert all(_finite(r["ratio"]) and _finite(r["ms"]) for r in steps)
 
     study = report["study"]
     assert study["trials"] == 2 and study["epochs"] == 1 and study["jobs"] is None
@@ -145,6 +146,13 @@ def test_json_holds_every_section(tmp_path, monkeypatch):
     assert targets["pruning saves >= 1/3 of the epochs"]["passed"] is False  # two trials: nothing to prune
     assert targets["cuda barrier step without a host sync"]["passed"] is None
     assert all(t["passed"] in (True, False, None) for t in report["targets"])
+
+
+def test_the_training_step_of_baseline_alone_is_timed():
+    from carrot.bench import bench_train_step
+
+    rows = bench_train_step(torch.device("cpu"), ["baseline"], repeats=1, warmup=0, **{"data.limit_per_class": 10})
+    assert [r["variant"] for r in rows] == ["baseline"] and _finite(rows[0]["ms"]) and rows[0]["ms"] > 0
 
 
 @pytest.mark.heavy

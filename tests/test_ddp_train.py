@@ -72,6 +72,21 @@ def test_gpu_groups_of_ddp_workers():
         gpu_assignment(1, 2, nproc=4)
 
 
+def test_workers_share_the_cores(monkeypatch):
+    """Concurrent worker processes (JOBS, and DDP ranks) get an equal share of the cores unless
+    the user set OMP_NUM_THREADS; a lone worker keeps torch's default."""
+    import os
+
+    from carrot.workers import worker_env
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert worker_env({}, None, jobs=2) == {"OMP_NUM_THREADS": "4"}
+    assert worker_env({}, "1", jobs=2, nproc=2) == {"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "1"}
+    assert worker_env({}, None, jobs=1) == {}
+    assert worker_env({"OMP_NUM_THREADS": "3"}, None, jobs=4) == {"OMP_NUM_THREADS": "3"}
+    assert worker_env({}, None, jobs=16) == {"OMP_NUM_THREADS": "1"}
+
+
 def test_relaunch_drops_only_the_nproc_flag():
     from carrot.cli import _is_nproc
 

@@ -119,8 +119,7 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
         ends = pairs.reshape(-1)  # (2P,) the c of every pair, then the d of every pair
         diff = mu.index_select(0, ends)  # (2P, D)
         diff = diff[:p].sub_(diff[p:])  # (P, D) mu_c - mu_d
-        vbar = v.index_select(0, ends)  # (2P, D)
-        vbar = vbar[:p].add_(vbar[p:]).mul_(0.5).add_(eps)  # (P, D)
+        vbar = v.index_select(0, ends[:p]).add_(v.index_select(0, ends[p:])).mul_(0.5).add_(eps)  # (P, D), kept
         terms = torch.log(vbar)
         ratio = torch.div(diff, vbar)  # (P, D) r
         terms.addcmul_(diff, ratio, value=0.25)  # log vbar + (mu_c - mu_d)^2 / (4 vbar)
