@@ -541,26 +541,29 @@ def study_epochs(journal: Path, name: str) -> tuple[int, int]:
 def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
     """Shares of the study's trials' wall time (``time/run_s``) spent logging (``time/logging_s``),
     in the per-epoch diagnostics (``time/eval_s``) and in the probes (``time/probe_s``), summed
-    over the trials; read from their MLflow runs."""
+    over the trials; read from their MLflow runs. ``pictures``: the runs' pictures
+    (``time/pictures_s``), drawn on a background thread, outside the trials' logging time."""
     from carrot import contract
+    from carrot.run_report import PICTURES_METRIC
     from carrot.tracking import client
 
     mlf = client()
     runs = contract.search_runs(mlf, experiment, f"tags.`{contract.TAG_STUDY}` = '{study_name}' and "
                                                  f"tags.`{contract.TAG_ROLE}` = '{contract.ROLE_TRIAL}'")
-    totals = {"run_s": 0.0, "logging_s": 0.0, "eval_s": 0.0, "probe_s": 0.0, "train_s": 0.0}
+    totals = {"run_s": 0.0, "logging_s": 0.0, "eval_s": 0.0, "probe_s": 0.0, "train_s": 0.0, "pictures_s": 0.0}
     for run in runs:
         metrics = run.data.metrics
         if "time/run_s" not in metrics:
             continue
         totals["run_s"] += metrics["time/run_s"]
         totals["logging_s"] += metrics.get("time/logging_s", 0.0)
+        totals["pictures_s"] += metrics.get(PICTURES_METRIC, 0.0)
         for key, metric in (("eval_s", "time/eval_s"), ("probe_s", "time/probe_s"), ("train_s", "time/train_epoch_s")):
             totals[key] += sum(m.value for m in mlf.get_metric_history(run.info.run_id, metric))
     run_s = totals["run_s"] or float("nan")
     return {"runs": len(runs), "seconds": totals,
             "logging": totals["logging_s"] / run_s, "diagnostics": totals["eval_s"] / run_s,
-            "probes": totals["probe_s"] / run_s,
+            "probes": totals["probe_s"] / run_s, "pictures": totals["pictures_s"] / run_s,
             "diagnostics_with_probes": (totals["eval_s"] + totals["probe_s"]) / run_s,
             "training": totals["train_s"] / run_s}
 
@@ -707,7 +710,9 @@ def _print_study(study: dict[str, Any]) -> None:
     print(f"shares of trial wall time ({sh['runs']} runs, {sh['seconds']['run_s']:.1f} s): "
           f"training {100 * sh['training']:.1f}%, MLflow logging {100 * sh['logging']:.2f}%, "
           f"diagnostics {100 * sh['diagnostics']:.1f}%, probes {100 * sh['probes']:.1f}%, "
-          f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%")
+          f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%; the runs' pictures, drawn on a "
+          f"background thread while the next trial trains: {sh['seconds']['pictures_s']:.1f} s "
+          f"({100 * sh['pictures']:.1f}% of the trials' wall time)")
 
 
 def _device_sections(device: torch.device, args, names: list[str]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ inputs with a content digest, its pictures, and the params worth comparing.
   dataset root (or the pixels of an in-memory dataset) and the labels.
 - :func:`figures`: the confusion matrix of the last epoch with class names, the top
   confusable pairs as a labelled bar chart, and the prototype-cosine and D_B trajectories.
+  :func:`log_pictures_later` draws and logs them on a background thread, while the next
+  trial trains (about 0.5 s of matplotlib a run); :func:`wait_for_pictures` waits for them.
 - :func:`logged_params`: the resolved configuration without display switches, with the
   device as it was resolved.
 """
@@ -16,6 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -137,16 +143,17 @@ def figures(confusion: np.ndarray, class_names: list[str], history: list[dict[st
             top_n: int = 20) -> dict[str, Any]:
     """Artifact name -> matplotlib Figure: the last epoch's confusion matrix, its top
     confusable pairs, and the prototype-cosine and D_B trajectories over the epochs."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: its global state is not for background threads
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def subplots(*grid: int, figsize: tuple[float, float]):
+        fig = Figure(figsize=figsize, layout="constrained")
+        return fig, fig.subplots(*grid)
 
     out: dict[str, Any] = {}
     K = confusion.shape[0]
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     size = min(10.0, 3.0 + 0.18 * K)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")
+    fig, ax = subplots(figsize=(size + 1.2, size))
     im = ax.imshow(rates, cmap="viridis", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, label="share of the true class", shrink=0.8)
     ax.set_xlabel("predicted class")
@@ -161,7 +168,7 @@ def figures(confusion: np.ndarray, class_names: list[str], history: list[dict[st
     if len(pairs):
         errors = contract.pair_error(confusion, pairs)
         labels = [_pair_label(class_names, int(i), int(j)) for i, j in pairs]
-        fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.28 * len(pairs)), layout="constrained")
+        fig, ax = subplots(figsize=(6.4, 1.2 + 0.28 * len(pairs)))
         ax.barh(range(len(pairs)), 100 * errors, color="tab:red")
         ax.set_yticks(range(len(pairs)), labels, fontsize=8)
         ax.invert_yaxis()
@@ -173,7 +180,7 @@ def figures(confusion: np.ndarray, class_names: list[str], history: list[dict[st
     epochs = np.arange(1, len(history) + 1)
     layers = sorted({k.split("/")[1] for h in history for k in h if k.startswith("dB/")})
     if history and (layers or any(contract.PROTO_COS_REF in h for h in history)):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+        fig, axes = subplots(1, 2, figsize=(10, 3.6))
         for key, label in ((contract.PROTO_COS_REF, "reference pairs"), (contract.PROTO_COS_TOP, "top pairs"),
                            (contract.PROTO_COS_OFFDIAG_MEAN, "all pairs (mean)")):
             values = [h.get(key, np.nan) for h in history]
@@ -197,3 +204,64 @@ def figures(confusion: np.ndarray, class_names: list[str], history: list[dict[st
             ax.xaxis.get_major_locator().set_params(integer=True)
         out[TRAJECTORY_IMAGE] = fig
     return out
+
+
+# ----------------------------------------------------------------------------- pictures off the training path
+PICTURES_METRIC = "time/pictures_s"  # wall time of a run's pictures, on the background thread
+MAX_WAITING = 2  # runs whose pictures may wait to be drawn; the next one waits for the oldest
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+_waiting: list[tuple[str, Future]] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The one background thread that draws pictures (started on first use)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carrot-pictures")
+    return _executor
+
+
+def _draw_and_log(logger, confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
+                  top_n: int, step: int) -> None:
+    began = time.time()
+    for name, fig in figures(confusion, class_names, history, top_n).items():
+        logger.log_figure(fig, name)
+    logger.log_metrics({PICTURES_METRIC: time.time() - began}, step=step)
+
+
+def log_pictures_later(logger, confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
+                       top_n: int, step: int) -> None:
+    """Draw :func:`figures` and log them into ``logger``'s run on a background thread, with
+    their wall time as ``time/pictures_s`` at ``step``. The run may be closed meanwhile (its
+    pictures arrive a moment after its status). Works on copies of the inputs."""
+    with _lock:
+        job = _pool().submit(_draw_and_log, logger, np.array(confusion), list(class_names),
+                               [dict(h) for h in history], top_n, step)
+        _waiting.append((logger.run_id, job))
+        older = _waiting[:-MAX_WAITING] if len(_waiting) > MAX_WAITING else []
+    for run_id, job in older:  # back-pressure: pictures never pile up behind fast runs
+        _finish(run_id, job)
+
+
+def _finish(run_id: str, job: Future) -> None:
+    with _lock:
+        if (run_id, job) not in _waiting:
+            return
+    try:
+        job.result()
+    except Exception as exc:  # a picture is not worth a failed command; say what was lost
+        print(f"carrot: the pictures of run {run_id} were not logged: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+    finally:
+        with _lock:
+            if (run_id, job) in _waiting:
+                _waiting.remove((run_id, job))
+
+
+def wait_for_pictures() -> None:
+    """Wait until every run's pictures submitted so far are logged (or reported lost)."""
+    with _lock:
+        waiting = list(_waiting)
+    for run_id, job in waiting:
+        _finish(run_id, job)

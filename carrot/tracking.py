@@ -164,6 +164,7 @@ class RunLogger:
     def __init__(self, mlf: MlflowClient, run_id: str) -> None:
         self.client = mlf
         self.run_id = run_id
+        self._queued: list = []  # MLflow RunOperations of the metrics logged in the background
 
     @classmethod
     def start(cls, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> "RunLogger":
@@ -182,11 +183,21 @@ class RunLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, background: bool = False) -> None:
+        """``background``: through MLflow's asynchronous logging queue (the store's commit
+        happens on its thread); :meth:`flush` and :meth:`finish` wait for it."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH])
+            ops = self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH], synchronous=not background)
+            if background:
+                self._queued.append(ops)
+
+    def flush(self) -> None:
+        """Wait for the metrics logged in the background (raises what the store raised)."""
+        queued, self._queued = self._queued, []
+        for ops in queued:
+            ops.wait()
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
@@ -204,7 +215,10 @@ class RunLogger:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        try:
+            self.flush()
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
 
 
 def find_runs(mlf: MlflowClient, experiment: str, filter_string: str = "", order_by: Iterable[str] = ()) -> list:

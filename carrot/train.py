@@ -365,7 +365,7 @@ class Run:
                 if evaluator.ref_problem:
                     tags[contract.TAG_REF_PAIRS_PROBLEM] = evaluator.ref_problem
                 self.logger.set_tags(tags)
-            self.logger.log_metrics(metrics, step=epoch + 1)
+            self.logger.log_metrics(metrics, step=epoch + 1, background=True)  # committed while training goes on
         if self.trial is not None:
             key = contract.split_metric(self.parts.eval_split, "acc")
             self.trial.report(metrics[key], epoch + 1)
@@ -393,15 +393,16 @@ class Run:
             return
         start = time.time()
         try:
+            self.logger.flush()  # the epochs' metrics, before the run's last words
             if evaluator is not None:
                 for name, content in evaluator.artifacts().items():
                     if isinstance(content, bytes):
                         self.logger.log_bytes(content, name)
                     else:
                         self.logger.log_dict(content, name)
-                if evaluator.confusions and self.parts.cfg.eval.images:
-                    self._log_figures(run_report.figures(evaluator.confusions[-1], evaluator.class_names, history,
-                                                         self.parts.cfg.eval.top_n))
+                if evaluator.confusions and self.parts.cfg.eval.images:  # drawn while the next run trains
+                    run_report.log_pictures_later(self.logger, evaluator.confusions[-1], evaluator.class_names,
+                                                  history, self.parts.cfg.eval.top_n, max(1, epochs_done))
             status = "pruned" if self.status == "KILLED" and not error else self.status.lower()
             tags = {contract.TAG_STATUS: status, contract.TAG_EPOCHS_DONE: epochs_done}
             if error:
@@ -419,15 +420,6 @@ class Run:
         finally:
             self.stop_monitor()
             self.logger.finish(self.status)
-
-    def _log_figures(self, figures: dict[str, Any]) -> None:
-        import matplotlib.pyplot as plt
-
-        for name, fig in figures.items():
-            try:
-                self.logger.log_figure(fig, name)
-            finally:
-                plt.close(fig)
 
     def log_weights(self, model: nn.Module) -> None:
         """The trained weights as an artifact (final runs: a test number can be re-checked)."""
