@@ -541,8 +541,8 @@ def study_epochs(journal: Path, name: str) -> tuple[int, int]:
 def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
     """Shares of the study's trials' wall time (``time/run_s``) spent logging (``time/logging_s``),
     in the per-epoch diagnostics (``time/eval_s``) and in the probes (``time/probe_s``), summed
-    over the trials; read from their MLflow runs. ``pictures``: the runs' pictures
-    (``time/pictures_s``), drawn on a background thread, outside the trials' logging time."""
+    over the trials; read from their MLflow runs. ``pictures`` (``time/pictures_s``) is the
+    part of the logging spent drawing and logging the runs' pictures."""
     from carrot import contract
     from carrot.run_report import PICTURES_METRIC
     from carrot.tracking import client
@@ -710,9 +710,8 @@ def _print_study(study: dict[str, Any]) -> None:
     print(f"shares of trial wall time ({sh['runs']} runs, {sh['seconds']['run_s']:.1f} s): "
           f"training {100 * sh['training']:.1f}%, MLflow logging {100 * sh['logging']:.2f}%, "
           f"diagnostics {100 * sh['diagnostics']:.1f}%, probes {100 * sh['probes']:.1f}%, "
-          f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%; the runs' pictures, drawn on a "
-          f"background thread while the next trial trains: {sh['seconds']['pictures_s']:.1f} s "
-          f"({100 * sh['pictures']:.1f}% of the trials' wall time)")
+          f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%; of the logging, the runs' "
+          f"pictures {100 * sh['pictures']:.1f}%")
 
 
 def _device_sections(device: torch.device, args, names: list[str]) -> dict[str, Any]:

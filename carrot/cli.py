@@ -545,8 +545,6 @@ def _main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
-        if "carrot.run_report" in sys.modules:  # runs' pictures still being drawn
-            sys.modules["carrot.run_report"].wait_for_pictures()
         _leave_group(wait=False)
 
 

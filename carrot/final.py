@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import optuna
 
-from carrot import contract, interrupt, run_report
+from carrot import contract, interrupt
 from carrot.config import ConfigError, RunConfig, set_dotted
 from carrot.data import DatasetError
 from carrot.model import ModelError
@@ -92,6 +92,7 @@ def _section_dict(cfg: RunConfig) -> dict[str, Any]:
 def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None, storage: str | None = None,
               overrides: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> list[FinalPlan]:
     from carrot.reference import count_classes, resolve
+    from carrot.train import run
 
     if seeds < 1:
         raise ConfigError(f"invalid seeds={seeds}: expected a positive integer")
@@ -103,20 +104,6 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
                           f"{base.data.name}/{base.model.backbone}; run `make study VARIANT=...` first")
     reference = resolve(base, open_storage(storage), count_classes(base), log)
     failed = []
-    try:
-        _run_plans(base, plans, reference, failed, log)
-    finally:
-        run_report.wait_for_pictures()
-    if failed:
-        raise FinalRunsFailed(f"{len(failed)} final run(s) failed: {', '.join(failed)}")
-    return plans
-
-
-def _run_plans(base: RunConfig, plans: list[FinalPlan], reference, failed: list[str],
-               log: Callable[[str], None]) -> None:
-    """Every plan's missing seeds, one run each; a failing seed is added to ``failed``."""
-    from carrot.train import run
-
     for plan in plans:
         log(f"final {plan.variant}: best trial {plan.trial} of {plan.study}; seeds done {plan.seeds_done}, "
             f"to run {plan.seeds_todo}")
@@ -133,6 +120,9 @@ def _run_plans(base: RunConfig, plans: list[FinalPlan], reference, failed: list[
             except Exception as exc:  # one failing seed does not stop the others
                 failed.append(f"{plan.variant} seed {seed}")
                 log(f"final {plan.variant} seed {seed} failed: {type(exc).__name__}: {exc}")
+    if failed:
+        raise FinalRunsFailed(f"{len(failed)} final run(s) failed: {', '.join(failed)}")
+    return plans
 
 
 class FinalRunsFailed(RuntimeError):

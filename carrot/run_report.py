@@ -7,9 +7,8 @@ inputs with a content digest, its pictures, and the params worth comparing.
   ``validation``, ``test``), each with a digest of its content: the file list relative to the
   dataset root (or the pixels of an in-memory dataset) and the labels.
 - :func:`figures`: the confusion matrix of the last epoch with class names, the top
-  confusable pairs as a labelled bar chart, and the prototype-cosine and D_B trajectories.
-  :func:`log_pictures_later` draws and logs them on a background thread, while the next
-  trial trains (about 0.5 s of matplotlib a run); :func:`wait_for_pictures` waits for them.
+  confusable pairs as a labelled bar chart, and the prototype-cosine and D_B trajectories;
+  :func:`log_pictures` logs them with their wall time.
 - :func:`logged_params`: the resolved configuration without display switches, with the
   device as it was resolved.
 """
@@ -18,10 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -143,7 +139,7 @@ def figures(confusion: np.ndarray, class_names: list[str], history: list[dict[st
             top_n: int = 20) -> dict[str, Any]:
     """Artifact name -> matplotlib Figure: the last epoch's confusion matrix, its top
     confusable pairs, and the prototype-cosine and D_B trajectories over the epochs."""
-    from matplotlib.figure import Figure  # no pyplot: its global state is not for background threads
+    from matplotlib.figure import Figure  # no pyplot: nothing to close, no global figure list
 
     def subplots(*grid: int, figsize: tuple[float, float]):
         fig = Figure(figsize=figsize, layout="constrained")
@@ -206,62 +202,17 @@ def figures(confusion: np.ndarray, class_names: list[str], history: list[dict[st
     return out
 
 
-# ----------------------------------------------------------------------------- pictures off the training path
-PICTURES_METRIC = "time/pictures_s"  # wall time of a run's pictures, on the background thread
-MAX_WAITING = 2  # runs whose pictures may wait to be drawn; the next one waits for the oldest
-_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
-_waiting: list[tuple[str, Future]] = []
+# ----------------------------------------------------------------------------- logging them
+PICTURES_METRIC = "time/pictures_s"  # wall time of a run's pictures, drawn and logged at its end
 
 
-def _pool() -> ThreadPoolExecutor:
-    """The one background thread that draws pictures (started on first use)."""
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carrot-pictures")
-    return _executor
-
-
-def _draw_and_log(logger, confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
-                  top_n: int, step: int) -> None:
+def log_pictures(logger, confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
+                 top_n: int, step: int) -> float:
+    """Draw :func:`figures`, log them into ``logger``'s run and their wall time as
+    ``time/pictures_s`` at ``step``; returns that time in seconds."""
     began = time.time()
     for name, fig in figures(confusion, class_names, history, top_n).items():
         logger.log_figure(fig, name)
-    logger.log_metrics({PICTURES_METRIC: time.time() - began}, step=step)
-
-
-def log_pictures_later(logger, confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
-                       top_n: int, step: int) -> None:
-    """Draw :func:`figures` and log them into ``logger``'s run on a background thread, with
-    their wall time as ``time/pictures_s`` at ``step``. The run may be closed meanwhile (its
-    pictures arrive a moment after its status). Works on copies of the inputs."""
-    with _lock:
-        job = _pool().submit(_draw_and_log, logger, np.array(confusion), list(class_names),
-                               [dict(h) for h in history], top_n, step)
-        _waiting.append((logger.run_id, job))
-        older = _waiting[:-MAX_WAITING] if len(_waiting) > MAX_WAITING else []
-    for run_id, job in older:  # back-pressure: pictures never pile up behind fast runs
-        _finish(run_id, job)
-
-
-def _finish(run_id: str, job: Future) -> None:
-    with _lock:
-        if (run_id, job) not in _waiting:
-            return
-    try:
-        job.result()
-    except Exception as exc:  # a picture is not worth a failed command; say what was lost
-        print(f"carrot: the pictures of run {run_id} were not logged: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-    finally:
-        with _lock:
-            if (run_id, job) in _waiting:
-                _waiting.remove((run_id, job))
-
-
-def wait_for_pictures() -> None:
-    """Wait until every run's pictures submitted so far are logged (or reported lost)."""
-    with _lock:
-        waiting = list(_waiting)
-    for run_id, job in waiting:
-        _finish(run_id, job)
+    seconds = time.time() - began
+    logger.log_metrics({PICTURES_METRIC: seconds}, step=step)
+    return seconds

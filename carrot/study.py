@@ -21,7 +21,7 @@ import optuna
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from carrot import checkpoint, contract, ddp, interrupt, liveness, run_report
+from carrot import checkpoint, contract, ddp, interrupt, liveness
 from carrot.config import ConfigError, RunConfig, set_dotted
 from carrot.contract import redact
 from carrot.progress import Progress
@@ -359,7 +359,6 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
                            callbacks=[after_trial], gc_after_trial=True)
     finally:
         bar.close()
-        run_report.wait_for_pictures()  # the last trials' pictures, drawn while the next ones trained
     return stopped
 
 

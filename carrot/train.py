@@ -400,9 +400,9 @@ class Run:
                         self.logger.log_bytes(content, name)
                     else:
                         self.logger.log_dict(content, name)
-                if evaluator.confusions and self.parts.cfg.eval.images:  # drawn while the next run trains
-                    run_report.log_pictures_later(self.logger, evaluator.confusions[-1], evaluator.class_names,
-                                                  history, self.parts.cfg.eval.top_n, max(1, epochs_done))
+                if evaluator.confusions and self.parts.cfg.eval.images:
+                    run_report.log_pictures(self.logger, evaluator.confusions[-1], evaluator.class_names, history,
+                                            self.parts.cfg.eval.top_n, max(1, epochs_done))
             status = "pruned" if self.status == "KILLED" and not error else self.status.lower()
             tags = {contract.TAG_STATUS: status, contract.TAG_EPOCHS_DONE: epochs_done}
             if error:

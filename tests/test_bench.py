@@ -134,11 +134,9 @@ def test_json_holds_every_section(tmp_path, monkeypatch):
     assert study["pruning"] == {"epochs_trained": 2, "epochs_unpruned": 2, "saved_fraction": 0.0}
     shares = study["shares"]
     assert shares["runs"] == 2 and shares["seconds"]["run_s"] > 0
-    for key in ("logging", "diagnostics", "probes", "diagnostics_with_probes", "training"):
+    for key in ("logging", "diagnostics", "probes", "diagnostics_with_probes", "training", "pictures"):
         assert 0.0 <= shares[key] < 1.0, key
-    # every trial's pictures, timed on the background thread, outside the trial (so possibly longer)
-    assert shares["seconds"]["pictures_s"] > 0 and shares["pictures"] == pytest.approx(
-        shares["seconds"]["pictures_s"] / shares["seconds"]["run_s"])
+    assert 0 < shares["pictures"] < shares["logging"]  # every trial's pictures, a part of its logging
     assert report["cuda"] is None
 
     targets = {t["target"]: t for t in report["targets"]}
