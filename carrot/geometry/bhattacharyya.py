@@ -92,7 +92,8 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
     The maths is :func:`bhattacharyya_pairs` on the moments of :func:`class_moments`
     (two-pass, ``v = max(var, eps)``, ``vbar = (v_c + v_d) / 2 + eps``). Doing moments and
     pair terms in one function lets forward and backward work in place on a handful of
-    (B, D), (C, D), (P, D) buffers, where autograd would keep and allocate one per op.
+    (B, D), (C, D), (P, D) buffers, where autograd would keep and allocate one per op
+    (on CPU each fresh MiB-sized buffer costs page faults, more than the arithmetic).
     Rows move between samples, classes and pairs by gathers (``index_select``) and scatters
     (``index_add_``), not by one-hot products: a (P, C) @ (C, D) product costs several
     gathers on CPU.
