@@ -710,7 +710,7 @@ def _print_study(study: dict[str, Any]) -> None:
     print(f"shares of trial wall time ({sh['runs']} runs, {sh['seconds']['run_s']:.1f} s): "
           f"training {100 * sh['training']:.1f}%, MLflow logging {100 * sh['logging']:.2f}%, "
           f"diagnostics {100 * sh['diagnostics']:.1f}%, probes {100 * sh['probes']:.1f}%, "
-          f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%; of the logging, the runs' "
+          f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%; within the logging, the runs' "
           f"pictures {100 * sh['pictures']:.1f}%")
 
 

@@ -207,12 +207,10 @@ PICTURES_METRIC = "time/pictures_s"  # wall time of a run's pictures, drawn and 
 
 
 def log_pictures(logger, confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
-                 top_n: int, step: int) -> float:
+                 top_n: int, step: int) -> None:
     """Draw :func:`figures`, log them into ``logger``'s run and their wall time as
-    ``time/pictures_s`` at ``step``; returns that time in seconds."""
+    ``time/pictures_s`` at ``step``."""
     began = time.time()
     for name, fig in figures(confusion, class_names, history, top_n).items():
         logger.log_figure(fig, name)
-    seconds = time.time() - began
-    logger.log_metrics({PICTURES_METRIC: seconds}, step=step)
-    return seconds
+    logger.log_metrics({PICTURES_METRIC: time.time() - began}, step=step)

@@ -301,7 +301,15 @@ def test_epoch_metrics_logged_in_the_background_are_all_there_when_the_run_ends(
         logger = RunLogger.start("background", "r", {})
         for step in range(1, 31):
             logger.log_metrics({"val/acc": step / 100, "train/loss": 1.0 / step}, step, background=True)
+        statuses = []  # what the store said while finish waited for the queue
+
+        class Marker:  # the last queued operation: finish must wait for it before the status
+            def wait(self):
+                statuses.append(client.get_run(logger.run_id).info.status)
+
+        logger._queued.append(Marker())
         logger.finish("FINISHED")
+        assert statuses == ["RUNNING"]
         history = sorted(client.get_metric_history(logger.run_id, "val/acc"), key=lambda m: m.step)
         assert [(m.step, m.value) for m in history] == [(s, s / 100) for s in range(1, 31)]
         assert len(client.get_metric_history(logger.run_id, "train/loss")) == 30
