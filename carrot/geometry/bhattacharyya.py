@@ -118,9 +118,8 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
         log_det = _column_block_sum(torch.log(v), widths)  # (C, L)
 
         ends = pairs.reshape(-1)  # (2P,) the c of every pair, then the d of every pair
-        diff = mu.index_select(0, ends)  # (2P, D)
-        diff = diff[:p].sub_(diff[p:])  # (P, D) mu_c - mu_d
-        vbar = v.index_select(0, ends[:p]).add_(v.index_select(0, ends[p:])).mul_(0.5).add_(eps)  # (P, D), kept
+        diff = mu.index_select(0, ends[:p]).sub_(mu.index_select(0, ends[p:]))  # (P, D) mu_c - mu_d
+        vbar = v.index_select(0, ends[:p]).add_(v.index_select(0, ends[p:])).mul_(0.5).add_(eps)  # (P, D)
         terms = torch.log(vbar)
         ratio = torch.div(diff, vbar)  # (P, D) r
         terms.addcmul_(diff, ratio, value=0.25)  # log vbar + (mu_c - mu_d)^2 / (4 vbar)
@@ -138,10 +137,9 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
         p = ratio.shape[0]
         # Per pair: dD/dmu_c = -dD/dmu_d = r / 4 and dD/dv_c = dD/dv_d = dD/dvbar / 2
         # = (1 / vbar - r^2 / 4) / 4, each column block scaled by its layer's incoming
-        # gradient, side by side in one (2P, D) buffer that is scattered to the classes.
-        g_ends = torch.empty(2 * p, ratio.shape[1], dtype=ratio.dtype, device=ratio.device)
-        g_mu, g_v = g_ends[:p], g_ends[p:]
-        torch.reciprocal(vbar, out=g_v).addcmul_(ratio, ratio, value=-0.25)
+        # gradient; both are scattered to the classes of the pair's two ends below.
+        g_mu = torch.empty_like(ratio)  # (P, D)
+        g_v = torch.reciprocal(vbar).addcmul_(ratio, ratio, value=-0.25)  # (P, D)
         start = 0
         for k, w in enumerate(widths):
             g = grad[:, k:k + 1]  # (P, 1)
