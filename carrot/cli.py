@@ -427,6 +427,9 @@ PASSTHROUGH = {"tables": "cmd_tables", "plots": "cmd_plots", "bench": "cmd_bench
 
 
 def main(argv: list[str] | None = None) -> int:
+    from carrot.malloc import keep_freed_blocks
+
+    keep_freed_blocks()  # before the first training buffer (carrot/malloc.py)
     code = _main(argv)
     if "carrot.ddp" in sys.modules:  # a torchrun rank of `--nproc`: rank 0's status is the command's
         return sys.modules["carrot.ddp"].exit_status(code)

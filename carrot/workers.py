@@ -133,8 +133,10 @@ class StudyWorker(_Checkpointable):
         self.storage, self.name, self.until, self.tracking_uri = storage, name, until, tracking_uri
 
     def __call__(self, index: int) -> int:
+        from carrot.malloc import keep_freed_blocks
         from carrot.study import join_study
 
+        keep_freed_blocks()  # as `carrot worker` does (carrot/malloc.py)
         os.environ.setdefault("MLFLOW_TRACKING_URI", self.tracking_uri)
         stopped = join_study(self.storage, self.name, until=self.until, worker=index,
                              overrides={"show_progress": False})
