@@ -542,7 +542,9 @@ def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
     """Shares of the study's trials' wall time (``time/run_s``) spent logging (``time/logging_s``),
     in the per-epoch diagnostics (``time/eval_s``) and in the probes (``time/probe_s``), summed
     over the trials; read from their MLflow runs. ``pictures`` (``time/pictures_s``) is the
-    part of the logging spent drawing and logging the runs' pictures."""
+    part of the logging spent drawing and logging the runs' pictures. ``logging_s_per_run`` and
+    ``pictures_s_per_run`` are their seconds per run, mostly a fixed cost of a run, whose share
+    shrinks as trials get longer; ``run_s_per_run`` is a run's own wall time."""
     from carrot import contract
     from carrot.run_report import PICTURES_METRIC
     from carrot.tracking import client
@@ -561,7 +563,10 @@ def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
         for key, metric in (("eval_s", "time/eval_s"), ("probe_s", "time/probe_s"), ("train_s", "time/train_epoch_s")):
             totals[key] += sum(m.value for m in mlf.get_metric_history(run.info.run_id, metric))
     run_s = totals["run_s"] or float("nan")
+    counted = sum("time/run_s" in run.data.metrics for run in runs) or float("nan")
     return {"runs": len(runs), "seconds": totals,
+            "run_s_per_run": totals["run_s"] / counted, "logging_s_per_run": totals["logging_s"] / counted,
+            "pictures_s_per_run": totals["pictures_s"] / counted,
             "logging": totals["logging_s"] / run_s, "diagnostics": totals["eval_s"] / run_s,
             "probes": totals["probe_s"] / run_s, "pictures": totals["pictures_s"] / run_s,
             "diagnostics_with_probes": (totals["eval_s"] + totals["probe_s"]) / run_s,
@@ -712,6 +717,9 @@ def _print_study(study: dict[str, Any]) -> None:
           f"diagnostics {100 * sh['diagnostics']:.1f}%, probes {100 * sh['probes']:.1f}%, "
           f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%; within the logging, the runs' "
           f"pictures {100 * sh['pictures']:.1f}%")
+    print(f"MLflow logging per run: {sh['logging_s_per_run']:.2f} s, of which pictures "
+          f"{sh['pictures_s_per_run']:.2f} s (2% of a trial at {sh['logging_s_per_run'] / LOGGING_TARGET:.0f} s "
+          f"a trial; this study's took {sh['run_s_per_run']:.1f} s)")
 
 
 def _device_sections(device: torch.device, args, names: list[str]) -> dict[str, Any]:

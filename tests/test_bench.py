@@ -137,6 +137,9 @@ def test_json_holds_every_section(tmp_path, monkeypatch):
     for key in ("logging", "diagnostics", "probes", "diagnostics_with_probes", "training", "pictures"):
         assert 0.0 <= shares[key] < 1.0, key
     assert 0 < shares["pictures"] < shares["logging"]  # every trial's pictures, a part of its logging
+    assert shares["logging_s_per_run"] == pytest.approx(shares["seconds"]["logging_s"] / 2)
+    assert shares["run_s_per_run"] == pytest.approx(shares["seconds"]["run_s"] / 2)
+    assert 0 < shares["pictures_s_per_run"] == pytest.approx(shares["seconds"]["pictures_s"] / 2)
     assert report["cuda"] is None
 
     targets = {t["target"]: t for t in report["targets"]}

@@ -295,3 +295,39 @@ def test_variant_under_bf16_autocast_matches_float32():
     assert out.stats["alpha_mean"].item() == pytest.approx(ref["alpha_mean"].item(), rel=1e-5)
     assert out.stats["label_safety"].item() == pytest.approx(ref["label_safety"].item(), abs=1e-6)
     assert ref["label_safety"].item() >= 0.95
+
+
+def test_noisy_logits_from_the_gram_equal_the_head_on_the_noisy_rows():
+    """``return_logits``: z~ W^T + b without the product, from the centred Gram and the per-row
+    term of its centring, even when W's rows share a large common part."""
+    z, y, logits, w, bias = correct_problem(seed=4)
+    w = w + 5.0 * torch.randn(w.shape[1], dtype=w.dtype, generator=torch.Generator().manual_seed(1))
+    logits = z @ w.T + bias
+    z_aug, y_aug, st = nuisance_augment(z, y, logits, w, bias, topk=3, n_aug=3, return_logits=True,
+                                        generator=torch.Generator().manual_seed(2))
+    assert st["frac_augmented"].item() > 0.2
+    torch.testing.assert_close(st["logits"], F.linear(z_aug, w, bias), rtol=1e-10, atol=1e-9)
+    assert "logits" not in nuisance_augment(z, y, logits, w, bias, topk=3)[2]
+
+
+def test_variant_loss_and_gradients_equal_the_head_pass_on_the_noisy_rows():
+    """The variant's noisy rows take their logits from the Gram (no head-sized product) and the
+    head's backward: loss and every gradient equal CE(head(z~), y) through autograd's linear."""
+    v = create_variant("nuisance", warmup_epochs=0.0, n_aug=2, topk=2, w_aug=0.7)
+    batch, z, head = _batch(progress=1.0, seed=3)
+    torch.manual_seed(5)
+    out = v(batch)
+    assert out.stats["frac_augmented"].item() > 0.5
+    out.terms["aug"].backward()
+    got = [t.grad.clone() for t in (z, head.weight, head.bias)]
+    for t in (z, head.weight, head.bias):
+        t.grad = None
+
+    torch.manual_seed(5)  # the same noise
+    z_aug, y_aug, _ = nuisance_augment(z, batch.labels, head(z).detach(), head.weight, head.bias, topk=2, n_aug=2,
+                                       check_safety=False)
+    expected = 0.7 * F.cross_entropy(F.linear(z_aug, head.weight, head.bias), y_aug)
+    expected.backward()
+    assert out.terms["aug"].item() == pytest.approx(expected.item(), rel=1e-6)
+    for name, g, t in zip(("z", "weight", "bias"), got, (z, head.weight, head.bias)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -149,16 +149,17 @@ class _HeadPass(torch.autograd.Function):
     linear backward hands the weight a transposed view, which the accumulation cannot add
     in place, so every step allocates a third (K, D) buffer for the sum; a contiguous
     ``g^T x`` is summed in place. Backward runs under the forward's autocast state, as
-    autograd's would.
+    autograd's would. Given ``value``, the forward returns it instead of computing the product
+    (see :func:`linear_pass`).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, value: Tensor | None) -> Tensor:
         device = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias) if value is None else value.detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -169,12 +170,17 @@ class _HeadPass(torch.autograd.Function):
             g_x = g @ weight if ctx.needs_input_grad[0] else None  # (N, D)
             g_w = g.T @ x if ctx.needs_input_grad[1] else None  # (K, D), contiguous
         g_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return g_x, g_w, g_b
+        return g_x, g_w, g_b, None
 
 
-def linear_pass(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` for extra rows through the step's head (:class:`_HeadPass`), (N, K)."""
-    return _HeadPass.apply(x, weight, bias)
+def linear_pass(x: Tensor, weight: Tensor, bias: Tensor | None = None, value: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for extra rows through the step's head (:class:`_HeadPass`), (N, K).
+
+    ``value``, when given, is that same ``F.linear(x, weight, bias)`` obtained without the
+    product (``nuisance`` has its noisy rows' logits from the Gram matrix it needs anyway): it
+    is returned as the forward, with the gradients of the linear map in the backward.
+    """
+    return _HeadPass.apply(x, weight, bias, value)
 
 
 def head_pass(head: nn.Linear, x: Tensor) -> Tensor:

@@ -145,12 +145,15 @@ def nuisance_geometry(
         ``T`` (B, m, m): basis coefficients, Q = D_c^T T (D_c the (m, D) competitor
             directions), zero columns for dropped directions (:func:`gram_schmidt_coefficients`);
         ``keep`` (B, m) bool: kept basis directions; ``rank`` (B,): their number;
-        ``gram`` (K, K): the Gram matrix of the centred rows of W.
+        ``gram`` (K, K): the Gram matrix of the centred rows of W;
+        ``row_dot_mean`` (K,): w_k . mean(W), so that W W^T = gram + r 1^T + 1 r^T - mean(r).
     """
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         w = weight.detach().to(dtype)
-        w = w - w.mean(0, keepdim=True)  # differences are unchanged; less cancellation in G
+        mean = w.mean(0)  # (D,)
+        w = w - mean  # differences are unchanged; less cancellation in G
         gram = w @ w.T  # (K, K)
+        row_dot_mean = torch.mv(w, mean).add_(mean.dot(mean))  # (K,) (w_k - mean) . mean + |mean|^2
         g_diag = gram.diagonal()  # (K,)
         g_y = gram.index_select(0, y)  # (B, K)  G_yk
         g_yy = g_diag[y]  # (B,)
@@ -163,7 +166,8 @@ def nuisance_geometry(
         t = t.to(dtype)  # (B, m, m)
         proj = t.transpose(1, 2) @ inner  # (B, m, K)  Q^T d_k
         a = (d2 - (proj * proj).sum(1)).clamp_min(0.0)  # (B, K)
-    return {"d2": d2, "a": a, "T": t, "keep": keep, "rank": keep.sum(-1), "gram": gram}
+    return {"d2": d2, "a": a, "T": t, "keep": keep, "rank": keep.sum(-1), "gram": gram,
+            "row_dot_mean": row_dot_mean}
 
 
 def nuisance_alpha(
@@ -216,6 +220,7 @@ def nuisance_augment(
     union: bool = False,
     basis: str = "sample",
     check_safety: bool = True,
+    return_logits: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Label-safe Gaussian augmentation of z in its nuisance subspace (see module doc).
 
@@ -233,15 +238,17 @@ def nuisance_augment(
         n_aug: draws per sample; generator: optional RNG on z's device.
         union: split delta over the K-1 classes (union bound: P(any flip) <= delta).
         basis: ``"sample"`` (own top-k) or ``"class"`` (the class's top-k by mean logit).
-        check_safety: compute ``label_safety`` (from logits + sqrt(alpha) W P_N eps, no extra
-            head pass; the variant measures it on the logits it computes anyway).
+        check_safety: compute ``label_safety`` (from the noisy rows' logits below).
+        return_logits: add ``logits`` (B * n_aug, K), no grad: the noisy rows' logits under
+            (weight, bias), ``z~ W^T + b``, as logits + sqrt(alpha) W P_N eps from the Gram
+            matrix the bound needs anyway, without a head pass.
     Returns:
         z_aug: (B * n_aug, D), sample-major (rows i*n_aug .. i*n_aug+n_aug-1 belong to i);
         y_aug: (B * n_aug,) = y repeated;
         stats: ``alpha`` (B,), ``augmented`` (B,) bool, ``rank`` (B,), 0-dim ``alpha_mean``,
             ``frac_augmented``, ``subspace_rank`` (mean rank), ``label_safety`` (fraction of
             augmented rows still argmax-y under (weight, bias); 1 when none; only with
-            ``check_safety``).
+            ``check_safety``), ``logits`` (only with ``return_logits``).
     """
     if n_aug < 1:
         raise ValueError(f"n_aug must be >= 1, got {n_aug}")
@@ -278,10 +285,12 @@ def nuisance_augment(
             mix = mix.scatter_add(2, y[:, None, None].expand(-1, n_aug, 1), coef.sum(2, keepdim=True))  # (B, n, K)
             root = alpha.sqrt()[:, None, None]  # (B, 1, 1)
             noise = root * (eps - mix @ w)  # (B, n, D) sqrt(alpha) P_N eps
-            if check_safety:
-                # head(z~) - head(z) = sqrt(alpha) (u - C W W^T); the centred Gram differs
-                # from W W^T by a per-row constant, which no argmax sees.
-                logits_shift = root * (u - mix @ geo["gram"])  # (B, n, K)
+            if check_safety or return_logits:
+                # head(z~) - head(z) = noise W^T = sqrt(alpha) (u - C W W^T). With C's rows
+                # summing to 0, C W W^T = C gram + (C r) 1^T (r = row_dot_mean): the centred
+                # Gram's product plus a per-row constant.
+                in_span = (mix @ geo["gram"]).add_((mix @ geo["row_dot_mean"])[..., None])  # (B, n, K) C W W^T
+                logits_shift = root * (u - in_span)  # (B, n, K)
     z_aug = (z.to(dtype)[:, None, :] + noise).reshape(b * n_aug, d)  # (B n, D)
     y_aug = y.repeat_interleave(n_aug)  # (B n,)
     augmented = alpha > 0
@@ -293,9 +302,12 @@ def nuisance_augment(
         "frac_augmented": augmented.float().mean(),
         "subspace_rank": rank.float().mean(),
     }
-    if check_safety:
+    if check_safety or return_logits:
         logits_aug = (lg[:, None, :] + logits_shift).reshape(b * n_aug, k)  # (B n, K) float
-        stats["label_safety"] = label_safety(logits_aug, y_aug, augmented.repeat_interleave(n_aug))
+        if check_safety:
+            stats["label_safety"] = label_safety(logits_aug, y_aug, augmented.repeat_interleave(n_aug))
+        if return_logits:
+            stats["logits"] = logits_aug
     return z_aug, y_aug, stats
 
 
@@ -347,7 +359,8 @@ class Nuisance(Variant):
     def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
         """The head's Gram W W^T (every bound reads it: K x K x D), the noise through the head and
         back into D (u = W eps, then its in-span part), and the noisy rows' input and weight
-        gradients. (Their logits need no product of their own: logits + sqrt(alpha) (u - C G).)"""
+        gradients. Their logits need no product of their own, and the step computes none:
+        logits + sqrt(alpha) (u - C W W^T), from the Gram (``nuisance_augment(return_logits=True)``)."""
         rows = batch * self.hp.n_aug
         return ((num_classes, dim, num_classes), (rows, dim, num_classes), (rows, num_classes, dim),
                 (rows, num_classes, dim), (num_classes, rows, dim))
@@ -373,12 +386,15 @@ class Nuisance(Variant):
         z_aug, y_aug, st = nuisance_augment(
             z, y, logits, head.weight, head.bias, topk=topk, gamma_margin=hp.gamma_margin,
             delta=hp.delta, n_aug=hp.n_aug, union=hp.union, basis=hp.basis, check_safety=False,
+            return_logits=True,
         )
         # Through the head only, in float32 even under autocast: z~ moves each logit by far
-        # more than the logit differences it must preserve, which bf16 would round away.
+        # more than the logit differences it must preserve, which bf16 would round away. The
+        # forward's value comes from the Gram matrix (no head-sized product); the backward is
+        # the head's.
         with torch.autocast(z.device.type, enabled=False):
             bias = None if head.bias is None else head.bias.to(z_aug.dtype)
-            logits_aug = linear_pass(z_aug, head.weight.to(z_aug.dtype), bias)  # (B n, K)
+            logits_aug = linear_pass(z_aug, head.weight.to(z_aug.dtype), bias, value=st.pop("logits"))  # (B n, K)
         rows = st["augmented"].repeat_interleave(hp.n_aug)  # (B n,)
         ce_rows = F.cross_entropy(logits_aug.float(), y_aug, reduction="none", label_smoothing=batch.label_smoothing)
         # SPEC: w_aug * CE(head(z~), y) over every row; a row with alpha = 0 has z~ = z
