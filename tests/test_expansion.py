@@ -161,10 +161,53 @@ def test_variant_kl_term_and_neck() -> None:
     torch.testing.assert_close(batch.embedding.norm(dim=1), torch.ones(len(y)))
     out = v(batch)
     z_plus, _ = expansion_operator(batch.embedding, y, unit=True)  # the neck made the rows unit
-    expected = 0.5 * expansion_kl(batch.logits, head(z_plus), 2.0)
+    # float64 logits of z+ and z: the KL of two close distributions amplifies float32 rounding
+    expected = 0.5 * expansion_kl(F.linear(batch.embedding.double(), head.weight.double(), head.bias.double()),
+                                  F.linear(z_plus.double(), head.weight.double(), head.bias.double()), 2.0)
     assert set(out.terms) == {"ce", "kl"}
-    assert out.terms["kl"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.terms["kl"].item() == pytest.approx(expected.item(), rel=1e-4)
     assert out.terms["kl"].item() > 0  # z+ differs from z, so the term is live
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("labels", [[0, 0, 0, 1, 1, 2, 2, 2, 3], [1, 1, 1, 1], [0, 1, 2, 2]])
+def test_logits_of_z_plus_from_the_logits(detach, labels) -> None:
+    """``logits_plus``: z+ W^T + b without a product with W, against F.linear on z+ (several
+    classes, one class, singletons)."""
+    y = torch.tensor(labels)
+    g = torch.Generator().manual_seed(1)
+    h = F.normalize(torch.randn(len(y), 7, generator=g) + 2 * torch.eye(4, 7)[y], dim=1)
+    head = nn.Linear(7, 5)
+    z_plus, st = expansion_operator(h, y, detach_stats=detach, unit=True, logits=head(h), bias=head.bias)
+    torch.testing.assert_close(st["logits_plus"], head(z_plus).detach(), rtol=1e-5, atol=1e-6)
+    _, no_bias = expansion_operator(h, y, detach_stats=detach, unit=True, logits=F.linear(h, head.weight))
+    torch.testing.assert_close(no_bias["logits_plus"], F.linear(z_plus, head.weight).detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unit=True"):
+        expansion_operator(h, y, logits=head(h))
+
+
+@pytest.mark.parametrize("aux", [0.0, 0.4])
+def test_variant_gradients_equal_z_plus_through_the_head(aux) -> None:
+    """The variant's z+ logits come from the batch's logits; its loss and the gradients of the
+    embedding and the head equal z+ through autograd's linear head."""
+    y = torch.arange(4).repeat_interleave(3)
+    v = create_variant("expansion", lam=0.5, T=2.0, aux_ce_weight=aux)
+    emb, head, batch = _step(v, y, seed=2)
+    out = v(batch)
+    out.loss.backward()
+    got = [t.grad.clone() for t in (emb, head.weight, head.bias)]
+    for t in (emb, head.weight, head.bias):
+        t.grad = None
+    z = v.build_neck(6)(emb)
+    logits = head(z)
+    z_plus, _ = expansion_operator(z, y, unit=True)
+    logits_plus = head(z_plus)
+    loss = F.cross_entropy(logits, y) + 0.5 * expansion_kl(logits, logits_plus, 2.0) + aux * F.cross_entropy(
+        logits_plus, y)
+    loss.backward()
+    assert out.loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    for name, g, t in zip(("embedding", "weight", "bias"), got, (emb, head.weight, head.bias)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_variant_supcon_and_aux_terms() -> None:

@@ -25,11 +25,12 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
 
 from carrot.geometry import (
-    class_deviations, class_slots, pairwise_sq_distance, rms_radius, slot_variance, sq_distance_to_distance,
+    class_deviations, class_means, class_slots, pairwise_sq_distance, rms_radius, slot_variance,
+    sq_distance_to_distance,
 )
 from carrot.geometry.distributed import gather_rows, gather_rows_no_grad, local_rows
 from carrot.variants import register_variant
-from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant, head_pass
+from carrot.variants.base import BaseHparams, L2Normalize, StepBatch, Variant, head_pass, linear_pass
 
 MODES = ("kl", "supcon")
 
@@ -75,7 +76,8 @@ class _Expansion(torch.autograd.Function):
     scale per row: three (B, D) buffers in all (autograd's graph of the two normalisations, the
     moments and the blend would keep and walk about twenty).
     Returns ``z+`` (B, D) and, not differentiable, the slot statistics ``gamma``, ``radius``,
-    ``nearest``, ``eligible``, ``present`` (S,).
+    ``nearest``, ``eligible``, ``present`` (S,), the norms ``||e_i||`` (B, 1) and the 0-dim
+    flag "two classes or more".
     """
 
     @staticmethod
@@ -94,7 +96,7 @@ class _Expansion(torch.autograd.Function):
         z_plus = torch.where(two_classes, expanded, h, out=expanded)
         ctx.save_for_backward(h, z_norm, expanded, e_norm, gamma_i, two_classes)
         ctx.eps, ctx.unit = eps, unit
-        stats = [geo[k] for k in ("gamma", "radius", "nearest", "eligible", "present")]
+        stats = [geo[k] for k in ("gamma", "radius", "nearest", "eligible", "present")] + [e_norm, two_classes]
         ctx.mark_non_differentiable(*stats)
         return (z_plus, *stats)
 
@@ -111,8 +113,26 @@ class _Expansion(torch.autograd.Function):
         return _normalize_backward(g_h, h, z_norm, ctx.eps), None, None, None, None
 
 
+def _expanded_logits(logits: Tensor, bias: Tensor | None, inv: Tensor, gamma_i: Tensor, e_norm: Tensor,
+                     two_classes: Tensor, eps: float) -> Tensor:
+    """``z+ W^T + b`` from the logits ``h W^T + b`` of the unit rows h, (B, K), no grad.
+
+    z+_i = (gamma_i h_i + (1 - gamma_i) mu_c) / ||e_i|| is a per-row combination of h_i and its
+    class mean, so its logits are the same combination of ``A = logits - b`` and A's class mean.
+    """
+    with torch.no_grad():
+        a = logits.detach().float()  # (B, K) float32, as z+
+        if bias is not None:
+            a = a - bias.detach().float()
+        means = class_means(a, inv, a.shape[0])[0].index_select(0, inv)  # (B, K) A's class mean, row by row
+        mixed = (a * gamma_i).add_(means * (1.0 - gamma_i)).div_(e_norm.clamp_min(eps))  # (B, K)
+        out = torch.where(two_classes, mixed, a, out=mixed)
+        return out if bias is None else out.add_(bias.detach().float())
+
+
 def expansion_operator(
-    z: Tensor, y: Tensor, eps: float = 1e-12, detach_stats: bool = True, unit: bool = False
+    z: Tensor, y: Tensor, eps: float = 1e-12, detach_stats: bool = True, unit: bool = False,
+    logits: Tensor | None = None, bias: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Expand each class of a batch about its centroid on the unit sphere.
 
@@ -135,6 +155,10 @@ def expansion_operator(
     applies (so the gradient before the neck is the same, two (B, D) passes and four
     backward passes cheaper).
 
+    With ``unit=True`` and ``logits = z W^T + b`` of a linear head (``bias`` its b, or None),
+    ``stats["logits_plus"]`` is ``z+ W^T + b`` (B, K), no grad, obtained from the logits
+    (:func:`_expanded_logits`) without a product with W.
+
     Args:
         z: (B, D) embeddings (any float dtype; computed in float32).
         y: (B,) int labels.
@@ -143,18 +167,24 @@ def expansion_operator(
         stats: ``gamma`` (B,) per-sample gamma of its class; 0-dim ``gamma_mean``,
             ``gamma_max``, ``frac_expanded`` (share of classes with gamma > 1),
             ``radius_mean``, ``margin_mean`` (mean m_c), ``classes_used`` — all over
-            classes with >= 2 samples (gamma 1, radius/margin 0 when there are none).
+            classes with >= 2 samples (gamma 1, radius/margin 0 when there are none);
+            ``logits_plus`` when ``logits`` is given.
     """
+    if logits is not None and not unit:
+        raise ValueError("logits of z+ come from the logits of unit rows: pass unit=True")
     inv, counts, _ = class_slots(y)
     if detach_stats:
-        z_plus, gamma, radius, nearest, eligible, _ = _Expansion.apply(z.float(), inv, counts, eps, unit)
+        z_plus, gamma, radius, nearest, eligible, _, e_norm, two_classes = _Expansion.apply(
+            z.float(), inv, counts, eps, unit)
     else:
         h = z.float() if unit else F.normalize(z.float(), dim=1)  # (B, D)
         geo = _class_geometry(h, inv, counts, eps)
         gamma, radius, nearest, eligible = geo["gamma"], geo["radius"], geo["nearest"], geo["eligible"]
         mu_i = geo["mu"].index_select(0, inv)  # (B, D)
-        expanded = F.normalize(mu_i + gamma[inv, None] * geo["dev"], dim=1)  # (B, D)
-        z_plus = torch.where(geo["present"].sum() >= 2, expanded, h)
+        e = mu_i + gamma[inv, None] * geo["dev"]  # (B, D)
+        e_norm = torch.linalg.vector_norm(e.detach(), dim=1, keepdim=True)
+        two_classes = geo["present"].sum() >= 2
+        z_plus = torch.where(two_classes, F.normalize(e, dim=1), h)
 
     with torch.no_grad():
         n_used = eligible.sum()
@@ -170,6 +200,8 @@ def expansion_operator(
             "margin_mean": (nearest.detach() * w).sum() / denom,
             "classes_used": n_used.float(),
         }
+        if logits is not None:
+            stats["logits_plus"] = _expanded_logits(logits, bias, inv, g[inv, None], e_norm, two_classes, eps)
     return z_plus, stats
 
 
@@ -251,11 +283,12 @@ class Expansion(Variant):
         return L2Normalize()
 
     def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
-        """z+ through the head (forward, the z+ and weight gradients) for ``kl`` and the auxiliary
-        CE; the (2B, 2B) similarity of the two views and its backward for ``supcon``."""
+        """The z+ and weight gradients of z+'s head pass for ``kl`` and the auxiliary CE (its
+        logits need no product: they are a per-row combination of the batch's logits); the
+        (2B, 2B) similarity of the two views and its backward for ``supcon``."""
         out: tuple[tuple[int, int, int], ...] = ()
         if self.hp.mode == "kl" or self.hp.aux_ce_weight > 0:
-            out += ((batch, dim, num_classes), (batch, num_classes, dim), (num_classes, batch, dim))
+            out += ((batch, num_classes, dim), (num_classes, batch, dim))
         if self.hp.mode == "supcon":
             out += ((2 * batch, dim, 2 * batch), (2 * batch, 2 * batch, dim))
         return out
@@ -264,13 +297,23 @@ class Expansion(Variant):
         hp = self.hp
         # all ranks' rows (this batch's when not distributed); this rank's rows of z+ after
         z_all, y_all = gather_rows(batch.embedding), gather_rows_no_grad(batch.labels)  # (W B, D), (W B,)
+        head, rows = batch.head, batch.embedding.shape[0]
+        needs_logits = hp.mode == "kl" or hp.aux_ce_weight > 0
+        # z+'s logits from the batch's float32 logits (no product with W); bf16 logits under
+        # autocast are too coarse to combine, so there z+ goes through the head
+        from_logits = needs_logits and batch.logits.dtype in (torch.float32, torch.float64)
         # the neck (L2Normalize) made the rows unit: the operator does not normalise them again
-        z_plus_all, op_stats = expansion_operator(z_all, y_all, detach_stats=hp.detach_stats, unit=True)
-        z_plus = local_rows(z_plus_all, batch.embedding.shape[0])  # (B, D)
+        z_plus_all, op_stats = expansion_operator(
+            z_all, y_all, detach_stats=hp.detach_stats, unit=True,
+            logits=gather_rows_no_grad(batch.logits) if from_logits else None, bias=head.bias)
+        z_plus = local_rows(z_plus_all, rows)  # (B, D)
         terms: dict[str, Tensor] = {}
         logits_plus = None
-        if hp.mode == "kl" or hp.aux_ce_weight > 0:
-            logits_plus = head_pass(batch.head, z_plus.to(batch.head.weight.dtype)).float()  # (B, K)
+        if from_logits:  # the head's backward, the value from the logits
+            value = local_rows(op_stats["logits_plus"], rows).to(head.weight.dtype)
+            logits_plus = linear_pass(z_plus.to(head.weight.dtype), head.weight, head.bias, value=value).float()
+        elif needs_logits:
+            logits_plus = head_pass(head, z_plus.to(head.weight.dtype)).float()  # (B, K)
         if hp.mode == "kl":
             terms["kl"] = hp.lam * expansion_kl(batch.logits, logits_plus, hp.T)
         else:
