@@ -177,8 +177,9 @@ def linear_pass(x: Tensor, weight: Tensor, bias: Tensor | None = None, value: Te
     """``F.linear(x, weight, bias)`` for extra rows through the step's head (:class:`_HeadPass`), (N, K).
 
     ``value``, when given, is that same ``F.linear(x, weight, bias)`` obtained without the
-    product (``nuisance`` has its noisy rows' logits from the Gram matrix it needs anyway): it
-    is returned as the forward, with the gradients of the linear map in the backward.
+    product (``expansion`` combines the batch's logits, ``nuisance`` uses the Gram matrix its
+    bound needs anyway): it is returned as the forward, with the gradients of the linear map in
+    the backward.
     """
     return _HeadPass.apply(x, weight, bias, value)
 
