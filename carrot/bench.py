@@ -3,7 +3,8 @@
 Every figure is a ratio of two things timed in the same run, interleaved: every repeat times
 each measured step right after its reference (each timed call right after an untimed one of
 the same function, so both run warm), and the ratio is the median over repeats of the
-per-repeat ratios, so machine noise hits both sides alike. Torch's own number of CPU threads
+per-repeat ratios, so machine noise hits both sides alike (the variant table also prints their
+interquartile range, how far the repeats spread). Torch's own number of CPU threads
 unless ``--threads``; the load average at the start and the end is printed with the figures.
 Sections:
 
@@ -105,6 +106,16 @@ def interleaved_times(fns: Sequence[Callable[[], object]], device: torch.device,
 def median_ratio(times: list[float], reference: list[float]) -> float:
     """Median over repeats of ``times[r] / reference[r]``."""
     return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def ratio_quartiles(times: list[float], reference: list[float]) -> list[float]:
+    """First and third quartiles over repeats of ``times[r] / reference[r]`` (linear
+    interpolation between order statistics, numpy's default): how much the repeats spread."""
+    ratios = [t / r for t, r in zip(times, reference)]
+    if len(ratios) < 2:
+        return ratios * 2
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, q3]
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
@@ -214,9 +225,10 @@ class EmbeddingBench:
         return step
 
     def ratios(self, repeats: int, warmup: int, floors: bool = True) -> list[dict[str, Any]]:
-        """One row per variant: ``ms``, ``ce_ms``, ``ratio`` (median of per-repeat ratios) and,
-        with a floor, ``floor_ratio`` and ``over_floor`` = ratio / floor_ratio. Every repeat
-        times each variant (and its floor) right after the CE head."""
+        """One row per variant: ``ms``, ``ce_ms``, ``ratio`` (median of per-repeat ratios),
+        ``ratio_iqr`` (their first and third quartiles) and, with a floor, ``floor_ratio`` and
+        ``over_floor`` = ratio / floor_ratio. Every repeat times each variant (and its floor)
+        right after the CE head."""
         fns: list[Callable[[], object]] = []
         slots = []
         for variant, step in zip(self.variants, self.steps):
@@ -229,6 +241,7 @@ class EmbeddingBench:
             ce, t = times[i_ce], times[i_step]
             row: dict[str, Any] = {"variant": spec, "ms": 1e3 * statistics.median(t),
                                    "ce_ms": 1e3 * statistics.median(ce), "ratio": median_ratio(t, ce),
+                                   "ratio_iqr": ratio_quartiles(t, ce),
                                    "floor_ratio": None, "over_floor": None}
             if i_floor is not None:
                 row["floor_ratio"] = median_ratio(times[i_floor], ce)
@@ -683,9 +696,11 @@ def _print_variants(title: str, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         row["target"] = _verdict(within_cpu_target(row)) if "ratio" in row else ""
     print(title)
-    print(format_table(rows, [("variant", "variant", ""), ("ms", "ms", ".2f"), ("ce_ms", "CE ms", ".2f"),
-                              ("ratio", "ratio", ".2f"), ("floor_ratio", "floor", ".2f"),
-                              ("over_floor", "ratio/floor", ".2f"), ("target", "target", "")]))
+    shown = [{**row, "iqr": "{:.2f}-{:.2f}".format(*row["ratio_iqr"]) if row.get("ratio_iqr") else None}
+             for row in rows]
+    print(format_table(shown, [("variant", "variant", ""), ("ms", "ms", ".2f"), ("ce_ms", "CE ms", ".2f"),
+                               ("ratio", "ratio", ".2f"), ("iqr", "repeats IQR", ""), ("floor_ratio", "floor", ".2f"),
+                               ("over_floor", "ratio/floor", ".2f"), ("target", "target", "")]))
 
 
 def _print_scaling(title: str, section: dict[str, Any]) -> None:

@@ -70,7 +70,7 @@ def test_pk_labels_and_cli_table(capsys):
     assert len(y) == 10 and len(set(y.tolist())) == 4 and int(y.max()) < 20
     assert main([*TINY, "--device", "cpu", "--study-trials", "0", "--variants", "baseline", "pairwise_confusion"]) == 0
     out = capsys.readouterr().out
-    assert "pairwise_confusion" in out and "ratio" in out and "targets" in out
+    assert "pairwise_confusion" in out and "ratio" in out and "repeats IQR" in out and "targets" in out
     assert "SKIP  cuda barrier step without a host sync" in out  # nothing measured on a CPU-only run
 
 
@@ -118,6 +118,7 @@ def test_json_holds_every_section(tmp_path, monkeypatch):
     rows = report["variants"]["rows"]
     assert [r["variant"] for r in rows] == names
     assert all(_finite(r["ratio"]) and _finite(r["ms"]) and _finite(r["ce_ms"]) for r in rows)
+    assert all(r["ratio_iqr"][0] <= r["ratio"] <= r["ratio_iqr"][1] for r in rows)
     assert _finite(rows[1]["floor_ratio"]) and rows[0]["floor_ratio"] is None  # prototype has a floor
     assert [(c["num_classes"], c["dim"]) for c in report["scaling"]["configs"]] == [(10, 16), (20, 8)]
     for row in report["scaling"]["rows"]:
@@ -169,3 +170,16 @@ def test_study_with_two_workers(tmp_path, monkeypatch):
     assert study["jobs"]["jobs"] == 2 and study["jobs"]["failed"] == 0
     assert study["jobs"]["complete"] + study["jobs"]["pruned"] >= 2 and study["jobs"]["trials_per_hour"] > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ratio_quartiles_match_numpy():
+    import numpy as np
+
+    from carrot.bench import median_ratio, ratio_quartiles
+
+    rng = np.random.default_rng(0)
+    times, reference = list(rng.uniform(2, 5, 21)), list(rng.uniform(1, 2, 21))
+    ratios = np.array(times) / np.array(reference)
+    assert ratio_quartiles(times, reference) == pytest.approx(list(np.percentile(ratios, [25, 75])), rel=1e-12)
+    assert median_ratio(times, reference) == pytest.approx(float(np.median(ratios)), rel=1e-12)
+    assert ratio_quartiles([3.0], [2.0]) == [1.5, 1.5]
