@@ -39,8 +39,8 @@ def bhattacharyya_pairs(
     """
     mu, v = mu.float(), var.float().clamp_min(eps)
     log_det = torch.log(v).sum(-1)  # (K,) sum_k log v_k
-    diff = mu[i] - mu[j]  # (P, D)
-    vbar = 0.5 * (v[i] + v[j]) + eps  # (P, D)
+    diff = mu.index_select(0, i) - mu.index_select(0, j)  # (P, D)
+    vbar = 0.5 * (v.index_select(0, i) + v.index_select(0, j)) + eps  # (P, D)
     mahal = 0.125 * (diff * diff / vbar).sum(-1)  # (P,)
     log_term = 0.5 * (torch.log(vbar).sum(-1) - 0.5 * (log_det[i] + log_det[j]))  # (P,)
     distance = mahal + log_term

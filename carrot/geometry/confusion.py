@@ -35,5 +35,5 @@ def soft_confusion(probs: Tensor, inv: Tensor, counts: Tensor, labels_of_slot: T
         s = counts.shape[0]
         present = (counts > 0).float()  # (S,)
         rows, _ = class_means(probs.detach(), inv, s)  # (S, K) A_s over all K classes
-        a = symmetric_confusion(rows[:, labels_of_slot] * present[None, :])  # (S, S)
+        a = symmetric_confusion(rows.index_select(1, labels_of_slot) * present[None, :])  # (S, S)
         return a * present[:, None] * present[None, :]

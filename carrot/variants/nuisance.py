@@ -159,7 +159,8 @@ def nuisance_geometry(
         g_yy = g_diag[y]  # (B,)
         d2 = (g_yy[:, None] + g_diag[None, :] - 2.0 * g_y).clamp_min(0.0)  # (B, K)
         g_cy = g_y.gather(1, comp)  # (B, m)  G_{c_s y}
-        inner = g_yy[:, None, None] - g_y[:, None, :] - g_cy[:, :, None] + gram[comp]  # (B, m, K) d_s . d_k
+        gram_c = gram.index_select(0, comp.reshape(-1)).view(*comp.shape, -1)  # (B, m, K) G_{c_s k}
+        inner = g_yy[:, None, None] - g_y[:, None, :] - g_cy[:, :, None] + gram_c  # (B, m, K) d_s . d_k
         m = comp.shape[1]
         s = inner.gather(2, comp[:, None, :].expand(-1, m, m))  # (B, m, m) competitors' Gram
         t, keep = gram_schmidt_coefficients(s.double(), _rel_tol(dtype))  # small: float64 is cheap
