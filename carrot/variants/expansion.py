@@ -119,6 +119,9 @@ def _expanded_logits(logits: Tensor, bias: Tensor | None, inv: Tensor, gamma_i: 
 
     z+_i = (gamma_i h_i + (1 - gamma_i) mu_c) / ||e_i|| is a per-row combination of h_i and its
     class mean, so its logits are the same combination of ``A = logits - b`` and A's class mean.
+    The combination cancels where gamma is large, so its float32 rounding grows with gamma: at
+    B=64, D=2048, K=200 the largest error was 3e-7 at gamma 1 and 2e-6 at gamma 8 (z+ through
+    the head: 3e-7), on logits of about 1.
     """
     with torch.no_grad():
         a = logits.detach().float()  # (B, K) float32, as z+
