@@ -185,7 +185,7 @@ def expansion_operator(
         gamma, radius, nearest, eligible = geo["gamma"], geo["radius"], geo["nearest"], geo["eligible"]
         mu_i = geo["mu"].index_select(0, inv)  # (B, D)
         e = mu_i + gamma[inv, None] * geo["dev"]  # (B, D)
-        e_norm = torch.linalg.vector_norm(e.detach(), dim=1, keepdim=True)
+        e_norm = None if logits is None else torch.linalg.vector_norm(e.detach(), dim=1, keepdim=True)
         two_classes = geo["present"].sum() >= 2
         z_plus = torch.where(two_classes, F.normalize(e, dim=1), h)
 
