@@ -149,6 +149,7 @@ def test_kl_direction_is_p_plus_given_p() -> None:
 def _step(variant, y: torch.Tensor, d: int = 6, k: int = 5, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     emb = (torch.randn(len(y), d, generator=g) + 3 * torch.eye(k, d)[y]).requires_grad_(True)
+    torch.manual_seed(seed)  # the head's initialisation
     head = nn.Linear(d, k)
     z = variant.build_neck(d)(emb)
     return emb, head, StepBatch(z, head(z), y, head, progress=10.0)
@@ -161,11 +162,12 @@ def test_variant_kl_term_and_neck() -> None:
     torch.testing.assert_close(batch.embedding.norm(dim=1), torch.ones(len(y)))
     out = v(batch)
     z_plus, _ = expansion_operator(batch.embedding, y, unit=True)  # the neck made the rows unit
-    # float64 logits of z+ and z: the KL of two close distributions amplifies float32 rounding
+    # float64 logits of z+ and z: the KL of two close distributions (about 2e-4 here) amplifies
+    # float32 rounding; over eight head seeds z+ through the float32 head was off by up to 4e-4
     expected = 0.5 * expansion_kl(F.linear(batch.embedding.double(), head.weight.double(), head.bias.double()),
                                   F.linear(z_plus.double(), head.weight.double(), head.bias.double()), 2.0)
     assert set(out.terms) == {"ce", "kl"}
-    assert out.terms["kl"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert out.terms["kl"].item() == pytest.approx(expected.item(), rel=1e-3)
     assert out.terms["kl"].item() > 0  # z+ differs from z, so the term is live
 
 
