@@ -179,6 +179,7 @@ def test_logits_of_z_plus_from_the_logits(detach, labels) -> None:
     y = torch.tensor(labels)
     g = torch.Generator().manual_seed(1)
     h = F.normalize(torch.randn(len(y), 7, generator=g) + 2 * torch.eye(4, 7)[y], dim=1)
+    torch.manual_seed(1)
     head = nn.Linear(7, 5)
     z_plus, st = expansion_operator(h, y, detach_stats=detach, unit=True, logits=head(h), bias=head.bias)
     torch.testing.assert_close(st["logits_plus"], head(z_plus).detach(), rtol=1e-5, atol=1e-6)
