@@ -566,17 +566,19 @@ def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
     runs = contract.search_runs(mlf, experiment, f"tags.`{contract.TAG_STUDY}` = '{study_name}' and "
                                                  f"tags.`{contract.TAG_ROLE}` = '{contract.ROLE_TRIAL}'")
     totals = {"run_s": 0.0, "logging_s": 0.0, "eval_s": 0.0, "probe_s": 0.0, "train_s": 0.0, "pictures_s": 0.0}
+    counted = 0  # runs with a wall time
     for run in runs:
         metrics = run.data.metrics
         if "time/run_s" not in metrics:
             continue
+        counted += 1
         totals["run_s"] += metrics["time/run_s"]
         totals["logging_s"] += metrics.get("time/logging_s", 0.0)
         totals["pictures_s"] += metrics.get(PICTURES_METRIC, 0.0)
         for key, metric in (("eval_s", "time/eval_s"), ("probe_s", "time/probe_s"), ("train_s", "time/train_epoch_s")):
             totals[key] += sum(m.value for m in mlf.get_metric_history(run.info.run_id, metric))
     run_s = totals["run_s"] or float("nan")
-    counted = sum("time/run_s" in run.data.metrics for run in runs) or float("nan")
+    counted = counted or float("nan")
     return {"runs": len(runs), "seconds": totals,
             "run_s_per_run": totals["run_s"] / counted, "logging_s_per_run": totals["logging_s"] / counted,
             "pictures_s_per_run": totals["pictures_s"] / counted,
@@ -696,8 +698,7 @@ def _print_variants(title: str, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         row["target"] = _verdict(within_cpu_target(row)) if "ratio" in row else ""
     print(title)
-    shown = [{**row, "iqr": "{:.2f}-{:.2f}".format(*row["ratio_iqr"]) if row.get("ratio_iqr") else None}
-             for row in rows]
+    shown = [{**row, "iqr": "{:.2f}-{:.2f}".format(*row["ratio_iqr"])} for row in rows]
     print(format_table(shown, [("variant", "variant", ""), ("ms", "ms", ".2f"), ("ce_ms", "CE ms", ".2f"),
                                ("ratio", "ratio", ".2f"), ("iqr", "repeats IQR", ""), ("floor_ratio", "floor", ".2f"),
                                ("over_floor", "ratio/floor", ".2f"), ("target", "target", "")]))
