@@ -36,10 +36,11 @@ def _labels_of_pairs(sel, y):
     return [(int(labels[i]), int(labels[j])) for i, j, ok in zip(sel.i, sel.j, sel.valid) if ok]
 
 
+@pytest.mark.parametrize("on_host", [False, True])
 @pytest.mark.parametrize("top_m", [2, 4, 64])
-def test_pair_selection_against_loop(top_m: int) -> None:
+def test_pair_selection_against_loop(top_m: int, on_host: bool) -> None:
     logits = torch.randn(len(Y), 10, generator=torch.Generator().manual_seed(top_m))
-    sel, inv, counts = select_confusable_pairs(logits, Y, top_m)
+    sel, inv, counts = select_confusable_pairs(logits, Y, top_m, on_host=on_host)
     ref = _confusion_reference(logits, Y)  # 4 usable classes -> 6 pairs
     ranked = sorted(ref.items(), key=lambda kv: -kv[1])[:top_m]
     got = _labels_of_pairs(sel, Y)
@@ -201,14 +202,71 @@ def test_layers_hparam_and_per_layer_stats() -> None:
     assert both.stats["classes_used"].item() == 4
 
 
+def _selection_on(on_host: bool, monkeypatch) -> None:
+    """Make the variant select its pairs on the host (numpy) or with the device's tensor ops."""
+    import functools
+
+    import carrot.variants.bhattacharyya as module
+
+    monkeypatch.setattr(module, "select_confusable_pairs",
+                        functools.partial(select_confusable_pairs, on_host=on_host))
+
+
+@pytest.mark.parametrize("on_host", [False, True])
 @pytest.mark.parametrize("y", [torch.zeros(6, dtype=torch.long), torch.arange(6), torch.tensor([0, 0, 1, 2, 3, 4])])
-def test_no_usable_pair_gives_zero_term_and_finite_grads(y: torch.Tensor) -> None:
+def test_no_usable_pair_gives_zero_term_and_finite_grads(y: torch.Tensor, on_host: bool, monkeypatch) -> None:
+    _selection_on(on_host, monkeypatch)
     emb, batch = _batch(y)
     out = create_variant("bhattacharyya")(batch)
     assert out.terms["bhat"].item() == 0.0
     assert out.stats["pairs_used"].item() == 0 and out.stats["layers_used"].item() == 0
     out.loss.backward()
     assert torch.isfinite(emb.grad).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_host_selection_is_the_device_selection(seed: int) -> None:
+    """The numpy selection (CPU) picks the device path's pairs in its order with its weights,
+    puts every sample in the same usable class (the rest in the spare row) and keeps only
+    the valid entries."""
+    g = torch.Generator().manual_seed(seed)
+    b, k = int(torch.randint(2, 70, (1,), generator=g)), int(torch.randint(2, 40, (1,), generator=g))
+    y = torch.randint(0, k, (b,), generator=g)
+    logits = 3 * torch.randn(b, k, generator=g)
+    top_m = int(torch.randint(1, 80, (1,), generator=g))
+    dev, _, _ = select_confusable_pairs(logits, y, top_m, on_host=False)
+    host, _, host_counts = select_confusable_pairs(logits, y, top_m, on_host=True)
+    assert host.valid.all() or (len(host.valid) == 1 and not dev.valid.any())
+    for name in ("i", "j"):
+        assert torch.equal(getattr(host, name)[host.valid], getattr(dev, name)[dev.valid])
+    assert torch.equal(host.pair_class[:, host.valid], dev.pair_class[:, dev.valid])
+    assert torch.allclose(host.weight[host.valid], dev.weight[dev.valid], rtol=1e-6, atol=0)
+    assert int(host.usable_classes) == int(dev.usable_classes)
+    usable = dev.klass < dev.num_usable
+    assert torch.equal(host.klass < host.num_usable, usable)
+    assert torch.equal(host.klass[usable], dev.klass[usable])
+    assert host.num_usable == max(1, int(dev.usable_classes))
+    assert torch.equal(host_counts[:len(torch.unique(y))], torch.unique(y, return_counts=True)[1].float())
+
+
+@pytest.mark.parametrize("top_m", [3, 64])
+def test_variant_with_host_selection_matches_the_device_selection(top_m: int, monkeypatch) -> None:
+    """Loss, statistics and gradients of a step with either selection agree (fewer moment
+    rows on the host: the same numbers)."""
+    results = []
+    for on_host in (False, True):
+        _selection_on(on_host, monkeypatch)
+        torch.manual_seed(0)  # the head's initialisation
+        emb, batch = _batch(Y, seed=3)
+        out = create_variant("bhattacharyya", top_M=top_m)(batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), {k: v.detach() for k, v in out.stats.items()}, emb.grad))
+    (loss_d, stats_d, grad_d), (loss_h, stats_h, grad_h) = results
+    assert loss_h.item() == pytest.approx(loss_d.item(), rel=1e-6)
+    for key, value in stats_d.items():
+        assert stats_h[key].item() == pytest.approx(value.item(), rel=1e-5, nan_ok=True), key
+    assert torch.allclose(grad_h, grad_d, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(grad_h, torch.zeros_like(grad_h))
 
 
 def test_missing_features_and_bad_hparams_raise() -> None:

@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -63,16 +64,25 @@ class PairSelection:
     num_usable: int  # max(1, B // 2): rows of the per-class moments
 
 
-def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int) -> tuple[PairSelection, Tensor, Tensor]:
+def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int,
+                            on_host: bool | None = None) -> tuple[PairSelection, Tensor, Tensor]:
     """Top-M unordered pairs (c < d) of classes with >= 2 samples, ranked by confusion.
 
     a_cd = (A_cd + A_dc) / 2, A_cd the mean over samples of c of softmax(logits)_d (no
     grad). Invalid entries of the fixed (S, S) score matrix are -1 (a >= 0), so ``topk``
     over it needs no data-dependent shapes; the ``valid`` mask drops the padding.
 
+    ``on_host`` (default: for CPU tensors) makes the same selection with numpy
+    (:func:`_select_on_host`): the host knows the classes of the batch, so the selection is
+    a dozen numpy calls instead of about 70 small tensor operations, it keeps only the valid
+    pairs (one padding entry when there is none), and the moments get one row per usable
+    class. On CUDA that would cost a host sync every step.
+
     Returns the selection plus ``inv`` (B,) and ``counts`` (S,) from
     :func:`carrot.geometry.class_slots`.
     """
+    if on_host if on_host is not None else logits.device.type == "cpu":
+        return _select_on_host(logits, y, top_m)
     inv, counts, labels_of_slot = class_slots(y)
     s = counts.shape[0]
     a = soft_confusion(torch.softmax(logits.detach().float(), dim=1), inv, counts, labels_of_slot)  # (S, S)
@@ -92,6 +102,53 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int) -> tuple[Pair
         pair_class=pair_class, num_usable=max(1, s // 2),
     )
     return sel, inv, counts
+
+
+def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> tuple[PairSelection, Tensor, Tensor]:
+    """:func:`select_confusable_pairs` in numpy, for tensors the host can read without a sync.
+
+    The same pairs in the same order (ties, which ``topk`` leaves unordered, by ascending
+    slot pair), the same weights up to float32 rounding; only the valid pairs are kept (at
+    least one entry) and ``num_usable`` is the number of usable classes, not ``B // 2``.
+    """
+    labels = y.detach().reshape(-1).cpu().long().numpy()
+    b = labels.shape[0]
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()  # (B, K)
+    classes, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)  # slots = present classes
+    inv = inv.reshape(-1)
+    c = classes.shape[0]
+    # A_st = mean over the samples of class s of p(class t): a (C, B) averaging matrix times p.
+    average = np.zeros((c, b), dtype=np.float32)
+    average[inv, np.arange(b)] = 1.0 / counts[inv]
+    rows = average @ probs[:, classes]  # (C, C)
+    usable = counts >= 2
+    ok = np.triu(usable[:, None] & usable[None, :], 1)  # (C, C) pairs c < d of usable classes
+    first, second = np.nonzero(ok)  # ascending slot pairs
+    score = 0.5 * (rows[first, second] + rows[second, first])
+    order = np.argsort(-score, kind="stable")[:top_m]
+    first, second, score = first[order], second[order], score[order]
+    valid = np.ones(len(order), dtype=bool)
+    if not len(order):  # one padding entry, so every shape downstream is non-empty
+        first = second = np.zeros(1, dtype=np.int64)
+        score, valid = np.zeros(1, dtype=np.float32), np.zeros(1, dtype=bool)
+    compact = np.where(usable, np.cumsum(usable) - 1, -1)  # (C,) usable-class index, -1 otherwise
+    num_usable = max(1, int(usable.sum()))
+    klass = np.where(usable[inv], compact[inv], num_usable)  # (B,)
+    pair_class = np.where(valid, np.stack([compact[first], compact[second]]), 0)  # (2, M')
+    device = logits.device
+
+    def tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+    sel = PairSelection(
+        i=tensor(first, torch.long), j=tensor(second, torch.long), weight=tensor(score, torch.float32),
+        valid=tensor(valid, torch.bool), usable_classes=torch.tensor(int(usable.sum()), device=device),
+        klass=tensor(klass, torch.long), pair_class=tensor(pair_class, torch.long), num_usable=num_usable,
+    )
+    padded = np.zeros(b, dtype=np.float32)
+    padded[:c] = counts
+    return sel, tensor(inv, torch.long), tensor(padded, torch.float32)
 
 
 def pair_distances(
