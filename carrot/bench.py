@@ -65,7 +65,7 @@ from carrot.train import forward_step
 from carrot.variants import create_variant, list_variants
 
 CPU_TARGET_RATIO = 3.0  # a variant's step over the CE head's, CPU, at the scale above
-FLOOR_SLACK = 1.5  # ... and within this factor of its floor where it has one
+FLOOR_SLACK = 1.5  # ... or within this factor of its floor where it has one (the floor relaxes 3x, never tightens it)
 GPU_TARGET_PERCENT = 5.0  # added to a ResNet-50 step at 448 px
 LOGGING_TARGET = 0.02  # share of a trial's wall time spent in MLflow calls and Optuna reports
 DIAGNOSTICS_TARGET = 0.20  # share spent in the per-epoch diagnostics and the probes
@@ -282,7 +282,7 @@ def bench_variants(
     hyperparameters as ``"name:key=value,..."`` (see :func:`parse_variant_spec`). Returns one
     row per entry: ``variant``, ``ms`` (its step), ``ce_ms`` (the CE head's), ``ratio``
     (median of per-repeat ratios), ``floor_ratio`` and ``over_floor`` (None without a floor),
-    ``within_target`` (ratio <= 3, the CPU target, and within 1.5x of the floor where there is one).
+    ``within_target`` (ratio within :func:`cpu_limit`).
     """
     names = list(variants) if variants is not None else list_variants()
     rows = EmbeddingBench(torch.device(device), batch, classes_in_batch, num_classes, dim, names, seed).ratios(
@@ -292,8 +292,17 @@ def bench_variants(
     return rows
 
 
+def cpu_limit(row: dict[str, Any]) -> float:
+    """A variant's CPU target as a ratio to the CE head: 3x, or 1.5x the term's floor where
+    that is more (a floor above 2x). The floor relaxes the 3x where the unavoidable products
+    alone come close to it and never tightens it, so taking an avoidable product out of a
+    step can only bring the step closer to its target."""
+    floor = row.get("floor_ratio")
+    return CPU_TARGET_RATIO if floor is None else max(CPU_TARGET_RATIO, FLOOR_SLACK * floor)
+
+
 def within_cpu_target(row: dict[str, Any]) -> bool:
-    return row["ratio"] <= CPU_TARGET_RATIO and (row["over_floor"] is None or row["over_floor"] <= FLOOR_SLACK)
+    return row["ratio"] <= cpu_limit(row)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -664,9 +673,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
     cpu_rows = (report.get("variants") or {}).get("rows") or []
     for row in cpu_rows:
-        add(f"cpu term {row['variant']} <= {CPU_TARGET_RATIO:g}x CE head", row["ratio"], CPU_TARGET_RATIO)
-        if row["over_floor"] is not None:
-            add(f"cpu term {row['variant']} <= {FLOOR_SLACK:g}x its floor", row["over_floor"], FLOOR_SLACK)
+        name = f"cpu term {row['variant']} <= {CPU_TARGET_RATIO:g}x CE head"
+        if row["floor_ratio"] is not None:
+            name += f" or {FLOOR_SLACK:g}x its floor"
+        add(name, row["ratio"], cpu_limit(row))
     cuda = report.get("cuda") or {}
     for row in cuda.get("resnet50") or [{"variant": v["variant"], "added_percent": None}
                                         for v in cpu_rows if v["variant"] != "baseline"]:
@@ -892,7 +902,7 @@ def _bench_main(argv: Sequence[str] | None = None) -> int:
     print("\ntargets")
     for t in report["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
-        print(f"  {_verdict(t['passed']):4s}  {t['target']}  ({value})")
+        print(f"  {_verdict(t['passed']):4s}  {t['target']}  ({value}; limit {t['limit']:.3g})")
     report["machine"]["bench_seconds"] = time.perf_counter() - started
     report["machine"]["load_average_end"] = load_average()
     print(f"\nbench took {report['machine']['bench_seconds']:.0f} s (load average at the end "
