@@ -76,8 +76,8 @@ class _Expansion(torch.autograd.Function):
     scale per row: three (B, D) buffers in all (autograd's graph of the two normalisations, the
     moments and the blend would keep and walk about twenty).
     Returns ``z+`` (B, D) and, not differentiable, the slot statistics ``gamma``, ``radius``,
-    ``nearest``, ``eligible``, ``present`` (S,), the norms ``||e_i||`` (B, 1) and the 0-dim
-    flag "two classes or more".
+    ``nearest``, ``eligible``, ``present`` (S,), the norms ``||e_i||`` (B, 1), the 0-dim
+    flag "two classes or more" and the centroids (S, D).
     """
 
     @staticmethod
@@ -96,7 +96,8 @@ class _Expansion(torch.autograd.Function):
         z_plus = torch.where(two_classes, expanded, h, out=expanded)
         ctx.save_for_backward(h, z_norm, expanded, e_norm, gamma_i, two_classes)
         ctx.eps, ctx.unit = eps, unit
-        stats = [geo[k] for k in ("gamma", "radius", "nearest", "eligible", "present")] + [e_norm, two_classes]
+        stats = [geo[k] for k in ("gamma", "radius", "nearest", "eligible", "present")] + [e_norm, two_classes,
+                                                                                           geo["mu"]]
         ctx.mark_non_differentiable(*stats)
         return (z_plus, *stats)
 
@@ -133,6 +134,73 @@ def _expanded_logits(logits: Tensor, bias: Tensor | None, inv: Tensor, gamma_i: 
         return out if bias is None else out.add_(bias.detach().float())
 
 
+class _FoldedLogits(torch.autograd.Function):
+    """z+'s logits ``z+ W^T + b`` (given as ``value``) with their gradients folded into the
+    batch's logits, for detached statistics (``detach_stats``) and unit rows h.
+
+    With ``z+_i = (gamma_i h_i + (1 - gamma_i) mu_c) / ||e_i||`` (mu_c and gamma constant), the
+    gradient ``g`` of z+'s logits reaches
+
+    - h through ``g W`` projected off z+ and scaled: ``s_i (g_i W - (g_i . (l+_i - b)) z+_i)``
+      with ``s_i = gamma_i / ||e_i||``; the ``s g W`` part is what the batch's logits
+      ``h W^T + b`` pass on with ``s g`` as their gradient, so ``s g`` goes to the logits and
+      only the rank-one correction along z+ to h;
+    - W as ``g^T z+ = (s g)^T h + G^T mu``, G the per-class sums of ``(1 - gamma_i) / ||e_i|| g_i``:
+      the first part again comes with the logits' gradient (the head's weight gradient), the
+      second is a (K, C) x (C, D) product over the C classes present (C slots of ``mu``);
+    - b as ``sum g``, of which ``sum s g`` comes with the logits.
+
+    So the head's own two backward products carry z+'s gradient too, and the step needs no
+    (B, K) x (K, D) product of its own. With fewer than two classes z+ = h: ``s = 1``, no
+    correction and no G (``two_classes``, a device flag).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, value: Tensor, z_plus: Tensor,
+                gamma_i: Tensor, e_norm: Tensor, two_classes: Tensor, inv: Tensor, mu: Tensor, eps: float) -> Tensor:
+        inv_norm = e_norm.clamp_min(eps).reciprocal()  # (B, 1)
+        scale = torch.where(two_classes, gamma_i * inv_norm, torch.ones_like(inv_norm))  # (B, 1) s
+        centre = torch.where(two_classes, (1.0 - gamma_i) * inv_norm, torch.zeros_like(inv_norm))  # (B, 1)
+        centred = value if bias is None else value - bias.detach().to(value.dtype)  # (B, K) l+ - b
+        ctx.save_for_backward(centred, z_plus, scale, centre, inv, mu, two_classes)
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (logits.dtype, h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return value.detach().to(logits.dtype, copy=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        centred, z_plus, scale, centre, inv, mu, two_classes = ctx.saved_tensors
+        logits_dtype, h_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        g = g.to(centred.dtype)
+        g_logits = g * scale  # (B, K) s g, through the head's own backward
+        dot = torch.linalg.vecdot(g_logits, centred).unsqueeze(1)  # (B, 1)
+        g_h = z_plus * dot.mul_(two_classes.to(dot.dtype)).neg_()  # (B, D) the correction along z+
+        g_w = g_b = None
+        if ctx.needs_input_grad[2]:
+            g_centre = torch.zeros(mu.shape[0], g.shape[1], dtype=g.dtype, device=g.device).index_add_(
+                0, inv, g * centre)  # (C, K) per-class sums
+            g_w = (g_centre.T @ mu.to(g.dtype)).to(weight_dtype)  # (K, D) G^T mu
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            g_b = (g.sum(0) - g_logits.sum(0)).to(bias_dtype)
+        return (g_logits.to(logits_dtype), g_h.to(h_dtype), g_w, g_b) + (None,) * 8
+
+
+def folded_logits(logits: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, stats: dict[str, Tensor],
+                  rows: int, eps: float = 1e-12) -> Tensor:
+    """z+'s logits with their gradient folded into the batch's ``logits = h W^T + b``
+    (:class:`_FoldedLogits`), from the statistics :func:`expansion_operator` returns with
+    ``fold=True``; ``rows``: this rank's rows of the gathered batch (all of them when not
+    distributed)."""
+    mu = stats["centroids"]
+    if mu.device.type == "cpu":  # the host knows how many slots are used: the product takes only those
+        mu = mu[:max(1, int(stats["classes_present"]))]
+    pick = (lambda t: local_rows(t, rows))
+    return _FoldedLogits.apply(logits, h, weight, bias, pick(stats["logits_plus"]),
+                               pick(stats["z_plus"]), pick(stats["gamma"])[:, None], pick(stats["e_norm"]),
+                               stats["two_classes"], pick(stats["slots"]), mu, eps)
+
+
 def expansion_operator(
     z: Tensor, y: Tensor, eps: float = 1e-12, detach_stats: bool = True, unit: bool = False,
     logits: Tensor | None = None, bias: Tensor | None = None,
@@ -160,7 +228,10 @@ def expansion_operator(
 
     With ``unit=True`` and ``logits = z W^T + b`` of a linear head (``bias`` its b, or None),
     ``stats["logits_plus"]`` is ``z+ W^T + b`` (B, K), no grad, obtained from the logits
-    (:func:`_expanded_logits`) without a product with W.
+    (:func:`_expanded_logits`) without a product with W; with ``detach_stats`` the stats also
+    hold what :func:`folded_logits` needs to pass their gradient on through the logits
+    (``z_plus`` detached, ``e_norm``, ``two_classes``, ``slots``, ``centroids``,
+    ``classes_present``).
 
     Args:
         z: (B, D) embeddings (any float dtype; computed in float32).
@@ -177,7 +248,7 @@ def expansion_operator(
         raise ValueError("logits of z+ come from the logits of unit rows: pass unit=True")
     inv, counts, _ = class_slots(y)
     if detach_stats:
-        z_plus, gamma, radius, nearest, eligible, _, e_norm, two_classes = _Expansion.apply(
+        z_plus, gamma, radius, nearest, eligible, present, e_norm, two_classes, mu = _Expansion.apply(
             z.float(), inv, counts, eps, unit)
     else:
         h = z.float() if unit else F.normalize(z.float(), dim=1)  # (B, D)
@@ -205,6 +276,9 @@ def expansion_operator(
         }
         if logits is not None:
             stats["logits_plus"] = _expanded_logits(logits, bias, inv, g[inv, None], e_norm, two_classes, eps)
+            if detach_stats:  # what folded_logits needs
+                stats.update(z_plus=z_plus.detach(), e_norm=e_norm, two_classes=two_classes, slots=inv, centroids=mu,
+                             classes_present=present.sum())
     return z_plus, stats
 
 
@@ -286,11 +360,13 @@ class Expansion(Variant):
         return L2Normalize()
 
     def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
-        """The z+ and weight gradients of z+'s head pass for ``kl`` and the auxiliary CE (its
-        logits need no product: they are a per-row combination of the batch's logits); the
-        (2B, 2B) similarity of the two views and its backward for ``supcon``."""
+        """With detached statistics (the default) z+'s logits need no product and their
+        gradient goes through the head's own backward (:class:`_FoldedLogits`), apart from a
+        (K, C) x (C, D) product over the batch's classes: no head-sized product, no floor.
+        With ``detach_stats=False`` z+'s head pass keeps its z+ and weight gradients; ``supcon``
+        adds the (2B, 2B) similarity of the two views and its backward."""
         out: tuple[tuple[int, int, int], ...] = ()
-        if self.hp.mode == "kl" or self.hp.aux_ce_weight > 0:
+        if (self.hp.mode == "kl" or self.hp.aux_ce_weight > 0) and not self.hp.detach_stats:
             out += ((batch, num_classes, dim), (num_classes, batch, dim))
         if self.hp.mode == "supcon":
             out += ((2 * batch, dim, 2 * batch), (2 * batch, 2 * batch, dim))
@@ -312,7 +388,9 @@ class Expansion(Variant):
         z_plus = local_rows(z_plus_all, rows)  # (B, D)
         terms: dict[str, Tensor] = {}
         logits_plus = None
-        if from_logits:  # the head's backward, the value from the logits
+        if from_logits and hp.detach_stats:  # no product of its own: the gradient goes through the logits
+            logits_plus = folded_logits(batch.logits, batch.embedding, head.weight, head.bias, op_stats, rows).float()
+        elif from_logits:  # the head's backward, the value from the logits
             value = local_rows(op_stats["logits_plus"], rows).to(head.weight.dtype)
             logits_plus = linear_pass(z_plus.to(head.weight.dtype), head.weight, head.bias, value=value).float()
         elif needs_logits:
