@@ -210,7 +210,9 @@ class EmbeddingBench:
 
     def floor_step(self, variant) -> Callable[[], None] | None:
         """The CE head's step followed by the matrix products the variant's term cannot avoid."""
-        products = variant.floor_products(self.batch, self.num_classes, self.dim)
+        # the class slots a step uses: the batch's classes on CPU (used_slots_on_host), all B on CUDA
+        slots = len(torch.unique(self.y)) if self.device.type == "cpu" else None
+        products = variant.floor_products(self.batch, self.num_classes, self.dim, slots)
         if not products:
             return None
         g = torch.Generator(device="cpu").manual_seed(0)

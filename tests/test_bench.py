@@ -37,6 +37,9 @@ def test_floor_products_are_matrix_shapes(name):
     if name == "expansion":
         assert len(create_variant(name, detach_stats=False).floor_products(64, 200, 2048)) == 2
         assert len(create_variant(name, mode="supcon").floor_products(64, 200, 2048)) == 2
+    if name == "prototype":  # the Gram rows of the class slots the step uses: C on CPU, B by default
+        assert [p[0] for p in products] == [64, 64]
+        assert [p[0] for p in create_variant(name).floor_products(64, 200, 2048, slots=16)] == [16, 16]
 
 
 @pytest.mark.parametrize("name", list_variants())

@@ -86,8 +86,15 @@ def _labels(step, b=12, k=10):
     return torch.randint(0, min(k, k - 3 + step), (b,), generator=g)  # a growing set of classes
 
 
+@pytest.mark.parametrize("host_slots", [True, False])
 @pytest.mark.parametrize("metric,conf_topk", [("euclidean", 0), ("euclidean", 3), ("mahalanobis", 0)])
-def test_steps_match_slow_reference(metric, conf_topk):
+def test_steps_match_slow_reference(metric, conf_topk, host_slots, monkeypatch):
+    """Both slot layouts: the C used slots the CPU step keeps, and all B slots (the device
+    path, where the class count would cost a host sync)."""
+    if not host_slots:
+        import carrot.variants.prototype as module
+
+        monkeypatch.setattr(module, "used_slots_on_host", lambda counts: None)
     torch.manual_seed(0)
     k, d = 10, 8
     hp = dict(lam=2.0, alpha=0.5, top_m=3, conf_topk=conf_topk, metric=metric, warmup_epochs=0.0,

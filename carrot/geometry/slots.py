@@ -2,7 +2,8 @@
 
 Classes present in a batch are compacted into ``B`` fixed *slots* (``B = len(y)``) without
 a host sync; unused slots have count 0 and are masked out downstream, so every shape
-depends on ``B`` only. The same per-class routines serve a whole evaluation split, with
+depends on ``B`` only. On the CPU, where reading a count costs no sync, a step may keep only
+the ``C`` used slots (:func:`used_slots_on_host`). The same per-class routines serve a whole evaluation split, with
 the labels themselves as slots (``inv = labels``, ``num_slots = K``).
 
 >>> import torch
@@ -55,6 +56,15 @@ def class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # Every write into a slot carries the same label, so duplicate indices are harmless.
     labels_of_slot = torch.zeros_like(sorted_y).scatter_(0, slot_sorted, sorted_y)  # (B,)
     return inv, counts, labels_of_slot
+
+
+def used_slots_on_host(counts: Tensor) -> int | None:
+    """How many slots are used (``counts > 0``; the present classes take slots ``0 .. C-1``),
+    where the host reads it for free: CPU tensors. ``None`` elsewhere (on CUDA the read would
+    be a host sync), where callers keep all ``B`` slots. At least 1."""
+    if counts.device.type != "cpu":
+        return None
+    return max(1, int((counts > 0).sum()))
 
 
 def compact_slots(keep: Tensor) -> Tensor:

@@ -94,10 +94,13 @@ class Variant(nn.Module):
         """Module between the pooled embedding and the head (identity unless overridden)."""
         return nn.Identity()
 
-    def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
+    def floor_products(self, batch: int, num_classes: int, dim: int,
+                       slots: int | None = None) -> tuple[tuple[int, int, int], ...]:
         """The matrix products, ``(n, k, m)`` for an (n, k) @ (k, m) product, that a step of the
         term cannot avoid at this scale beyond the CE head's own three (a second head pass, a
-        K x K Gram); ``make bench`` times them after the CE head as the term's floor. None by default."""
+        K x K Gram); ``make bench`` times them after the CE head as the term's floor. ``slots``:
+        the class slots a step uses (the classes of the batch on CPU, where the host knows
+        them; ``batch`` by default, as on CUDA). None by default."""
         return ()
 
     def forward(self, batch: StepBatch) -> VariantOutput:

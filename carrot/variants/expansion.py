@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from carrot.geometry import (
     class_deviations, class_means, class_slots, pairwise_sq_distance, rms_radius, slot_variance,
-    sq_distance_to_distance,
+    sq_distance_to_distance, used_slots_on_host,
 )
 from carrot.geometry.distributed import gather_rows, gather_rows_no_grad, local_rows
 from carrot.variants import register_variant
@@ -193,8 +193,9 @@ def folded_logits(logits: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None
     ``fold=True``; ``rows``: this rank's rows of the gathered batch (all of them when not
     distributed)."""
     mu = stats["centroids"]
-    if mu.device.type == "cpu":  # the host knows how many slots are used: the product takes only those
-        mu = mu[:max(1, int(stats["classes_present"]))]
+    used = used_slots_on_host(stats["slot_counts"])  # CPU: the product takes the C classes' slots only
+    if used is not None:
+        mu = mu[:used]
     pick = (lambda t: local_rows(t, rows))
     return _FoldedLogits.apply(logits, h, weight, bias, pick(stats["logits_plus"]),
                                pick(stats["z_plus"]), pick(stats["gamma"])[:, None], pick(stats["e_norm"]),
@@ -231,7 +232,7 @@ def expansion_operator(
     (:func:`_expanded_logits`) without a product with W; with ``detach_stats`` the stats also
     hold what :func:`folded_logits` needs to pass their gradient on through the logits
     (``z_plus`` detached, ``e_norm``, ``two_classes``, ``slots``, ``centroids``,
-    ``classes_present``).
+    ``slot_counts``).
 
     Args:
         z: (B, D) embeddings (any float dtype; computed in float32).
@@ -248,7 +249,7 @@ def expansion_operator(
         raise ValueError("logits of z+ come from the logits of unit rows: pass unit=True")
     inv, counts, _ = class_slots(y)
     if detach_stats:
-        z_plus, gamma, radius, nearest, eligible, present, e_norm, two_classes, mu = _Expansion.apply(
+        z_plus, gamma, radius, nearest, eligible, _, e_norm, two_classes, mu = _Expansion.apply(
             z.float(), inv, counts, eps, unit)
     else:
         h = z.float() if unit else F.normalize(z.float(), dim=1)  # (B, D)
@@ -278,7 +279,7 @@ def expansion_operator(
             stats["logits_plus"] = _expanded_logits(logits, bias, inv, g[inv, None], e_norm, two_classes, eps)
             if detach_stats:  # what folded_logits needs
                 stats.update(z_plus=z_plus.detach(), e_norm=e_norm, two_classes=two_classes, slots=inv, centroids=mu,
-                             classes_present=present.sum())
+                             slot_counts=counts)
     return z_plus, stats
 
 
@@ -359,7 +360,8 @@ class Expansion(Variant):
         """The head sees the L2-normalised embedding (the note's logits come from h)."""
         return L2Normalize()
 
-    def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
+    def floor_products(self, batch: int, num_classes: int, dim: int,
+                       slots: int | None = None) -> tuple[tuple[int, int, int], ...]:
         """With detached statistics (the default) z+'s logits need no product and their
         gradient goes through the head's own backward (:class:`_FoldedLogits`), apart from a
         (K, C) x (C, D) product over the batch's classes: no head-sized product, no floor.

@@ -357,7 +357,8 @@ class Nuisance(Variant):
     maybe_undefined = ("label_safety", "subspace_rank")  # nothing augmented / still warming up
     default_sampler = "random"
 
-    def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
+    def floor_products(self, batch: int, num_classes: int, dim: int,
+                       slots: int | None = None) -> tuple[tuple[int, int, int], ...]:
         """The head's Gram W W^T (every bound reads it: K x K x D), the noise through the head and
         back into D (u = W eps, then its in-span part), and the noisy rows' input and weight
         gradients. Their logits need no product of their own, and the step computes none:

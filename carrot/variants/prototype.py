@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor, nn
 
-from carrot.geometry import class_slots, class_sums, symmetric_confusion
+from carrot.geometry import class_slots, class_sums, symmetric_confusion, used_slots_on_host
 from carrot.geometry.distributed import (
     all_reduce_sum, all_reduce_sum_no_grad, gather_rows_no_grad, local_rows,
 )
@@ -348,12 +348,15 @@ class PrototypeVariant(Variant):
         self._steps = 0  # host mirror of ``steps``: the refresh schedule needs no device read
         self._whitener: list[nn.Linear] = []  # the neck's V; a plain list so it is not a submodule twice
 
-    def floor_products(self, batch: int, num_classes: int, dim: int) -> tuple[tuple[int, int, int], ...]:
+    def floor_products(self, batch: int, num_classes: int, dim: int,
+                       slots: int | None = None) -> tuple[tuple[int, int, int], ...]:
         """The Gram rows of the batch's class slots, ``t_slots stop(t_buffer)^T`` and its backward
-        (one head pass without the weight gradient); with the metric's D x D map, its products."""
-        gram = ((batch, dim, num_classes), (batch, num_classes, dim))
+        (one head pass without the weight gradient), over ``slots`` rows (the C classes of the
+        batch on CPU, all B slots on CUDA); with the metric's D x D map, its products."""
+        s = batch if slots is None else slots
+        gram = ((s, dim, num_classes), (s, num_classes, dim))
         if self.hp.metric == "mahalanobis":  # t = mu L forward and backward
-            return gram + ((batch, dim, dim), (batch, dim, dim))
+            return gram + ((s, dim, dim), (s, dim, dim))
         if self.hp.metric == "whitening":  # the neck's V: forward, and the input and weight gradients
             return gram + ((batch, dim, dim), (batch, dim, dim), (dim, batch, dim))
         return gram
@@ -417,6 +420,10 @@ class PrototypeVariant(Variant):
             # present class to its slot. Fixed shapes, no host sync.
             y_all = gather_rows_no_grad(y)  # (S,)
             inv_all, slot_counts, slot_labels = class_slots(y_all)  # (S,) each
+            used = used_slots_on_host(slot_counts)  # CPU: the C classes' slots only, not all S
+            if used is not None:
+                slot_counts, slot_labels = slot_counts[:used], slot_labels[:used]
+            slots = len(slot_counts)
             one_hot = (torch.arange(k, device=h.device)[:, None] == slot_labels[None, :]) & (slot_counts > 0)
             one_hot = one_hot.float()  # (K, S)
             counts = one_hot @ slot_counts  # (K,)
@@ -424,7 +431,7 @@ class PrototypeVariant(Variant):
             # The confusion rows of the present classes, by slot: (S, K) sums, not (K, K).
             inv = local_rows(inv_all, b)  # (B,) this rank's samples
             slot_conf = all_reduce_sum_no_grad(
-                class_sums(sparse_probabilities(batch.logits, hp.conf_topk), inv, len(y_all))[0])  # (S, K)
+                class_sums(sparse_probabilities(batch.logits, hp.conf_topk), inv, slots)[0])  # (S, K)
             rows = blend_confusion_rows(self.conf.index_select(0, slot_labels), slot_conf, slot_counts, slot_labels,
                                         hp.conf_momentum)  # (S, K)
             # unused slots (label 0) write slot 0's row again: repeated indices, equal values
@@ -435,7 +442,7 @@ class PrototypeVariant(Variant):
             seen = self.seen | present
             mask = neighbour_pairs(omega, hp.top_m, seen)  # (K, K)
 
-        slot_sums = all_reduce_sum(class_sums(h, inv, len(y_all))[0])  # (S, D) over all ranks, with gradient
+        slot_sums = all_reduce_sum(class_sums(h, inv, slots)[0])  # (S, D) over all ranks, with gradient
         slot_means = slot_sums / slot_counts.clamp_min(1.0)[:, None]  # (S, D) class means, 0 on unused slots
         if hp.metric == "mahalanobis" and update:
             self._update_covariance(h, inv, slot_means, slot_counts)
@@ -479,7 +486,7 @@ class PrototypeVariant(Variant):
         """EMA of the within-class covariance; refresh the metric factor every N steps."""
         hp = self.hp
         scatter = all_reduce_sum_no_grad(within_class_scatter(h, slot, slot_means))  # (D, D), all ranks
-        dof = len(slot_counts) - (slot_counts > 0).sum()  # sum_c (n_c - 1), global
+        dof = slot_counts.sum() - (slot_counts > 0).sum()  # sum_c (n_c - 1), global
         # No bias correction for the zero start: the factor only sees Sigma / (tr Sigma / D).
         step = torch.where(dof > 0, hp.cov_momentum, 0.0)
         self.cov = (1.0 - step) * self.cov + step * scatter / dof.clamp_min(1)
