@@ -14,6 +14,7 @@ from carrot.geometry import (
     soft_confusion, spectral_entropy, symmetric_confusion, xlogx_sum,
 )
 from carrot.geometry import bhattacharyya as bhattacharyya_module
+from carrot.geometry.slots import _class_slots_on_host, _class_slots_sync_free
 
 
 def _labels(seed: int = 0) -> torch.Tensor:
@@ -23,10 +24,16 @@ def _labels(seed: int = 0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- slots
+SLOT_FUNCTIONS = {"class_slots": class_slots, "sync_free": _class_slots_sync_free, "on_host": _class_slots_on_host}
+
+
+@pytest.mark.parametrize("name", SLOT_FUNCTIONS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_class_slots_matches_unique(seed: int) -> None:
+def test_class_slots_matches_unique(seed: int, name: str) -> None:
+    """Both routes (CPU tensors take the host's; CUDA the sync-free one) against torch.unique
+    written out."""
     y = _labels(seed)
-    inv, counts, labels = class_slots(y)
+    inv, counts, labels = SLOT_FUNCTIONS[name](y)
     classes, ref_inv, ref_counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
     c = len(classes)
     assert inv.dtype == torch.long and counts.dtype == torch.float32
@@ -38,10 +45,11 @@ def test_class_slots_matches_unique(seed: int) -> None:
     assert torch.equal(labels[inv], y)
 
 
-def test_class_slots_single_class_and_all_distinct() -> None:
-    inv, counts, labels = class_slots(torch.full((5,), 3))
+@pytest.mark.parametrize("name", SLOT_FUNCTIONS)
+def test_class_slots_single_class_and_all_distinct(name: str) -> None:
+    inv, counts, labels = SLOT_FUNCTIONS[name](torch.full((5,), 3))
     assert inv.tolist() == [0] * 5 and counts.tolist() == [5, 0, 0, 0, 0] and labels[0] == 3
-    inv, counts, _ = class_slots(torch.tensor([4, 1, 3]))
+    inv, counts, _ = SLOT_FUNCTIONS[name](torch.tensor([4, 1, 3]))
     assert inv.tolist() == [2, 0, 1] and counts.tolist() == [1, 1, 1]
 
 

@@ -35,7 +35,8 @@ def class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Labels are sorted, a new slot starts wherever the sorted label changes, and the slot
     index is the cumulative sum of those changes. Slots follow ascending label order and
-    the ``C`` present classes occupy slots ``0 .. C-1``.
+    the ``C`` present classes occupy slots ``0 .. C-1``. CPU tensors take one
+    ``torch.unique`` instead (the same outputs; the host may read the class count there).
 
     Returns:
         inv: (B,) int64, slot of each sample, in [0, C).
@@ -44,6 +45,11 @@ def class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             0 elsewhere).
     """
     y = y.reshape(-1).long()
+    return _class_slots_on_host(y) if y.device.type == "cpu" else _class_slots_sync_free(y)
+
+
+def _class_slots_sync_free(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`class_slots` by sorting and a cumulative sum: no data-dependent shape."""
     b = y.shape[0]
     sorted_y, order = torch.sort(y)  # (B,), (B,)
     change = torch.ones_like(sorted_y)  # (B,) 1 where a new class starts in sorted order
@@ -56,6 +62,18 @@ def class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # Every write into a slot carries the same label, so duplicate indices are harmless.
     labels_of_slot = torch.zeros_like(sorted_y).scatter_(0, slot_sorted, sorted_y)  # (B,)
     return inv, counts, labels_of_slot
+
+
+def _class_slots_on_host(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`class_slots` with ``torch.unique`` (its output size is the class count, which a
+    CUDA tensor would have to sync for), padded to B slots."""
+    b = y.shape[0]
+    labels, inv, present = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
+    counts = torch.zeros(b, dtype=torch.float32, device=y.device)
+    counts[:labels.shape[0]] = present
+    labels_of_slot = torch.zeros_like(y)
+    labels_of_slot[:labels.shape[0]] = labels
+    return inv.reshape(-1), counts, labels_of_slot
 
 
 def used_slots_on_host(counts: Tensor) -> int | None:
