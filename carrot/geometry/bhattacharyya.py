@@ -83,6 +83,8 @@ def _column_block_sum(t: Tensor, widths: tuple[int, ...]) -> Tensor:
 def _column_block_expand(g: Tensor, widths: tuple[int, ...]) -> Tensor:
     """(N, L) -> (N, sum(widths)): column block l filled with g[:, l] (adjoint of the sum)."""
     n = g.shape[0]
+    if len(widths) == 1:
+        return g.expand(n, widths[0])
     return torch.cat([g[:, k:k + 1].expand(n, w) for k, w in enumerate(widths)], 1)
 
 
@@ -107,24 +109,26 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
     def forward(ctx, x: Tensor, klass: Tensor, pairs: Tensor, num_classes: int, widths: tuple[int, ...],
                 eps: float) -> Tensor:
         d, p = x.shape[1], pairs.shape[1]
-        inv_n = 1.0 / torch.zeros(num_classes, dtype=x.dtype, device=x.device).index_add_(
-            0, klass, torch.ones_like(klass, dtype=x.dtype)).clamp_min(1.0)  # (C,)
-        mu = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, klass, x)
-        mu.mul_(inv_n[:, None])  # (C, D)
-        dev = mu.index_select(0, klass).neg_().add_(x)  # (B, D) x_i - mu_{c(i)}, one buffer
-        var = torch.zeros_like(mu).index_add_(0, klass, dev * dev).mul_(inv_n[:, None])  # (C, D)
+        inv_n = torch.zeros(num_classes, dtype=x.dtype, device=x.device).index_add_(
+            0, klass, torch.ones_like(klass, dtype=x.dtype)).clamp_min_(1.0).reciprocal_()[:, None]  # (C, 1)
+        mu = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, klass, x).mul_(inv_n)  # (C, D)
+        dev = torch.sub(x, mu.index_select(0, klass))  # (B, D) x_i - mu_{c(i)}
+        var = torch.zeros_like(mu).index_add_(0, klass, dev * dev).mul_(inv_n)  # (C, D)
         keep = var >= eps  # where the clamp passes the gradient
         v = var.clamp_min_(eps)
         log_det = _column_block_sum(torch.log(v), widths)  # (C, L)
 
         ends = pairs.reshape(-1)  # (2P,) the c of every pair, then the d of every pair
-        diff = mu.index_select(0, ends[:p]).sub_(mu.index_select(0, ends[p:]))  # (P, D) mu_c - mu_d
-        vbar = v.index_select(0, ends[:p]).add_(v.index_select(0, ends[p:])).mul_(0.5).add_(eps)  # (P, D)
+        ends_mu = mu.index_select(0, ends)  # (2P, D)
+        diff = torch.sub(ends_mu[:p], ends_mu[p:])  # (P, D) mu_c - mu_d
+        # (v + eps) / 2 per class, so that vbar = (v_c + v_d) / 2 + eps is one sum per pair
+        ends_v = torch.lerp(v, torch.full((), eps, dtype=v.dtype, device=v.device), 0.5).index_select(0, ends)
+        vbar = torch.add(ends_v[:p], ends_v[p:])  # (P, D)
         terms = torch.log(vbar)
         ratio = torch.div(diff, vbar)  # (P, D) r
         terms.addcmul_(diff, ratio, value=0.25)  # log vbar + (mu_c - mu_d)^2 / (4 vbar)
         log_det = log_det.index_select(0, ends)  # (2P, L)
-        distance = 0.5 * _column_block_sum(terms, widths) - 0.25 * (log_det[:p] + log_det[p:])  # (P, L)
+        distance = _column_block_sum(terms, widths).mul_(0.5).sub_(log_det[:p].add(log_det[p:]).mul_(0.25))  # (P, L)
         ctx.save_for_backward(dev, klass, ends, inv_n, keep, v, vbar, ratio)
         ctx.widths = widths
         return distance
@@ -138,25 +142,16 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
         # Per pair: dD/dmu_c = -dD/dmu_d = r / 4 and dD/dv_c = dD/dv_d = dD/dvbar / 2
         # = (1 / vbar - r^2 / 4) / 4, each column block scaled by its layer's incoming
         # gradient; both are scattered to the classes of the pair's two ends below.
-        g_mu = torch.empty_like(ratio)  # (P, D)
-        g_v = torch.reciprocal(vbar).addcmul_(ratio, ratio, value=-0.25)  # (P, D)
-        start = 0
-        for k, w in enumerate(widths):
-            g = grad[:, k:k + 1]  # (P, 1)
-            torch.mul(ratio[:, start:start + w], 0.25 * g, out=g_mu[:, start:start + w])
-            g_v[:, start:start + w].mul_(0.25 * g)
-            start += w
-        c = v.shape[0]
+        g_cols = _column_block_expand(0.25 * grad, widths)  # (P, D) a quarter of each layer's gradient
+        g_mu = torch.mul(ratio, g_cols)  # (P, D)
+        g_v = torch.reciprocal(vbar).addcmul_(ratio, ratio, value=-0.25).mul_(g_cols)  # (P, D)
         g_mean = torch.zeros_like(v).index_add_(0, ends[:p], g_mu).index_add_(0, ends[p:], g_mu, alpha=-1.0)  # (C, D)
         g_var = torch.zeros_like(v).index_add_(0, ends[:p], g_v).index_add_(0, ends[p:], g_v)  # (C, D)
-        g_log_det = torch.zeros(c, grad.shape[1], dtype=grad.dtype, device=grad.device).index_add_(
+        g_log_det = torch.zeros(v.shape[0], grad.shape[1], dtype=grad.dtype, device=grad.device).index_add_(
             0, ends, torch.cat([grad, grad])).mul_(-0.25)  # (C, L)
-        start = 0
-        for k, w in enumerate(widths):  # d log_det / dv = 1 / v, block by block
-            g_var[:, start:start + w].addcdiv_(g_log_det[:, k:k + 1], v[:, start:start + w])
-            start += w
-        g_var.mul_(keep).mul_((2.0 * inv_n)[:, None])  # (C, D) d/dvar times dvar/d(x - mu) / (x - mu)
-        g_x = g_mean.mul_(inv_n[:, None]).index_select(0, klass)  # (B, D)
+        g_var.addcdiv_(_column_block_expand(g_log_det, widths), v)  # d log_det / dv = 1 / v, block by block
+        g_var.mul_(keep).mul_(2.0 * inv_n)  # (C, D) d/dvar times dvar/d(x - mu) / (x - mu)
+        g_x = g_mean.mul_(inv_n).index_select(0, klass)  # (B, D)
         g_x.addcmul_(g_var.index_select(0, klass), dev)
         return g_x, None, None, None, None, None
 

@@ -111,13 +111,12 @@ def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> tuple[PairSelectio
     slot pair), the same weights up to float32 rounding; only the valid pairs are kept (at
     least one entry) and ``num_usable`` is the number of usable classes, not ``B // 2``.
     """
-    labels = y.detach().reshape(-1).cpu().long().numpy()
-    b = labels.shape[0]
     with torch.no_grad():
+        inv_t, counts_t, labels_t = class_slots(y.detach().cpu())  # slots = the present classes, in label order
         probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()  # (B, K)
-    classes, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)  # slots = present classes
-    inv = inv.reshape(-1)
-    c = classes.shape[0]
+    b = inv_t.shape[0]
+    c = max(1, int((counts_t > 0).sum()))
+    inv, counts, classes = inv_t.numpy(), counts_t[:c].numpy(), labels_t[:c].numpy()
     # A_st = mean over the samples of class s of p(class t): a (C, B) averaging matrix times p.
     average = np.zeros((c, b), dtype=np.float32)
     average[inv, np.arange(b)] = 1.0 / counts[inv]
@@ -146,9 +145,7 @@ def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> tuple[PairSelectio
         valid=tensor(valid, torch.bool), usable_classes=torch.tensor(int(usable.sum()), device=device),
         klass=tensor(klass, torch.long), pair_class=tensor(pair_class, torch.long), num_usable=num_usable,
     )
-    padded = np.zeros(b, dtype=np.float32)
-    padded[:c] = counts
-    return sel, tensor(inv, torch.long), tensor(padded, torch.float32)
+    return sel, inv_t.to(device), counts_t.to(device)
 
 
 def pair_distances(
