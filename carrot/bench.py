@@ -13,8 +13,9 @@ Sections:
   features for the variants that use them, backward) over the CE head's (z -> Linear -> CE ->
   backward), at B = 64 (16 classes x 4), D = 2048, K = 200; and the same ratio at K = 50, 1000
   and D = 512 (**scaling**). Where a term cannot avoid some matrix products (a second head
-  pass, the K x K Gram; :meth:`carrot.variants.base.Variant.floor_products`), those products
-  are timed after the CE head as the term's **floor**.
+  pass, the K x K Gram; :meth:`carrot.variants.base.Variant.floor_products`) or random draws
+  (nuisance's noise; :meth:`~carrot.variants.base.Variant.floor_normal_draws`), those are
+  timed after the CE head as the term's **floor**.
 - **memory**: the step's peak memory over the CE step's (CUDA: ``max_memory_allocated``; CPU:
   the C allocator's bytes in use after every op, glibc's ``mallinfo2``), each above the level
   before the step with its gradients released.
@@ -209,11 +210,13 @@ class EmbeddingBench:
         return step
 
     def floor_step(self, variant) -> Callable[[], None] | None:
-        """The CE head's step followed by the matrix products the variant's term cannot avoid."""
+        """The CE head's step followed by the matrix products and the normal draws the variant's
+        term cannot avoid."""
         # the class slots a step uses: the batch's classes on CPU (used_slots_on_host), all B on CUDA
         slots = len(torch.unique(self.y)) if self.device.type == "cpu" else None
         products = variant.floor_products(self.batch, self.num_classes, self.dim, slots)
-        if not products:
+        draws = variant.floor_normal_draws(self.batch, self.dim)
+        if not products and not draws:
             return None
         g = torch.Generator(device="cpu").manual_seed(0)
         operands = [(torch.randn(n, k, generator=g).to(self.device), torch.randn(k, m, generator=g).to(self.device))
@@ -223,6 +226,8 @@ class EmbeddingBench:
             self.ce_step()
             for a, b in operands:
                 torch.mm(a, b)
+            if draws:
+                torch.randn(draws, device=self.device)
 
         return step
 

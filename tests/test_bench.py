@@ -21,7 +21,8 @@ def test_bench_rows_cover_every_variant():
         for key in ("ms", "ce_ms", "ratio"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["variant"], key, r[key])
         assert isinstance(r["within_target"], bool)
-        has_floor = bool(create_variant(r["variant"]).floor_products(8, 10, 16))
+        variant = create_variant(r["variant"])
+        has_floor = bool(variant.floor_products(8, 10, 16) or variant.floor_normal_draws(8, 16))
         assert (r["floor_ratio"] is not None) == has_floor == (r["over_floor"] is not None), r["variant"]
         if has_floor:
             assert r["floor_ratio"] > 0 and r["over_floor"] == pytest.approx(r["ratio"] / r["floor_ratio"])
@@ -37,6 +38,9 @@ def test_floor_products_are_matrix_shapes(name):
     if name == "expansion":
         assert len(create_variant(name, detach_stats=False).floor_products(64, 200, 2048)) == 2
         assert len(create_variant(name, mode="supcon").floor_products(64, 200, 2048)) == 2
+    assert create_variant(name).floor_normal_draws(64, 2048) == (64 * 2048 if name == "nuisance" else 0)
+    if name == "nuisance":
+        assert create_variant(name, n_aug=3).floor_normal_draws(64, 2048) == 3 * 64 * 2048
     if name == "prototype":  # the Gram rows of the class slots the step uses: C on CPU, B by default
         assert [p[0] for p in products] == [64, 64]
         assert [p[0] for p in create_variant(name).floor_products(64, 200, 2048, slots=16)] == [16, 16]
@@ -178,6 +182,42 @@ def test_study_with_two_workers(tmp_path, monkeypatch):
     assert study["jobs"]["jobs"] == 2 and study["jobs"]["failed"] == 0
     assert study["jobs"]["complete"] + study["jobs"]["pruned"] >= 2 and study["jobs"]["trials_per_hour"] > 0
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name,products,draws", [("nuisance", 5, 8 * 16), ("prototype", 2, 0), ("baseline", 0, 0)])
+def test_the_floor_step_runs_the_declared_products_and_draws(name, products, draws):
+    """The floor step is the CE head's step plus each declared product (with the sizes
+    declared) and the declared normal draws, nothing else of the term."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from carrot.bench import EmbeddingBench
+
+    bench = EmbeddingBench(torch.device("cpu"), 8, 4, 10, 16, [name])
+    floor = bench.floor_step(bench.variants[0])
+    if not products and not draws:
+        assert floor is None
+        return
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mm, self.normal = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default:
+                self.mm.append((args[0].shape[0], args[0].shape[1], args[1].shape[1]))
+            if func in (torch.ops.aten.normal_.default, torch.ops.aten.randn.default):
+                self.normal.append(out.numel())
+            return out
+
+    with Calls() as calls:
+        floor()
+    expected = bench.variants[0].floor_products(8, 10, 16, slots=4)
+    assert len(expected) == products
+    # the CE head's own two backward products (its forward is an addmm), then the declared ones
+    assert len(calls.mm) == 2 + products and sorted(calls.mm[2:]) == sorted(expected)
+    assert calls.normal == ([draws] if draws else [])
 
 
 def test_cpu_target_is_3x_or_1_5x_the_floor_where_that_is_more():

@@ -103,6 +103,11 @@ class Variant(nn.Module):
         them; ``batch`` by default, as on CUDA). None by default."""
         return ()
 
+    def floor_normal_draws(self, batch: int, dim: int) -> int:
+        """Standard-normal numbers a step must draw (noise of its own definition); ``make bench``
+        times drawing them with the device's generator as part of the term's floor. 0 by default."""
+        return 0
+
     def forward(self, batch: StepBatch) -> VariantOutput:
         if batch.embedding.ndim != 2 or batch.logits.ndim != 2 or batch.labels.ndim != 1:
             raise ValueError(

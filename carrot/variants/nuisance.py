@@ -367,6 +367,11 @@ class Nuisance(Variant):
         return ((num_classes, dim, num_classes), (rows, dim, num_classes), (rows, num_classes, dim),
                 (rows, num_classes, dim), (num_classes, rows, dim))
 
+    def floor_normal_draws(self, batch: int, dim: int) -> int:
+        """The noise eps ~ N(0, I_D) of every noisy row: B n_aug D draws (torch's CPU generator
+        draws them one after another, about a third of the CE head's step at B=64, D=2048)."""
+        return batch * self.hp.n_aug * dim
+
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         hp = self.hp
         z, y, head = batch.embedding, batch.labels.long(), batch.head
