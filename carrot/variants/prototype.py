@@ -123,7 +123,7 @@ def sparse_probabilities(logits: Tensor, topk: int = 0) -> Tensor:
         k = logits.shape[1]
         p = F.softmax(logits.detach().float(), dim=1)  # (B, K)
         if 0 < topk < k:
-            vals, idx = p.topk(topk, dim=1)  # (B, topk)
+            vals, idx = p.topk(topk, dim=1, sorted=False)  # (B, topk)
             p = torch.zeros_like(p).scatter_(1, idx, vals)
         return p
 
@@ -159,7 +159,7 @@ def neighbour_pairs(omega: Tensor, top_m: int, valid: Tensor) -> Tensor:
     # it never displaces a positive neighbour, and a 0 that is picked is dropped below.
     score = omega * (valid[:, None] & valid[None, :])  # (K, K)
     score.fill_diagonal_(0.0)
-    vals, idx = score.topk(m, dim=1)  # (K, m)
+    vals, idx = score.topk(m, dim=1, sorted=False)  # (K, m)
     chosen = torch.zeros(k, k, dtype=torch.bool, device=omega.device).scatter_(1, idx, vals > 0)
     return (chosen | chosen.T).triu(1)
 
@@ -185,13 +185,13 @@ class _PairGramLoss(torch.autograd.Function):
                 alpha: float):
         present = one_hot.sum(1) > 0  # (K,)
         rows = one_hot @ (t_slots @ t_buffer.T)  # (K, K): row c from its slot, 0 if absent
-        both = present[:, None] & present
-        gram = torch.where(present[:, None], rows, torch.where(present, rows.T, stored_gram))
-        gram = torch.where(both, rows + rows.T - rows, gram)  # the value of r_ij + r_ji - stop(r_ij)
+        # column j of a present class from its row (where both are present, r_ji: the value of
+        # r_ij + r_ji - stop(r_ij)), row i of a present class from its row, else the stored Gram
+        gram = torch.where(present, rows.T, torch.where(present[:, None], rows, stored_gram))
         sq = gram.diagonal()
-        raw = sq[:, None] + sq[None, :] - 2.0 * gram  # (K, K)
+        raw = torch.add(sq[:, None], sq[None, :]).sub_(gram, alpha=2.0)  # (K, K)
         d2 = raw.clamp_min(0.0)  # against round-off
-        weighted = weight * torch.exp(-alpha * d2)  # (K, K)
+        weighted = torch.mul(d2, -alpha).exp_().mul_(weight)  # (K, K)
         loss = weighted.sum()
         ctx.save_for_backward(weighted.mul_(raw >= 0), one_hot, t_buffer)  # clamp_min passes where raw >= 0
         ctx.alpha = alpha
