@@ -64,8 +64,7 @@ class PairSelection:
     num_usable: int  # max(1, B // 2): rows of the per-class moments
 
 
-def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int,
-                            on_host: bool | None = None) -> tuple[PairSelection, Tensor, Tensor]:
+def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int, on_host: bool | None = None) -> PairSelection:
     """Top-M unordered pairs (c < d) of classes with >= 2 samples, ranked by confusion.
 
     a_cd = (A_cd + A_dc) / 2, A_cd the mean over samples of c of softmax(logits)_d (no
@@ -74,12 +73,9 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int,
 
     ``on_host`` (default: for CPU tensors) makes the same selection with numpy
     (:func:`_select_on_host`): the host knows the classes of the batch, so the selection is
-    a dozen numpy calls instead of about 70 small tensor operations, it keeps only the valid
-    pairs (one padding entry when there is none), and the moments get one row per usable
-    class. On CUDA that would cost a host sync every step.
-
-    Returns the selection plus ``inv`` (B,) and ``counts`` (S,) from
-    :func:`carrot.geometry.class_slots`.
+    numpy on a few small arrays instead of about 70 small tensor operations, it keeps only the
+    valid pairs (one padding entry when there is none), and the moments get one row per
+    usable class. On CUDA that would cost a host sync every step.
     """
     if on_host if on_host is not None else logits.device.type == "cpu":
         return _select_on_host(logits, y, top_m)
@@ -101,51 +97,51 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int,
         klass=torch.where(usable[inv], compact[inv], torch.full_like(inv, max(1, s // 2))),
         pair_class=pair_class, num_usable=max(1, s // 2),
     )
-    return sel, inv, counts
+    return sel
 
 
-def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> tuple[PairSelection, Tensor, Tensor]:
+def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
     """:func:`select_confusable_pairs` in numpy, for tensors the host can read without a sync.
 
     The same pairs in the same order (ties, which ``topk`` leaves unordered, by ascending
     slot pair), the same weights up to float32 rounding; only the valid pairs are kept (at
     least one entry) and ``num_usable`` is the number of usable classes, not ``B // 2``.
+    Labels must be non-negative class indices (as everywhere in the harness).
     """
-    with torch.no_grad():
-        inv_t, counts_t, labels_t = class_slots(y.detach().cpu())  # slots = the present classes, in label order
-        probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()  # (B, K)
-    b = inv_t.shape[0]
-    c = max(1, int((counts_t > 0).sum()))
-    inv, counts, classes = inv_t.numpy(), counts_t[:c].numpy(), labels_t[:c].numpy()
-    # A_st = mean over the samples of class s of p(class t): a (C, B) averaging matrix times p.
-    average = np.zeros((c, b), dtype=np.float32)
-    average[inv, np.arange(b)] = 1.0 / counts[inv]
-    rows = average @ probs[:, classes]  # (C, C)
-    usable = counts >= 2
-    ok = np.triu(usable[:, None] & usable[None, :], 1)  # (C, C) pairs c < d of usable classes
-    first, second = np.nonzero(ok)  # ascending slot pairs
+    labels = y.detach().reshape(-1).cpu().long().numpy()
+    lg = logits.detach().cpu().float().numpy()  # (B, K)
+    per_label = np.bincount(labels)
+    classes = np.flatnonzero(per_label)  # the present classes: slots 0 .. C-1 in label order
+    inv = (np.cumsum(per_label > 0) - 1)[labels]  # (B,) slot of each sample
+    usable = per_label[classes] >= 2  # (C,)
+    compact = np.cumsum(usable) - 1  # (C,) usable-class index where usable
+    u = int(usable.sum())
+    member = usable[inv]  # (B,) samples of usable classes
+    klass = np.where(member, compact[inv], max(1, u))  # (B,) the spare row for the rest
+    # A_st = mean over the samples of usable class s of softmax(logits)_t, t usable: (U, U)
+    e = np.exp(lg - lg.max(1, keepdims=True))
+    probs = e[:, classes[usable]] / e.sum(1, keepdims=True)  # (B, U)
+    average = np.zeros((u, labels.shape[0]), dtype=np.float32)
+    average[klass[member], np.flatnonzero(member)] = 1.0 / per_label[labels[member]]
+    rows = average @ probs  # (U, U)
+    first, second = np.triu_indices(u, 1)  # pairs c < d of usable classes, ascending
     score = 0.5 * (rows[first, second] + rows[second, first])
     order = np.argsort(-score, kind="stable")[:top_m]
-    first, second, score = first[order], second[order], score[order]
+    pair_class, weight = np.stack([first[order], second[order]]), score[order].astype(np.float32)
     valid = np.ones(len(order), dtype=bool)
     if not len(order):  # one padding entry, so every shape downstream is non-empty
-        first = second = np.zeros(1, dtype=np.int64)
-        score, valid = np.zeros(1, dtype=np.float32), np.zeros(1, dtype=bool)
-    compact = np.where(usable, np.cumsum(usable) - 1, -1)  # (C,) usable-class index, -1 otherwise
-    num_usable = max(1, int(usable.sum()))
-    klass = np.where(usable[inv], compact[inv], num_usable)  # (B,)
-    pair_class = np.where(valid, np.stack([compact[first], compact[second]]), 0)  # (2, M')
+        pair_class, weight, valid = np.zeros((2, 1), np.int64), np.zeros(1, np.float32), np.zeros(1, bool)
+    slot_of = np.flatnonzero(usable)  # (U,) slot of each usable class
     device = logits.device
 
-    def tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+    def tensor(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-    sel = PairSelection(
-        i=tensor(first, torch.long), j=tensor(second, torch.long), weight=tensor(score, torch.float32),
-        valid=tensor(valid, torch.bool), usable_classes=torch.tensor(int(usable.sum()), device=device),
-        klass=tensor(klass, torch.long), pair_class=tensor(pair_class, torch.long), num_usable=num_usable,
+    return PairSelection(
+        i=tensor(slot_of[pair_class[0]] if u else pair_class[0]), j=tensor(slot_of[pair_class[1]] if u else pair_class[1]),
+        weight=tensor(weight), valid=tensor(valid), usable_classes=torch.tensor(u, device=device),
+        klass=tensor(klass.astype(np.int64)), pair_class=tensor(pair_class.astype(np.int64)), num_usable=max(1, u),
     )
-    return sel, inv_t.to(device), counts_t.to(device)
 
 
 def pair_distances(
@@ -201,33 +197,54 @@ def weighted_overlap(db: Tensor, sel: PairSelection) -> Tensor:
     return (w @ torch.exp(-db)) / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def log_weighted_overlap(db: Tensor, sel: PairSelection) -> tuple[Tensor, Tensor]:
-    """``log L_layer = logsumexp_pairs(log a - D_B) - log sum a`` per layer, never forming rho.
+class _AutoScaledOverlap(torch.autograd.Function):
+    """The auto-scaled term ``s * L_bhat`` (``s = CE / L_bhat`` detached) from D_B in log space,
+    with a closed-form backward.
 
-    Returns ``(log_overlap (L,), active (0-dim bool))``: ``active`` is whether any valid pair
-    has a positive weight. Where it is false the log is a finite placeholder 0 (with a zero
-    gradient) instead of ``-inf``, so no NaN reaches the gradient; callers mask with ``active``.
+    Forward, over the pairs that count (valid, weight a > 0) and never through rho:
+    ``log L_layer = logsumexp_pairs(log a - D_B) - log sum a``, ``log L = logsumexp_layers(log
+    L_layer) - log L``; the term's value is CE. Its gradient is ``CE d log L``:
+    ``d term / d D_B[p, l] = -CE pi_l q_pl`` with ``pi = softmax_layers(log L_layer)`` and
+    ``q_l = softmax_pairs(log a - D_B[:, l])`` (autograd's graph of the masks, the two
+    logsumexps and ``CE exp(log L - stop(log L))`` is about twenty nodes on tiny tensors).
+    Without a pair that counts the term is 0 with a zero gradient and ``log L`` a placeholder
+    0. Returns ``(term, log L, active)``; only the term is differentiable.
     """
-    w = sel.weight.to(db.dtype)
-    ok = sel.valid & (w > 0)  # (M',) pairs that count
-    active = ok.any()
-    log_w = torch.log(torch.where(ok, w, torch.ones_like(w)))  # (M',) finite everywhere
-    scores = torch.where(ok[:, None], log_w[:, None] - db, torch.full_like(db, float("-inf")))  # (M', L)
-    # Without a pair every column is -inf (NaN gradient from logsumexp): use zeros there instead.
-    scores = torch.where(active, scores, torch.zeros_like(scores))
-    log_num = torch.logsumexp(scores, dim=0)  # (L,)
-    log_den = torch.log(torch.where(active, w.sum(), torch.ones_like(w.sum())))
-    return torch.where(active, log_num - log_den, torch.zeros_like(log_num)), active
+
+    @staticmethod
+    def forward(ctx, db: Tensor, weight: Tensor, valid: Tensor, ce: Tensor):
+        w = weight.to(db.dtype)
+        ok = valid & (w > 0)  # (P,) pairs that count
+        active = ok.any()
+        log_w = torch.log(torch.where(ok, w, torch.ones_like(w)))  # (P,) finite everywhere
+        # -inf outside the pairs that count; zeros when none counts (no NaN from logsumexp)
+        scores = torch.where(ok[:, None], log_w[:, None] - db, float("-inf")).masked_fill_(~active, 0.0)  # (P, L)
+        log_num = torch.logsumexp(scores, dim=0)  # (L,)
+        log_layers = log_num - torch.log(torch.where(active, w.sum(), 1.0))  # (L,) log L_layer
+        log_sum = torch.logsumexp(log_layers, 0)
+        log_l = torch.where(active, log_sum - math.log(db.shape[1]), 0.0)
+        ctx.save_for_backward(scores, log_num, log_layers, log_sum, active, ce)
+        ctx.mark_non_differentiable(log_l, active)
+        return torch.where(active, ce.detach().to(db.dtype), 0.0), log_l, active
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_term: Tensor, *_unused):
+        scores, log_num, log_layers, log_sum, active, ce = ctx.saved_tensors
+        q = torch.exp(scores - log_num)  # (P, L) softmax over the pairs, 0 where a pair does not count
+        pi = torch.exp(log_layers - log_sum)  # (L,) softmax over the layers
+        scale = (g_term * ce.to(scores.dtype)).neg_().mul_(active)  # 0-dim
+        return q.mul_(pi * scale), None, None, None
 
 
-def auto_scaled_term(ce: Tensor, log_l: Tensor) -> Tensor:
-    """``CE.detach() * exp(log L - log L.detach())``: the term ``s * L`` with ``s = CE / L`` detached.
-
-    Its value is CE (``exp(0) = 1``) and its gradient ``CE * d log L = (CE / L) dL`` is exactly
-    that of ``s * L``; it is computed from ``log L`` only, so it cannot underflow however small
-    L is (on wide layers D_B is in the hundreds and ``exp(-D_B)`` is 0 in float32).
-    """
-    return ce.detach() * torch.exp(log_l - log_l.detach())
+def auto_scaled_overlap(db: Tensor, sel: PairSelection, ce: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(term, log L_bhat, active)`` of the auto-scaled term (:class:`_AutoScaledOverlap`): the
+    term's value is CE (0 without a pair that counts) and its gradient is exactly that of
+    ``s * L_bhat`` with ``s = CE / L_bhat`` detached, computed from ``log L_bhat`` so that it
+    cannot underflow however small L_bhat is (on wide layers D_B is in the hundreds and
+    ``exp(-D_B)`` is 0 in float32). ``log L_bhat`` is the log of the layers' mean of the
+    confusion-weighted overlaps ``sum a rho / sum a``."""
+    return _AutoScaledOverlap.apply(db, sel.weight, sel.valid, ce.detach())
 
 
 def multi_layer_bhattacharyya(
@@ -314,7 +331,7 @@ class Bhattacharyya(Variant):
         logits, labels = gather_rows_no_grad(batch.logits), gather_rows_no_grad(batch.labels)
         features = [gather_rows(batch.features[name]) for name in names]
         ce_global = all_reduce_mean_no_grad(ce)  # the CE of the global batch (this batch's otherwise)
-        sel, _, _ = select_confusable_pairs(logits, labels, hp.top_M)
+        sel = select_confusable_pairs(logits, labels, hp.top_M)
         layer_ok = (sel.usable_classes >= 2).float()  # same for every layer
         n_ok = layer_ok * len(names)
 
@@ -326,10 +343,8 @@ class Bhattacharyya(Variant):
 
         with no_autocast(db):
             # log L_bhat: the mean over layers of L_layer, as logsumexp over layers - log L.
-            log_layers, active = log_weighted_overlap(db, sel)  # (L,), 0-dim
-            log_l = torch.logsumexp(log_layers, 0) - math.log(len(names))
+            term, log_l, active = auto_scaled_overlap(db, sel, ce_global)
             if hp.scale == "auto":
-                term = torch.where(active, auto_scaled_term(ce_global, log_l), torch.zeros_like(log_l))
                 with torch.no_grad():
                     l_bhat = torch.where(active, torch.exp(log_l), torch.zeros_like(log_l))
                     # s = CE / L_bhat; saturates at the float32 maximum where L_bhat underflows
