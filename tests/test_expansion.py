@@ -189,10 +189,16 @@ def test_logits_of_z_plus_from_the_logits(detach, labels) -> None:
         expansion_operator(h, y, logits=head(h))
 
 
+@pytest.mark.parametrize("host_slots", [True, False])
 @pytest.mark.parametrize("aux", [0.0, 0.4])
-def test_variant_gradients_equal_z_plus_through_the_head(aux) -> None:
+def test_variant_gradients_equal_z_plus_through_the_head(aux, host_slots, monkeypatch) -> None:
     """The variant's z+ logits come from the batch's logits; its loss and the gradients of the
-    embedding and the head equal z+ through autograd's linear head."""
+    embedding and the head equal z+ through autograd's linear head. Both slot layouts: the C
+    classes' slots the CPU keeps, and all B (the device path)."""
+    if not host_slots:
+        import carrot.variants.expansion as module
+
+        monkeypatch.setattr(module, "used_slots_on_host", lambda counts: None)
     y = torch.arange(4).repeat_interleave(3)
     v = create_variant("expansion", lam=0.5, T=2.0, aux_ce_weight=aux)
     emb, head, batch = _step(v, y, seed=2)

@@ -41,8 +41,8 @@ def _class_geometry(h: Tensor, inv: Tensor, counts: Tensor, eps: float) -> dict[
     ``h`` (B, D) float32, unit rows; ``inv``, ``counts`` from :func:`carrot.geometry.class_slots`.
     Differentiable (``detach_stats=False``) or run under no_grad (the default path).
     """
-    b = h.shape[0]
-    mu, dev, _ = class_deviations(h, inv, b)  # (S, D), (B, D) = h - mu[inv]
+    s = counts.shape[0]  # slots: B, or the C classes present where the host knows them
+    mu, dev, _ = class_deviations(h, inv, s)  # (S, D), (B, D) = h - mu[inv]
     radius = rms_radius(slot_variance(dev, inv, counts))  # (S,)
     present = counts > 0  # (S,)
     eligible = counts >= 2  # (S,) classes whose radius means something
@@ -50,7 +50,7 @@ def _class_geometry(h: Tensor, inv: Tensor, counts: Tensor, eps: float) -> dict[
     # The nearest other centroid from the squared distances: ||.|| = f(d2) with f non-decreasing
     # (pairwise_distance's sqrt, 0 at 0), so min f = f(min), taken on (S,) instead of (S, S).
     d2 = pairwise_sq_distance(mu)  # (S, S)
-    other = present[:, None] & present[None, :] & ~torch.eye(b, dtype=torch.bool, device=h.device)
+    other = present[:, None] & present[None, :] & ~torch.eye(s, dtype=torch.bool, device=h.device)
     nearest = sq_distance_to_distance(torch.where(other, d2, torch.full_like(d2, float("inf"))).min(1).values)
     has_other = torch.isfinite(nearest)
     nearest = torch.where(has_other, nearest, torch.zeros_like(nearest))
@@ -192,14 +192,10 @@ def folded_logits(logits: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None
     (:class:`_FoldedLogits`), from the statistics :func:`expansion_operator` returns with
     ``fold=True``; ``rows``: this rank's rows of the gathered batch (all of them when not
     distributed)."""
-    mu = stats["centroids"]
-    used = used_slots_on_host(stats["slot_counts"])  # CPU: the product takes the C classes' slots only
-    if used is not None:
-        mu = mu[:used]
     pick = (lambda t: local_rows(t, rows))
     return _FoldedLogits.apply(logits, h, weight, bias, pick(stats["logits_plus"]),
                                pick(stats["z_plus"]), pick(stats["gamma"])[:, None], pick(stats["e_norm"]),
-                               stats["two_classes"], pick(stats["slots"]), mu, eps)
+                               stats["two_classes"], pick(stats["slots"]), stats["centroids"], eps)
 
 
 def expansion_operator(
@@ -231,8 +227,7 @@ def expansion_operator(
     ``stats["logits_plus"]`` is ``z+ W^T + b`` (B, K), no grad, obtained from the logits
     (:func:`_expanded_logits`) without a product with W; with ``detach_stats`` the stats also
     hold what :func:`folded_logits` needs to pass their gradient on through the logits
-    (``z_plus`` detached, ``e_norm``, ``two_classes``, ``slots``, ``centroids``,
-    ``slot_counts``).
+    (``z_plus`` detached, ``e_norm``, ``two_classes``, ``slots``, ``centroids``).
 
     Args:
         z: (B, D) embeddings (any float dtype; computed in float32).
@@ -248,6 +243,9 @@ def expansion_operator(
     if logits is not None and not unit:
         raise ValueError("logits of z+ come from the logits of unit rows: pass unit=True")
     inv, counts, _ = class_slots(y)
+    used = used_slots_on_host(counts)  # CPU: the C classes' slots only (no sync to avoid there)
+    if used is not None:
+        counts = counts[:used]
     if detach_stats:
         z_plus, gamma, radius, nearest, eligible, _, e_norm, two_classes, mu = _Expansion.apply(
             z.float(), inv, counts, eps, unit)
@@ -278,8 +276,7 @@ def expansion_operator(
         if logits is not None:
             stats["logits_plus"] = _expanded_logits(logits, bias, inv, g[inv, None], e_norm, two_classes, eps)
             if detach_stats:  # what folded_logits needs
-                stats.update(z_plus=z_plus.detach(), e_norm=e_norm, two_classes=two_classes, slots=inv, centroids=mu,
-                             slot_counts=counts)
+                stats.update(z_plus=z_plus.detach(), e_norm=e_norm, two_classes=two_classes, slots=inv, centroids=mu)
     return z_plus, stats
 
 
