@@ -128,9 +128,20 @@ def sparse_probabilities(logits: Tensor, topk: int = 0) -> Tensor:
         return p
 
 
-def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0) -> Tensor:
-    """Sum over each class's samples of their softmax probabilities (:func:`sparse_probabilities`), (K, K), no grad."""
-    return class_sums(sparse_probabilities(logits, topk), y, logits.shape[1])[0]
+def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0, num_slots: int | None = None) -> Tensor:
+    """Sum over the samples of each slot ``y`` (a class, or a batch slot) of their softmax
+    probabilities, only each sample's ``topk`` largest with ``topk > 0`` (:func:`sparse_probabilities`),
+    (num_slots, K) (K x K by default), no grad. The top-k case scatters the kept values
+    straight into the sums (no (B, K) sparse matrix); each cell adds its samples in the same
+    order as :func:`carrot.geometry.class_sums`."""
+    k = logits.shape[1]
+    slots = k if num_slots is None else num_slots
+    if not 0 < topk < k:
+        return class_sums(sparse_probabilities(logits), y, slots)[0]
+    with torch.no_grad():
+        vals, idx = F.softmax(logits.detach().float(), dim=1).topk(topk, dim=1, sorted=False)  # (B, topk)
+        sums = torch.zeros(slots, k, dtype=vals.dtype, device=vals.device)
+        return sums.index_put_((y[:, None].expand_as(idx), idx), vals, accumulate=True)
 
 
 def blend_confusion_rows(rows: Tensor, sums: Tensor, counts: Tensor, labels: Tensor, momentum: float) -> Tensor:
@@ -430,13 +441,14 @@ class PrototypeVariant(Variant):
             present = counts > 0  # (K,)
             # The confusion rows of the present classes, by slot: (S, K) sums, not (K, K).
             inv = local_rows(inv_all, b)  # (B,) this rank's samples
-            slot_conf = all_reduce_sum_no_grad(
-                class_sums(sparse_probabilities(batch.logits, hp.conf_topk), inv, slots)[0])  # (S, K)
+            slot_conf = all_reduce_sum_no_grad(confusion_sums(batch.logits, inv, hp.conf_topk, slots))  # (S, K)
             rows = blend_confusion_rows(self.conf.index_select(0, slot_labels), slot_conf, slot_counts, slot_labels,
                                         hp.conf_momentum)  # (S, K)
-            # unused slots (label 0) write slot 0's row again: repeated indices, equal values
-            used = slot_counts > 0
-            target, rows = torch.where(used, slot_labels, slot_labels[:1]), torch.where(used[:, None], rows, rows[:1])
+            target = slot_labels
+            if used is None:  # unused slots (label 0) write slot 0's row again: repeated indices, equal values
+                in_use = slot_counts > 0
+                target, rows = torch.where(in_use, slot_labels, slot_labels[:1]), torch.where(in_use[:, None], rows,
+                                                                                              rows[:1])
             conf = self.conf.index_put_((target,), rows) if update else self.conf.index_put((target,), rows)
             omega = symmetric_confusion(conf)
             seen = self.seen | present
