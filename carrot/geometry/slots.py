@@ -160,7 +160,7 @@ def rms_radius(var: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------- norms, distances
 class _L2Normalize(torch.autograd.Function):
-    """``x * r`` with ``r = rsqrt(||x||^2)`` per row (0 where ``||x|| <= eps``), closed-form backward.
+    """``x * r`` with ``r = 1 / ||x||`` per row (0 where ``||x|| <= eps``), closed-form backward.
 
     With ``u = x r`` the gradient is ``dx = r (g - u (g . u))``: two (N, D) passes, where
     autograd's graph of the product, the row norm and the mask keeps and allocates one (N, D)
@@ -169,10 +169,10 @@ class _L2Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, eps: float) -> Tensor:
-        sq = (x * x).sum(dim=-1, keepdim=True)  # (N, 1)
-        no_norm = sq <= eps * eps  # false for a NaN row, which stays NaN (absent classes in the diagnostics)
-        # rsqrt of 1 (not of the clamp) on the rows left out, so 0 * rsqrt is never 0 * inf
-        r = torch.rsqrt(torch.where(no_norm, torch.ones_like(sq), sq)).masked_fill_(no_norm, 0.0)  # (N, 1)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (N, 1)
+        # 0 on the rows left out (their 1 / 0 = inf is replaced before any product); a NaN
+        # row is not left out and stays NaN, as absent classes in the diagnostics need
+        r = norm.reciprocal().masked_fill_(norm <= eps, 0.0)  # (N, 1)
         out = x * r  # (N, D)
         ctx.save_for_backward(out, r)
         return out
