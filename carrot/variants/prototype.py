@@ -222,8 +222,59 @@ class _PairGramLoss(torch.autograd.Function):
         return g_r @ t_buffer, None, None, None, None, None
 
 
+class _PairListLoss(torch.autograd.Function):
+    """:class:`_PairGramLoss` over the list of selected pairs instead of every K x K entry, for
+    a step whose slots are all used and whose pairs the host can list (CPU).
+
+    Forward: ``R = t_slots stop(t_buffer)^T`` (C, K); the new Gram is the stored one with the
+    present classes' rows, then columns, copied from R (where both are present the column
+    write leaves ``r_ji``, the value of ``r_ij + r_ji - stop(r_ij)``); over the P selected pairs
+    (i < j) ``d2 = G_ii + G_jj - 2 G_ij`` clamped >= 0 and ``sum_p w_p exp(-alpha d2_p)``.
+    Backward, with ``e_p = -alpha w_p exp(-alpha d2_p)`` where the clamp passes the gradient:
+    the dense ``dL/dR = 2 (onehot^T diag(A 1) - onehot^T A)``, ``A = E + E^T``, has on the row
+    of a present class c ``2 sum_{p ∋ c} e_p`` at column c and ``-2 e_p`` at the pair's other
+    class: scatters of the P pairs' e_p, then ``dL/dR t_buffer``.
+    Returns ``loss`` (0-dim) and, not differentiable, the new Gram (K, K) and ``d2`` (P,).
+    """
+
+    @staticmethod
+    def forward(ctx, t_slots: Tensor, t_buffer: Tensor, labels: Tensor, stored_gram: Tensor, first: Tensor,
+                second: Tensor, weight: Tensor, alpha: float):
+        rows = t_slots @ t_buffer.T  # (C, K) the present classes' rows
+        gram = stored_gram.clone().index_copy_(0, labels, rows).index_copy_(1, labels, rows.T)  # (K, K)
+        sq = gram.diagonal()
+        raw = sq.index_select(0, first).add_(sq.index_select(0, second)).sub_(gram[first, second], alpha=2.0)  # (P,)
+        d2 = raw.clamp_min(0.0)
+        weighted = torch.mul(d2, -alpha).exp_().mul_(weight)  # (P,)
+        loss = weighted.sum()
+        ctx.save_for_backward(weighted.mul_(raw >= 0), labels, first, second, t_buffer)
+        ctx.alpha = alpha
+        ctx.mark_non_differentiable(gram, d2)
+        return loss, gram, d2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss: Tensor | None, *_unused):
+        if g_loss is None:
+            return (None,) * 8
+        weighted, labels, first, second, t_buffer = ctx.saved_tensors
+        k = t_buffer.shape[0]
+        e2 = weighted * (-2.0 * ctx.alpha * g_loss)  # (P,) 2 dL/dd2
+        slot = torch.full((k,), -1, dtype=torch.long, device=labels.device)
+        slot[labels] = torch.arange(labels.shape[0], device=labels.device)  # (K,) slot of each class, -1 if absent
+        g_r = torch.zeros(labels.shape[0], k, dtype=weighted.dtype, device=weighted.device)  # (C, K)
+        for own, other in ((first, second), (second, first)):  # each end of a pair, where its class is present
+            at = slot[own]
+            keep = at >= 0
+            at, col, val = at[keep], other[keep], e2[keep]
+            g_r.index_put_((at, col), -val, accumulate=True)  # -2 e_p at the other class
+            g_r.index_put_((at, own[keep]), val, accumulate=True)  # +2 e_p at its own column
+        return g_r @ t_buffer, None, None, None, None, None, None, None
+
+
 def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor, stored_gram: Tensor, omega: Tensor,
-                        mask: Tensor, alpha: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                        mask: Tensor, alpha: float,
+                        labels: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """L_carrot = sum_{mask} omega_ij exp(-alpha d2_ij) / |mask| (0 when the mask is empty).
 
     ``t_slots`` (S, D) are this step's prototypes in the metric space (with the gradient),
@@ -236,9 +287,22 @@ def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor, stor
     t_i . t_j and its exact gradient with respect to both prototypes. omega and the mask
     carry no gradient (:class:`_PairGramLoss` has the backward).
 
+    ``labels`` (C,), the class of each slot, says that every slot is used and that the host
+    can list the selected pairs (CPU): the loss then runs over that list
+    (:class:`_PairListLoss`, the same numbers) instead of every K x K entry.
+
     Returns the loss, the new Gram (K, K, detached) and ``pairs``, ``omega_mean``, ``d2_mean``
     over the selected pairs.
     """
+    if labels is not None:  # every slot used and the host can list the pairs (CPU): the pair list
+        with torch.no_grad():
+            first, second = mask.nonzero(as_tuple=True)  # (P,) each, i < j
+            count = max(1, first.shape[0])
+            weight = omega.detach()[first, second] / count  # (P,)
+        loss, gram, d2 = _PairListLoss.apply(t_slots, t_buffer.detach(), labels, stored_gram, first, second, weight,
+                                            alpha)
+        pairs = torch.tensor(float(first.shape[0]), device=t_slots.device)
+        return loss, gram, {"pairs": pairs, "omega_mean": weight.sum(), "d2_mean": d2.sum() / count}
     with torch.no_grad():
         w = mask.to(t_slots.dtype)
         count = w.sum()
@@ -475,7 +539,7 @@ class PrototypeVariant(Variant):
         # Gram matrix of the prototypes: the rows of present classes are one (S, D) x (D, K)
         # product, the step's O(B K D) part, with the gradient on the row side.
         l_carrot, gram, pair_stats = prototype_pair_loss(t_slots, t_buffer, one_hot, self.gram, omega, mask,
-                                                         hp.alpha)
+                                                         hp.alpha, labels=None if used is None else slot_labels)
         lam_t = hp.lam * linear_ramp(batch.progress, hp.warmup_epochs)
 
         if update:
