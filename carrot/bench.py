@@ -302,7 +302,7 @@ def bench_variants(
 def cpu_limit(row: dict[str, Any]) -> float:
     """A variant's CPU target as a ratio to the CE head: 3x, or 1.5x the term's floor where
     that is more (a floor above 2x). The floor relaxes the 3x where the unavoidable work
-    alone come close to it and never tightens it, so taking an avoidable product out of a
+    alone comes close to it and never tightens it, so taking an avoidable product out of a
     step can only bring the step closer to its target."""
     floor = row.get("floor_ratio")
     return CPU_TARGET_RATIO if floor is None else max(CPU_TARGET_RATIO, FLOOR_SLACK * floor)
