@@ -189,9 +189,9 @@ class _FoldedLogits(torch.autograd.Function):
 def folded_logits(logits: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, stats: dict[str, Tensor],
                   rows: int, eps: float = 1e-12) -> Tensor:
     """z+'s logits with their gradient folded into the batch's ``logits = h W^T + b``
-    (:class:`_FoldedLogits`), from the statistics :func:`expansion_operator` returns with
-    ``fold=True``; ``rows``: this rank's rows of the gathered batch (all of them when not
-    distributed)."""
+    (:class:`_FoldedLogits`; the model's logits are its head on the embedding h), from the
+    statistics :func:`expansion_operator` returns given the logits and detached statistics;
+    ``rows``: this rank's rows of the gathered batch (all of them when not distributed)."""
     pick = (lambda t: local_rows(t, rows))
     return _FoldedLogits.apply(logits, h, weight, bias, pick(stats["logits_plus"]),
                                pick(stats["z_plus"]), pick(stats["gamma"])[:, None], pick(stats["e_norm"]),
