@@ -116,30 +116,19 @@ def blend_prototypes(mu: Tensor, means: Tensor, momentum: float) -> Tensor:
     return _BlendedPrototypes.apply(mu.detach(), means, momentum)
 
 
-def sparse_probabilities(logits: Tensor, topk: int = 0) -> Tensor:
-    """softmax(logits), (B, K), no grad; with ``topk > 0`` only each sample's ``topk`` largest
-    probabilities are kept (a scatter, no per-sample loop)."""
-    with torch.no_grad():
-        k = logits.shape[1]
-        p = F.softmax(logits.detach().float(), dim=1)  # (B, K)
-        if 0 < topk < k:
-            vals, idx = p.topk(topk, dim=1, sorted=False)  # (B, topk)
-            p = torch.zeros_like(p).scatter_(1, idx, vals)
-        return p
-
-
 def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0, num_slots: int | None = None) -> Tensor:
     """Sum over the samples of each slot ``y`` (a class, or a batch slot) of their softmax
-    probabilities, only each sample's ``topk`` largest with ``topk > 0`` (:func:`sparse_probabilities`),
-    (num_slots, K) (K x K by default), no grad. The top-k case scatters the kept values
-    straight into the sums (no (B, K) sparse matrix); each cell adds its samples in the same
-    order as :func:`carrot.geometry.class_sums`."""
+    probabilities, with ``topk > 0`` only each sample's ``topk`` largest, (num_slots, K) (K x K
+    by default), no grad. The top-k case scatters the kept values straight into the sums (no
+    (B, K) sparse matrix, no per-sample loop); each cell adds its samples in the same order as
+    :func:`carrot.geometry.class_sums`."""
     k = logits.shape[1]
     slots = k if num_slots is None else num_slots
-    if not 0 < topk < k:
-        return class_sums(sparse_probabilities(logits), y, slots)[0]
     with torch.no_grad():
-        vals, idx = F.softmax(logits.detach().float(), dim=1).topk(topk, dim=1, sorted=False)  # (B, topk)
+        p = F.softmax(logits.detach().float(), dim=1)  # (B, K)
+        if not 0 < topk < k:
+            return class_sums(p, y, slots)[0]
+        vals, idx = p.topk(topk, dim=1, sorted=False)  # (B, topk)
         sums = torch.zeros(slots, k, dtype=vals.dtype, device=vals.device)
         return sums.index_put_((y[:, None].expand_as(idx), idx), vals, accumulate=True)
 
@@ -175,6 +164,15 @@ def neighbour_pairs(omega: Tensor, top_m: int, valid: Tensor) -> Tensor:
     return (chosen | chosen.T).triu(1)
 
 
+def _weighted_overlap(raw: Tensor, weight: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """From the raw squared distances (G_ii + G_jj - 2 G_ij, any shape): ``d2`` clamped >= 0
+    against round-off, the loss ``sum weight exp(-alpha d2)`` and its terms where the clamp
+    passes the gradient (0 elsewhere), which the backward scales."""
+    d2 = raw.clamp_min(0.0)
+    weighted = torch.mul(d2, -alpha).exp_().mul_(weight)
+    return d2, weighted.sum(), weighted.mul_(raw >= 0)
+
+
 class _PairGramLoss(torch.autograd.Function):
     """``sum_ij W_ij exp(-alpha d2_ij)`` from the Gram rows of the present classes, closed-form backward.
 
@@ -201,10 +199,8 @@ class _PairGramLoss(torch.autograd.Function):
         gram = torch.where(present, rows.T, torch.where(present[:, None], rows, stored_gram))
         sq = gram.diagonal()
         raw = torch.add(sq[:, None], sq[None, :]).sub_(gram, alpha=2.0)  # (K, K)
-        d2 = raw.clamp_min(0.0)  # against round-off
-        weighted = torch.mul(d2, -alpha).exp_().mul_(weight)  # (K, K)
-        loss = weighted.sum()
-        ctx.save_for_backward(weighted.mul_(raw >= 0), one_hot, t_buffer)  # clamp_min passes where raw >= 0
+        d2, loss, weighted = _weighted_overlap(raw, weight, alpha)
+        ctx.save_for_backward(weighted, one_hot, t_buffer)
         ctx.alpha = alpha
         ctx.mark_non_differentiable(gram, d2)
         return loss, gram, d2
@@ -244,10 +240,8 @@ class _PairListLoss(torch.autograd.Function):
         gram = stored_gram.clone().index_copy_(0, labels, rows).index_copy_(1, labels, rows.T)  # (K, K)
         sq = gram.diagonal()
         raw = sq.index_select(0, first).add_(sq.index_select(0, second)).sub_(gram[first, second], alpha=2.0)  # (P,)
-        d2 = raw.clamp_min(0.0)
-        weighted = torch.mul(d2, -alpha).exp_().mul_(weight)  # (P,)
-        loss = weighted.sum()
-        ctx.save_for_backward(weighted.mul_(raw >= 0), labels, first, second, t_buffer)
+        d2, loss, weighted = _weighted_overlap(raw, weight, alpha)
+        ctx.save_for_backward(weighted, labels, first, second, t_buffer)
         ctx.alpha = alpha
         ctx.mark_non_differentiable(gram, d2)
         return loss, gram, d2
