@@ -50,7 +50,8 @@ SCALES = ("auto", "fixed")
 
 @dataclass
 class PairSelection:
-    """The top-M confusable class pairs of a batch, as slot indices (fixed size M')."""
+    """The top-M confusable class pairs of a batch, as slot indices (M' entries: fixed on the
+    device path, the valid pairs only on the host's)."""
 
     i: Tensor  # (M',) int64 slot of class c (c < d)
     j: Tensor  # (M',) int64 slot of class d
@@ -61,7 +62,7 @@ class PairSelection:
     # num_usable = B // 2 of them): the moments need only those rows.
     klass: Tensor  # (B,) int64 usable-class index of each sample; num_usable (no pair reads it) if < 2 samples
     pair_class: Tensor  # (2, M') int64 usable-class indices of (c, d); 0 for padding entries
-    num_usable: int  # max(1, B // 2): rows of the per-class moments
+    num_usable: int  # rows of the per-class moments: max(1, B // 2), or the usable classes on the host
 
 
 def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int, on_host: bool | None = None) -> PairSelection:
