@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from carrot.geometry import class_slots, used_slots_on_host
 from carrot.model import ModelOutput
 from carrot.train import forward_step
 from carrot.variants import create_variant, list_variants
@@ -212,8 +213,7 @@ class EmbeddingBench:
     def floor_step(self, variant) -> Callable[[], None] | None:
         """The CE head's step followed by the matrix products and the normal draws the variant's
         term cannot avoid."""
-        # the class slots a step uses: the batch's classes on CPU (used_slots_on_host), all B on CUDA
-        slots = len(torch.unique(self.y)) if self.device.type == "cpu" else None
+        slots = used_slots_on_host(class_slots(self.y)[1])  # the class slots a step uses (None: all B)
         products = variant.floor_products(self.batch, self.num_classes, self.dim, slots)
         draws = variant.floor_normal_draws(self.batch, self.dim)
         if not products and not draws:

@@ -3,8 +3,8 @@
 Classes present in a batch are compacted into ``B`` fixed *slots* (``B = len(y)``) without
 a host sync; unused slots have count 0 and are masked out downstream, so every shape
 depends on ``B`` only. On the CPU, where reading a count costs no sync, a step may keep only
-the ``C`` used slots (:func:`used_slots_on_host`). The same per-class routines serve a whole evaluation split, with
-the labels themselves as slots (``inv = labels``, ``num_slots = K``).
+the ``C`` used slots (:func:`used_slots_on_host`). The same per-class routines serve a whole
+evaluation split, with the labels themselves as slots (``inv = labels``, ``num_slots = K``).
 
 >>> import torch
 >>> y = torch.tensor([7, 3, 7, 3, 5])

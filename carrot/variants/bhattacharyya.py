@@ -107,14 +107,12 @@ def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
     The same pairs in the same order (ties, which ``topk`` leaves unordered, by ascending
     slot pair), the same weights up to float32 rounding; only the valid pairs are kept (at
     least one entry) and ``num_usable`` is the number of usable classes, not ``B // 2``.
-    Labels must be non-negative class indices (as everywhere in the harness).
     """
-    labels = y.detach().reshape(-1).cpu().long().numpy()
+    inv_t, counts_t, labels_t = class_slots(y.detach().cpu())  # the present classes: slots 0 .. C-1
+    c = max(1, int((counts_t > 0).sum()))
+    inv, counts, classes = inv_t.numpy(), counts_t[:c].numpy(), labels_t[:c].numpy()
     lg = logits.detach().cpu().float().numpy()  # (B, K)
-    per_label = np.bincount(labels)
-    classes = np.flatnonzero(per_label)  # the present classes: slots 0 .. C-1 in label order
-    inv = (np.cumsum(per_label > 0) - 1)[labels]  # (B,) slot of each sample
-    usable = per_label[classes] >= 2  # (C,)
+    usable = counts >= 2  # (C,)
     compact = np.cumsum(usable) - 1  # (C,) usable-class index where usable
     u = int(usable.sum())
     member = usable[inv]  # (B,) samples of usable classes
@@ -122,8 +120,8 @@ def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
     # A_st = mean over the samples of usable class s of softmax(logits)_t, t usable: (U, U)
     e = np.exp(lg - lg.max(1, keepdims=True))
     probs = e[:, classes[usable]] / e.sum(1, keepdims=True)  # (B, U)
-    average = np.zeros((u, labels.shape[0]), dtype=np.float32)
-    average[klass[member], np.flatnonzero(member)] = 1.0 / per_label[labels[member]]
+    average = np.zeros((u, inv.shape[0]), dtype=np.float32)
+    average[klass[member], np.flatnonzero(member)] = 1.0 / counts[inv[member]]
     rows = average @ probs  # (U, U)
     first, second = np.triu_indices(u, 1)  # pairs c < d of usable classes, ascending
     score = 0.5 * (rows[first, second] + rows[second, first])
