@@ -9,7 +9,9 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -158,13 +160,32 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+_COMMITTER: tuple[int, ThreadPoolExecutor] | None = None  # (pid, executor) of this process
+_COMMITTER_LOCK = threading.Lock()
+
+
+def committer() -> ThreadPoolExecutor:
+    """This process's one thread that commits metrics logged in the background, in the order
+    they were logged.
+
+    MLflow's own asynchronous queue (``log_batch(synchronous=False)``) polls for work once a
+    second and ``set_terminated`` shuts it down, so every run's end waited up to a second (half
+    a second on average) for that poll; this thread waits on its queue instead. A forked child
+    gets a thread of its own."""
+    global _COMMITTER
+    with _COMMITTER_LOCK:
+        if _COMMITTER is None or _COMMITTER[0] != os.getpid():
+            _COMMITTER = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="carrot-metrics"))
+        return _COMMITTER[1]
+
+
 class RunLogger:
     """One MLflow run; metrics of one step go out in one ``log_batch`` call."""
 
     def __init__(self, mlf: MlflowClient, run_id: str) -> None:
         self.client = mlf
         self.run_id = run_id
-        self._queued: list = []  # MLflow RunOperations of the metrics logged in the background
+        self._queued: list[Future] = []  # the commits of the metrics logged in the background
 
     @classmethod
     def start(cls, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> "RunLogger":
@@ -180,24 +201,30 @@ class RunLogger:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    def set_tags(self, tags: dict[str, Any], metrics: dict[str, float] | None = None, step: int = 0) -> None:
+        """The tags (and ``metrics`` at ``step``, if any) in one store write."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
+                              metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int, background: bool = False) -> None:
-        """``background``: through MLflow's asynchronous logging queue (the store's commit
-        happens on its thread); :meth:`flush` and :meth:`finish` wait for it."""
+        """``background``: committed to the store on this process's :func:`committer` thread
+        while the caller goes on; :meth:`flush` and :meth:`finish` wait for it."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), MAX_BATCH):
-            ops = self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH], synchronous=not background)
             if background:
-                self._queued.append(ops)
+                self._queued.append(committer().submit(self.client.log_batch, self.run_id, metrics=items[i:i + MAX_BATCH]))
+            else:
+                self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH])
 
     def flush(self) -> None:
         """Wait for the metrics logged in the background (raises what the store raised)."""
         queued, self._queued = self._queued, []
-        for ops in queued:
-            ops.wait()
+        errors = [commit.exception() for commit in queued]  # waits for every one of them
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)

@@ -412,11 +412,12 @@ class Run:
                 cfg.variant.name, self.study, None if self.trial is None else self.trial.number,
                 "PRUNED" if status == "pruned" else self.status, epochs_done, cfg.optim.epochs, last,
                 self.parts.eval_split, error or pruned)
-            self.logger.set_tags(tags)
-            # where the run's wall time went (the bench reads these): logging includes this close
+            self.stop_monitor()
+            # where the run's wall time went (the bench reads these): the logging includes all of
+            # this close but its last two store writes, these tags and metrics, and the status
             self.logging_s += time.time() - start
-            self.logger.log_metrics({"time/logging_s": self.logging_s, "time/run_s": time.time() - self.started},
-                                    step=max(1, epochs_done))
+            self.logger.set_tags(tags, {"time/logging_s": self.logging_s, "time/run_s": time.time() - self.started},
+                                 step=max(1, epochs_done))
         finally:
             self.stop_monitor()
             self.logger.finish(self.status)

@@ -291,26 +291,94 @@ def test_every_flag_has_help_with_its_default():
 
 
 def test_epoch_metrics_logged_in_the_background_are_all_there_when_the_run_ends(tmp_path):
-    """Per-epoch metrics go through MLflow's asynchronous queue; ``finish`` waits for them before
-    the run's status, so a finished run holds every step."""
+    """Per-epoch metrics are committed on the process's committer thread; ``finish`` waits for
+    them before the run's status, so a finished run holds every step."""
+    import time
+
     from conftest import module_store
 
-    from carrot.tracking import RunLogger
+    from carrot.tracking import RunLogger, committer
 
     with module_store(tmp_path) as (_, client):
         logger = RunLogger.start("background", "r", {})
         for step in range(1, 31):
             logger.log_metrics({"val/acc": step / 100, "train/loss": 1.0 / step}, step, background=True)
-        statuses = []  # what the store said while finish waited for the queue
+        statuses = []  # what the store said when the last queued commit ran
 
-        class Marker:  # the last queued operation: finish must wait for it before the status
-            def wait(self):
-                statuses.append(client.get_run(logger.run_id).info.status)
+        def slow_last_commit():  # finish must wait for it before the status
+            time.sleep(0.3)
+            statuses.append(client.get_run(logger.run_id).info.status)
 
-        logger._queued.append(Marker())
+        logger._queued.append(committer().submit(slow_last_commit))
         logger.finish("FINISHED")
         assert statuses == ["RUNNING"]
         history = sorted(client.get_metric_history(logger.run_id, "val/acc"), key=lambda m: m.step)
         assert [(m.step, m.value) for m in history] == [(s, s / 100) for s in range(1, 31)]
         assert len(client.get_metric_history(logger.run_id, "train/loss")) == 30
         assert client.get_run(logger.run_id).info.status == "FINISHED"
+
+
+def test_a_background_commit_that_fails_is_raised_by_flush_after_the_others_landed(tmp_path):
+    """A store error on the committer thread is not lost: ``flush`` raises it, and only once
+    every queued commit has run."""
+    import time
+
+    from conftest import module_store
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    from carrot.tracking import RunLogger, committer
+
+    with module_store(tmp_path) as (_, client):
+        logger = RunLogger.start("background", "r", {})
+        gone = RunLogger(client, "0" * 32)  # no such run in the store
+        gone.log_metrics({"val/acc": 0.5}, 1, background=True)
+
+        def slow_commit():  # queued after the failing one
+            time.sleep(0.3)
+            client.log_batch(logger.run_id, metrics=[Metric("val/acc", 0.25, 0, 2)])
+
+        gone._queued.append(committer().submit(slow_commit))
+        with pytest.raises(MlflowException):
+            gone.flush()
+        assert [m.value for m in client.get_metric_history(logger.run_id, "val/acc")] == [0.25]
+        assert gone._queued == []
+
+
+def test_a_runs_logging_time_covers_every_store_call_it_waited_for(tmp_path, monkeypatch):
+    """``time/logging_s`` holds the wall time of every MLflow call the run made on its own
+    thread (creation, params, inputs, tags, artifacts, pictures, the flush of the epochs'
+    metrics) but its last two store writes, its closing tags with these metrics and its
+    status. Timed here call by call through the real store."""
+    import threading
+    import time
+
+    from conftest import module_store
+    from mlflow.tracking import MlflowClient
+
+    from carrot import train
+
+    calls: list[tuple[str, float]] = []  # (method, seconds) of the calls on this thread
+    main = threading.get_ident()
+    for name in ("create_run", "log_batch", "log_inputs", "log_artifact", "log_dict", "log_figure", "get_run",
+                 "set_terminated", "get_experiment_by_name"):
+        method = getattr(MlflowClient, name)
+
+        def timed(self, *args, _method=method, _name=name, **kwargs):
+            began = time.perf_counter()
+            try:
+                return _method(self, *args, **kwargs)
+            finally:
+                if threading.get_ident() == main:
+                    calls.append((_name, time.perf_counter() - began))
+
+        monkeypatch.setattr(MlflowClient, name, timed)
+    with module_store(tmp_path) as (_, client):
+        result = train.run(tiny_config(), log=lambda s: None)
+        metrics = client.get_run(result.run_id).data.metrics
+    names = [name for name, _ in calls]
+    end = names.index("set_terminated")  # what the caller does with the run after it ended is not its time
+    assert names[end - 1] == "log_batch"
+    waited = sum(seconds for _, seconds in calls[:end - 1])
+    assert len(calls) > 10 and waited > 0
+    assert waited <= metrics["time/logging_s"] <= metrics["time/run_s"]
