@@ -26,8 +26,9 @@ Sections:
   trials) in a temporary MLflow store and Optuna journal: trials per hour with one worker and
   with ``--study-jobs`` workers, the epochs pruning saved against the ``trials x epochs`` an
   unpruned study of the same size trains, and the shares of a trial's wall time spent
-  logging (``time/logging_s``), in the per-epoch diagnostics (``time/eval_s``) and in the
-  probes (``time/probe_s``), read back from the trials' runs.
+  in MLflow logging (``time/logging_s``), in the Optuna trial's reports and pruning decisions
+  (``time/study_s``), in the per-epoch diagnostics (``time/eval_s``) and in the probes
+  (``time/probe_s``), read back from the trials' runs.
 - on CUDA: the variants and memory again, each variant's share of a ResNet-50 step at 448 px
   (bf16), and whether a variant's step synchronises with the host (``--sync-debug``, or
   always on CUDA): ``torch.cuda.set_sync_debug_mode("error")`` around it.
@@ -69,7 +70,7 @@ from carrot.variants import create_variant, list_variants
 CPU_TARGET_RATIO = 3.0  # a variant's step over the CE head's, CPU, at the scale above
 FLOOR_SLACK = 1.5  # ... or within this factor of its floor where it has one (the floor relaxes 3x, never tightens it)
 GPU_TARGET_PERCENT = 5.0  # added to a ResNet-50 step at 448 px
-LOGGING_TARGET = 0.02  # share of a trial's wall time spent in MLflow calls and Optuna reports
+LOGGING_TARGET = 0.02  # share of a trial's wall time spent in MLflow calls
 DIAGNOSTICS_TARGET = 0.20  # share spent in the per-epoch diagnostics and the probes
 PRUNING_TARGET = 1.0 / 3.0  # share of an unpruned study's epochs that pruning saves
 FEATURE_DIMS = {"layer2": 512, "layer3": 1024, "layer4": 2048}  # resnet50's last three stages
@@ -568,9 +569,10 @@ def study_epochs(journal: Path, name: str) -> tuple[int, int]:
 
 
 def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
-    """Shares of the study's trials' wall time (``time/run_s``) spent logging (``time/logging_s``),
-    in the per-epoch diagnostics (``time/eval_s``) and in the probes (``time/probe_s``), summed
-    over the trials; read from their MLflow runs. ``pictures`` (``time/pictures_s``) is the
+    """Shares of the study's trials' wall time (``time/run_s``) spent in MLflow logging
+    (``time/logging_s``), in the Optuna trial's reports and pruning decisions (``time/study_s``,
+    ``study``), in the per-epoch diagnostics (``time/eval_s``) and in the probes
+    (``time/probe_s``), summed over the trials; read from their MLflow runs. ``pictures`` (``time/pictures_s``) is the
     part of the logging spent drawing and logging the runs' pictures. ``logging_s_per_run`` and
     ``pictures_s_per_run`` are their seconds per run, mostly a fixed cost of a run, whose share
     shrinks as trials get longer; ``run_s_per_run`` is a run's own wall time."""
@@ -581,7 +583,8 @@ def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
     mlf = client()
     runs = contract.search_runs(mlf, experiment, f"tags.`{contract.TAG_STUDY}` = '{study_name}' and "
                                                  f"tags.`{contract.TAG_ROLE}` = '{contract.ROLE_TRIAL}'")
-    totals = {"run_s": 0.0, "logging_s": 0.0, "eval_s": 0.0, "probe_s": 0.0, "train_s": 0.0, "pictures_s": 0.0}
+    totals = {"run_s": 0.0, "logging_s": 0.0, "study_s": 0.0, "eval_s": 0.0, "probe_s": 0.0, "train_s": 0.0,
+              "pictures_s": 0.0}
     counted = 0  # runs with a wall time
     for run in runs:
         metrics = run.data.metrics
@@ -590,6 +593,7 @@ def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
         counted += 1
         totals["run_s"] += metrics["time/run_s"]
         totals["logging_s"] += metrics.get("time/logging_s", 0.0)
+        totals["study_s"] += metrics.get("time/study_s", 0.0)
         totals["pictures_s"] += metrics.get(PICTURES_METRIC, 0.0)
         for key, metric in (("eval_s", "time/eval_s"), ("probe_s", "time/probe_s"), ("train_s", "time/train_epoch_s")):
             totals[key] += sum(m.value for m in mlf.get_metric_history(run.info.run_id, metric))
@@ -598,7 +602,8 @@ def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
     return {"runs": len(runs), "seconds": totals,
             "run_s_per_run": totals["run_s"] / counted, "logging_s_per_run": totals["logging_s"] / counted,
             "pictures_s_per_run": totals["pictures_s"] / counted,
-            "logging": totals["logging_s"] / run_s, "diagnostics": totals["eval_s"] / run_s,
+            "logging": totals["logging_s"] / run_s, "study": totals["study_s"] / run_s,
+            "diagnostics": totals["eval_s"] / run_s,
             "probes": totals["probe_s"] / run_s, "pictures": totals["pictures_s"] / run_s,
             "diagnostics_with_probes": (totals["eval_s"] + totals["probe_s"]) / run_s,
             "training": totals["train_s"] / run_s}
@@ -747,6 +752,7 @@ def _print_study(study: dict[str, Any]) -> None:
           f"{100 * pr['saved_fraction']:.1f}% saved")
     print(f"shares of trial wall time ({sh['runs']} runs, {sh['seconds']['run_s']:.1f} s): "
           f"training {100 * sh['training']:.1f}%, MLflow logging {100 * sh['logging']:.2f}%, "
+          f"Optuna reports and pruning {100 * sh['study']:.2f}%, "
           f"diagnostics {100 * sh['diagnostics']:.1f}%, probes {100 * sh['probes']:.1f}%, "
           f"diagnostics with probes {100 * sh['diagnostics_with_probes']:.1f}%; within the logging, the runs' "
           f"pictures {100 * sh['pictures']:.1f}%")

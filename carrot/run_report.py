@@ -6,9 +6,9 @@ inputs with a content digest, its pictures, and the params worth comparing.
 - :func:`dataset_inputs`: one MLflow dataset input per split (context ``train``,
   ``validation``, ``test``), each with a digest of its content: the file list relative to the
   dataset root (or the pixels of an in-memory dataset) and the labels.
-- :func:`figures`: the confusion matrix of the last epoch with class names, the top
-  confusable pairs as a labelled bar chart, and the prototype-cosine and D_B trajectories;
-  :func:`log_pictures` logs them with their wall time.
+- :func:`pictures`: the confusion matrix of the last epoch with class names, the top
+  confusable pairs as a labelled bar chart, and the prototype-cosine and D_B trajectories, as
+  SVG (:mod:`carrot.charts`); :func:`log_pictures` logs them with their wall time.
 - :func:`logged_params`: the resolved configuration without display switches, with the
   device as it was resolved.
 """
@@ -27,9 +27,9 @@ from carrot import contract
 # config keys that change what is shown, not what is trained: never params
 DISPLAY_KEYS = ("show_progress", "experiment")
 IMAGE_DIR = "images"
-CONFUSION_IMAGE = f"{IMAGE_DIR}/confusion.png"
-PAIRS_IMAGE = f"{IMAGE_DIR}/top_pairs.png"
-TRAJECTORY_IMAGE = f"{IMAGE_DIR}/trajectories.png"
+CONFUSION_IMAGE = f"{IMAGE_DIR}/confusion.svg"
+PAIRS_IMAGE = f"{IMAGE_DIR}/top_pairs.svg"
+TRAJECTORY_IMAGE = f"{IMAGE_DIR}/trajectories.svg"
 SPLIT_CONTEXT = {"train": "train", "val": "validation", "test": "test"}
 MAX_NAMED_CLASSES = 40  # the heatmap names every class up to this many
 
@@ -130,75 +130,39 @@ def dataset_inputs(dataset_id: str, root: str | None, splits) -> list:
     return out
 
 
-# ----------------------------------------------------------------------------- figures
+# ----------------------------------------------------------------------------- pictures
 def _pair_label(names: list[str], i: int, j: int) -> str:
     return f"{names[i]} ↔ {names[j]}" if names else f"{i} ↔ {j}"
 
 
-def figures(confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
-            top_n: int = 20) -> dict[str, Any]:
-    """Artifact name -> matplotlib Figure: the last epoch's confusion matrix, its top
-    confusable pairs, and the prototype-cosine and D_B trajectories over the epochs."""
-    from matplotlib.figure import Figure  # no pyplot: nothing to close, no global figure list
+def pictures(confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
+             top_n: int = 20) -> dict[str, str]:
+    """Artifact name -> SVG document (:mod:`carrot.charts`): the last epoch's confusion matrix,
+    its top confusable pairs, and the prototype-cosine and D_B trajectories over the epochs
+    (when the run logged either)."""
+    from carrot import charts
 
-    def subplots(*grid: int, figsize: tuple[float, float]):
-        fig = Figure(figsize=figsize, layout="constrained")
-        return fig, fig.subplots(*grid)
-
-    out: dict[str, Any] = {}
-    K = confusion.shape[0]
-    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    size = min(10.0, 3.0 + 0.18 * K)
-    fig, ax = subplots(figsize=(size + 1.2, size))
-    im = ax.imshow(rates, cmap="viridis", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, label="share of the true class", shrink=0.8)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if class_names and K <= MAX_NAMED_CLASSES:
-        ax.set_xticks(range(K), class_names, rotation=90, fontsize=7)
-        ax.set_yticks(range(K), class_names, fontsize=7)
-    ax.set_title(f"Confusion matrix, last epoch ({K} classes)")
-    out[CONFUSION_IMAGE] = fig
-
+    out = {CONFUSION_IMAGE: charts.confusion_matrix(confusion, class_names, MAX_NAMED_CLASSES)}
     pairs = contract.confusable_pairs(confusion, top_n)
     if len(pairs):
-        errors = contract.pair_error(confusion, pairs)
-        labels = [_pair_label(class_names, int(i), int(j)) for i, j in pairs]
-        fig, ax = subplots(figsize=(6.4, 1.2 + 0.28 * len(pairs)))
-        ax.barh(range(len(pairs)), 100 * errors, color="tab:red")
-        ax.set_yticks(range(len(pairs)), labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(0, max(1.0, 100 * float(np.nanmax(errors)) * 1.1))
-        ax.set_xlabel("pair error (%): share of the pair's samples predicted as the other class")
-        ax.set_title(f"Top {len(pairs)} confusable pairs, last epoch")
-        out[PAIRS_IMAGE] = fig
-
-    epochs = np.arange(1, len(history) + 1)
+        out[PAIRS_IMAGE] = charts.pair_bars([_pair_label(class_names, int(i), int(j)) for i, j in pairs],
+                                            contract.pair_error(confusion, pairs))
     layers = sorted({k.split("/")[1] for h in history for k in h if k.startswith("dB/")})
     if history and (layers or any(contract.PROTO_COS_REF in h for h in history)):
-        fig, axes = subplots(1, 2, figsize=(10, 3.6))
+        cosines = []
         for key, label in ((contract.PROTO_COS_REF, "reference pairs"), (contract.PROTO_COS_TOP, "top pairs"),
                            (contract.PROTO_COS_OFFDIAG_MEAN, "all pairs (mean)")):
-            values = [h.get(key, np.nan) for h in history]
+            values = [h.get(key, math.nan) for h in history]
             if np.isfinite(values).any():
-                axes[0].plot(epochs, values, marker="o", label=label)
-        axes[0].set_xlabel("epoch")
-        axes[0].set_ylabel("prototype cosine")
-        axes[0].set_title("Prototype cosine of confusable pairs")
-        if axes[0].lines:  # no prototype cosine was logged: an empty panel, no empty legend
-            axes[0].legend(fontsize=8)
-        for layer in layers:
-            axes[1].plot(epochs, [h.get(contract.db_metric(layer, "ref"), np.nan) for h in history], marker="o",
-                         label=layer)
-        axes[1].set_ylim(bottom=0)
-        axes[1].set_xlabel("epoch")
-        axes[1].set_ylabel("D_B = -log rho")
-        axes[1].set_title("Bhattacharyya distance of reference pairs")
-        if layers:
-            axes[1].legend(fontsize=8, title="layer")
-        for ax in axes:
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        out[TRAJECTORY_IMAGE] = fig
+                cosines.append((label, values))
+        distances = [(layer, [h.get(contract.db_metric(layer, "ref"), math.nan) for h in history])
+                     for layer in layers]
+        out[TRAJECTORY_IMAGE] = charts.line_panels([
+            {"title": "Prototype cosine of confusable pairs", "ylabel": "prototype cosine", "series": cosines,
+             "empty": "no prototype cosine logged"},
+            {"title": "Bhattacharyya distance of reference pairs", "ylabel": "D_B = -log rho", "series": distances,
+             "from_zero": True, "legend_title": "layer", "empty": "no D_B logged"},
+        ], len(history))
     return out
 
 
@@ -208,9 +172,9 @@ PICTURES_METRIC = "time/pictures_s"  # wall time of a run's pictures, drawn and 
 
 def log_pictures(logger, confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
                  top_n: int, step: int) -> None:
-    """Draw :func:`figures`, log them into ``logger``'s run and their wall time as
-    ``time/pictures_s`` at ``step``."""
+    """Draw :func:`pictures`, log them into ``logger``'s run (one artifact upload) and their
+    wall time as ``time/pictures_s`` at ``step``."""
     began = time.time()
-    for name, fig in figures(confusion, class_names, history, top_n).items():
-        logger.log_figure(fig, name)
+    logger.log_files({name: svg.encode("utf-8") for name, svg in pictures(confusion, class_names, history,
+                                                                           top_n).items()})
     logger.log_metrics({PICTURES_METRIC: time.time() - began}, step=step)

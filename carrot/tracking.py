@@ -5,6 +5,7 @@ The store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/`` unl
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -123,10 +124,10 @@ def ui_base(uri: str | None = None) -> str:
 UI_VIEW = "?workflowType=machine_learning"
 
 
-def run_url(mlf: MlflowClient, run_id: str) -> str:
-    """The run's page in the MLflow UI."""
-    run = mlf.get_run(run_id)
-    return f"{ui_base(mlf.tracking_uri)}/#/experiments/{run.info.experiment_id}/runs/{run_id}{UI_VIEW}"
+def run_url(mlf: MlflowClient, run_id: str, experiment: str | None = None) -> str:
+    """The run's page in the MLflow UI (``experiment``: its experiment's id, if known)."""
+    experiment = experiment or mlf.get_run(run_id).info.experiment_id
+    return f"{ui_base(mlf.tracking_uri)}/#/experiments/{experiment}/runs/{run_id}{UI_VIEW}"
 
 
 def experiment_url(mlf: MlflowClient, name: str) -> str:
@@ -137,7 +138,10 @@ def experiment_url(mlf: MlflowClient, name: str) -> str:
     return f"{ui_base(mlf.tracking_uri)}/#/experiments/{exp.experiment_id}/runs{UI_VIEW}"
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The commit of carrot's checkout (``-dirty`` with uncommitted changes to tracked files)
+    when this process started using it: the code it runs was read then."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -182,9 +186,10 @@ def committer() -> ThreadPoolExecutor:
 class RunLogger:
     """One MLflow run; metrics of one step go out in one ``log_batch`` call."""
 
-    def __init__(self, mlf: MlflowClient, run_id: str) -> None:
+    def __init__(self, mlf: MlflowClient, run_id: str, experiment_id: str | None = None) -> None:
         self.client = mlf
         self.run_id = run_id
+        self.experiment_id = experiment_id
         self._queued: list[Future] = []  # the commits of the metrics logged in the background
 
     @classmethod
@@ -194,7 +199,7 @@ class RunLogger:
         if parent_run_id:
             all_tags[contract.MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = mlf.create_run(experiment_id(mlf, experiment), tags=all_tags, run_name=name)
-        return cls(mlf, run.info.run_id)
+        return cls(mlf, run.info.run_id, run.info.experiment_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
@@ -226,20 +231,23 @@ class RunLogger:
         if first is not None:
             raise first
 
-    def log_dict(self, data: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
-
     def log_bytes(self, content: bytes, artifact_file: str) -> None:
+        self.log_files({artifact_file: content})
+
+    def log_files(self, files: dict[str, bytes | Any]) -> None:
+        """Artifacts ``{path in the run: content}``, all in one upload: bytes as they are, anything
+        else as JSON (indented, as MLflow's ``log_dict`` writes it)."""
+        if not files:
+            return
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp, artifact_file)
-            path.write_bytes(content)
-            self.client.log_artifact(self.run_id, str(path))
+            for name, content in files.items():
+                path = Path(tmp, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content if isinstance(content, bytes) else json.dumps(content, indent=2).encode())
+            self.client.log_artifacts(self.run_id, tmp)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
         try:

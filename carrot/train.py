@@ -289,7 +289,8 @@ class Run:
         self.parts, self.trial, self.logger = parts, trial, logger
         self.status = "FAILED"
         self.started = time.time()
-        self.logging_s = 0.0  # wall time spent in MLflow calls and Optuna reports (time/logging_s)
+        self.logging_s = 0.0  # wall time spent in MLflow calls (time/logging_s)
+        self.study_s = 0.0  # wall time spent in the Optuna trial's reports and pruning decisions (time/study_s)
         self.monitor = None  # MLflow's system metrics (CPU, memory, GPU) of this run
 
     @classmethod
@@ -318,22 +319,23 @@ class Run:
             if trial is not None:  # from the start, so a worker that dies leaves a run to close
                 from carrot.tracking import run_url
 
+                marked = time.time()
                 trial.set_user_attr(contract.TRIAL_RUN_ID_ATTR, logger.run_id)
-                trial.set_user_attr(contract.TRIAL_RUN_URL_ATTR, run_url(logger.client, logger.run_id))
+                trial.set_user_attr(contract.TRIAL_RUN_URL_ATTR, run_url(logger.client, logger.run_id, logger.experiment_id))
+                self.study_s += time.time() - marked
             resolved = cfg.to_dict()
             resolved["data"]["effective_batch_size"] = parts.train_loader.batch_size * parts.world_size
             logger.log_params(run_report.logged_params(flatten("", resolved), parts.device.type))
             logger.client.log_inputs(logger.run_id, datasets=run_report.dataset_inputs(
                 cfg.data.dataset_id, cfg.data.root, splits))
-            logger.log_dict(resolved, contract.CONFIG_ARTIFACT)
-            logger.log_dict({"num_classes": splits.num_classes, "class_names": splits.class_names,
-                             "sizes": {k: int(len(v)) for k, v in splits.labels.items()}, **splits.info},
-                            contract.DATASET_ARTIFACT)
+            logger.log_files({contract.CONFIG_ARTIFACT: resolved, contract.DATASET_ARTIFACT: {
+                "num_classes": splits.num_classes, "class_names": splits.class_names,
+                "sizes": {k: int(len(v)) for k, v in splits.labels.items()}, **splits.info}})
         except BaseException:
             self.stop_monitor()
             logger.finish("FAILED")
             raise
-        self.logging_s += time.time() - began  # the run's creation, params, inputs and config
+        self.logging_s += time.time() - began - self.study_s  # the run's creation, params, inputs and config
         return self
 
     def stop_monitor(self) -> None:
@@ -354,11 +356,17 @@ class Run:
         (``report_only``: an epoch replayed from a checkpoint, never pruned)."""
         start = time.time()
         try:
-            self._log_epoch(epoch, metrics, evaluator, report_only)
+            self._log_epoch_metrics(epoch, metrics, evaluator)
         finally:
             self.logging_s += time.time() - start
+        if self.trial is not None:
+            start = time.time()
+            try:
+                self._report(epoch, metrics, report_only)
+            finally:
+                self.study_s += time.time() - start
 
-    def _log_epoch(self, epoch: int, metrics: dict[str, float], evaluator: Evaluator, report_only: bool) -> None:
+    def _log_epoch_metrics(self, epoch: int, metrics: dict[str, float], evaluator: Evaluator) -> None:
         if self.logger:
             if epoch == 0:
                 tags = {contract.TAG_REF_PAIRS_SOURCE: evaluator.ref_source}
@@ -366,13 +374,14 @@ class Run:
                     tags[contract.TAG_REF_PAIRS_PROBLEM] = evaluator.ref_problem
                 self.logger.set_tags(tags)
             self.logger.log_metrics(metrics, step=epoch + 1, background=True)  # committed while training goes on
-        if self.trial is not None:
-            key = contract.split_metric(self.parts.eval_split, "acc")
-            self.trial.report(metrics[key], epoch + 1)
-            last = epoch == self.parts.cfg.optim.epochs - 1
-            if not last and not report_only and self.trial.should_prune():  # a fully trained trial is kept
-                self.status = "KILLED"
-                raise TrialPruned(f"pruned after epoch {epoch + 1} ({key}={metrics[key]:.4f})")
+
+    def _report(self, epoch: int, metrics: dict[str, float], report_only: bool) -> None:
+        key = contract.split_metric(self.parts.eval_split, "acc")
+        self.trial.report(metrics[key], epoch + 1)
+        last = epoch == self.parts.cfg.optim.epochs - 1
+        if not last and not report_only and self.trial.should_prune():  # a fully trained trial is kept
+            self.status = "KILLED"
+            raise TrialPruned(f"pruned after epoch {epoch + 1} ({key}={metrics[key]:.4f})")
 
     def close(self, evaluator: Evaluator | None, history: list[dict[str, float]], error: str = "",
               pruned: str = "") -> None:
@@ -383,23 +392,21 @@ class Run:
         epochs_done = len(history)
         last = history[-1] if history else None
         if self.trial is not None and last is not None:
+            marked = time.time()
             try:
                 for key, value in last.items():
                     if key.startswith(contract.VARIANT_STAT_PREFIX) and math.isfinite(value):
                         self.trial.set_user_attr(key, value)
             except Exception:  # the study's storage went away: the run is still closed below
                 pass
+            self.study_s += time.time() - marked
         if not self.logger:
             return
         start = time.time()
         try:
             self.logger.flush()  # the epochs' metrics, before the run's last words
             if evaluator is not None:
-                for name, content in evaluator.artifacts().items():
-                    if isinstance(content, bytes):
-                        self.logger.log_bytes(content, name)
-                    else:
-                        self.logger.log_dict(content, name)
+                self.logger.log_files(evaluator.artifacts())
                 if evaluator.confusions and self.parts.cfg.eval.images:
                     run_report.log_pictures(self.logger, evaluator.confusions[-1], evaluator.class_names, history,
                                             self.parts.cfg.eval.top_n, max(1, epochs_done))
@@ -416,8 +423,8 @@ class Run:
             # where the run's wall time went (the bench reads these): the logging includes all of
             # this close but its last two store writes, these tags and metrics, and the status
             self.logging_s += time.time() - start
-            self.logger.set_tags(tags, {"time/logging_s": self.logging_s, "time/run_s": time.time() - self.started},
-                                 step=max(1, epochs_done))
+            self.logger.set_tags(tags, {"time/logging_s": self.logging_s, "time/study_s": self.study_s,
+                                        "time/run_s": time.time() - self.started}, step=max(1, epochs_done))
         finally:
             self.stop_monitor()
             self.logger.finish(self.status)

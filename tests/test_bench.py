@@ -145,8 +145,10 @@ def test_json_holds_every_section(tmp_path, monkeypatch):
     assert study["pruning"] == {"epochs_trained": 2, "epochs_unpruned": 2, "saved_fraction": 0.0}
     shares = study["shares"]
     assert shares["runs"] == 2 and shares["seconds"]["run_s"] > 0
-    for key in ("logging", "diagnostics", "probes", "diagnostics_with_probes", "training", "pictures"):
+    for key in ("logging", "study", "diagnostics", "probes", "diagnostics_with_probes", "training", "pictures"):
         assert 0.0 <= shares[key] < 1.0, key
+    assert shares["study"] > 0  # every trial reports to Optuna
+    assert shares["logging"] + shares["study"] + shares["training"] < 1.0  # three parts of the time, apart
     assert 0 < shares["pictures"] < shares["logging"]  # every trial's pictures, a part of its logging
     assert shares["logging_s_per_run"] == pytest.approx(shares["seconds"]["logging_s"] / 2)
     assert shares["run_s_per_run"] == pytest.approx(shares["seconds"]["run_s"] / 2)
