@@ -94,5 +94,12 @@ def test_make_ui_serves_runs_over_rest(store):
         assert metrics["val/acc"] == pytest.approx(result.objective)
         tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
         assert tags["carrot.variant"] == "baseline"
+        # the run's pictures, fetched as the UI's image view fetches them: served as SVG images
+        from carrot.run_report import CONFUSION_IMAGE
+
+        with urllib.request.urlopen(f"{base}/get-artifact?path={CONFUSION_IMAGE}&run_uuid={result.run_id}",
+                                    timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("image/svg+xml")
+            assert r.read().startswith(b"<svg ")
     finally:
         _stop(proc)
