@@ -119,13 +119,14 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
         log_det = _column_block_sum(torch.log(v), widths)  # (C, L)
 
         ends = pairs.reshape(-1)  # (2P,) the c of every pair, then the d of every pair
+        # Two (2P, D) buffers hold every pair-sized intermediate: a half is reused once it is dead.
         ends_mu = mu.index_select(0, ends)  # (2P, D)
-        diff = torch.sub(ends_mu[:p], ends_mu[p:])  # (P, D) mu_c - mu_d
+        diff = ends_mu[:p].sub_(ends_mu[p:])  # (P, D) mu_c - mu_d
         # (v + eps) / 2 per class, so that vbar = (v_c + v_d) / 2 + eps is one sum per pair
         ends_v = torch.lerp(v, torch.full((), eps, dtype=v.dtype, device=v.device), 0.5).index_select(0, ends)
-        vbar = torch.add(ends_v[:p], ends_v[p:])  # (P, D)
-        terms = torch.log(vbar)
-        ratio = torch.div(diff, vbar)  # (P, D) r
+        vbar = ends_v[:p].add_(ends_v[p:])  # (P, D)
+        terms = torch.log(vbar, out=ends_v[p:])
+        ratio = torch.div(diff, vbar, out=ends_mu[p:])  # (P, D) r
         terms.addcmul_(diff, ratio, value=0.25)  # log vbar + (mu_c - mu_d)^2 / (4 vbar)
         log_det = log_det.index_select(0, ends)  # (2P, L)
         distance = _column_block_sum(terms, widths).mul_(0.5).sub_(log_det[:p].add(log_det[p:]).mul_(0.25))  # (P, L)
@@ -143,8 +144,8 @@ class _SamplePairBhattacharyya(torch.autograd.Function):
         # = (1 / vbar - r^2 / 4) / 4, each column block scaled by its layer's incoming
         # gradient; both are scattered to the classes of the pair's two ends below.
         g_cols = _column_block_expand(0.25 * grad, widths)  # (P, D) a quarter of each layer's gradient
-        g_mu = torch.mul(ratio, g_cols)  # (P, D)
         g_v = torch.reciprocal(vbar).addcmul_(ratio, ratio, value=-0.25).mul_(g_cols)  # (P, D)
+        g_mu = g_cols.mul_(ratio) if len(widths) > 1 else torch.mul(g_cols, ratio)  # (P, D); one layer's is a view
         g_mean = torch.zeros_like(v).index_add_(0, ends[:p], g_mu).index_add_(0, ends[p:], g_mu, alpha=-1.0)  # (C, D)
         g_var = torch.zeros_like(v).index_add_(0, ends[:p], g_v).index_add_(0, ends[p:], g_v)  # (C, D)
         g_log_det = torch.zeros(v.shape[0], grad.shape[1], dtype=grad.dtype, device=grad.device).index_add_(

@@ -30,6 +30,7 @@ so moments and pair terms are one pass for all of them, with a hand-written back
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -63,6 +64,8 @@ class PairSelection:
     klass: Tensor  # (B,) int64 usable-class index of each sample; num_usable (no pair reads it) if < 2 samples
     pair_class: Tensor  # (2, M') int64 usable-class indices of (c, d); 0 for padding entries
     num_usable: int  # rows of the per-class moments: max(1, B // 2), or the usable classes on the host
+    on_host: bool = False  # made by the host (CPU tensors): the pair terms' small tensors can go through numpy
+    padded: bool = True  # some entries may be padding (the host's has one only when no pair is valid)
 
 
 def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int, on_host: bool | None = None) -> PairSelection:
@@ -101,6 +104,14 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int, on_host: bool
     return sel
 
 
+@functools.lru_cache(maxsize=64)
+def _upper_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.triu_indices(n, 1)``, read-only (it costs more than the rest of a selection)."""
+    first, second = np.triu_indices(n, 1)
+    first.flags.writeable = second.flags.writeable = False
+    return first, second
+
+
 def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
     """:func:`select_confusable_pairs` in numpy, for tensors the host can read without a sync.
 
@@ -108,9 +119,14 @@ def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
     slot pair), the same weights up to float32 rounding; only the valid pairs are kept (at
     least one entry) and ``num_usable`` is the number of usable classes, not ``B // 2``.
     """
-    inv_t, counts_t, labels_t = class_slots(y.detach().cpu())  # the present classes: slots 0 .. C-1
-    c = max(1, int((counts_t > 0).sum()))
-    inv, counts, classes = inv_t.numpy(), counts_t[:c].numpy(), labels_t[:c].numpy()
+    # the present classes, ascending: slots 0 .. C-1 as class_slots numbers them
+    labels = y.detach().cpu().numpy().reshape(-1)
+    per_label = np.bincount(labels)  # (max label + 1,) class indices are small
+    classes = np.flatnonzero(per_label)  # (C,)
+    counts = per_label[classes]  # (C,)
+    slot = np.zeros(per_label.shape[0], dtype=np.int64)
+    slot[classes] = np.arange(classes.shape[0])
+    inv = slot[labels]  # (B,)
     lg = logits.detach().cpu().float().numpy()  # (B, K)
     usable = counts >= 2  # (C,)
     compact = np.cumsum(usable) - 1  # (C,) usable-class index where usable
@@ -123,7 +139,7 @@ def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
     average = np.zeros((u, inv.shape[0]), dtype=np.float32)
     average[klass[member], np.flatnonzero(member)] = 1.0 / counts[inv[member]]
     rows = average @ probs  # (U, U)
-    first, second = np.triu_indices(u, 1)  # pairs c < d of usable classes, ascending
+    first, second = _upper_pairs(u)  # pairs c < d of usable classes, ascending
     score = 0.5 * (rows[first, second] + rows[second, first])
     order = np.argsort(-score, kind="stable")[:top_m]
     pair_class, weight = np.stack([first[order], second[order]]), score[order].astype(np.float32)
@@ -140,6 +156,7 @@ def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
         i=tensor(slot_of[pair_class[0]] if u else pair_class[0]), j=tensor(slot_of[pair_class[1]] if u else pair_class[1]),
         weight=tensor(weight), valid=tensor(valid), usable_classes=torch.tensor(u, device=device),
         klass=tensor(klass.astype(np.int64)), pair_class=tensor(pair_class.astype(np.int64)), num_usable=max(1, u),
+        on_host=device.type == "cpu", padded=not valid.all(),
     )
 
 
@@ -175,8 +192,12 @@ def pair_distances(
         db = sample_pair_bhattacharyya(x, sel.klass, sel.num_usable + 1, sel.pair_class, widths, eps)  # (M', L)
         if distance == "mean":
             db = db / torch.tensor(widths, dtype=db.dtype, device=db.device)
-        # Padding entries: D_B = 0, so no inf * 0 in the loss or its gradient.
-        db = torch.where(sel.valid[:, None], db, torch.zeros_like(db))
+        if sel.padded:  # padding entries: D_B = 0, so no inf * 0 in the loss or its gradient
+            db = torch.where(sel.valid[:, None], db, torch.zeros_like(db))
+        if sel.on_host:  # the same means in numpy: a few microseconds instead of a dozen tensor ops
+            d = db.detach().numpy()[sel.valid.numpy()]  # (valid pairs, L)
+            n = max(1, d.shape[0])
+            return db, torch.from_numpy(np.exp(-d).sum(0) / n), torch.from_numpy(d.sum(0) / n)
         with torch.no_grad():
             valid = sel.valid.to(db.dtype)
             n = valid.sum().clamp_min(1.0)
