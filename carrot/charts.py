@@ -15,8 +15,9 @@ numbers back from the picture: the heatmap's pixels, the bars' lengths and the l
 from __future__ import annotations
 
 import base64
-import io
 import math
+import struct
+import zlib
 from typing import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
@@ -112,14 +113,10 @@ class Svg:
     def image(self, x: float, y: float, w: float, h: float, rgb: np.ndarray, **attrs) -> None:
         """An (H, W, 3) uint8 array as an embedded PNG, each cell a block of whole pixels about
         as large as it is drawn (so that a viewer that smooths images still shows sharp cells)."""
-        from PIL import Image
-
         rows, cols = rgb.shape[:2]
         fy, fx = max(1, round(h / rows)), max(1, round(w / cols))
         block = np.repeat(np.repeat(np.asarray(rgb, dtype=np.uint8), fy, axis=0), fx, axis=1)
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(block), "RGB").save(buf, format="PNG")
-        href = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        href = "data:image/png;base64," + base64.b64encode(png(block)).decode("ascii")
         self.element("image", x=x, y=y, width=w, height=h, href=href, preserveAspectRatio="none",
                      style="image-rendering:pixelated;image-rendering:crisp-edges", **attrs)
 
@@ -130,13 +127,48 @@ class Svg:
                 + "".join(self.parts) + "</svg>")
 
 
-def viridis(values: np.ndarray) -> np.ndarray:
-    """matplotlib's viridis of ``values`` in [0, 1] as uint8 RGB (NaN: white)."""
-    from matplotlib import colormaps
+# matplotlib's viridis, its 256 colours as RGB bytes (``colormaps["viridis"](np.arange(256) / 255,
+# bytes=True)``; a test checks them): no matplotlib import in a run for one colour map
+_VIRIDIS = np.frombuffer(bytes.fromhex(
+    "44015444025544035745055845065a45085b46095c460b5e460c5f460e61470f62471163471265471466471567471669"
+    "47186a48196b481a6c481c6e481d6f481e70482071482172482273482374472575472676472777472878472a79472b7a"
+    "472c7b462d7c462f7c46307d46317e45327f45347f453580453681443781443982433a83433b83433c84423d84423e85"
+    "4240854141864142864043874044873f45873f47883e48883e49893d4a893d4b893d4c893c4d8a3c4e8a3b508a3b518a"
+    "3a528b3a538b39548b39558b38568b38578c37588c37598c365a8c365b8c355c8c355d8c345e8d345f8d33608d33618d"
+    "32628d32638d31648d31658d31668d30678d30688d2f698d2f6a8d2e6b8e2e6c8e2e6d8e2d6e8e2d6f8e2c708e2c718e"
+    "2c728e2b738e2b748e2a758e2a768e2a778e29788e29798e287a8e287a8e287b8e277c8e277d8e277e8e267f8e26808e"
+    "26818e25828e25838d24848d24858d24868d23878d23888d23898d22898d228a8d228b8d218c8d218d8c218e8c208f8c"
+    "20908c20918c1f928c1f938b1f948b1f958b1f968b1e978a1e988a1e998a1e998a1e9a891e9b891e9c891e9d881e9e88"
+    "1e9f881ea0871fa1871fa2861fa38620a48520a58521a68521a78422a78423a88323a98224aa8225ab8126ac8127ad80"
+    "28ae7f29af7f2ab07e2bb17d2cb17d2eb27c2fb37b30b47a32b57a33b67935b77836b87738b97639b9763bba753dbb74"
+    "3ebc7340bd7242be7144be7045bf6f47c06e49c16d4bc26c4dc26b4fc36951c46853c56755c66657c66559c7645bc862"
+    "5ec96160c96062ca5f64cb5d67cc5c69cc5b6bcd596dce5870ce5672cf5574d05477d05279d1517cd24f7ed24e81d34c"
+    "83d34b86d44988d5478bd5468dd64490d64392d74195d73f97d83e9ad83c9dd93a9fd938a2da37a5da35a7db33aadb32"
+    "addc30afdc2eb2dd2cb5dd2bb7dd29bade27bdde26bfdf24c2df22c5df21c7e01fcae01ecde01dcfe11cd2e11bd4e11a"
+    "d7e219dae218dce218dfe318e1e318e4e318e7e419e9e419ece41aeee51bf1e51cf3e51ef6e61ff8e621fae622fde724"
+), dtype=np.uint8).reshape(256, 3)
 
-    rgb = colormaps["viridis"](np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0), bytes=True)[..., :3]
+
+def viridis(values: np.ndarray) -> np.ndarray:
+    """Viridis of ``values`` in [0, 1] as uint8 RGB, the colour matplotlib's colour map gives
+    (entry ``floor(256 v)``, clipped); NaN is white."""
+    values = np.asarray(values, dtype=np.float64)
+    index = np.clip(np.floor(np.nan_to_num(values, nan=0.0) * 256), 0, 255).astype(np.intp)
+    rgb = _VIRIDIS[index]
     rgb[np.isnan(values)] = 255
     return rgb
+
+
+def png(rgb: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as a PNG file (8-bit RGB, no filter, zlib level 6)."""
+    h, w = rgb.shape[:2]
+    rows = np.concatenate([np.zeros((h, 1), dtype=np.uint8), np.asarray(rgb, dtype=np.uint8).reshape(h, 3 * w)], 1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
 def _x_axis(svg: Svg, scale: Scale, ticks: Sequence[float], y: float, labels: Sequence[str], size: float = 10,

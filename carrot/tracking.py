@@ -218,10 +218,11 @@ class RunLogger:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), MAX_BATCH):
+            batch = items[i:i + MAX_BATCH]
             if background:
-                self._queued.append(committer().submit(self.client.log_batch, self.run_id, metrics=items[i:i + MAX_BATCH]))
+                self._queued.append(committer().submit(self.client.log_batch, self.run_id, metrics=batch))
             else:
-                self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH])
+                self.client.log_batch(self.run_id, metrics=batch)
 
     def flush(self) -> None:
         """Wait for the metrics logged in the background (raises what the store raised)."""

@@ -321,7 +321,8 @@ class Run:
 
                 marked = time.time()
                 trial.set_user_attr(contract.TRIAL_RUN_ID_ATTR, logger.run_id)
-                trial.set_user_attr(contract.TRIAL_RUN_URL_ATTR, run_url(logger.client, logger.run_id, logger.experiment_id))
+                trial.set_user_attr(contract.TRIAL_RUN_URL_ATTR,
+                                    run_url(logger.client, logger.run_id, logger.experiment_id))
                 self.study_s += time.time() - marked
             resolved = cfg.to_dict()
             resolved["data"]["effective_batch_size"] = parts.train_loader.batch_size * parts.world_size

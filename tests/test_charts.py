@@ -185,3 +185,22 @@ def test_nice_ticks_are_evenly_spaced_round_steps_inside_the_range(lo, hi, integ
     labels = [charts.tick_label(t, ticks) for t in ticks]
     assert len(set(labels)) == len(labels)  # enough decimals to tell the ticks apart
     assert np.allclose([float(s) for s in labels], ticks)
+
+
+def test_viridis_is_matplotlibs_colour_for_every_value():
+    from matplotlib import colormaps
+
+    values = np.concatenate([np.linspace(0, 1, 4097), [0.0, 1.0, -0.5, 1.5, 255.5 / 256, 1 / 256 - 1e-12]])
+    expected = colormaps["viridis"](values, bytes=True)[..., :3]
+    assert np.array_equal(charts.viridis(values), expected)
+    assert charts.viridis(np.array([np.nan])).tolist() == [[255, 255, 255]]  # no value: white
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 3)])
+def test_png_decodes_to_the_pixels(shape):
+    from PIL import Image
+
+    rgb = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(charts.png(rgb)))
+    assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
+    assert np.array_equal(np.asarray(decoded), rgb)
