@@ -29,6 +29,9 @@ Sections:
   in MLflow logging (``time/logging_s``), in the Optuna trial's reports and pruning decisions
   (``time/study_s``), in the per-epoch diagnostics (``time/eval_s``) and in the probes
   (``time/probe_s``), read back from the trials' runs.
+- **sync routes**: each variant's step run once on the CPU through the routes a CUDA step
+  takes (:func:`carrot.geometry.device_routes`), with the operations in it that would make the
+  host wait for a GPU (:mod:`carrot.syncs`); ``--sync-debug`` alone on a machine without CUDA.
 - on CUDA: the variants and memory again, each variant's share of a ResNet-50 step at 448 px
   (bf16), and whether a variant's step synchronises with the host (``--sync-debug``, or
   always on CUDA): ``torch.cuda.set_sync_debug_mode("error")`` around it.
@@ -43,7 +46,6 @@ writes every section.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import ctypes
 import gc
@@ -76,7 +78,7 @@ PRUNING_TARGET = 1.0 / 3.0  # share of an unpruned study's epochs that pruning s
 FEATURE_DIMS = {"layer2": 512, "layer3": 1024, "layer4": 2048}  # resnet50's last three stages
 PROGRESS = 1000.0  # epochs elapsed: past every warm-up, so every term is active
 SCALING = ((50, 2048), (200, 2048), (1000, 2048), (200, 512))  # (K, D) of the scaling table
-SECTIONS = ("machine", "variants", "scaling", "memory", "train_step", "study", "cuda", "targets")
+SECTIONS = ("machine", "variants", "scaling", "memory", "train_step", "sync_routes", "study", "cuda", "targets")
 
 
 def _sync(device: torch.device) -> None:
@@ -127,18 +129,17 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
 
 
 def parse_variant_spec(spec: str) -> tuple[str, dict[str, object]]:
-    """``"prototype:metric=mahalanobis,top_m=10"`` -> ("prototype", {...}); values are
-    Python literals where they parse as one (numbers, True/False), strings otherwise."""
+    """``"prototype:metric=mahalanobis,top_m=10"`` -> ("prototype", {...}); values are read as
+    ``--set`` reads them (:func:`carrot.config.parse_value`: numbers, ``true``/``false``, strings)."""
+    from carrot.config import parse_value
+
     name, _, rest = spec.partition(":")
     hparams: dict[str, object] = {}
     for item in filter(None, rest.split(",")):
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"expected key=value in {spec!r}, got {item!r}")
-        try:
-            hparams[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            hparams[key.strip()] = raw.strip()
+        hparams[key.strip()] = parse_value(raw.strip())
     return name.strip(), hparams
 
 
@@ -499,6 +500,25 @@ def bench_resnet50(
     return rows
 
 
+def sync_routes_check(batch: int, classes_in_batch: int, num_classes: int, dim: int,
+                      variants: Sequence[str]) -> list[dict[str, Any]]:
+    """The operations that would make the host wait for a GPU in each variant's CUDA route, its
+    step run once on the CPU with :func:`carrot.geometry.device_routes` (:mod:`carrot.syncs`):
+    the check a CPU can make; ``torch.cuda.set_sync_debug_mode`` (:func:`sync_check`) is the one
+    on the GPU."""
+    from carrot.geometry import device_routes
+    from carrot.syncs import sync_ops
+
+    rows = []
+    for spec in variants:
+        with device_routes():
+            bench = EmbeddingBench(torch.device("cpu"), batch, classes_in_batch, num_classes, dim, [spec])
+            bench.steps[0]()  # first-call paths outside the check
+            found = sync_ops(bench.steps[0])
+        rows.append({"variant": spec, "sync_free": not found, "sync": ", ".join(dict.fromkeys(found))})
+    return rows
+
+
 def sync_check(bench: EmbeddingBench) -> list[dict[str, Any]]:
     """Whether each variant's step (forward and backward) makes the host wait for the GPU:
     run under ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first sync."""
@@ -694,6 +714,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                                         for v in cpu_rows if v["variant"] != "baseline"]:
         add(f"cuda resnet50 448px step +{row['variant']} <= {GPU_TARGET_PERCENT:g}%", row["added_percent"],
             GPU_TARGET_PERCENT)
+    routes = report.get("sync_routes") or []
+    add("cuda routes of every variant without a host-sync op (checked on cpu)",
+        float(sum(not r["sync_free"] for r in routes)) if routes else None, 0.0)
     sync = {r["variant"]: r for r in cuda.get("sync") or []}
     barrier = next((s for s in sync if parse_variant_spec(s)[0] == "barrier"), None)
     add("cuda barrier step without a host sync", None if barrier is None else float(not sync[barrier]["sync_free"]),
@@ -738,6 +761,13 @@ def _print_memory(title: str, rows: list[dict[str, Any]]) -> None:
         row["peak_mib"], row["ce_peak_mib"] = row["peak_bytes"] / 2**20, row["ce_peak_bytes"] / 2**20
     print(format_table(rows, [("variant", "variant", ""), ("peak_mib", "peak MiB", ".2f"),
                               ("ce_peak_mib", "CE MiB", ".2f"), ("ratio", "ratio", ".2f")]))
+
+
+def _print_sync_routes(rows: list[dict[str, Any]]) -> None:
+    print("\noperations that would make the host wait for a GPU in each variant's CUDA route, its step run "
+          "on the cpu (carrot.syncs)")
+    print(format_table(rows, [("variant", "variant", ""), ("sync_free", "sync-free", ""), ("sync", "sync", "")]),
+          flush=True)
 
 
 def _print_study(study: dict[str, Any]) -> None:
@@ -826,7 +856,8 @@ def _bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resnet-batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=448, help="ResNet-50 step image size (CUDA)")
     parser.add_argument("--sync-debug", action="store_true",
-                        help="only check which variant steps synchronise with the host (CUDA)")
+                        help="only check which variant steps synchronise with the host (on CUDA; without CUDA, "
+                             "the CPU's check of the CUDA routes)")
     parser.add_argument("--json", metavar="FILE", help="write every section to FILE")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -844,8 +875,10 @@ def _bench_main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.sync_debug:
         if not cuda:
-            print("--sync-debug needs CUDA (torch.cuda.set_sync_debug_mode); no CUDA device here")
-            return 0
+            rows = sync_routes_check(args.batch, args.classes_in_batch, args.num_classes, args.dim, names)
+            _print_sync_routes(rows)
+            print("no CUDA device here: torch.cuda.set_sync_debug_mode, the check on the GPU itself, needs CUDA")
+            return 0 if all(r["sync_free"] for r in rows) else 1
         bench = EmbeddingBench(torch.device("cuda"), args.batch, args.classes_in_batch, args.num_classes, args.dim,
                                names)
         sync = sync_check(bench)
@@ -878,6 +911,8 @@ def _bench_main(argv: Sequence[str] | None = None) -> int:
         print(format_table(report["train_step"]["rows"], [("variant", "variant", ""), ("ms", "ms", ".1f"),
                                                           ("ratio", "ratio", ".2f"),
                                                           ("added_percent", "added %", "+.1f")]), flush=True)
+        report["sync_routes"] = sync_routes_check(args.batch, args.classes_in_batch, args.num_classes, args.dim, names)
+        _print_sync_routes(report["sync_routes"])
 
     if args.device in ("all", "cuda") and cuda:
         gpu = _device_sections(torch.device("cuda"), args, names)

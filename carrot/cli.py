@@ -14,18 +14,6 @@ from typing import Any
 DEFAULT_TRIALS = 6
 
 
-def _parse_value(text: str) -> Any:
-    """A ``--set`` value as YAML, with YAML 1.2 numbers (PyYAML reads ``1e-3`` as a string)."""
-    import re
-
-    import yaml
-
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
-        return float(value)
-    return value
-
-
 def build_config(args: argparse.Namespace, variant: str | None = None):
     """Config file, then command-line flags, then ``--set key=value`` overrides."""
     import yaml
@@ -75,14 +63,14 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
 
 
 def _set_items(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    from carrot.config import ConfigError
+    from carrot.config import ConfigError, parse_value
 
     items = []
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise ConfigError(f"invalid --set {item!r}: expected key=value, e.g. optim.lr=0.001")
         key, value = item.split("=", 1)
-        items.append((key.strip(), _parse_value(value)))
+        items.append((key.strip(), parse_value(value)))
     return items
 
 

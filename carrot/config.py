@@ -32,6 +32,17 @@ PROBE_MODES = ("final", "last", "always")
 OPTIMIZERS = ("adamw", "sgd")
 
 
+def parse_value(text: str) -> Any:
+    """A value typed on the command line (``--set``, a bench spec) as YAML, with YAML 1.2
+    numbers (PyYAML reads ``1e-3`` as a string): ``true`` and ``True`` are booleans."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+        return float(value)
+    return value
+
+
 class UserError(Exception):
     """Bad input a command reports in one line (exit status 2): a configuration, a dataset, a
     backbone or a store that cannot be used as given."""

@@ -84,13 +84,17 @@ def test_pk_labels_and_cli_table(capsys):
     assert "SKIP  cuda barrier step without a host sync" in out  # nothing measured on a CPU-only run
 
 
-def test_sync_debug_needs_cuda(capsys):
+def test_sync_debug_without_cuda_checks_the_cuda_routes_on_the_cpu(capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    assert main(["--sync-debug"]) == 0
-    assert "needs CUDA" in capsys.readouterr().out
+    assert main([*TINY, "--sync-debug", "--variants", "baseline", "barrier", "bhattacharyya"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["baseline"], ["barrier"],
+                                                                                ["bhattacharyya"])]
+    assert rows == [["baseline", "True"], ["barrier", "True"], ["bhattacharyya", "True"]]
+    assert "needs CUDA" in out  # the check on the GPU itself
 
 
 def test_variant_specs_override_hparams():
@@ -99,6 +103,7 @@ def test_variant_specs_override_hparams():
     assert parse_variant_spec("prototype:metric=mahalanobis,top_m=10,lam=0.5") == (
         "prototype", {"metric": "mahalanobis", "top_m": 10, "lam": 0.5})
     assert parse_variant_spec("nuisance:union=True") == ("nuisance", {"union": True})
+    assert parse_variant_spec("nuisance:union=false,lam=1e-3") == ("nuisance", {"union": False, "lam": 1e-3})
     rows = bench_variants(batch=8, classes_in_batch=4, num_classes=10, dim=16, repeats=1, warmup=1,
                           variants=["prototype:metric=whitening"])
     assert rows[0]["variant"] == "prototype:metric=whitening" and rows[0]["ms"] > 0
@@ -138,6 +143,7 @@ def test_json_holds_every_section(tmp_path, monkeypatch):
     steps = report["train_step"]["rows"]
     assert [r["variant"] for r in steps] == names and steps[0]["backbone"] == "test_resnet"
     assert all(_finite(r["ratio"]) and _finite(r["ms"]) for r in steps)
+    assert report["sync_routes"] == [{"variant": v, "sync_free": True, "sync": ""} for v in names]
 
     study = report["study"]
     assert study["trials"] == 2 and study["epochs"] == 1 and study["jobs"] is None
@@ -164,6 +170,7 @@ def test_json_holds_every_section(tmp_path, monkeypatch):
     assert targets["diagnostics with probes <= 20% of trial time"]["value"] == shares["diagnostics_with_probes"]
     assert targets["pruning saves >= 1/3 of the epochs"]["passed"] is False  # two trials: nothing to prune
     assert targets["cuda barrier step without a host sync"]["passed"] is None
+    assert targets["cuda routes of every variant without a host-sync op (checked on cpu)"]["value"] == 0.0
     assert all(t["passed"] in (True, False, None) for t in report["targets"])
 
 

@@ -81,7 +81,7 @@ def test_yaml_syntax_error_names_file_line_and_column(store, capsys, tmp_path):
 
 
 def test_set_values_are_yaml_1_2_numbers():
-    from carrot.cli import _parse_value
+    from carrot.config import parse_value as _parse_value
 
     assert _parse_value("1e-3") == 1e-3 and isinstance(_parse_value("1e-3"), float)
     assert _parse_value("3") == 3 and _parse_value("true") is True and _parse_value("kl") == "kl"

@@ -17,11 +17,34 @@ evaluation split, with the labels themselves as slots (``inv = labels``, ``num_s
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 # Floor inside sqrt and log (p log p), so their derivatives stay finite at 0.
 FLOOR = 1e-30
+
+_HOST_ROUTES = [True]  # CPU tensors take the routes that read values on the host (device_routes turns it off)
+
+
+def reads_on_host(where: Tensor | torch.device) -> bool:
+    """Whether a step may read the values of tensors on ``where`` on the host, where that is
+    free: CPU tensors, unless :func:`device_routes` is on. Elsewhere (CUDA) such a read would
+    make the host wait for the device, and every step takes its sync-free route instead."""
+    device = where if isinstance(where, torch.device) else where.device
+    return device.type == "cpu" and _HOST_ROUTES[0]
+
+
+@contextlib.contextmanager
+def device_routes():
+    """Within it CPU tensors take the sync-free routes a CUDA step takes, so that those routes
+    can be run and checked on a machine without a GPU (:mod:`carrot.syncs`)."""
+    saved, _HOST_ROUTES[0] = _HOST_ROUTES[0], False
+    try:
+        yield
+    finally:
+        _HOST_ROUTES[0] = saved
 
 
 def no_autocast(t: Tensor):
@@ -45,7 +68,7 @@ def class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             0 elsewhere).
     """
     y = y.reshape(-1).long()
-    return _class_slots_on_host(y) if y.device.type == "cpu" else _class_slots_sync_free(y)
+    return _class_slots_on_host(y) if reads_on_host(y) else _class_slots_sync_free(y)
 
 
 def _class_slots_sync_free(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,7 +103,7 @@ def used_slots_on_host(counts: Tensor) -> int | None:
     """How many slots are used (``counts > 0``; the present classes take slots ``0 .. C-1``),
     where the host reads it for free: CPU tensors. ``None`` elsewhere (on CUDA the read would
     be a host sync), where callers keep all ``B`` slots. At least 1."""
-    if counts.device.type != "cpu":
+    if not reads_on_host(counts):
         return None
     return max(1, int((counts > 0).sum()))
 

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from carrot.geometry.slots import FLOOR, no_autocast
+from carrot.geometry.slots import FLOOR, no_autocast, reads_on_host
 
 
 # A trace below this fraction of the samples' squared norm is round-off, not spread:
@@ -186,8 +186,9 @@ def resolvent_xlogx(xc: Tensor, same: Tensor, member: Tensor) -> tuple[Tensor, T
 
 
 def use_resolvent(device: torch.device) -> bool:
-    """The spectrum comes from :func:`resolvent_xlogx` (no host sync) on CUDA, from ``eigh`` elsewhere."""
-    return device.type == "cuda"
+    """The spectrum comes from :func:`resolvent_xlogx` (no host sync) on CUDA, from ``eigh``
+    where the host reads values for free (:func:`carrot.geometry.slots.reads_on_host`)."""
+    return not reads_on_host(device)
 
 
 class BlockSpectrum:

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor
 
-from carrot.geometry import class_slots, compact_slots, no_autocast, sample_pair_bhattacharyya, soft_confusion
+from carrot.geometry import (
+    class_slots, compact_slots, no_autocast, reads_on_host, sample_pair_bhattacharyya, soft_confusion,
+)
 from carrot.geometry.distributed import all_reduce_mean_no_grad, gather_rows, gather_rows_no_grad
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
@@ -81,7 +83,7 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int, on_host: bool
     valid pairs (one padding entry when there is none), and the moments get one row per
     usable class. On CUDA that would cost a host sync every step.
     """
-    if on_host if on_host is not None else logits.device.type == "cpu":
+    if on_host if on_host is not None else reads_on_host(logits):
         return _select_on_host(logits, y, top_m)
     inv, counts, labels_of_slot = class_slots(y)
     s = counts.shape[0]

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor
 
+from carrot.geometry import reads_on_host
 from carrot.geometry.distributed import all_reduce_sum_no_grad
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant, linear_pass
@@ -106,7 +107,7 @@ def gram_schmidt_coefficients(s: Tensor, rel_tol: float) -> tuple[Tensor, Tensor
     Cholesky route (the same T to float64 round-off).
     """
     b, m, _ = s.shape
-    if s.device.type == "cpu":
+    if reads_on_host(s):
         # Where nothing is dropped the recurrence is the Cholesky factorisation S = R^T R and
         # T = R^{-1}: two batched LAPACK calls instead of ~8 ops per competitor. Reading the
         # flag is free on the CPU (on a GPU it would be a host sync, so there the loop runs).
