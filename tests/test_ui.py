@@ -1,4 +1,5 @@
-"""`make ui` serves the runs: fetch the run list through MLflow's REST API from the served UI."""
+"""`make ui` serves the runs: fetch the run list through MLflow's REST API from the served UI; and a
+study logs through an `mlflow server`, as workers on other machines do."""
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ def _wait_for(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            out = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout and proc.poll() is not None else ""
             pytest.fail(f"server did not come up at {url}: {out[-2000:]}")
         time.sleep(1)
 
@@ -103,3 +104,62 @@ def test_make_ui_serves_runs_over_rest(store):
             assert r.read().startswith(b"<svg ")
     finally:
         _stop(proc)
+
+
+def test_a_study_logs_through_an_mlflow_tracking_server(tmp_path):
+    """Workers on other machines log to an ``mlflow server`` (REST store, proxied artifacts): a
+    study through one ends every run, with its metrics, artifacts and pictures on the server, and
+    links its trials to the server's pages."""
+    import sys
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from carrot import contract
+    from carrot.run_report import CONFUSION_IMAGE, PAIRS_IMAGE, TRAJECTORY_IMAGE
+    from carrot.study import open_storage
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    (tmp_path / "server").mkdir()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+                               "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
+                              cwd=tmp_path, stdout=(tmp_path / "server.log").open("wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)  # a file: a pipe nobody reads could fill and stall it
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    try:
+        _wait_for(server, base + "/health")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": base}
+        done = subprocess.run([sys.executable, "-m", "carrot.cli", "study", "--variant", "baseline", "--trials", "3",
+                               "--epochs", "2", "--no-progress"], cwd=worker, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        client = MlflowClient(tracking_uri=base)
+        experiment = client.get_experiment_by_name("carrot").experiment_id
+        runs = client.search_runs([experiment])
+        trials = [r for r in runs if r.data.tags.get(contract.TAG_ROLE) == contract.ROLE_TRIAL]
+        assert len(trials) == 3 and len(runs) == 4  # and the study's parent run
+        assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+        for run in trials:
+            epochs = int(run.data.tags[contract.TAG_EPOCHS_DONE])
+            history = client.get_metric_history(run.info.run_id, "val/acc")
+            assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+            assert run.data.metrics["time/logging_s"] > 0
+            names = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+            assert names == {CONFUSION_IMAGE, PAIRS_IMAGE, TRAJECTORY_IMAGE}
+            picture = client.download_artifacts(run.info.run_id, CONFUSION_IMAGE, str(tmp_path / run.info.run_id))
+            assert open(picture, "rb").read().startswith(b"<svg ")
+            assert contract.CONFIG_ARTIFACT in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert not list(worker.glob("mlruns"))  # nothing logged locally
+        study = optuna.load_study(study_name="digits-test_resnet-baseline",
+                                  storage=open_storage(str(worker / "studies" / "optuna.journal")))
+        by_id = {r.info.run_id: r for r in trials}
+        for trial in study.trials:
+            run_id = trial.user_attrs[contract.TRIAL_RUN_ID_ATTR]
+            assert trial.user_attrs[contract.TRIAL_RUN_URL_ATTR] == (
+                f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning")
+            assert run_id in by_id
+    finally:
+        _stop(server)
