@@ -122,11 +122,11 @@ def test_a_study_logs_through_an_mlflow_tracking_server(tmp_path):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     (tmp_path / "server").mkdir()
+    log = (tmp_path / "server.log").open("wb")  # a file: a pipe nobody reads could fill and stall the server
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
                                "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
-                              cwd=tmp_path, stdout=(tmp_path / "server.log").open("wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)  # a file: a pipe nobody reads could fill and stall it
+                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     worker = tmp_path / "worker"
     worker.mkdir()
     try:
@@ -163,3 +163,4 @@ def test_a_study_logs_through_an_mlflow_tracking_server(tmp_path):
             assert run_id in by_id
     finally:
         _stop(server)
+        log.close()
