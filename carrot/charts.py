@@ -28,6 +28,13 @@ CHAR_EM = 0.62  # an upper estimate of a character's width in font sizes (DejaVu
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf")  # matplotlib's tab10, the colours of the paper's plots
 GRID = "#e3e3e3"
+NAME_LIMIT = 40  # characters of a class name on a picture
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters with an ellipsis if longer (a label, not a record:
+    the run's artifacts keep the names whole)."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def text_width(text: str, size: float) -> float:
@@ -201,7 +208,7 @@ def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], named_up
     k = confusion.shape[0]
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     named = bool(class_names) and k <= named_up_to
-    labels = [str(n) for n in class_names] if named else []
+    labels = [shorten(str(n), NAME_LIMIT) for n in class_names] if named else []
     side = float(min(560, max(240, 24 * k)))  # the matrix, square
     cell = side / k
     size = 9 if named else 10

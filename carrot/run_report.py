@@ -132,7 +132,9 @@ def dataset_inputs(dataset_id: str, root: str | None, splits) -> list:
 
 # ----------------------------------------------------------------------------- pictures
 def _pair_label(names: list[str], i: int, j: int) -> str:
-    return f"{names[i]} ↔ {names[j]}" if names else f"{i} ↔ {j}"
+    from carrot.charts import NAME_LIMIT, shorten
+
+    return f"{shorten(names[i], NAME_LIMIT)} ↔ {shorten(names[j], NAME_LIMIT)}" if names else f"{i} ↔ {j}"
 
 
 def pictures(confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],

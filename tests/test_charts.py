@@ -204,3 +204,14 @@ def test_png_decodes_to_the_pixels(shape):
     decoded = Image.open(io.BytesIO(charts.png(rgb)))
     assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
     assert np.array_equal(np.asarray(decoded), rgb)
+
+
+def test_long_class_names_are_shortened_on_the_pictures_only():
+    names = ["a" * 100, "b" * 100, "c"]
+    cm = np.array([[10, 3, 0], [2, 10, 0], [0, 0, 10]])
+    pictures = run_report.pictures(cm, names, [], top_n=5)
+    heat, bars = parse(pictures[run_report.CONFUSION_IMAGE]), parse(pictures[run_report.PAIRS_IMAGE])
+    shown = [t.text for t in texts(heat)]
+    assert shown.count("a" * 39 + "…") == 2 and "c" in shown
+    assert [t.text for t in texts(bars) if "↔" in (t.text or "")] == ["a" * 39 + "… ↔ " + "b" * 39 + "…"]
+    assert float(heat.get("width")) < 1200 and float(bars.get("width")) < 1200
