@@ -194,14 +194,16 @@ def redact(text: str, *urls: str) -> str:
     ``token=`` / ``password=`` query values."""
     import re
 
+    # the user information runs to the authority's last "@" (a password may hold a raw "@")
+    userinfo = r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)([^/\s]*)(@)"
     secrets = set()
     for url in urls:
-        m = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:([^@\s]+)@", url or "")
-        if m:
-            secrets.add(m.group(1))
+        m = re.match(userinfo, url or "")
+        if m and m.group(2):
+            secrets.add(m.group(2))
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
-    text = re.sub(r"(?i)([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)", r"\1***\3", text)
+    text = re.sub(userinfo, r"\1***\3", text)
     return re.sub(r"(?i)((?:password|passwd|token|secret)=)[^&\s]+", r"\1***", text)
 
 

@@ -116,7 +116,8 @@ def ui_base(uri: str | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         import re
 
-        return re.sub(r"^(https?://)[^/@]*@", r"\1", uri).rstrip("/")  # a link carries no credentials
+        # a link carries no credentials: the user information runs to the authority's last "@"
+        return re.sub(r"^(https?://)[^/]*@", r"\1", uri).rstrip("/")
     return os.environ.get("CARROT_UI_URL", "http://127.0.0.1:5000").rstrip("/")
 
 

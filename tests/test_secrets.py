@@ -12,6 +12,21 @@ def test_redact_masks_passwords_and_tokens():
     assert redact("sqlite:///mlruns/mlflow.db") == "sqlite:///mlruns/mlflow.db"
 
 
+def test_a_password_with_a_raw_at_sign_is_masked_whole():
+    """The user information of a URL runs to the authority's last "@": a password such as
+    ``p@ss`` is masked whole, not cut at its own "@" (which left "ss" readable and masked every
+    "p" of the text)."""
+    from carrot.tracking import ui_base
+
+    url = "http://alice:p@ss@tracking.example:5000"
+    assert redact(url) == "http://alice:***@tracking.example:5000"
+    assert redact(f"cannot reach {url} (ConnectionError)", url) == \
+        "cannot reach http://alice:***@tracking.example:5000 (ConnectionError)"
+    assert ui_base(url) == "http://tracking.example:5000"
+    assert ui_base("http://tracking.example:5000/mlflow@v2") == "http://tracking.example:5000/mlflow@v2"
+    assert redact("postgresql://bob:a@b:c@db/x") == "postgresql://bob:***@db/x"
+
+
 def test_a_storage_password_never_reaches_the_output(store, capsys):
     url = "postgresql://alice:s3cret@127.0.0.1:9/db"
     code = main(["study", "--variant", "baseline", "--epochs", "1", "--trials", "1", "--no-progress",
