@@ -7,13 +7,16 @@ whose CUDA implementation reads a result back on the host:
 - outputs whose shape depends on the data: ``nonzero``, ``unique``, ``masked_select``,
   boolean-mask indexing and assignment, ``repeat_interleave`` without ``output_size``,
   ``bincount``, ``histc``;
-- linalg's error checks (``cholesky``, ``inv``, ``solve`` without ``_ex``) and ``eigh``;
-- ``equal`` and ``allclose``.
+- linalg's error checks (``cholesky``, ``inv``, ``solve`` without ``_ex``), ``eigh``, ``svd``,
+  ``eig`` and ``lstsq``;
+- ``equal`` and ``allclose``;
+- a tensor made from Python data in the step (``torch.tensor([...])``): on a GPU, a copy from
+  the host that the host waits for.
 
 With :func:`carrot.geometry.device_routes` a CPU runs the routes a CUDA step takes, so the
 check covers them on a machine without a GPU. It sees what PyTorch dispatches, not a copy of
-a CPU tensor to the host (``.cpu()`` / ``.numpy()`` are free there and dispatch nothing) nor
-what a CUDA kernel does inside: on a GPU, ``torch.cuda.set_sync_debug_mode("error")``
+a CPU tensor to the host (``.cpu()``, ``.numpy()`` and ``.tolist()`` are free there and
+dispatch nothing) nor what a CUDA kernel does inside: on a GPU, ``torch.cuda.set_sync_debug_mode("error")``
 (``carrot bench --sync-debug``) is the check itself.
 """
 from __future__ import annotations
@@ -28,7 +31,10 @@ SYNCING = frozenset({
     "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::argwhere", "aten::_unique",
     "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive",
     "aten::masked_select", "aten::bincount", "aten::histc", "aten::_linalg_check_errors", "aten::_linalg_eigh",
-    "aten::linalg_eigvalsh", "aten::equal", "aten::allclose",
+    "aten::linalg_eigvalsh", "aten::_linalg_svd", "aten::linalg_eig", "aten::linalg_eigvals", "aten::linalg_lstsq",
+    "aten::equal", "aten::allclose",
+    # a tensor made from Python data (torch.tensor([...])): on a GPU, a copy the host waits for
+    "aten::lift_fresh", "aten::lift_fresh_copy",
 })
 
 

@@ -192,8 +192,8 @@ def pair_distances(
         x = torch.cat(fs, 1) if len(fs) > 1 else fs[0]  # (B, D) all layers side by side
         widths = [f.shape[1] for f in fs]
         db = sample_pair_bhattacharyya(x, sel.klass, sel.num_usable + 1, sel.pair_class, widths, eps)  # (M', L)
-        if distance == "mean":
-            db = db / torch.tensor(widths, dtype=db.dtype, device=db.device)
+        if distance == "mean":  # by Python numbers: a tensor of the widths would be a host-to-device copy
+            db = torch.stack([db[:, k] / w for k, w in enumerate(widths)], 1)
         if sel.padded:  # padding entries: D_B = 0, so no inf * 0 in the loss or its gradient
             db = torch.where(sel.valid[:, None], db, torch.zeros_like(db))
         if sel.on_host:  # the same means in numpy: a few microseconds instead of a dozen tensor ops
