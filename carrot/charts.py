@@ -3,7 +3,7 @@ confusable pairs, and its prototype-cosine and D_B trajectories.
 
 The MLflow UI shows ``.svg`` artifacts as images, and the browser lays out and antialiases
 the text, so a picture is a few hundred elements of text, lines and one embedded PNG (the
-heatmap, one pixel a cell, scaled up without smoothing) written in a few milliseconds, where
+heatmap, a block of whole pixels a cell, scaled without smoothing) written in a few milliseconds, where
 matplotlib's layout and rasteriser took about 150 ms a picture: a fixed cost of every run,
 a tenth of a short trial. Margins come from an upper estimate of the labels' widths
 (``CHAR_EM`` of the font size a character). The paper's plots (``analysis/plots.py``) stay
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import struct
 import zlib
 from typing import Sequence
@@ -28,7 +29,15 @@ CHAR_EM = 0.62  # an upper estimate of a character's width in font sizes (DejaVu
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf")  # matplotlib's tab10, the colours of the paper's plots
 GRID = "#e3e3e3"
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
 NAME_LIMIT = 40  # characters of a class name on a picture
+
+
+def xml_chars(text: str) -> str:
+    """``text`` with the control characters XML does not allow (all below U+0020 but tab,
+    newline and carriage return) replaced by U+FFFD, so that a class name holding one still
+    gives a picture."""
+    return _NOT_XML.sub("\ufffd", text)
 
 
 def shorten(text: str, limit: int) -> str:
@@ -93,7 +102,9 @@ class Svg:
         self.parts: list[str] = []
 
     def element(self, tag: str, content: str | None = None, **attrs) -> None:
-        items = " ".join(f"{k.rstrip('_').replace('_', '-')}={quoteattr(v if isinstance(v, str) else fmt(v))}"
+        """``content`` is markup already escaped; attribute values are escaped here."""
+        items = " ".join(f"{k.rstrip('_').replace('_', '-')}="
+                         + quoteattr(xml_chars(v) if isinstance(v, str) else fmt(v))
                          for k, v in attrs.items() if v is not None)
         self.parts.append(f"<{tag} {items}/>" if content is None else f"<{tag} {items}>{content}</{tag}>")
 
@@ -101,7 +112,7 @@ class Svg:
              rotate: float | None = None, bold: bool = False, color: str | None = None) -> None:
         """``content`` with its vertical middle at ``y``."""
         transform = f"rotate({fmt(rotate)} {fmt(x)} {fmt(y)})" if rotate else None
-        self.element("text", escape(content), x=x, y=y + 0.35 * size, font_size=size, text_anchor=anchor,
+        self.element("text", escape(xml_chars(content)), x=x, y=y + 0.35 * size, font_size=size, text_anchor=anchor,
                      transform=transform, font_weight="bold" if bold else None, fill=color)
 
     def line(self, x1: float, y1: float, x2: float, y2: float, color: str = "#000", width: float = 1.0) -> None:

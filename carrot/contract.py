@@ -48,6 +48,7 @@ TAG_BEST_TRIAL = "carrot.best_trial"
 TAG_BEST_RUN_ID = "carrot.best_run_id"
 TAG_WORLD_SIZE = "carrot.world_size"
 TAG_ERROR = "carrot.error"
+TAG_PICTURES_ERROR = "carrot.pictures_error"  # why a run has no pictures, when drawing them failed
 TAG_CHECKPOINT = "carrot.checkpoint"  # the run's checkpoint folder
 TAG_RESUMED_FROM = "carrot.resumed_from"  # the checkpoint a retried trial started from
 MLFLOW_NOTE = "mlflow.note.content"  # the run description in the MLflow UI

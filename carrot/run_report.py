@@ -134,7 +134,7 @@ def dataset_inputs(dataset_id: str, root: str | None, splits) -> list:
 def _pair_label(names: list[str], i: int, j: int) -> str:
     from carrot.charts import NAME_LIMIT, shorten
 
-    return f"{shorten(names[i], NAME_LIMIT)} ↔ {shorten(names[j], NAME_LIMIT)}" if names else f"{i} ↔ {j}"
+    return f"{shorten(str(names[i]), NAME_LIMIT)} ↔ {shorten(str(names[j]), NAME_LIMIT)}" if names else f"{i} ↔ {j}"
 
 
 def pictures(confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
@@ -173,10 +173,16 @@ PICTURES_METRIC = "time/pictures_s"  # wall time of a run's pictures, drawn and 
 
 
 def log_pictures(logger, confusion: np.ndarray, class_names: list[str], history: list[dict[str, float]],
-                 top_n: int, step: int) -> None:
+                 top_n: int, step: int) -> str:
     """Draw :func:`pictures`, log them into ``logger``'s run (one artifact upload) and their
-    wall time as ``time/pictures_s`` at ``step``."""
+    wall time as ``time/pictures_s`` at ``step``. Returns ``""``, or why they could not be
+    drawn: a picture that fails costs the run its pictures, not its status (a store that fails
+    still raises)."""
     began = time.time()
-    logger.log_files({name: svg.encode("utf-8") for name, svg in pictures(confusion, class_names, history,
-                                                                           top_n).items()})
+    try:
+        files = {name: svg.encode("utf-8") for name, svg in pictures(confusion, class_names, history, top_n).items()}
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    logger.log_files(files)
     logger.log_metrics({PICTURES_METRIC: time.time() - began}, step=step)
+    return ""

@@ -226,12 +226,19 @@ class RunLogger:
                 self.client.log_batch(self.run_id, metrics=batch)
 
     def flush(self) -> None:
-        """Wait for the metrics logged in the background (raises what the store raised)."""
-        queued, self._queued = self._queued, []
-        errors = [commit.exception() for commit in queued]  # waits for every one of them
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise first
+        """Wait for every metric logged in the background, then raise the first error the store
+        raised (noting how many more failed). A commit leaves the queue only once it is done, so
+        a wait that is interrupted leaves the rest for the next flush."""
+        errors = []
+        while self._queued:
+            error = self._queued[0].exception()
+            self._queued.pop(0)
+            if error is not None:
+                errors.append(error)
+        if errors:
+            if len(errors) > 1:
+                errors[0].add_note(f"{len(errors) - 1} more background metric commits failed")
+            raise errors[0]
 
     def log_bytes(self, content: bytes, artifact_file: str) -> None:
         self.log_files({artifact_file: content})

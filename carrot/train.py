@@ -404,15 +404,19 @@ class Run:
         if not self.logger:
             return
         start = time.time()
+        picture_problem = ""
         try:
             self.logger.flush()  # the epochs' metrics, before the run's last words
             if evaluator is not None:
                 self.logger.log_files(evaluator.artifacts())
                 if evaluator.confusions and self.parts.cfg.eval.images:
-                    run_report.log_pictures(self.logger, evaluator.confusions[-1], evaluator.class_names, history,
-                                            self.parts.cfg.eval.top_n, max(1, epochs_done))
+                    picture_problem = run_report.log_pictures(
+                        self.logger, evaluator.confusions[-1], evaluator.class_names, history,
+                        self.parts.cfg.eval.top_n, max(1, epochs_done))
             status = "pruned" if self.status == "KILLED" and not error else self.status.lower()
             tags = {contract.TAG_STATUS: status, contract.TAG_EPOCHS_DONE: epochs_done}
+            if picture_problem:
+                tags[contract.TAG_PICTURES_ERROR] = picture_problem
             if error:
                 tags[contract.TAG_ERROR] = error
             cfg = self.parts.cfg

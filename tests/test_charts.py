@@ -85,12 +85,12 @@ def test_heatmap_cells_are_the_row_normalised_confusion_in_viridis(k, named):
         assert offset == pytest.approx(float(image.get("x")) + cell / 2, abs=1e-2)
 
 
-def test_class_names_with_markup_characters_stay_text():
-    names = ["a<b", "R&D", 'say "x"', "plain"]
+def test_class_names_with_markup_or_control_characters_stay_text():
+    names = ["a<b", "R&D", 'say "x"', "bell\x07\x1b"]
     cm = confusion_fixture(4)
     svg = charts.confusion_matrix(cm, names, 40)
     found = [t.text for t in texts(parse(svg))]
-    for name in names:
+    for name in names[:3] + ["bell\ufffd\ufffd"]:
         assert found.count(name) == 2
 
 

@@ -329,8 +329,8 @@ def test_epoch_metrics_logged_in_the_background_are_all_there_when_the_run_ends(
 
 
 def test_a_background_commit_that_fails_is_raised_by_flush_after_the_others_landed(tmp_path):
-    """A store error on the committer thread is not lost: ``flush`` raises it, and only once
-    every queued commit has run."""
+    """A store error on the committer thread is not lost: ``flush`` raises the first, counts the
+    others, and only once every queued commit has run."""
     import time
 
     from conftest import module_store
@@ -343,14 +343,16 @@ def test_a_background_commit_that_fails_is_raised_by_flush_after_the_others_land
         logger = RunLogger.start("background", "r", {})
         gone = RunLogger(client, "0" * 32)  # no such run in the store
         gone.log_metrics({"val/acc": 0.5}, 1, background=True)
+        gone.log_metrics({"val/acc": 0.6}, 2, background=True)
 
         def slow_commit():  # queued after the failing one
             time.sleep(0.3)
             client.log_batch(logger.run_id, metrics=[Metric("val/acc", 0.25, 0, 2)])
 
         gone._queued.append(committer().submit(slow_commit))
-        with pytest.raises(MlflowException):
+        with pytest.raises(MlflowException) as failed:
             gone.flush()
+        assert failed.value.__notes__ == ["1 more background metric commits failed"]
         assert [m.value for m in client.get_metric_history(logger.run_id, "val/acc")] == [0.25]
         assert gone._queued == []
 
@@ -392,3 +394,22 @@ def test_a_runs_logging_time_covers_every_store_call_it_waited_for(tmp_path, mon
     waited = sum(seconds for _, seconds in calls[:end - 1])
     assert len(calls) > 10 and waited > 0
     assert waited <= metrics["time/logging_s"] <= metrics["time/run_s"]
+
+
+def test_a_picture_that_cannot_be_drawn_costs_the_run_its_pictures_not_its_status(tmp_path, monkeypatch):
+    from conftest import module_store
+
+    from carrot import charts, contract, train
+    from carrot.run_report import PICTURES_METRIC
+
+    def broken(*args, **kwargs):
+        raise ValueError("no picture today")
+
+    monkeypatch.setattr(charts, "confusion_matrix", broken)
+    with module_store(tmp_path) as (_, client):
+        result = train.run(tiny_config(**{"optim.epochs": 1}), log=lambda s: None)
+        run = client.get_run(result.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags[contract.TAG_STATUS] == "finished"
+        assert run.data.tags[contract.TAG_PICTURES_ERROR] == "ValueError: no picture today"
+        assert not client.list_artifacts(result.run_id, "images") and PICTURES_METRIC not in run.data.metrics
+        assert "time/logging_s" in run.data.metrics and "RUNNING" not in run.data.tags[contract.MLFLOW_NOTE]

@@ -18,6 +18,7 @@ evaluation split, with the labels themselves as slots (``inv = labels``, ``num_s
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 from torch import Tensor
@@ -25,7 +26,8 @@ from torch import Tensor
 # Floor inside sqrt and log (p log p), so their derivatives stay finite at 0.
 FLOOR = 1e-30
 
-_HOST_ROUTES = [True]  # CPU tensors take the routes that read values on the host (device_routes turns it off)
+# CPU tensors take the routes that read values on the host; device_routes turns it off in its context
+_HOST_ROUTES: contextvars.ContextVar[bool] = contextvars.ContextVar("carrot_host_routes", default=True)
 
 
 def reads_on_host(where: Tensor | torch.device) -> bool:
@@ -33,18 +35,19 @@ def reads_on_host(where: Tensor | torch.device) -> bool:
     free: CPU tensors, unless :func:`device_routes` is on. Elsewhere (CUDA) such a read would
     make the host wait for the device, and every step takes its sync-free route instead."""
     device = where if isinstance(where, torch.device) else where.device
-    return device.type == "cpu" and _HOST_ROUTES[0]
+    return device.type == "cpu" and _HOST_ROUTES.get()
 
 
 @contextlib.contextmanager
 def device_routes():
-    """Within it CPU tensors take the sync-free routes a CUDA step takes, so that those routes
-    can be run and checked on a machine without a GPU (:mod:`carrot.syncs`)."""
-    saved, _HOST_ROUTES[0] = _HOST_ROUTES[0], False
+    """Within it (this thread's context only) CPU tensors take the sync-free routes a CUDA step
+    takes, so that those routes can be run and checked on a machine without a GPU
+    (:mod:`carrot.syncs`)."""
+    token = _HOST_ROUTES.set(False)
     try:
         yield
     finally:
-        _HOST_ROUTES[0] = saved
+        _HOST_ROUTES.reset(token)
 
 
 def no_autocast(t: Tensor):
