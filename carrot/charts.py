@@ -213,9 +213,26 @@ def _y_axis(svg: Svg, scale: Scale, ticks: Sequence[float], x: float, labels: Se
         svg.text(x - 6, y, label, size, anchor="end")
 
 
+def pooled(values: np.ndarray, most: int) -> np.ndarray:
+    """A square (K, K) array as at most ``most`` x ``most`` cells: each the mean of a block of
+    ``ceil(K / most)`` x ``ceil(K / most)`` entries (the last blocks of what is there). As is
+    when K <= ``most``: a picture never needs more cells than pixels."""
+    k = values.shape[0]
+    f = -(-k // most)
+    if f == 1:
+        return values
+    m = -(-k // f)
+    padded = np.full((m * f, m * f), np.nan)
+    padded[:k, :k] = values
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(padded.reshape(m, f, m, f), axis=(1, 3))
+
+
 def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], named_up_to: int) -> str:
     """The row-normalised confusion matrix (share of the true class) as a heatmap with a
-    colour bar; every class named up to ``named_up_to`` classes, tick numbers beyond."""
+    colour bar; every class named up to ``named_up_to`` classes, tick numbers beyond. Beyond
+    as many classes as the matrix has pixels, a cell is the mean of a block of classes
+    (:func:`pooled`), so the picture stays the same size however many classes there are."""
     k = confusion.shape[0]
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     named = bool(class_names) and k <= named_up_to
@@ -232,7 +249,7 @@ def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], named_up
     height = top + side + 7 + widest + 34
     svg = Svg(width, height)
     svg.text(left + side / 2, 16, title, 13, anchor="middle", bold=True)
-    svg.image(left, top, side, side, viridis(rates), id="heatmap")
+    svg.image(left, top, side, side, viridis(pooled(rates, int(side))), id="heatmap")
     svg.rect(left, top, side, side, "none", stroke="#000")
     x_scale, y_scale = Scale(0, k - 1, left + cell / 2, left + side - cell / 2), \
         Scale(0, k - 1, top + cell / 2, top + side - cell / 2)

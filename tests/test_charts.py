@@ -215,3 +215,18 @@ def test_long_class_names_are_shortened_on_the_pictures_only():
     assert shown.count("a" * 39 + "…") == 2 and "c" in shown
     assert [t.text for t in texts(bars) if "↔" in (t.text or "")] == ["a" * 39 + "… ↔ " + "b" * 39 + "…"]
     assert float(heat.get("width")) < 1200 and float(bars.get("width")) < 1200
+
+
+def test_beyond_as_many_classes_as_pixels_a_cell_is_the_mean_of_a_block_of_classes():
+    from matplotlib import colormaps
+
+    k = 1200  # the matrix is drawn 560 px wide: blocks of 3 x 3 classes, 400 x 400 cells
+    rng = np.random.default_rng(5)
+    cm = rng.integers(0, 5, (k, k)) + np.diag(rng.integers(50, 100, k))
+    svg = charts.confusion_matrix(cm, [], 40)
+    assert len(svg) < 2_000_000  # one pixel a class would have been a 1200 x 1200 image
+    rates = cm / cm.sum(axis=1, keepdims=True)
+    means = rates.reshape(400, 3, 400, 3).mean(axis=(1, 3))
+    assert np.array_equal(heatmap_cells(parse(svg), 400), colormaps["viridis"](means, bytes=True)[..., :3])
+    uneven = charts.pooled(np.arange(25.0).reshape(5, 5), 2)  # blocks of 3: the last ones hold what is there
+    assert uneven.tolist() == [[6.0, 8.5], [18.5, 21.0]]
