@@ -592,10 +592,11 @@ def time_shares(study_name: str, experiment: str) -> dict[str, Any]:
     """Shares of the study's trials' wall time (``time/run_s``) spent in MLflow logging
     (``time/logging_s``), in the Optuna trial's reports and pruning decisions (``time/study_s``,
     ``study``), in the per-epoch diagnostics (``time/eval_s``) and in the probes
-    (``time/probe_s``), summed over the trials; read from their MLflow runs. ``pictures`` (``time/pictures_s``) is the
-    part of the logging spent drawing and logging the runs' pictures. ``logging_s_per_run`` and
-    ``pictures_s_per_run`` are their seconds per run, mostly a fixed cost of a run, whose share
-    shrinks as trials get longer; ``run_s_per_run`` is a run's own wall time."""
+    (``time/probe_s``), summed over the trials; read from their MLflow runs. ``pictures``
+    (``time/pictures_s``) is the part of the logging spent drawing and logging the runs'
+    pictures. ``logging_s_per_run`` and ``pictures_s_per_run`` are their seconds per run,
+    mostly a fixed cost of a run, whose share shrinks as trials get longer; ``run_s_per_run``
+    is a run's own wall time."""
     from carrot import contract
     from carrot.run_report import PICTURES_METRIC
     from carrot.tracking import client

@@ -16,8 +16,8 @@ whose CUDA implementation reads a result back on the host:
 With :func:`carrot.geometry.device_routes` a CPU runs the routes a CUDA step takes, so the
 check covers them on a machine without a GPU. It sees what PyTorch dispatches, not a copy of
 a CPU tensor to the host (``.cpu()``, ``.numpy()`` and ``.tolist()`` are free there and
-dispatch nothing) nor what a CUDA kernel does inside: on a GPU, ``torch.cuda.set_sync_debug_mode("error")``
-(``carrot bench --sync-debug``) is the check itself.
+dispatch nothing) nor what a CUDA kernel does inside: on a GPU,
+``torch.cuda.set_sync_debug_mode("error")`` (``carrot bench --sync-debug``) is the check itself.
 """
 from __future__ import annotations
 

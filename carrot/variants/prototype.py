@@ -164,13 +164,20 @@ def neighbour_pairs(omega: Tensor, top_m: int, valid: Tensor) -> Tensor:
     return (chosen | chosen.T).triu(1)
 
 
-def _weighted_overlap(raw: Tensor, weight: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    """From the raw squared distances (G_ii + G_jj - 2 G_ij, any shape): ``d2`` clamped >= 0
-    against round-off, the loss ``sum weight exp(-alpha d2)`` and its terms where the clamp
-    passes the gradient (0 elsewhere), which the backward scales."""
+def _weighted_overlap(ctx, raw: Tensor, weight: Tensor, alpha: float, gram: Tensor,
+                      *saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The end of both pair losses' forward. From the raw squared distances (G_ii + G_jj -
+    2 G_ij, any shape): ``d2`` clamped >= 0 against round-off and the loss ``sum weight
+    exp(-alpha d2)``; saves for the backward its terms where the clamp passes the gradient (0
+    elsewhere), which the backward scales, then ``saved``. Returns ``(loss, gram, d2)``, the
+    last two not differentiable."""
     d2 = raw.clamp_min(0.0)
     weighted = torch.mul(d2, -alpha).exp_().mul_(weight)
-    return d2, weighted.sum(), weighted.mul_(raw >= 0)
+    loss = weighted.sum()
+    ctx.save_for_backward(weighted.mul_(raw >= 0), *saved)
+    ctx.alpha = alpha
+    ctx.mark_non_differentiable(gram, d2)
+    return loss, gram, d2
 
 
 class _PairGramLoss(torch.autograd.Function):
@@ -199,11 +206,7 @@ class _PairGramLoss(torch.autograd.Function):
         gram = torch.where(present, rows.T, torch.where(present[:, None], rows, stored_gram))
         sq = gram.diagonal()
         raw = torch.add(sq[:, None], sq[None, :]).sub_(gram, alpha=2.0)  # (K, K)
-        d2, loss, weighted = _weighted_overlap(raw, weight, alpha)
-        ctx.save_for_backward(weighted, one_hot, t_buffer)
-        ctx.alpha = alpha
-        ctx.mark_non_differentiable(gram, d2)
-        return loss, gram, d2
+        return _weighted_overlap(ctx, raw, weight, alpha, gram, one_hot, t_buffer)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -240,11 +243,7 @@ class _PairListLoss(torch.autograd.Function):
         gram = stored_gram.clone().index_copy_(0, labels, rows).index_copy_(1, labels, rows.T)  # (K, K)
         sq = gram.diagonal()
         raw = sq.index_select(0, first).add_(sq.index_select(0, second)).sub_(gram[first, second], alpha=2.0)  # (P,)
-        d2, loss, weighted = _weighted_overlap(raw, weight, alpha)
-        ctx.save_for_backward(weighted, labels, first, second, t_buffer)
-        ctx.alpha = alpha
-        ctx.mark_non_differentiable(gram, d2)
-        return loss, gram, d2
+        return _weighted_overlap(ctx, raw, weight, alpha, gram, labels, first, second, t_buffer)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
