@@ -136,14 +136,19 @@ def _narrow_float64_batch(seed: int = 7):
     return StepBatch(torch.zeros(len(Y), 4, dtype=torch.float64), logits, Y, head, feats, progress=10.0)
 
 
-def test_auto_term_in_log_space_has_the_value_of_ce_and_the_gradient_of_s_times_l_bhat() -> None:
+@pytest.mark.parametrize("on_host", [False, True])
+def test_auto_term_in_log_space_has_the_value_of_ce_and_the_gradient_of_s_times_l_bhat(on_host: bool,
+                                                                                      monkeypatch) -> None:
     """The log-space term against the design note's s * L_bhat built from rho (SPEC: L_bhat the
     mean over layers of sum a rho / sum a, s = CE / L_bhat detached), in float64 where rho does
-    not underflow: same value (CE) and the same gradient on every layer's features."""
+    not underflow: same value (CE) and the same gradient on every layer's features, on both
+    routes (the tensor operations, and numpy on the host). The gradient of 2.5 x the term is
+    2.5 x the reference's: the backward scales by what it receives."""
+    _selection_on(on_host, monkeypatch)
     batch = _narrow_float64_batch()
     out = create_variant("bhattacharyya", layers="all")(batch)
     term, ce = out.terms["bhat"], out.terms["ce"]
-    grads = torch.autograd.grad(term, list(batch.features.values()))
+    grads = torch.autograd.grad(2.5 * term, list(batch.features.values()))
 
     sel = select_confusable_pairs(batch.logits, Y, 64)
     per_layer, rho_mean, _ = multi_layer_bhattacharyya(list(batch.features.values()), sel)  # rho form, (L,)
@@ -151,13 +156,23 @@ def test_auto_term_in_log_space_has_the_value_of_ce_and_the_gradient_of_s_times_
     assert per_layer.max() / per_layer.min() > 2  # the layers differ: a geometric mean would not match
     l_bhat = per_layer.mean()
     reference = (ce.detach() / l_bhat.detach()) * l_bhat
-    ref_grads = torch.autograd.grad(reference, list(batch.features.values()))
+    ref_grads = torch.autograd.grad(2.5 * reference, list(batch.features.values()), retain_graph=True)
 
     assert term.item() == pytest.approx(ce.item(), rel=1e-12)
     assert out.stats["l_bhat"].item() == pytest.approx(l_bhat.item(), rel=1e-6)
+    assert out.stats["scale"].item() == pytest.approx(ce.item() / l_bhat.item(), rel=1e-6)
     for got, want in zip(grads, ref_grads):
         assert want.abs().max() > 1e-3
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+    # scale=fixed: lam * L_bhat from rho as is, its value and its gradient
+    fixed = create_variant("bhattacharyya", layers="all", scale="fixed", lam=0.7)(batch)
+    assert fixed.terms["bhat"].item() == pytest.approx(0.7 * l_bhat.item(), rel=1e-12)
+    got = torch.autograd.grad(fixed.terms["bhat"], list(batch.features.values()))
+    want = torch.autograd.grad(0.7 * per_layer.mean(), list(batch.features.values()))
+    for g, w in zip(got, want):
+        assert w.abs().max() > 1e-4
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
 def test_auto_term_on_a_wide_layer_does_not_underflow() -> None:

@@ -347,13 +347,14 @@ def test_statistics_ignore_bf16_autocast() -> None:
     assert er.item() == pytest.approx(effective_rank(x, center=True).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("widths", [(5,), (2, 3)])
+@pytest.mark.parametrize("widths", [(5,), (2, 3), (4, 2, 6)])
 def test_sample_pair_bhattacharyya_against_moments_and_gradcheck(widths: tuple[int, ...]) -> None:
     """Equals bhattacharyya_pairs on class_moments (per block of columns); float64 gradcheck
-    of the hand-written backward, with a zero-variance class (the eps clamp) in the pairs."""
+    of the hand-written backward, with a zero-variance class (the eps clamp) in the pairs.
+    (4, 2, 6): blocks of 2, 1 and 3 chunks of the widths' gcd."""
     y = _labels(5)
     inv, counts, _ = class_slots(y)
-    x = torch.randn(len(y), 5, dtype=torch.float64)
+    x = torch.randn(len(y), sum(widths), dtype=torch.float64)
     first = int(torch.nonzero(counts == 2)[0])  # a two-sample class made zero-variance
     x[inv == first] = x[inv == first][0]
     x.requires_grad_(True)

@@ -51,8 +51,13 @@ def device_routes():
 
 
 def no_autocast(t: Tensor):
-    """Context that turns autocast off on ``t``'s device: statistics stay float32 (SPEC)."""
-    return torch.autocast(t.device.type, enabled=False)
+    """Context that turns autocast off on ``t``'s device: statistics stay float32 (SPEC).
+    Where autocast is already off it changes nothing (entering ``torch.autocast`` costs about
+    as much as a small tensor operation)."""
+    device = t.device.type
+    if not torch.is_autocast_enabled(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
 
 
 # --------------------------------------------------------------------------- slots

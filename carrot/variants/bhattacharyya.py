@@ -107,11 +107,12 @@ def select_confusable_pairs(logits: Tensor, y: Tensor, top_m: int, on_host: bool
 
 
 @functools.lru_cache(maxsize=64)
-def _upper_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.triu_indices(n, 1)``, read-only (it costs more than the rest of a selection)."""
-    first, second = np.triu_indices(n, 1)
-    first.flags.writeable = second.flags.writeable = False
-    return first, second
+def _upper_pairs(n: int) -> np.ndarray:
+    """``np.triu_indices(n, 1)`` as one (2, n (n - 1) / 2) array, read-only (it costs more than
+    the rest of a selection)."""
+    pairs = np.stack(np.triu_indices(n, 1))
+    pairs.flags.writeable = False
+    return pairs
 
 
 def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
@@ -120,45 +121,40 @@ def _select_on_host(logits: Tensor, y: Tensor, top_m: int) -> PairSelection:
     The same pairs in the same order (ties, which ``topk`` leaves unordered, by ascending
     slot pair), the same weights up to float32 rounding; only the valid pairs are kept (at
     least one entry) and ``num_usable`` is the number of usable classes, not ``B // 2``.
+    Written in few numpy calls: in a training step each costs several times what it costs
+    alone, the step's large tensors having pushed numpy out of the caches.
     """
-    # the present classes, ascending: slots 0 .. C-1 as class_slots numbers them
     labels = y.detach().cpu().numpy().reshape(-1)
+    b = labels.shape[0]
     per_label = np.bincount(labels)  # (max label + 1,) class indices are small
-    classes = np.flatnonzero(per_label)  # (C,)
-    counts = per_label[classes]  # (C,)
-    slot = np.zeros(per_label.shape[0], dtype=np.int64)
-    slot[classes] = np.arange(classes.shape[0])
-    inv = slot[labels]  # (B,)
-    lg = logits.detach().cpu().float().numpy()  # (B, K)
-    usable = counts >= 2  # (C,)
-    compact = np.cumsum(usable) - 1  # (C,) usable-class index where usable
-    u = int(usable.sum())
-    member = usable[inv]  # (B,) samples of usable classes
-    klass = np.where(member, compact[inv], max(1, u))  # (B,) the spare row for the rest
+    usable_labels = np.flatnonzero(per_label >= 2)  # (U,) ascending
+    u = usable_labels.shape[0]
+    spare = max(1, u)  # the moments' row of the samples of classes with one sample
+    compact = np.full(per_label.shape[0], spare, dtype=np.int64)
+    compact[usable_labels] = np.arange(u)
+    klass = compact[labels]  # (B,) usable-class index, the spare row for the rest
     # A_st = mean over the samples of usable class s of softmax(logits)_t, t usable: (U, U)
-    e = np.exp(lg - lg.max(1, keepdims=True))
-    probs = e[:, classes[usable]] / e.sum(1, keepdims=True)  # (B, U)
-    average = np.zeros((u, inv.shape[0]), dtype=np.float32)
-    average[klass[member], np.flatnonzero(member)] = 1.0 / counts[inv[member]]
-    rows = average @ probs  # (U, U)
-    first, second = _upper_pairs(u)  # pairs c < d of usable classes, ascending
-    score = 0.5 * (rows[first, second] + rows[second, first])
+    probs = torch.softmax(logits.detach().float(), 1).cpu().numpy()[:, usable_labels]  # (B, U)
+    member = np.zeros((spare + 1, b), dtype=np.float32)
+    member[klass, np.arange(b)] = 1.0
+    rows = (member[:u] @ probs) / per_label[usable_labels, None].astype(np.float32)
+    pairs = _upper_pairs(u)  # (2, U (U - 1) / 2) pairs c < d of usable classes, ascending
+    score = 0.5 * (rows[pairs[0], pairs[1]] + rows[pairs[1], pairs[0]])
     order = np.argsort(-score, kind="stable")[:top_m]
-    pair_class, weight = np.stack([first[order], second[order]]), score[order].astype(np.float32)
-    valid = np.ones(len(order), dtype=bool)
+    pair_class, weight = pairs[:, order], score[order].astype(np.float32)  # (2, P) int64, (P,)
     if not len(order):  # one padding entry, so every shape downstream is non-empty
-        pair_class, weight, valid = np.zeros((2, 1), np.int64), np.zeros(1, np.float32), np.zeros(1, bool)
-    slot_of = np.flatnonzero(usable)  # (U,) slot of each usable class
-    device = logits.device
-
-    def tensor(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
+        pair_class, weight = np.zeros((2, 1), np.int64), np.zeros(1, np.float32)
+    # slot of each usable class among all present classes (class_slots' numbering)
+    slots = (np.cumsum(per_label > 0) - 1)[usable_labels[pair_class]] if u else pair_class  # (2, P)
+    # one tensor of the integer arrays, taken apart as views
+    ints = torch.from_numpy(np.concatenate([slots.reshape(-1), pair_class.reshape(-1), klass, [u]]))
+    ints = ints.to(logits.device)
+    p = pair_class.shape[1]
     return PairSelection(
-        i=tensor(slot_of[pair_class[0]] if u else pair_class[0]), j=tensor(slot_of[pair_class[1]] if u else pair_class[1]),
-        weight=tensor(weight), valid=tensor(valid), usable_classes=torch.tensor(u, device=device),
-        klass=tensor(klass.astype(np.int64)), pair_class=tensor(pair_class.astype(np.int64)), num_usable=max(1, u),
-        on_host=device.type == "cpu", padded=not valid.all(),
+        i=ints[:p], j=ints[p:2 * p], weight=torch.from_numpy(weight).to(logits.device),
+        valid=torch.from_numpy(np.full(p, bool(len(order)))).to(logits.device), usable_classes=ints[-1],
+        klass=ints[4 * p:-1], pair_class=ints[2 * p:4 * p].view(2, p), num_usable=spare,
+        on_host=logits.device.type == "cpu", padded=not len(order),
     )
 
 
@@ -269,6 +265,89 @@ def auto_scaled_overlap(db: Tensor, sel: PairSelection, ce: Tensor) -> tuple[Ten
     return _AutoScaledOverlap.apply(db, sel.weight, sel.valid, ce.detach())
 
 
+def _logsumexp(a: np.ndarray) -> np.ndarray:
+    """``torch.logsumexp(a, 0)`` in numpy, the same way (the maximum out, then the log of the sum)."""
+    top = a.max(0)
+    return np.log(np.exp(a - top).sum(0)) + top
+
+
+class _HostGradient(torch.autograd.Function):
+    """A 0-dim value whose gradient with respect to ``db`` the host has already computed (a
+    numpy array of ``db``'s shape): the backward scales it by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, db: Tensor, value: float, gradient: np.ndarray):
+        ctx.gradient = gradient
+        return torch.tensor(value, dtype=db.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        return torch.from_numpy(ctx.gradient * g.item()), None, None
+
+
+@dataclass
+class HostOverlap:
+    """The term and its statistics as the host computes them (:func:`overlap_on_host`)."""
+
+    term: Tensor  # 0-dim, differentiable with respect to db
+    l_bhat: float
+    log_l_bhat: float  # NaN without a pair that counts
+    scale: float
+
+
+def overlap_on_host(db: Tensor, sel: PairSelection, ce: Tensor, scale: str = "auto", lam: float = 1.0) -> HostOverlap:
+    """The term of :func:`auto_scaled_overlap` (``scale="auto"``) or ``lam`` times the layers'
+    mean of :func:`weighted_overlap` (``"fixed"``), with their gradients, in numpy: for CPU
+    tensors with a host-made selection, where the host reads ``db`` (P', L) for free. A few
+    microseconds of numpy on (P', L) arrays where the tensor route is about thirty small tensor
+    operations. The same formulas (and ``db``'s dtype); the tests check both routes against
+    each other and against ``s * L_bhat`` built from rho.
+
+    ``"auto"``, over the pairs that count (valid, a > 0), with ``q_l = softmax_pairs(log a -
+    D_B[:, l])`` and ``pi = softmax_layers(log L_layer)``: the value is CE and ``d term / d
+    D_B[p, l] = -CE pi_l q_pl``; without a pair that counts, 0 with a zero gradient.
+    ``"fixed"``: ``lam / L sum_l sum_p a_p rho_pl / sum a``, gradient ``-lam / L a_p rho_pl /
+    sum a`` (0 when fewer than two classes are usable or every weight is 0).
+    """
+    d = db.detach().numpy()  # (P', L)
+    layers = d.shape[1]
+    w = sel.weight.numpy().astype(d.dtype)
+    valid = sel.valid.numpy()
+    ce_value = ce.item()
+    gradient = np.zeros_like(d)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        ok = valid & (w > 0)  # (P',) pairs that count
+        if ok.any():
+            # the tensor route's operations in its order, so that both round alike
+            scores = np.log(w[ok])[:, None] - d[ok]  # (n, L) log a - D_B
+            log_num = _logsumexp(scores)  # (L,)
+            log_layers = log_num - np.log(w.sum())  # (L,) log L_layer
+            log_sum = _logsumexp(log_layers)
+            log_l = log_sum - math.log(layers)  # log of the layers' mean
+            l_bhat = float(np.exp(log_l))
+        else:
+            log_l, l_bhat = float("nan"), 0.0
+        if scale == "auto":
+            if ok.any():
+                # -CE q_pl pi_l: q the softmax over the pairs, pi over the layers
+                gradient[ok] = np.exp(scores - log_num) * (np.exp(log_layers - log_sum) * -ce_value)
+                s = min(float(np.exp(np.log(d.dtype.type(ce_value)) - log_l)), float(np.finfo(np.float32).max))
+                value = ce_value
+            else:
+                s = value = 0.0
+        else:
+            s = lam
+            if int(sel.usable_classes) >= 2 and w.sum() > 0:
+                rho = np.exp(-d)
+                gradient = (w[:, None] * rho) * (-lam / (layers * w.sum()))
+                l_bhat = float((w @ rho).sum() / (layers * w.sum()))
+            else:
+                l_bhat = 0.0
+            value = lam * l_bhat
+    return HostOverlap(_HostGradient.apply(db, value, gradient), l_bhat, float(log_l), s)
+
+
 def multi_layer_bhattacharyya(
     features: Sequence[Tensor], sel: PairSelection, normalize: bool = False, eps: float = 1e-6,
     distance: str = "sum",
@@ -354,15 +433,21 @@ class Bhattacharyya(Variant):
         features = [gather_rows(batch.features[name]) for name in names]
         ce_global = all_reduce_mean_no_grad(ce)  # the CE of the global batch (this batch's otherwise)
         sel = select_confusable_pairs(logits, labels, hp.top_M)
-        layer_ok = (sel.usable_classes >= 2).float()  # same for every layer
-        n_ok = layer_ok * len(names)
-
         db, rho_mean, db_mean = pair_distances(features, sel, hp.normalize, hp.eps, hp.distance)  # (M', L), (L,), (L,)
         stats: dict[str, Tensor] = {}
         for k, name in enumerate(names):
             stats[f"rho_{name}"] = rho_mean[k]
             stats[f"db_{name}"] = db_mean[k]
+        if sel.on_host:  # the term and the statistics from (M', L) numbers the host reads for free
+            host = overlap_on_host(db, sel, ce_global, hp.scale, hp.lam)
+            usable = int(sel.usable_classes)
+            values = np.array([host.l_bhat, host.log_l_bhat, host.scale, usable, int(sel.valid.sum()),
+                               len(names) if usable >= 2 else 0], dtype=np.float32)
+            stats.update(zip(self.statistics, torch.from_numpy(values).unbind()))
+            return {"bhat": host.term}, stats
 
+        layer_ok = (sel.usable_classes >= 2).float()  # same for every layer
+        n_ok = layer_ok * len(names)
         with no_autocast(db):
             # log L_bhat: the mean over layers of L_layer, as logsumexp over layers - log L.
             term, log_l, active = auto_scaled_overlap(db, sel, ce_global)
