@@ -280,7 +280,7 @@ def bench_variants(
     classes_in_batch: int = 16,
     num_classes: int = 200,
     dim: int = 2048,
-    repeats: int = 20,
+    repeats: int = 50,
     warmup: int = 5,
     variants: Sequence[str] | None = None,
     seed: int = 0,
@@ -841,7 +841,7 @@ def _bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads here and in the study's workers (default: torch's own, or 1 "
                              "on a busy machine, where threads that wait for each other time the load, not the step)")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=None,
                         help="subset of variants (default: all), each optionally name:key=value,...")

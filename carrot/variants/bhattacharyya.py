@@ -23,10 +23,13 @@ Under torch.distributed the labels, logits and features of all ranks are all-gat
 features with gradients) and the auto scale uses the global mean CE, so every rank computes
 the term of the global batch (:mod:`carrot.geometry.distributed`).
 
-Everything is vectorised over classes, pairs and layers on fixed-size (B-slot) tensors: no
-``torch.unique``, no class-index remapping, no host sync. Labels, confusion and the pair
-selection are computed once per step; the layers are concatenated along the feature axis,
-so moments and pair terms are one pass for all of them, with a hand-written backward.
+On CUDA everything is vectorised over classes, pairs and layers on fixed-size (B-slot)
+tensors: no ``torch.unique``, no class-index remapping, no host sync. On the CPU, where the
+host reads tensors for free, the pair selection, the scaled term with its gradient with
+respect to D_B, and the statistics are numpy on small arrays (:func:`select_confusable_pairs`,
+:func:`overlap_on_host`); the tests hold both routes to the same numbers. Labels, confusion and
+the pair selection are computed once per step; the layers are concatenated along the feature
+axis, so moments and pair terms are one pass for all of them, with a hand-written backward.
 """
 from __future__ import annotations
 
