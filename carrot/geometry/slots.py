@@ -55,9 +55,11 @@ def no_autocast(t: Tensor):
     Where autocast is already off it changes nothing (entering ``torch.autocast`` costs about
     as much as a small tensor operation)."""
     device = t.device.type
-    if not torch.is_autocast_enabled(device):
-        return contextlib.nullcontext()
-    return torch.autocast(device, enabled=False)
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4 asks for no device type: always enter
+        enabled = True
+    return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- slots

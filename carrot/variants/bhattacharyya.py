@@ -302,8 +302,8 @@ class HostOverlap:
 def overlap_on_host(db: Tensor, sel: PairSelection, ce: Tensor, scale: str = "auto", lam: float = 1.0) -> HostOverlap:
     """The term of :func:`auto_scaled_overlap` (``scale="auto"``) or ``lam`` times the layers'
     mean of :func:`weighted_overlap` (``"fixed"``), with their gradients, in numpy: for CPU
-    tensors with a host-made selection, where the host reads ``db`` (P', L) for free. A few
-    microseconds of numpy on (P', L) arrays where the tensor route is about thirty small tensor
+    tensors with a host-made selection, where the host reads ``db`` (P', L) for free. About
+    fifteen numpy calls on (P', L) arrays where the tensor route is about thirty small tensor
     operations. The same formulas (and ``db``'s dtype); the tests check both routes against
     each other and against ``s * L_bhat`` built from rho.
 
