@@ -818,11 +818,45 @@ def _device_sections(device: torch.device, args, names: list[str]) -> dict[str, 
 
 
 def _scaling_arg(text: str) -> tuple[tuple[int, int], ...]:
-    """``"50x2048,200x512"`` -> ((50, 2048), (200, 512)): (K, D) pairs."""
+    """``"50x2048,200x512"`` -> ((50, 2048), (200, 512)): (K, D) pairs, K >= 2 and D >= 1."""
     try:
-        return tuple((int(k), int(d)) for k, d in (item.split("x") for item in text.split(",") if item))
+        pairs = tuple((int(k), int(d)) for k, d in (item.split("x") for item in text.split(",") if item))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected KxD pairs such as 50x2048,200x512, got {text!r}") from None
+        pairs = ()
+    if not pairs or any(k < 2 or d < 1 for k, d in pairs):
+        raise argparse.ArgumentTypeError(f"expected KxD pairs such as 50x2048,200x512 (K >= 2, D >= 1), got {text!r}")
+    return pairs
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> None:
+    """Every choice the bench cannot run with, as one argparse error before any timing: the batch
+    and its classes, each variant spec, and the folder of ``--json``."""
+    if args.device not in ("all", "cpu", "cuda"):
+        parser.error(f"--device must be all, cpu or cuda, got {args.device!r}")
+    if not args.classes_in_batch <= min(args.batch, args.num_classes):
+        parser.error(f"--classes-in-batch must be at most --batch ({args.batch}) and --num-classes "
+                     f"({args.num_classes}), got {args.classes_in_batch}")
+    for spec in names:
+        try:
+            name, hparams = parse_variant_spec(spec)
+            create_variant(name, **hparams)
+        except (ValueError, TypeError) as exc:
+            parser.error(f"--variants {spec}: {exc}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
 
 
 def _report_json(report: dict[str, Any]) -> dict[str, Any]:
@@ -832,45 +866,44 @@ def _report_json(report: dict[str, Any]) -> dict[str, Any]:
 def _bench_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="carrot bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="all", help="all (CPU, and CUDA when present), cpu or cuda")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--classes-in-batch", type=int, default=16)
-    parser.add_argument("--num-classes", type=int, default=200)
-    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--batch", type=_at_least(2), default=64)
+    parser.add_argument("--classes-in-batch", type=_at_least(1), default=16)
+    parser.add_argument("--num-classes", type=_at_least(2), default=200)
+    parser.add_argument("--dim", type=_at_least(1), default=2048)
     parser.add_argument("--scaling", type=_scaling_arg, default=SCALING,
                         help="(K, D) pairs of the scaling table, e.g. 50x2048,200x2048,1000x2048,200x512")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=_at_least(0), default=0,
                         help="torch CPU threads here and in the study's workers (default: torch's own, or 1 "
                              "on a busy machine, where threads that wait for each other time the load, not the step)")
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=_at_least(1), default=50)
+    parser.add_argument("--warmup", type=_at_least(0), default=3)
     parser.add_argument("--variants", nargs="*", default=None,
                         help="subset of variants (default: all), each optionally name:key=value,...")
-    parser.add_argument("--train-step-repeats", type=int, default=10)
-    parser.add_argument("--study-trials", type=int, default=8,
+    parser.add_argument("--train-step-repeats", type=_at_least(1), default=10)
+    parser.add_argument("--study-trials", type=_at_least(0), default=8,
                         help="trials of each bench study (more than the pruner's 4 start-up trials; 0 skips the study)")
-    parser.add_argument("--study-epochs", type=int, default=None, help="epochs per trial (default: the config's)")
-    parser.add_argument("--study-jobs", type=int, default=2, help="workers of the second study (1: one study only)")
-    parser.add_argument("--limit-per-class", type=int, default=None,
+    parser.add_argument("--study-epochs", type=_at_least(1), default=None, help="epochs per trial (default: the config's)")
+    parser.add_argument("--study-jobs", type=_at_least(1), default=2, help="workers of the second study (1: one study only)")
+    parser.add_argument("--limit-per-class", type=_at_least(1), default=None,
                         help="training images per class in the study and the training step (default: all)")
     parser.add_argument("--resnet50", action="store_true",
                         help="accepted and changes nothing: every run on CUDA times the ResNet-50 step")
-    parser.add_argument("--resnet-batch", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=448, help="ResNet-50 step image size (CUDA)")
+    parser.add_argument("--resnet-batch", type=_at_least(2), default=32)
+    parser.add_argument("--image-size", type=_at_least(32), default=448, help="ResNet-50 step image size (CUDA)")
     parser.add_argument("--sync-debug", action="store_true",
                         help="only check which variant steps synchronise with the host (on CUDA; without CUDA, "
                              "the CPU's check of the CUDA routes)")
     parser.add_argument("--json", metavar="FILE", help="write every section to FILE")
     args = parser.parse_args(argv)
+    names = list(args.variants) if args.variants is not None else list_variants()
+    _check_args(parser, args, names)
     started = time.perf_counter()
     threads = args.threads or (1 if busy() else 0)
     if threads > 0:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the study's worker processes
 
-    names = list(args.variants) if args.variants is not None else list_variants()
     cuda = torch.cuda.is_available()
-    if args.device not in ("all", "cpu", "cuda"):
-        parser.error(f"--device must be all, cpu or cuda, got {args.device!r}")
     if args.device == "cuda" and not cuda:
         print("--device cuda: no CUDA device here")
         return 1
@@ -956,17 +989,16 @@ def _bench_main(argv: Sequence[str] | None = None) -> int:
     report["machine"]["load_average_end"] = load_average()
     print(f"\nbench took {report['machine']['bench_seconds']:.0f} s (load average at the end "
           f"{_load(report['machine']['load_average_end'])})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(_report_json(report), indent=1, default=float) + "\n")
+    if args.json:  # whole or not at all: written aside, then renamed over FILE
+        target = Path(args.json)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            partial.write_text(json.dumps(_report_json(report), indent=1, default=float) + "\n")
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
         print(f"wrote {args.json}")
     return 0
-
-
-if __name__ == "__main__":
-    from carrot.malloc import keep_freed_blocks
-
-    keep_freed_blocks()  # as every `carrot` command, so the steps are timed as they train
-    raise SystemExit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -983,3 +1015,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = omp
+
+
+if __name__ == "__main__":
+    from carrot.malloc import keep_freed_blocks
+
+    keep_freed_blocks()  # as every `carrot` command, so the steps are timed as they train
+    raise SystemExit(main())

@@ -501,9 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:  # their own parsers take every flag that follows
-        return globals()[PASSTHROUGH[argv[0]]](argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
-    args.argv = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]  # what a torchrun relaunch runs
+        args = argparse.Namespace(rest=argv[1:], fn=globals()[PASSTHROUGH[argv[0]]])
+    else:
+        args = build_parser().parse_args(argv)
+        args.argv = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]  # what a torchrun relaunch runs
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)

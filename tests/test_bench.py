@@ -255,3 +255,55 @@ def test_ratio_quartiles_match_numpy():
     assert ratio_quartiles(times, reference) == pytest.approx(list(np.percentile(ratios, [25, 75])), rel=1e-12)
     assert median_ratio(times, reference) == pytest.approx(float(np.median(ratios)), rel=1e-12)
     assert ratio_quartiles([3.0], [2.0]) == [1.5, 1.5]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
+    (["--study-jobs", "two"], "argument --study-jobs: expected an integer >= 1, got 'two'"),
+    (["--scaling", "1x64"], "(K >= 2, D >= 1), got '1x64'"),
+    (["--variants", "baseline", "nosuch"], "--variants nosuch: unknown variant 'nosuch'"),
+    (["--variants", "bhattacharyya:top_M=abc"], "invalid top_M='abc' for variant 'bhattacharyya': expected an integer"),
+    (["--variants", "prototype:metric=foo"], "metric must be one of"),
+    (["--classes-in-batch", "80"], "--classes-in-batch must be at most --batch (64) and --num-classes (200), got 80"),
+    (["--json", "{missing}/bench.json"], "does not exist"),
+])
+def test_bad_input_is_one_line_before_anything_runs(argv, expected, tmp_path, capsys):
+    """Bad input stops the bench with exit status 2 and one error line naming the flag and what
+    it expects, before the first figure is printed (a two-minute run is not spent first)."""
+    argv = [a.replace("{missing}", str(tmp_path / "missing")) for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        main(["--device", "cpu", "--study-trials", "0", *argv])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing timed, nothing printed
+    assert expected in captured.err.strip().splitlines()[-1]
+    assert "Traceback" not in captured.err
+
+
+def test_bench_throughput_bad_config_is_one_line_through_the_cli(capsys):
+    """`carrot bench ...` goes through the command line's handler of bad input: one line, exit 2."""
+    from carrot.cli import main as cli_main
+
+    assert cli_main(["bench", "throughput", "--batch", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["carrot: error: invalid data.batch_size=-1: expected >= 2"]
+
+
+def test_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails half way leaves the previous FILE as it was and no partial file."""
+    from pathlib import Path
+
+    out = tmp_path / "bench.json"
+    out.write_text('{"previous": true}\n')
+    write_text = Path.write_text
+
+    def half_then_fail(self, text, *args, **kwargs):
+        write_text(self, text[:20])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        main([*TINY, "--device", "cpu", "--study-trials", "0", "--variants", "baseline", "--json", str(out)])
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"previous": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]

@@ -137,8 +137,8 @@ def _check_types(hparams_cls: type, values: dict[str, Any], variant: str) -> Non
               float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
               str: lambda v: isinstance(v, str)}.get(tp)
         if ok is not None and not ok(value):
-            raise ValueError(f"invalid {key}={value!r} for variant {variant!r}: expected "
-                             f"{'true or false' if tp is bool else 'a ' + tp.__name__}")
+            expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+            raise ValueError(f"invalid {key}={value!r} for variant {variant!r}: expected {expected}")
 
 
 class L2Normalize(nn.Module):
