@@ -65,7 +65,8 @@ def plain_timm_throughput(loader, backbone: str, num_classes: int, device: torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carrot.config import RunConfig
+    from carrot.checks import check_names
+    from carrot.config import ConfigError, RunConfig
     from carrot.data import build_dataset
     from carrot.loaders import make_loader
     from carrot.model import create_backbone, image_spec
@@ -84,20 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--variants", default="all", help="comma-separated, or all")
     args = p.parse_args(argv)
+    variants = list_variants() if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    base = {
+        "data": {"name": "imagefolder", "image_size": args.image_size,
+                 "batch_size": args.batch_size, "workers": args.workers, "cache": True, "val_fraction": 0.1},
+        "model": {"backbone": args.backbone},
+        "optim": {"epochs": args.epochs, "warmup_epochs": 0.0},
+        "eval": {"probe_max_train": 64, "probe_l2_grid": [1e-2]},
+        "device": args.device, "show_progress": False,
+    }
+    for name in variants:  # every configuration checked before the first image is made
+        check_names(RunConfig.from_dict({**base, "variant": {"name": name}}))
+    if args.classes < 2 or args.per_class < 2:
+        raise ConfigError(f"need --classes >= 2 and --per-class >= 2, got {args.classes} and {args.per_class}")
     device = resolve_device(args.device)
-    variants = list_variants() if args.variants == "all" else args.variants.split(",")
+    base["device"] = device.type
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_imagefolder(Path(tmp) / "fixture", args.classes, args.per_class,
                                 int(round(args.image_size / 0.875)))
-        base = {
-            "data": {"name": "imagefolder", "root": str(root), "image_size": args.image_size,
-                     "batch_size": args.batch_size, "workers": args.workers, "cache": True, "val_fraction": 0.1},
-            "model": {"backbone": args.backbone},
-            "optim": {"epochs": args.epochs, "warmup_epochs": 0.0},
-            "eval": {"probe_max_train": 64, "probe_l2_grid": [1e-2]},
-            "device": str(device.type), "show_progress": False,
-        }
+        base["data"]["root"] = str(root)
         cfg = RunConfig.from_dict(base).resolved()
         splits = build_dataset(cfg.data, image_spec(create_backbone(args.backbone)))
         loader = make_loader(splits.train, cfg, train=True, pin=device.type == "cuda")
@@ -105,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         plain = plain_timm_throughput(loader, args.backbone, splits.num_classes, device, amp, args.epochs)
         print(f"{args.backbone} at {args.image_size} px, batch {args.batch_size}, {len(splits.train)} training "
               f"images, {device.type}{' bf16' if amp else ''}")
-        print(f"{'loop':<22}{'img/s':>10}{'ratio':>10}")
-        print(f"{'plain timm':<22}{plain:>10.1f}{1.0:>10.3f}")
+        width = max(len("plain timm"), *(len("harness " + name) for name in variants)) + 2
+        print(f"{'loop':<{width}}{'img/s':>10}{'ratio':>10}")
+        print(f"{'plain timm':<{width}}{plain:>10.1f}{1.0:>10.3f}")
         reference = None
         for name in variants:
             data = {**base, "variant": {"name": name}}
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = images / statistics.median(times)
             reference = reference or (rate if name == "baseline" else None)
             vs = f"{rate / reference:.3f} of baseline" if reference and name != "baseline" else ""
-            print(f"{'harness ' + name:<22}{rate:>10.1f}{rate / plain:>10.3f}  {vs}")
+            print(f"{'harness ' + name:<{width}}{rate:>10.1f}{rate / plain:>10.3f}  {vs}".rstrip())
     return 0
 
 

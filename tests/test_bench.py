@@ -280,13 +280,21 @@ def test_bad_input_is_one_line_before_anything_runs(argv, expected, tmp_path, ca
     assert "Traceback" not in captured.err
 
 
-def test_bench_throughput_bad_config_is_one_line_through_the_cli(capsys):
-    """`carrot bench ...` goes through the command line's handler of bad input: one line, exit 2."""
+@pytest.mark.parametrize("argv, line", [
+    (["--batch-size", "-1"], "carrot: error: invalid data.batch_size=-1: expected >= 2"),
+    (["--device", "tpu"], "carrot: error: invalid device='tpu': expected one of ('auto', 'cpu', 'cuda')"),
+    (["--variants", "baseline,expanson"], "carrot: error: unknown variant 'expanson' (did you mean 'expansion'?)"),
+])
+def test_bench_throughput_bad_config_is_one_line_through_the_cli(capsys, argv, line):
+    """`carrot bench throughput` checks every configuration before it makes an image, and goes
+    through the command line's handler of bad input: one line, exit 2, nothing printed before."""
     from carrot.cli import main as cli_main
 
-    assert cli_main(["bench", "throughput", "--batch", "-1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["carrot: error: invalid data.batch_size=-1: expected >= 2"]
+    assert cli_main(["bench", "throughput", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line)
 
 
 def test_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -307,3 +315,29 @@ def test_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(out.read_text()) == {"previous": True}
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_bench_throughput_runs_the_plain_loop_and_the_harness(capsys):
+    """`carrot bench throughput` on a tiny generated ImageFolder: a row for the plain timm loop
+    and one per variant, each ratio the row's images/s over the plain loop's, and a variant's
+    'of baseline' its images/s over baseline's (as printed, to their rounding)."""
+    from carrot.cli import main as cli_main
+
+    assert cli_main(["bench", "throughput", "--backbone", "test_resnet", "--image-size", "32", "--classes", "2",
+                     "--per-class", "10", "--epochs", "2", "--workers", "0", "--device", "cpu", "--batch-size", "4",
+                     "--variants", "baseline,pairwise_confusion"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {}
+    for line in lines:
+        for name in ("plain timm", "harness baseline", "harness pairwise_confusion"):
+            if line.startswith(name + " "):
+                rows[name] = line[len(name):].split()
+    assert sorted(rows) == ["harness baseline", "harness pairwise_confusion", "plain timm"]
+    plain = float(rows["plain timm"][0])
+    assert plain > 0 and float(rows["plain timm"][1]) == 1.0
+    for name in ("harness baseline", "harness pairwise_confusion"):
+        rate, ratio = float(rows[name][0]), float(rows[name][1])
+        assert rate > 0 and ratio == pytest.approx(rate / plain, abs=2e-3 + 1e-3 * ratio)
+    pc = rows["harness pairwise_confusion"]
+    assert pc[2:] == [pc[2], "of", "baseline"]
+    assert float(pc[2]) == pytest.approx(float(pc[0]) / float(rows["harness baseline"][0]), abs=2e-3)
