@@ -53,6 +53,12 @@ def test_class_slots_single_class_and_all_distinct(name: str) -> None:
     assert inv.tolist() == [2, 0, 1] and counts.tolist() == [1, 1, 1]
 
 
+@pytest.mark.parametrize("name", SLOT_FUNCTIONS)
+def test_class_slots_with_negative_labels(name: str) -> None:
+    inv, counts, labels = SLOT_FUNCTIONS[name](torch.tensor([-2, 5, -2, 0]))
+    assert inv.tolist() == [0, 2, 0, 1] and counts.tolist() == [2, 1, 1, 0] and labels[:3].tolist() == [-2, 0, 5]
+
+
 def test_compact_slots() -> None:
     keep = torch.tensor([False, True, True, False, True])
     assert compact_slots(keep).tolist() == [-1, 0, 1, -1, 2]
