@@ -12,7 +12,8 @@ Sections:
   the variant's neck and the head, the variant's CE and terms, three pooled intermediate
   features for the variants that use them, backward) over the CE head's (z -> Linear -> CE ->
   backward), at B = 64 (16 classes x 4), D = 2048, K = 200; and the same ratio at K = 50, 1000
-  and D = 512 (**scaling**). Where a term cannot avoid some matrix products (a second head
+  and D = 512 (**scaling**). Before the timing every variant steps through batches that hold
+  all K classes, so a variant with per-class state (``prototype``) is timed as it trains. Where a term cannot avoid some matrix products (a second head
   pass, the K x K Gram; :meth:`carrot.variants.base.Variant.floor_products`) or random draws
   (nuisance's noise; :meth:`~carrot.variants.base.Variant.floor_normal_draws`), those are
   timed after the CE head as the term's **floor**.
@@ -180,6 +181,22 @@ class EmbeddingBench:
         self.variants: list = []
         self.trained: list[list[Tensor]] = []  # per variant: the tensors its step writes gradients to
         self.steps = [self._variant_step(spec, seed) for spec in self.specs]
+        self._visit_every_class()
+
+    def _visit_every_class(self) -> None:
+        """Run every variant's step on batches that together hold all K classes (the bench
+        batch's class multiplicities, its classes moved to ``start, start + 1, ...``), then
+        return to the bench batch. A variant with state across steps (``prototype``'s
+        prototypes, confusion rows and neighbour pairs over the classes it has seen) is then
+        timed as it trains once it has seen every class, not with the bench batch's only."""
+        fixed = self.y.clone()
+        classes, inv = torch.unique(fixed, sorted=True, return_inverse=True)
+        c = classes.shape[0]
+        for start in range(0, self.num_classes, c):
+            self.y.copy_(((torch.arange(c, device=self.device) + start) % self.num_classes)[inv])
+            for step in self.steps:
+                step()
+        self.y.copy_(fixed)
 
     def ce_step(self) -> None:
         self.z.grad = None

@@ -341,3 +341,15 @@ def test_bench_throughput_runs_the_plain_loop_and_the_harness(capsys):
     pc = rows["harness pairwise_confusion"]
     assert pc[2:] == [pc[2], "of", "baseline"]
     assert float(pc[2]) == pytest.approx(float(pc[0]) / float(rows["harness baseline"][0]), abs=2e-3)
+
+
+def test_a_stateful_variant_is_timed_after_it_has_seen_every_class():
+    """prototype keeps per-class state across steps; the bench times it as it trains once every
+    one of the K classes has been seen (not with the bench batch's 4 only), and then times the
+    bench batch."""
+    from carrot.bench import EmbeddingBench
+
+    bench = EmbeddingBench(torch.device("cpu"), 8, 4, 10, 16, ["prototype", "baseline"])
+    prototype = bench.variants[0]
+    assert bool(prototype.seen.all()) and prototype.seen.shape == (10,)
+    assert torch.equal(bench.y, pk_labels(8, 4, 10, "cpu"))
