@@ -13,10 +13,11 @@ Sections:
   features for the variants that use them, backward) over the CE head's (z -> Linear -> CE ->
   backward), at B = 64 (16 classes x 4), D = 2048, K = 200; and the same ratio at K = 50, 1000
   and D = 512 (**scaling**). Before the timing every variant steps through batches that hold
-  all K classes, so a variant with per-class state (``prototype``) is timed as it trains. Where a term cannot avoid some matrix products (a second head
-  pass, the K x K Gram; :meth:`carrot.variants.base.Variant.floor_products`) or random draws
-  (nuisance's noise; :meth:`~carrot.variants.base.Variant.floor_normal_draws`), those are
-  timed after the CE head as the term's **floor**.
+  all K classes, so a variant with per-class state (``prototype``) is timed as it trains.
+  Where a term cannot avoid some matrix products (a second head pass, the K x K Gram;
+  :meth:`carrot.variants.base.Variant.floor_products`) or random draws (nuisance's noise;
+  :meth:`~carrot.variants.base.Variant.floor_normal_draws`), those are timed after the CE head
+  as the term's **floor**.
 - **memory**: the step's peak memory over the CE step's (CUDA: ``max_memory_allocated``; CPU:
   the C allocator's bytes in use after every op, glibc's ``mallinfo2``), each above the level
   before the step with its gradients released.
@@ -841,7 +842,8 @@ def _scaling_arg(text: str) -> tuple[tuple[int, int], ...]:
     except ValueError:
         pairs = ()
     if not pairs or any(k < 2 or d < 1 for k, d in pairs):
-        raise argparse.ArgumentTypeError(f"expected KxD pairs such as 50x2048,200x512 (K >= 2, D >= 1), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected KxD pairs such as 50x2048,200x512 (K >= 2, D >= 1), got {text!r}")
     return pairs
 
 
@@ -899,8 +901,10 @@ def _bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-step-repeats", type=_at_least(1), default=10)
     parser.add_argument("--study-trials", type=_at_least(0), default=8,
                         help="trials of each bench study (more than the pruner's 4 start-up trials; 0 skips the study)")
-    parser.add_argument("--study-epochs", type=_at_least(1), default=None, help="epochs per trial (default: the config's)")
-    parser.add_argument("--study-jobs", type=_at_least(1), default=2, help="workers of the second study (1: one study only)")
+    parser.add_argument("--study-epochs", type=_at_least(1), default=None,
+                        help="epochs per trial (default: the config's)")
+    parser.add_argument("--study-jobs", type=_at_least(1), default=2,
+                        help="workers of the second study (1: one study only)")
     parser.add_argument("--limit-per-class", type=_at_least(1), default=None,
                         help="training images per class in the study and the training step (default: all)")
     parser.add_argument("--resnet50", action="store_true",
