@@ -333,14 +333,21 @@ def test_bench_throughput_runs_the_plain_loop_and_the_harness(capsys):
             if line.startswith(name + " "):
                 rows[name] = line[len(name):].split()
     assert sorted(rows) == ["harness baseline", "harness pairwise_confusion", "plain timm"]
+    def quotient(a: float, b: float) -> tuple[float, float]:
+        """a / b of two rates printed to 0.1, and how far the printing can move it (the
+        quotient is printed to 0.001)."""
+        return a / b, 0.0005 + 0.05 / b + 0.05 * a / b ** 2
+
     plain = float(rows["plain timm"][0])
     assert plain > 0 and float(rows["plain timm"][1]) == 1.0
     for name in ("harness baseline", "harness pairwise_confusion"):
         rate, ratio = float(rows[name][0]), float(rows[name][1])
-        assert rate > 0 and ratio == pytest.approx(rate / plain, abs=2e-3 + 1e-3 * ratio)
+        want, slack = quotient(rate, plain)
+        assert rate > 0 and ratio == pytest.approx(want, abs=slack)
     pc = rows["harness pairwise_confusion"]
     assert pc[2:] == [pc[2], "of", "baseline"]
-    assert float(pc[2]) == pytest.approx(float(pc[0]) / float(rows["harness baseline"][0]), abs=2e-3)
+    want, slack = quotient(float(pc[0]), float(rows["harness baseline"][0]))
+    assert float(pc[2]) == pytest.approx(want, abs=slack)
 
 
 def test_a_stateful_variant_is_timed_after_it_has_seen_every_class():
