@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from carrot.config import int_argument
 from carrot.geometry import class_slots, used_slots_on_host
 from carrot.model import ModelOutput
 from carrot.train import forward_step
@@ -847,19 +848,6 @@ def _scaling_arg(text: str) -> tuple[tuple[int, int], ...]:
     return pairs
 
 
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]) -> None:
     """Every choice the bench cannot run with, as one argparse error before any timing: the batch
     and its classes, each variant spec, and the folder of ``--json``."""
@@ -885,32 +873,32 @@ def _report_json(report: dict[str, Any]) -> dict[str, Any]:
 def _bench_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="carrot bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="all", help="all (CPU, and CUDA when present), cpu or cuda")
-    parser.add_argument("--batch", type=_at_least(2), default=64)
-    parser.add_argument("--classes-in-batch", type=_at_least(1), default=16)
-    parser.add_argument("--num-classes", type=_at_least(2), default=200)
-    parser.add_argument("--dim", type=_at_least(1), default=2048)
+    parser.add_argument("--batch", type=int_argument(2), default=64)
+    parser.add_argument("--classes-in-batch", type=int_argument(1), default=16)
+    parser.add_argument("--num-classes", type=int_argument(2), default=200)
+    parser.add_argument("--dim", type=int_argument(1), default=2048)
     parser.add_argument("--scaling", type=_scaling_arg, default=SCALING,
                         help="(K, D) pairs of the scaling table, e.g. 50x2048,200x2048,1000x2048,200x512")
-    parser.add_argument("--threads", type=_at_least(0), default=0,
+    parser.add_argument("--threads", type=int_argument(0), default=0,
                         help="torch CPU threads here and in the study's workers (default: torch's own, or 1 "
                              "on a busy machine, where threads that wait for each other time the load, not the step)")
-    parser.add_argument("--repeats", type=_at_least(1), default=50)
-    parser.add_argument("--warmup", type=_at_least(0), default=3)
+    parser.add_argument("--repeats", type=int_argument(1), default=50)
+    parser.add_argument("--warmup", type=int_argument(0), default=3)
     parser.add_argument("--variants", nargs="*", default=None,
                         help="subset of variants (default: all), each optionally name:key=value,...")
-    parser.add_argument("--train-step-repeats", type=_at_least(1), default=10)
-    parser.add_argument("--study-trials", type=_at_least(0), default=8,
+    parser.add_argument("--train-step-repeats", type=int_argument(1), default=10)
+    parser.add_argument("--study-trials", type=int_argument(0), default=8,
                         help="trials of each bench study (more than the pruner's 4 start-up trials; 0 skips the study)")
-    parser.add_argument("--study-epochs", type=_at_least(1), default=None,
+    parser.add_argument("--study-epochs", type=int_argument(1), default=None,
                         help="epochs per trial (default: the config's)")
-    parser.add_argument("--study-jobs", type=_at_least(1), default=2,
+    parser.add_argument("--study-jobs", type=int_argument(1), default=2,
                         help="workers of the second study (1: one study only)")
-    parser.add_argument("--limit-per-class", type=_at_least(1), default=None,
+    parser.add_argument("--limit-per-class", type=int_argument(1), default=None,
                         help="training images per class in the study and the training step (default: all)")
     parser.add_argument("--resnet50", action="store_true",
                         help="accepted and changes nothing: every run on CUDA times the ResNet-50 step")
-    parser.add_argument("--resnet-batch", type=_at_least(2), default=32)
-    parser.add_argument("--image-size", type=_at_least(32), default=448, help="ResNet-50 step image size (CUDA)")
+    parser.add_argument("--resnet-batch", type=int_argument(2), default=32)
+    parser.add_argument("--image-size", type=int_argument(32), default=448, help="ResNet-50 step image size (CUDA)")
     parser.add_argument("--sync-debug", action="store_true",
                         help="only check which variant steps synchronise with the host (on CUDA; without CUDA, "
                              "the CPU's check of the CUDA routes)")

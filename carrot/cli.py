@@ -75,10 +75,9 @@ def _set_items(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 def _int_arg(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    from carrot.config import int_argument
+
+    return int_argument()(text)
 
 
 def _common(p: argparse.ArgumentParser, variant_default: str = "baseline") -> None:

@@ -32,6 +32,25 @@ PROBE_MODES = ("final", "last", "always")
 OPTIMIZERS = ("adamw", "sgd")
 
 
+def int_argument(low: int | None = None) -> typing.Callable[[str], int]:
+    """An argparse type: an integer (at least ``low`` where given); anything else is one error
+    line naming what is expected."""
+    expected = "an integer" if low is None else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (low is not None and value < low):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
 def parse_value(text: str) -> Any:
     """A value typed on the command line (``--set``, a bench spec) as YAML, with YAML 1.2
     numbers (PyYAML reads ``1e-3`` as a string): ``true`` and ``True`` are booleans."""
