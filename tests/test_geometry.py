@@ -1,6 +1,7 @@
 """carrot.geometry against slow loops and closed forms."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -10,8 +11,8 @@ from scipy import integrate
 
 from carrot.geometry import (
     bhattacharyya_diag, bhattacharyya_pairs, block_spectrum, class_means, class_moments, class_slots, class_sums,
-    compact_slots, effective_rank, l2_normalize, pairwise_distance, rms_radius, sample_pair_bhattacharyya,
-    soft_confusion, spectral_entropy, symmetric_confusion, xlogx_sum,
+    compact_slots, device_routes, effective_rank, kth_largest, l2_normalize, pairwise_distance, rms_radius,
+    sample_pair_bhattacharyya, soft_confusion, spectral_entropy, symmetric_confusion, used_class_slots, xlogx_sum,
 )
 from carrot.geometry import bhattacharyya as bhattacharyya_module
 from carrot.geometry.slots import _class_slots_on_host, _class_slots_sync_free
@@ -57,6 +58,37 @@ def test_class_slots_single_class_and_all_distinct(name: str) -> None:
 def test_class_slots_with_negative_labels(name: str) -> None:
     inv, counts, labels = SLOT_FUNCTIONS[name](torch.tensor([-2, 5, -2, 0]))
     assert inv.tolist() == [0, 2, 0, 1] and counts.tolist() == [2, 1, 1, 0] and labels[:3].tolist() == [-2, 0, 5]
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_used_class_slots_is_class_slots_with_the_used_count(on_host: bool) -> None:
+    """The host keeps the C used slots and says C; the device route keeps all B and says None."""
+    y = _labels(1)
+    ref_inv, ref_counts, ref_labels = class_slots(y)
+    c = int((ref_counts > 0).sum())
+    with contextlib.nullcontext() if on_host else device_routes():
+        inv, counts, labels, used = used_class_slots(y)
+    assert used == (c if on_host else None)
+    assert counts.dtype == torch.float32 and inv.dtype == labels.dtype == torch.long
+    assert torch.equal(inv, ref_inv)
+    assert torch.equal(counts, ref_counts[:c] if on_host else ref_counts)
+    assert torch.equal(labels[:c], ref_labels[:c]) and labels.shape == counts.shape
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_largest_against_a_sort(on_host: bool, dtype: torch.dtype) -> None:
+    """Both routes (numpy's sort on the host, topk elsewhere) give each row's m-th largest value,
+    ties counted with their multiplicity, for every m from 1 to N."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6, (7, 9), generator=g).to(dtype) / 4  # many ties
+    x[2] = torch.randn(9, generator=g, dtype=dtype)
+    x[3] = 0.25  # one value only
+    for m in range(1, 10):
+        with contextlib.nullcontext() if on_host else device_routes():
+            got = kth_largest(x, m)
+        expect = torch.tensor([sorted(row.tolist(), reverse=True)[m - 1] for row in x], dtype=dtype)
+        assert got.dtype == dtype and torch.equal(got, expect), m
 
 
 def test_compact_slots() -> None:

@@ -1,12 +1,14 @@
 """``prototype``: the step against a slow loop reference, the gradient fix, state handling."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from carrot.geometry import device_routes
 from carrot.variants import StepBatch, create_variant
 from carrot.variants.prototype import (
     L2Normalize, confusion_sums, neighbour_pairs, orthogonality_penalty, shrunk_metric_factor,
@@ -88,13 +90,14 @@ def _labels(step, b=12, k=10):
 
 @pytest.mark.parametrize("host_slots", [True, False])
 @pytest.mark.parametrize("metric,conf_topk", [("euclidean", 0), ("euclidean", 3), ("mahalanobis", 0)])
-def test_steps_match_slow_reference(metric, conf_topk, host_slots, monkeypatch):
-    """Both slot layouts: the C used slots the CPU step keeps, and all B slots (the device
-    path, where the class count would cost a host sync)."""
-    if not host_slots:
-        import carrot.variants.prototype as module
+def test_steps_match_slow_reference(metric, conf_topk, host_slots):
+    """Both routes: the C used slots and the pair list the CPU step keeps, and all B slots
+    with the K x K Gram (the device path, where the class count would cost a host sync)."""
+    with contextlib.nullcontext() if host_slots else device_routes():
+        _check_steps_match_slow_reference(metric, conf_topk)
 
-        monkeypatch.setattr(module, "used_slots_on_host", lambda counts: None)
+
+def _check_steps_match_slow_reference(metric, conf_topk):
     torch.manual_seed(0)
     k, d = 10, 8
     hp = dict(lam=2.0, alpha=0.5, top_m=3, conf_topk=conf_topk, metric=metric, warmup_epochs=0.0,
@@ -186,6 +189,46 @@ def test_neighbour_pairs_are_deduplicated_topm():
     assert got == expect
     assert not mask.tril().any()
     assert neighbour_pairs(omega, 50, valid).sum() == 8 * 7 // 2 - 1  # all valid pairs but (1, 4)
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_neighbour_pairs_keep_every_tie_at_the_mth_weight(on_host):
+    """Where several classes tie at a row's m-th largest weight all of them are neighbours, on
+    both routes (the host's threshold from numpy's sort, the device's from topk)."""
+    k, m = 7, 2
+    omega = torch.zeros(k, k)
+    for i, j, w in [(0, 1, 0.5), (0, 2, 0.3), (0, 3, 0.3), (0, 4, 0.3), (0, 5, 0.1), (5, 6, 0.2), (1, 6, 0.05)]:
+        omega[i, j] = omega[j, i] = w
+    valid = torch.ones(k, dtype=torch.bool)
+    with contextlib.nullcontext() if on_host else device_routes():
+        mask = neighbour_pairs(omega, m, valid)
+    expect = set()
+    for i in range(k):
+        row = sorted((float(omega[i, j]) for j in range(k) if j != i), reverse=True)
+        expect |= {(min(i, j), max(i, j)) for j in range(k) if j != i and 0 < omega[i, j] >= row[m - 1]}
+    got = {(int(i), int(j)) for i, j in mask.nonzero()}
+    assert got == expect
+    assert {(0, 2), (0, 3), (0, 4)} <= got  # row 0's three-way tie at its 2nd weight, all kept
+    assert (0, 5) in got  # 5's own top 2 (0.2, 0.1) reach 0
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_confusion_sums_keep_every_tie_at_the_topk_probability(on_host):
+    """A sample keeps every probability at or above its top-k-th: equal logits keep them all."""
+    k, topk = 6, 2
+    logits = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    logits[1] = 0.0  # uniform: all six tie
+    logits[3, :3] = 4.0  # three tie at the top
+    y = torch.tensor([0, 1, 1, 4, 4])
+    with contextlib.nullcontext() if on_host else device_routes():
+        sums = confusion_sums(logits, y, topk=topk)
+    p = logits.softmax(1)
+    expect = torch.zeros(k, k)
+    for i in range(5):
+        top = sorted(p[i].tolist(), reverse=True)[topk - 1]
+        expect[y[i]] += torch.where(p[i] >= top, p[i], 0.0)
+    torch.testing.assert_close(sums, expect)
+    assert (sums[1] > 0).all() and (sums[4][:3] > 0).all()
 
 
 def test_metric_factor_gives_shrunk_mahalanobis():

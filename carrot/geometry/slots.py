@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,6 +49,20 @@ def device_routes():
         yield
     finally:
         _HOST_ROUTES.reset(token)
+
+
+def kth_largest(x: Tensor, m: int) -> Tensor:
+    """The ``m``-th largest value of every row of ``x`` (R, N), ``1 <= m <= N``: (R,), no grad.
+
+    On the host (CPU, float32 or float64) from numpy's sort of the values, which runs
+    vectorised: on fresh 200 x 200 rows a few times faster than ``torch.topk``, whose
+    per-row selection branches on every comparison. Elsewhere the last of ``topk``'s values.
+    """
+    with torch.no_grad():
+        x = x.detach()
+        if reads_on_host(x) and x.dtype in (torch.float32, torch.float64):
+            return torch.from_numpy(np.sort(x.numpy(), axis=1)[:, x.shape[1] - m])
+        return x.topk(m, dim=1).values[:, -1]
 
 
 def no_autocast(t: Tensor):
@@ -107,6 +122,17 @@ def _class_slots_on_host(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     labels_of_slot = torch.zeros_like(y)
     labels_of_slot[:labels.shape[0]] = labels
     return inv.reshape(-1), counts, labels_of_slot
+
+
+def used_class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor, int | None]:
+    """:func:`class_slots` and :func:`used_slots_on_host` in one call: where the host reads the
+    labels (CPU), the ``C`` used slots only, ``(inv (B,), counts (C,), labels_of_slot (C,), C)``,
+    straight from ``torch.unique``; elsewhere all ``B`` slots and ``None``."""
+    y = y.reshape(-1).long()
+    if not reads_on_host(y):
+        return (*_class_slots_sync_free(y), None)
+    labels, inv, counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
+    return inv.reshape(-1), counts.float(), labels, labels.shape[0]
 
 
 def used_slots_on_host(counts: Tensor) -> int | None:

@@ -99,6 +99,7 @@ class _Expansion(torch.autograd.Function):
         stats = [geo[k] for k in ("gamma", "radius", "nearest", "eligible", "present")] + [e_norm, two_classes,
                                                                                            geo["mu"]]
         ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)  # the backward reads g only, None where z+ is not used
         return (z_plus, *stats)
 
     @staticmethod

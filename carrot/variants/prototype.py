@@ -21,17 +21,20 @@ K and D are unknown at construction: the buffers are allocated on the first forw
 
 One step (B samples, C classes present):
 1. conf row c <- (1 - m_conf) conf_c + m_conf * mean_{i: y_i = c} p_i for c present
-   (p = softmax, optionally only each sample's top-``conf_topk`` probabilities); other rows
-   unchanged; diagonal 0. omega = (conf + conf^T) / 2.
+   (p = softmax, optionally only each sample's top-``conf_topk`` probabilities, every
+   probability tied with the ``conf_topk``-th included); other rows unchanged; diagonal 0.
+   omega = (conf + conf^T) / 2.
 2. **The fix to the sketch**: the loss uses prototypes that carry this batch's gradient,
    mu~_c = normalize((1 - beta) mu_c.detach() + beta * mean_{i: y_i = c} h_i) for c present,
    the stored (detached) prototype otherwise; the buffer stores mu~.detach(). (The sketch
    computed the loss from the no-grad buffer: no gradient reached the backbone.)
-3. Pairs P: for every seen class i its top-m neighbours by omega, deduplicated as unordered
-   pairs (K x K mask from the top-k indices, OR its transpose, upper triangle) and kept
-   where omega > 0 (a zero-weight "neighbour" is an arbitrary tie, and counting it would
-   only dilute the mean). The mean is a masked sum over the mask count: no data-dependent
-   shape.
+3. Pairs P: for every seen class i its top-m neighbours by omega (every seen class whose
+   omega_ij reaches row i's m-th largest, so ties at that value are all kept where topk
+   would pick some), deduplicated as unordered pairs (K x K mask, OR its transpose, upper
+   triangle) and kept where omega > 0 (a zero-weight "neighbour" is an arbitrary tie, and
+   counting it would only dilute the mean). The mean is a masked sum over the mask count:
+   no data-dependent shape. On the CPU each row's m-th largest comes from numpy's
+   vectorised sort (:func:`carrot.geometry.kth_largest`).
 4. d2_ij = ||t_i - t_j||^2 with t = mu~ (euclidean; whitening, where h already passed V),
    or t = mu~ L (mahalanobis: Sigma_s = (1 - s) Sigma_w / (tr Sigma_w / D) + s I = C C^T,
    L = C^{-T}, so d2 = (mu_i - mu_j)^T Sigma_s^{-1} (mu_i - mu_j)). Sigma_w is scaled to mean
@@ -72,7 +75,7 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor, nn
 
-from carrot.geometry import class_slots, class_sums, symmetric_confusion, used_slots_on_host
+from carrot.geometry import kth_largest, symmetric_confusion, used_class_slots
 from carrot.geometry.distributed import (
     all_reduce_sum, all_reduce_sum_no_grad, gather_rows_no_grad, local_rows,
 )
@@ -90,10 +93,9 @@ class _BlendedPrototypes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu: Tensor, means: Tensor, momentum: float) -> Tensor:
-        v = (1.0 - momentum) * mu + momentum * means  # (R, D)
-        sq = (v * v).sum(dim=-1, keepdim=True)
-        no_norm = sq <= 1e-24
-        r = torch.rsqrt(torch.where(no_norm, torch.ones_like(sq), sq)).masked_fill_(no_norm, 0.0)  # (R, 1)
+        v = torch.lerp(mu, means, momentum)  # (R, D) (1 - beta) mu + beta means
+        norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)  # (R, 1)
+        r = norm.reciprocal().masked_fill_(norm <= 1e-12, 0.0)  # (R, 1)
         out = v.mul_(r)
         ctx.save_for_backward(out, r)
         ctx.momentum = momentum
@@ -119,27 +121,29 @@ def blend_prototypes(mu: Tensor, means: Tensor, momentum: float) -> Tensor:
 def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0, num_slots: int | None = None) -> Tensor:
     """Sum over the samples of each slot ``y`` (a class, or a batch slot) of their softmax
     probabilities, with ``topk > 0`` only each sample's ``topk`` largest, (num_slots, K) (K x K
-    by default), no grad. The top-k case scatters the kept values straight into the sums (no
-    (B, K) sparse matrix, no per-sample loop); each cell adds its samples in the same order as
-    :func:`carrot.geometry.class_sums`."""
+    by default), no grad. A sample keeps every probability at or above its ``topk``-th largest:
+    where several tie at that value all of them count (``torch.topk`` would keep an arbitrary
+    few). Each cell adds its samples in the same order as :func:`carrot.geometry.class_sums`."""
     k = logits.shape[1]
     slots = k if num_slots is None else num_slots
     with torch.no_grad():
         p = F.softmax(logits.detach().float(), dim=1)  # (B, K)
-        if not 0 < topk < k:
-            return class_sums(p, y, slots)[0]
-        vals, idx = p.topk(topk, dim=1, sorted=False)  # (B, topk)
-        sums = torch.zeros(slots, k, dtype=vals.dtype, device=vals.device)
-        return sums.index_put_((y[:, None].expand_as(idx), idx), vals, accumulate=True)
+        if 0 < topk < k:
+            p.mul_(p >= kth_largest(p, topk)[:, None])
+        return torch.zeros(slots, k, dtype=p.dtype, device=p.device).index_add_(0, y, p)
 
 
-def blend_confusion_rows(rows: Tensor, sums: Tensor, counts: Tensor, labels: Tensor, momentum: float) -> Tensor:
+def blend_confusion_rows(rows: Tensor, sums: Tensor, counts: Tensor, labels: Tensor, momentum: float,
+                         all_present: bool = False) -> Tensor:
     """New confusion rows, (R, K): ``(1 - m) rows + m sums / n`` where ``n > 0`` (kept
-    otherwise), each row's own class (``labels``, (R,)) at 0. No grad."""
+    otherwise), each row's own class (``labels``, (R,)) at 0. No grad. ``all_present``: every
+    ``n`` is > 0 (the host's used slots), so no row is kept."""
     with torch.no_grad():
+        if all_present:
+            return torch.lerp(rows, sums / counts[:, None], momentum).scatter_(1, labels[:, None], 0.0)
         mean = sums / counts.clamp_min(1.0)[:, None]  # (R, K)
-        new = torch.where((counts > 0)[:, None], (1.0 - momentum) * rows + momentum * mean, rows)
-        return new.scatter_(1, labels[:, None], 0.0)
+        step = (counts > 0).to(rows.dtype).mul_(momentum)[:, None]  # (R, 1) m, or 0 on rows without samples
+        return torch.lerp(rows, mean, step).scatter_(1, labels[:, None], 0.0)
 
 
 def update_confusion(conf: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
@@ -151,16 +155,22 @@ def neighbour_pairs(omega: Tensor, top_m: int, valid: Tensor) -> Tensor:
     """Unordered pairs {i, j} with j among i's top-m neighbours by omega (or i among j's).
 
     Only classes with ``valid`` (K,) bool take part and only pairs with omega > 0 are kept.
+    A row's neighbours are the classes at or above its m-th largest weight: where several tie
+    at that value all of them are kept (``torch.topk`` would keep an arbitrary few).
     Returns a (K, K) bool mask, strictly upper-triangular (each pair once).
     """
     k = omega.shape[0]
     m = min(top_m, k - 1)
+    if m < 1:
+        return torch.zeros(k, k, dtype=torch.bool, device=omega.device)
     # Only positive weights between two valid classes count, so everything else may rank as 0:
-    # it never displaces a positive neighbour, and a 0 that is picked is dropped below.
-    score = omega * (valid[:, None] & valid[None, :])  # (K, K)
+    # it never displaces a positive neighbour, and the threshold's floor (the smallest positive
+    # number) drops every 0.
+    v = valid.to(omega.dtype)
+    score = omega * torch.outer(v, v)  # (K, K)
     score.fill_diagonal_(0.0)
-    vals, idx = score.topk(m, dim=1, sorted=False)  # (K, m)
-    chosen = torch.zeros(k, k, dtype=torch.bool, device=omega.device).scatter_(1, idx, vals > 0)
+    info = torch.finfo(score.dtype)
+    chosen = score >= kth_largest(score, m).clamp_min(info.smallest_normal * info.eps)[:, None]  # (K, K)
     return (chosen | chosen.T).triu(1)
 
 
@@ -177,6 +187,7 @@ def _weighted_overlap(ctx, raw: Tensor, weight: Tensor, alpha: float, gram: Tens
     ctx.save_for_backward(weighted.mul_(raw >= 0), *saved)
     ctx.alpha = alpha
     ctx.mark_non_differentiable(gram, d2)
+    ctx.set_materialize_grads(False)  # the backward reads g_loss only, None where the loss is not used
     return loss, gram, d2
 
 
@@ -252,20 +263,14 @@ class _PairListLoss(torch.autograd.Function):
             return (None,) * 8
         weighted, labels, first, second, t_buffer = ctx.saved_tensors
         k = t_buffer.shape[0]
-        e2 = weighted * (-2.0 * ctx.alpha * g_loss)  # (P,) 2 dL/dd2
-        slot = torch.full((k,), -1, dtype=torch.long, device=labels.device)
-        slot[labels] = torch.arange(labels.shape[0], device=labels.device)  # (K,) slot of each class, -1 if absent
-        g_r = torch.zeros(labels.shape[0], k, dtype=weighted.dtype, device=weighted.device)  # (C, K)
-        for own, other in ((first, second), (second, first)):  # each end of a pair, where its class is present
-            at = slot[own]
-            keep = at >= 0
-            at, col, val = at[keep], other[keep], e2[keep]
-            g_r.index_put_((at, col), -val, accumulate=True)  # -2 e_p at the other class
-            g_r.index_put_((at, own[keep]), val, accumulate=True)  # +2 e_p at its own column
+        e = weighted.new_zeros(k, k).index_put_((first, second), weighted)  # (K, K) upper: pairs are unique
+        rows = (e + e.T).index_select(0, labels)  # (C, K) rows of A / (-alpha g) at the present classes
+        own = (torch.arange(labels.shape[0], device=labels.device), labels)
+        g_r = rows.index_put_(own, -rows.sum(1)).mul_(2.0 * ctx.alpha * g_loss)  # A's diagonal is 0
         return g_r @ t_buffer, None, None, None, None, None, None, None
 
 
-def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor, stored_gram: Tensor, omega: Tensor,
+def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor | None, stored_gram: Tensor, omega: Tensor,
                         mask: Tensor, alpha: float,
                         labels: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """L_carrot = sum_{mask} omega_ij exp(-alpha d2_ij) / |mask| (0 when the mask is empty).
@@ -282,7 +287,8 @@ def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor, stor
 
     ``labels`` (C,), the class of each slot, says that every slot is used and that the host
     can list the selected pairs (CPU): the loss then runs over that list
-    (:class:`_PairListLoss`, the same numbers) instead of every K x K entry.
+    (:class:`_PairListLoss`, the same numbers) instead of every K x K entry, and ``one_hot``
+    is not read (None will do).
 
     Returns the loss, the new Gram (K, K, detached) and ``pairs``, ``omega_mean``, ``d2_mean``
     over the selected pairs.
@@ -484,23 +490,26 @@ class PrototypeVariant(Variant):
         update = self.training
 
         with torch.no_grad():
-            # Class slots of all ranks' samples (S = world size x B under DDP); one_hot maps each
-            # present class to its slot. Fixed shapes, no host sync.
+            # Class slots of all ranks' samples (S = world size x B under DDP). On CUDA all S
+            # slots, one_hot mapping each present class to its slot: fixed shapes, no host sync.
+            # On the CPU the C classes' slots only (slot_counts, slot_labels (C,)).
             y_all = gather_rows_no_grad(y)  # (S,)
-            inv_all, slot_counts, slot_labels = class_slots(y_all)  # (S,) each
-            used = used_slots_on_host(slot_counts)  # CPU: the C classes' slots only, not all S
-            if used is not None:
-                slot_counts, slot_labels = slot_counts[:used], slot_labels[:used]
+            inv_all, slot_counts, slot_labels, used = used_class_slots(y_all)
+            if used is None:
+                one_hot = (torch.arange(k, device=h.device)[:, None] == slot_labels[None, :]) & (slot_counts > 0)
+                one_hot = one_hot.float()  # (K, S)
+                present = one_hot.sum(1) > 0  # (K,)
+                rows_of = (y_all,), inv_all  # the buffers' rows: every sample writes its class's row
+            else:  # the C used slots hold distinct classes: no one-hot, one write per class
+                one_hot = None
+                present = torch.zeros(k, dtype=torch.bool, device=h.device).index_fill_(0, slot_labels, True)
+                rows_of = (slot_labels,), None
             slots = len(slot_counts)
-            one_hot = (torch.arange(k, device=h.device)[:, None] == slot_labels[None, :]) & (slot_counts > 0)
-            one_hot = one_hot.float()  # (K, S)
-            counts = one_hot @ slot_counts  # (K,)
-            present = counts > 0  # (K,)
             # The confusion rows of the present classes, by slot: (S, K) sums, not (K, K).
             inv = local_rows(inv_all, b)  # (B,) this rank's samples
             slot_conf = all_reduce_sum_no_grad(confusion_sums(batch.logits, inv, hp.conf_topk, slots))  # (S, K)
             rows = blend_confusion_rows(self.conf.index_select(0, slot_labels), slot_conf, slot_counts, slot_labels,
-                                        hp.conf_momentum)  # (S, K)
+                                        hp.conf_momentum, all_present=used is not None)  # (S, K)
             target = slot_labels
             if used is None:  # unused slots (label 0) write slot 0's row again: repeated indices, equal values
                 in_use = slot_counts > 0
@@ -511,7 +520,7 @@ class PrototypeVariant(Variant):
             seen = self.seen | present
             mask = neighbour_pairs(omega, hp.top_m, seen)  # (K, K)
 
-        slot_sums = all_reduce_sum(class_sums(h, inv, slots)[0])  # (S, D) over all ranks, with gradient
+        slot_sums = all_reduce_sum(h.new_zeros(slots, d).index_add_(0, inv, h))  # (S, D) over all ranks, with gradient
         slot_means = slot_sums / slot_counts.clamp_min(1.0)[:, None]  # (S, D) class means, 0 on unused slots
         if hp.metric == "mahalanobis" and update:
             self._update_covariance(h, inv, slot_means, slot_counts)
@@ -522,13 +531,18 @@ class PrototypeVariant(Variant):
         t_slots = mu_slots @ self.metric_factor if hp.metric == "mahalanobis" else mu_slots  # (S, D)
         # The stored prototypes with the present rows replaced by mu~ (detached). Training
         # writes them into the buffer in place before the graph reads it; evaluation copies.
-        # Every sample writes its class's row: repeated indices, equal values.
+        # With all B slots, every sample writes its class's row: repeated indices, equal values.
         with torch.no_grad():
+            where, pick = rows_of
+
+            def written(t: Tensor) -> Tensor:  # (S, D) by slot -> the rows written at ``where``
+                return t.detach() if pick is None else t.detach().index_select(0, pick)
+
             buffer = self.mu_metric if hp.metric == "mahalanobis" else self.mu
-            new_rows = (y_all,), t_slots.detach().index_select(0, inv_all)
-            t_buffer = buffer.index_put_(*new_rows) if update else buffer.index_put(*new_rows)  # (K, D)
+            new = written(t_slots)
+            t_buffer = buffer.index_put_(where, new) if update else buffer.index_put(where, new)  # (K, D)
             if update and hp.metric == "mahalanobis":
-                self.mu.index_put_((y_all,), mu_slots.detach().index_select(0, inv_all))
+                self.mu.index_put_(where, written(mu_slots))
         # Gram matrix of the prototypes: the rows of present classes are one (S, D) x (D, K)
         # product, the step's O(B K D) part, with the gradient on the row side.
         l_carrot, gram, pair_stats = prototype_pair_loss(t_slots, t_buffer, one_hot, self.gram, omega, mask,
