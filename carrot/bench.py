@@ -55,7 +55,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +66,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from carrot.config import int_argument
-from carrot.geometry import class_slots, used_slots_on_host
+from carrot.geometry import used_class_slots
 from carrot.model import ModelOutput
 from carrot.train import forward_step
 from carrot.variants import create_variant, list_variants
@@ -234,7 +233,7 @@ class EmbeddingBench:
     def floor_step(self, variant) -> Callable[[], None] | None:
         """The CE head's step followed by the matrix products and the normal draws the variant's
         term cannot avoid."""
-        slots = used_slots_on_host(class_slots(self.y)[1])  # the class slots a step uses (None: all B)
+        slots = used_class_slots(self.y)[3]  # the class slots a step uses (None: all B)
         products = variant.floor_products(self.batch, self.num_classes, self.dim, slots)
         draws = variant.floor_normal_draws(self.batch, self.dim)
         if not products and not draws:

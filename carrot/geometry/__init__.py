@@ -14,8 +14,9 @@ and by the validation diagnostics.
 What a training step calls here is sync-free on CUDA (no ``torch.unique``, no boolean
 indexing with data-dependent shapes, no ``.item()`` / ``.cpu()``, no ``eigh``: the per-class
 spectra take the resolvent route of :mod:`~carrot.geometry.spectra` there). On the CPU a step
-may read what the host has anyway (:func:`reads_on_host`, :func:`used_slots_on_host`, :func:`used_class_slots`);
-:func:`device_routes` runs the CUDA routes on CPU tensors, to check them without a GPU.
+may read what the host has anyway (:func:`reads_on_host`, :func:`used_class_slots`,
+:func:`kth_largest`); :func:`device_routes` runs the CUDA routes on CPU tensors, to check them
+without a GPU.
 Statistics are computed in float32 whatever the input dtype (inputs are cast inside, and
 the matrix products run with autocast off, so bf16 autocast does not round them); the
 per-class sums and means take a ``dtype`` for the float64 diagnostics.
@@ -25,7 +26,7 @@ from carrot.geometry.confusion import soft_confusion, symmetric_confusion
 from carrot.geometry.slots import (
     class_deviations, class_means, class_moments, class_slots, class_sums, compact_slots, device_routes, kth_largest,
     l2_normalize, no_autocast, pairwise_distance, pairwise_sq_distance, reads_on_host, rms_radius, slot_variance,
-    sq_distance_to_distance, used_class_slots, used_slots_on_host,
+    sq_distance_to_distance, used_class_slots,
 )
 from carrot.geometry.spectra import (
     BlockSpectrum, block_spectrum, class_centring_operator, effective_rank, resolvent_xlogx, spectral_entropy,
@@ -38,5 +39,5 @@ __all__ = [
     "effective_rank", "kth_largest", "l2_normalize", "no_autocast", "pairwise_distance", "pairwise_sq_distance",
     "reads_on_host", "resolvent_xlogx", "rms_radius",
     "sample_pair_bhattacharyya", "slot_variance", "soft_confusion", "spectral_entropy", "sq_distance_to_distance",
-    "symmetric_confusion", "symmetric_eigh", "trace_terms", "used_class_slots", "used_slots_on_host", "xlogx_sum",
+    "symmetric_confusion", "symmetric_eigh", "trace_terms", "used_class_slots", "xlogx_sum",
 ]

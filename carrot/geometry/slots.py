@@ -3,7 +3,7 @@
 Classes present in a batch are compacted into ``B`` fixed *slots* (``B = len(y)``) without
 a host sync; unused slots have count 0 and are masked out downstream, so every shape
 depends on ``B`` only. On the CPU, where reading a count costs no sync, a step may keep only
-the ``C`` used slots (:func:`used_slots_on_host`). The same per-class routines serve a whole
+the ``C`` used slots (:func:`used_class_slots`). The same per-class routines serve a whole
 evaluation split, with the labels themselves as slots (``inv = labels``, ``num_slots = K``).
 
 >>> import torch
@@ -112,36 +112,33 @@ def _class_slots_sync_free(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return inv, counts, labels_of_slot
 
 
+def _used_slots_by_unique(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``C`` used slots from ``torch.unique`` (its output size is the class count, which a
+    CUDA tensor would have to sync for): ``inv`` (B,), ``counts`` (C,) float32, labels (C,)."""
+    labels, inv, counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
+    return inv.reshape(-1), counts.float(), labels
+
+
 def _class_slots_on_host(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`class_slots` with ``torch.unique`` (its output size is the class count, which a
-    CUDA tensor would have to sync for), padded to B slots."""
-    b = y.shape[0]
-    labels, inv, present = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
-    counts = torch.zeros(b, dtype=torch.float32, device=y.device)
+    """:func:`class_slots` with ``torch.unique``, padded to B slots."""
+    inv, present, labels = _used_slots_by_unique(y)
+    counts = torch.zeros(y.shape[0], dtype=torch.float32, device=y.device)
     counts[:labels.shape[0]] = present
     labels_of_slot = torch.zeros_like(y)
     labels_of_slot[:labels.shape[0]] = labels
-    return inv.reshape(-1), counts, labels_of_slot
+    return inv, counts, labels_of_slot
 
 
 def used_class_slots(y: Tensor) -> tuple[Tensor, Tensor, Tensor, int | None]:
-    """:func:`class_slots` and :func:`used_slots_on_host` in one call: where the host reads the
-    labels (CPU), the ``C`` used slots only, ``(inv (B,), counts (C,), labels_of_slot (C,), C)``,
-    straight from ``torch.unique``; elsewhere all ``B`` slots and ``None``."""
+    """:func:`class_slots` with only the slots a step uses: where the host reads the labels
+    (CPU, no sync to avoid), the ``C`` used slots, ``(inv (B,), counts (C,), labels_of_slot
+    (C,), C)``, straight from ``torch.unique``; elsewhere (CUDA, where the count would cost a
+    host sync) all ``B`` slots and ``None``."""
     y = y.reshape(-1).long()
     if not reads_on_host(y):
         return (*_class_slots_sync_free(y), None)
-    labels, inv, counts = torch.unique(y, sorted=True, return_inverse=True, return_counts=True)
-    return inv.reshape(-1), counts.float(), labels, labels.shape[0]
-
-
-def used_slots_on_host(counts: Tensor) -> int | None:
-    """How many slots are used (``counts > 0``; the present classes take slots ``0 .. C-1``),
-    where the host reads it for free: CPU tensors. ``None`` elsewhere (on CUDA the read would
-    be a host sync), where callers keep all ``B`` slots. At least 1."""
-    if not reads_on_host(counts):
-        return None
-    return max(1, int((counts > 0).sum()))
+    inv, counts, labels = _used_slots_by_unique(y)
+    return inv, counts, labels, labels.shape[0]
 
 
 def compact_slots(keep: Tensor) -> Tensor:

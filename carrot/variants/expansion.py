@@ -25,8 +25,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
 
 from carrot.geometry import (
-    class_deviations, class_means, class_slots, pairwise_sq_distance, rms_radius, slot_variance,
-    sq_distance_to_distance, used_slots_on_host,
+    class_deviations, class_means, pairwise_sq_distance, rms_radius, slot_variance, sq_distance_to_distance,
+    used_class_slots,
 )
 from carrot.geometry.distributed import gather_rows, gather_rows_no_grad, local_rows
 from carrot.variants import register_variant
@@ -38,7 +38,7 @@ MODES = ("kl", "supcon")
 def _class_geometry(h: Tensor, inv: Tensor, counts: Tensor, eps: float) -> dict[str, Tensor]:
     """Centroids, deviations, radii, nearest other centroid and gamma of every class slot of ``h``.
 
-    ``h`` (B, D) float32, unit rows; ``inv``, ``counts`` from :func:`carrot.geometry.class_slots`.
+    ``h`` (B, D) float32, unit rows; ``inv``, ``counts`` from :func:`carrot.geometry.used_class_slots`.
     Differentiable (``detach_stats=False``) or run under no_grad (the default path).
     """
     s = counts.shape[0]  # slots: B, or the C classes present where the host knows them
@@ -243,10 +243,7 @@ def expansion_operator(
     """
     if logits is not None and not unit:
         raise ValueError("logits of z+ come from the logits of unit rows: pass unit=True")
-    inv, counts, _ = class_slots(y)
-    used = used_slots_on_host(counts)  # CPU: the C classes' slots only (no sync to avoid there)
-    if used is not None:
-        counts = counts[:used]
+    inv, counts, _, _ = used_class_slots(y)  # CPU: the C classes' slots only (no sync to avoid there)
     if detach_stats:
         z_plus, gamma, radius, nearest, eligible, _, e_norm, two_classes, mu = _Expansion.apply(
             z.float(), inv, counts, eps, unit)
