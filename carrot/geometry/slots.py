@@ -153,18 +153,22 @@ def compact_slots(keep: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------- moments
+def slot_sums(x: Tensor, inv: Tensor, num_slots: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-slot sums ``sum_{i: inv_i = s} x_i``, (S, D) in ``dtype`` (float32 by default), 0 on
+    empty slots; differentiable. For callers that have the counts already."""
+    x = x.to(dtype)
+    return torch.zeros(num_slots, x.shape[1], dtype=dtype, device=x.device).index_add_(0, inv, x)
+
+
 def class_sums(x: Tensor, inv: Tensor, num_slots: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Per-slot sums ``sum_{i: inv_i = s} x_i`` and counts, in ``dtype`` (float32 by default).
 
     Returns ``(sums (S, D), counts (S,))``; empty slots have sum 0 and count 0. The sums
     are what data-parallel callers all-reduce before dividing.
     """
-    x = x.to(dtype)
     counts = torch.zeros(num_slots, dtype=dtype, device=x.device)
     counts.index_add_(0, inv, torch.ones_like(inv, dtype=dtype))
-    sums = torch.zeros(num_slots, x.shape[1], dtype=dtype, device=x.device)
-    sums.index_add_(0, inv, x)  # (S, D)
-    return sums, counts
+    return slot_sums(x, inv, num_slots, dtype), counts
 
 
 def class_means(x: Tensor, inv: Tensor, num_slots: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor, nn
 
-from carrot.geometry import kth_largest, symmetric_confusion, used_class_slots
+from carrot.geometry import kth_largest, slot_sums, symmetric_confusion, used_class_slots
 from carrot.geometry.distributed import (
     all_reduce_sum, all_reduce_sum_no_grad, gather_rows_no_grad, local_rows,
 )
@@ -123,14 +123,14 @@ def confusion_sums(logits: Tensor, y: Tensor, topk: int = 0, num_slots: int | No
     probabilities, with ``topk > 0`` only each sample's ``topk`` largest, (num_slots, K) (K x K
     by default), no grad. A sample keeps every probability at or above its ``topk``-th largest:
     where several tie at that value all of them count (``torch.topk`` would keep an arbitrary
-    few). Each cell adds its samples in the same order as :func:`carrot.geometry.class_sums`."""
+    few). The sums are :func:`carrot.geometry.slot_sums` of the kept probabilities."""
     k = logits.shape[1]
     slots = k if num_slots is None else num_slots
     with torch.no_grad():
         p = F.softmax(logits.detach().float(), dim=1)  # (B, K)
         if 0 < topk < k:
             p.mul_(p >= kth_largest(p, topk)[:, None])
-        return torch.zeros(slots, k, dtype=p.dtype, device=p.device).index_add_(0, y, p)
+        return slot_sums(p, y, slots)
 
 
 def blend_confusion_rows(rows: Tensor, sums: Tensor, counts: Tensor, labels: Tensor, momentum: float,
@@ -520,8 +520,8 @@ class PrototypeVariant(Variant):
             seen = self.seen | present
             mask = neighbour_pairs(omega, hp.top_m, seen)  # (K, K)
 
-        slot_sums = all_reduce_sum(h.new_zeros(slots, d).index_add_(0, inv, h))  # (S, D) over all ranks, with gradient
-        slot_means = slot_sums / slot_counts.clamp_min(1.0)[:, None]  # (S, D) class means, 0 on unused slots
+        sums = all_reduce_sum(slot_sums(h, inv, slots))  # (S, D) over all ranks, with gradient
+        slot_means = sums / slot_counts.clamp_min(1.0)[:, None]  # (S, D) class means, 0 on unused slots
         if hp.metric == "mahalanobis" and update:
             self._update_covariance(h, inv, slot_means, slot_counts)
 
