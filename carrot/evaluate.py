@@ -193,7 +193,9 @@ class Evaluator:
 
 
 def _nanmean(x: Tensor) -> float:
-    x = x.float()
+    """The mean of the finite entries in float64 (NaN when none is): a pair metric's per-pair
+    values are float64 or float32, and their mean is logged as a float64 number."""
+    x = x.double()
     ok = torch.isfinite(x)
     return float(x[ok].mean()) if bool(ok.any()) else float("nan")
 
