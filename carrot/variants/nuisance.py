@@ -265,8 +265,9 @@ def nuisance_augment(
         if m < 1:  # one class: nothing to protect against, nothing to add
             alpha = lg.new_zeros(b)
             rank = torch.zeros(b, dtype=torch.long, device=z.device)
+            root = lg.new_zeros(b, 1, 1)
             noise = lg.new_zeros(b, n_aug, d)
-            logits_shift = lg.new_zeros(b, n_aug, k)
+            shift = lg.new_zeros(b, n_aug, k)
         else:
             comp = competitor_classes(lg, y, m, basis)  # (B, m)
             geo = nuisance_geometry(weight, y, comp, dtype)
@@ -286,14 +287,16 @@ def nuisance_augment(
             mix = torch.zeros_like(u).scatter_(2, comp[:, None, :].expand(-1, n_aug, -1), -coef)
             mix = mix.scatter_add(2, y[:, None, None].expand(-1, n_aug, 1), coef.sum(2, keepdim=True))  # (B, n, K)
             root = alpha.sqrt()[:, None, None]  # (B, 1, 1)
-            noise = root * (eps - mix @ w)  # (B, n, D) sqrt(alpha) P_N eps
+            # P_N eps = eps - C W, as one product that accumulates into eps (no longer needed)
+            noise = eps.view(b * n_aug, d).addmm_(mix.view(b * n_aug, k), w, alpha=-1.0).view(b, n_aug, d)
             if check_safety or return_logits:
                 # head(z~) - head(z) = noise W^T = sqrt(alpha) (u - C W W^T). With C's rows
                 # summing to 0, C W W^T = C gram + (C r) 1^T (r = row_dot_mean): the centred
                 # Gram's product plus a per-row constant.
                 in_span = (mix @ geo["gram"]).add_((mix @ geo["row_dot_mean"])[..., None])  # (B, n, K) C W W^T
-                logits_shift = root * (u - in_span)  # (B, n, K)
-    z_aug = (z.to(dtype)[:, None, :] + noise).reshape(b * n_aug, d)  # (B n, D)
+                shift = u.sub_(in_span)  # (B, n, K) (u - C W W^T), unscaled
+    # z~ = z + sqrt(alpha) P_N eps in one operation (the gradient reaches z only)
+    z_aug = torch.addcmul(z.to(dtype)[:, None, :], root, noise).reshape(b * n_aug, d)  # (B n, D)
     y_aug = y.repeat_interleave(n_aug)  # (B n,)
     augmented = alpha > 0
     stats: dict[str, Tensor] = {
@@ -305,7 +308,7 @@ def nuisance_augment(
         "subspace_rank": rank.float().mean(),
     }
     if check_safety or return_logits:
-        logits_aug = (lg[:, None, :] + logits_shift).reshape(b * n_aug, k)  # (B n, K) float
+        logits_aug = torch.addcmul(lg[:, None, :], root, shift).reshape(b * n_aug, k)  # (B n, K) float
         if check_safety:
             stats["label_safety"] = label_safety(logits_aug, y_aug, augmented.repeat_interleave(n_aug))
         if return_logits:
