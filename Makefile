@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-VARIANT   ?= baseline
+VARIANT   ?=
 TRIALS    ?=
 EPOCHS    ?=
 DATASET   ?=
@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## build the virtual environment (.venv) with every dependency
 
 study: $(STAMP) ## Optuna study of VARIANT (or VARIANT=all) on the validation split
-	$(BIN)/carrot study --variant $(VARIANT) $(if $(TRIALS),--trials $(TRIALS)) \
+	$(BIN)/carrot study $(if $(VARIANT),--variant $(VARIANT)) $(if $(TRIALS),--trials $(TRIALS)) \
 		$(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study-name $(STUDY)) $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
 
@@ -60,10 +60,10 @@ worker: $(STAMP) ## join the study STUDY in STORAGE from this machine (TRIALS tr
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(NPROC),--nproc $(NPROC))
 
 train: $(STAMP) ## one run of VARIANT at its recommended setting
-	$(BIN)/carrot train --variant $(VARIANT) $(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
+	$(BIN)/carrot train $(if $(VARIANT),--variant $(VARIANT)) $(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
 
 final: $(STAMP) ## best configuration of each studied variant, SEEDS seeds (default 5), test split
-	$(BIN)/carrot final $(if $(filter command line environment,$(origin VARIANT)),--variant $(VARIANT)) \
+	$(BIN)/carrot final $(if $(VARIANT),--variant $(VARIANT)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(STORAGE),--storage $(STORAGE)) $(RUN_FLAGS)
 
 evaluate: $(STAMP) ## recompute a run's diagnostics from its weights: make evaluate RUN=<run id> [SPLIT=test]

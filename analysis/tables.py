@@ -939,14 +939,20 @@ def ablation_rows(table: Table, slot: Slot, trials: pd.DataFrame, label: str, ma
 
 # ----------------------------------------------------------------------------- 5. importance
 def open_study_storage(storage: str):
-    """(storage object or None, words for a note when it cannot be opened). Never creates a store."""
+    """(storage object or None, words for a note when it cannot be opened). Never creates a
+    store, and names the storage with its password masked."""
     import optuna
 
+    shown = contract.redact(storage, storage)
     if "://" in storage:
+        if storage.startswith("sqlite:"):
+            db = storage[len("sqlite:///"):] if storage.startswith("sqlite:///") else ""
+            if not db or db == ":memory:" or not Path(db).is_file():
+                return None, f"no Optuna storage at {shown} (give an existing one with --storage)"
         try:
             return optuna.storages.get_storage(storage), ""
         except Exception as exc:  # unreachable database, bad URL
-            return None, f"cannot open Optuna storage {storage}: {type(exc).__name__}: {exc}"
+            return None, contract.redact(f"cannot open Optuna storage {shown}: {type(exc).__name__}: {exc}", storage)
     path = Path(storage)
     if not path.is_file():
         return None, f"no Optuna storage at {storage} (give one with --storage)"
@@ -960,13 +966,14 @@ def importance(ctx: Context) -> Table:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    shown = contract.redact(ctx.storage, ctx.storage)  # the storage as the tables name it
     table = Table(
         "importance", "Hyperparameter importance per variant (Optuna fANOVA)",
         ["Dataset", "Backbone", "Variant", "Study", "Hyperparameter", "Complete trials", "Importance"],
         label_columns=5,
         csv_columns=["dataset", "backbone", "variant", "study", "study_id", "n_complete", "param", "importance",
                      "note"],
-        caption=f"optuna.importance.get_param_importances (fANOVA, seed 0) on the study in {ctx.storage}; "
+        caption=f"optuna.importance.get_param_importances (fANOVA, seed 0) on the study in {shown}; "
                 f"importances sum to 1 within a study. Studies with fewer than {MIN_IMPORTANCE_TRIALS} complete "
                 "trials are marked.")
     storage, problem = open_study_storage(ctx.storage)
@@ -975,13 +982,14 @@ def importance(ctx: Context) -> Table:
         try:
             names = set(optuna.get_all_study_names(storage))
         except Exception as exc:
-            storage, problem = None, f"cannot read Optuna storage {ctx.storage}: {type(exc).__name__}: {exc}"
+            storage, problem = None, contract.redact(
+                f"cannot read Optuna storage {shown}: {type(exc).__name__}: {exc}", ctx.storage)
     for slot in slots(ctx, table):
         name = contract.study_name(slot.dataset, slot.backbone, slot.variant)
         rows, note, study_id = [], problem, ""
         n_complete: int | None = None
         if storage is not None and name not in names:
-            note = f"no study of this name in {ctx.storage}"
+            note = f"no study of this name in {shown}"
         elif storage is not None:
             study = optuna.load_study(study_name=name, storage=storage)
             study_id = str(study.user_attrs.get(contract.STUDY_ID_ATTR, ""))
@@ -1005,7 +1013,7 @@ def importance(ctx: Context) -> Table:
         label_note = ""
         if others and n_complete is not None:
             label_note = ("the MLflow store also holds trials of other studies of this name (other ids: another "
-                          f"storage); the importance is of the study in {ctx.storage}")
+                          f"storage); the importance is of the study in {shown}")
             label += " " + table.notes.mark(label_note)
         few = ""
         if rows and n_complete is not None and n_complete < MIN_IMPORTANCE_TRIALS:
@@ -1244,6 +1252,13 @@ def build_tables(ctx: Context) -> list[Table]:
     return [make(ctx) for make in TABLES]
 
 
+def _seed_count(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `carrot tables -- --flag ...` passes the separator through
@@ -1253,13 +1268,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage", default=contract.DEFAULT_STORAGE,
                         help="Optuna storage for hyperparameter importance: a journal file or a URL "
                              "(default %(default)s)")
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--seeds", type=_seed_count, default=None,
                         help="seeds every variant should have (default: as many as the most-seeded variant)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    contract.remember_url(args.storage)
     client, runs = open_store(args, "carrot tables")
     if client is None:
         return 2

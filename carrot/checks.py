@@ -76,6 +76,11 @@ def check_names(cfg: RunConfig) -> None:
         get_variant_class(cfg.variant.name)(**cfg.variant.hparams)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"variant {cfg.variant.name!r}: {exc}") from None
+    check_backbone(cfg)
+
+
+def check_backbone(cfg: RunConfig) -> None:
+    """The backbone is a timm model; else one line, with the names closest to it."""
     import timm
 
     if not timm.is_model(cfg.model.backbone):

@@ -113,12 +113,14 @@ def _nproc_flag(p: argparse.ArgumentParser) -> None:
                         "processes (gloo); data.batch_size is the global batch (default 1)")
 
 
-def _variants_arg(name: str | None) -> list[str]:
+def _variants_arg(name: str | None) -> list[str | None]:
+    """The variants of ``--variant``: every one for ``all``; None (the config file's, else
+    baseline) when not given."""
     from carrot.checks import variant_names
 
     if name == "all":
         return variant_names()
-    return [name or "baseline"]
+    return [name]
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -143,14 +145,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ConfigError("--study-name names one study; use it with one variant, not VARIANT=all")
     from carrot.checks import check_names
     from carrot.study import open_storage, run_study, study_name
-    from carrot.tracking import client, experiment_url
+    from carrot.tracking import check_store, client, experiment_url
 
     for cfg in configs:
         check_names(cfg)
-    # fail on an unusable dataset or store before any run is created
+    # fail on an unusable dataset or store before any run or store is created
     _preflight_data(configs[0], args)
-    mlf = client()
+    check_store()
     open_storage(args.storage)
+    mlf = client()
     summaries = []
     for index, cfg in enumerate(configs):
         name = args.study_name or study_name(cfg)
@@ -189,15 +192,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if (args.trials is None) == (args.until is None):
         raise ConfigError("carrot worker needs exactly one of --trials N (trials to run) or --until N "
                           "(finished trials the study should hold)")
+    for flag, value in (("--trials", args.trials), ("--until", args.until)):
+        if value is not None and value < 1:
+            raise ConfigError(f"invalid {flag} {value}: expected a positive integer")
     overrides = {key: value for key, value in {"device": args.device, "data.workers": args.workers}.items()
                  if value is not None}
     if args.no_progress:
         overrides["show_progress"] = False
     _check_nproc(args)
     from carrot import ddp
-    from carrot.study import join_study
+    from carrot.study import join_study, load_existing_study
     from carrot.tracking import client
 
+    if args.device is not None:
+        from carrot.config import DEVICES
+        from carrot.runtime import resolve_device
+
+        if args.device not in DEVICES:
+            raise ConfigError(f"invalid --device {args.device!r}: expected one of {DEVICES}")
+        resolve_device(args.device)
+    load_existing_study(args.storage, args.study_name)  # it must exist before anything is created
     if args.nproc > 1 and not ddp.launched():  # this command again, as a torchrun group
         return ddp.relaunch(args.nproc, args.argv)
     ddp.init_from_env()
@@ -251,7 +265,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = run(cfg, reference=reference,
                      extra_tags={contract.TAG_ROLE: contract.ROLE_TRAIN})
-    except (FloatingPointError, RuntimeError) as exc:  # a diverging or broken run: one line, exit 1
+    except Exception as exc:  # a diverging or broken run (it ended FAILED): one line, exit 1
+        from carrot.config import UserError
+        from carrot.interrupt import Interrupted
+
+        if isinstance(exc, (UserError, Interrupted)):
+            raise
         from carrot.train import failure_reason
 
         print(f"carrot: error: the run failed: {contract.redact(failure_reason(exc))}", file=sys.stderr)
@@ -278,9 +297,14 @@ def cmd_final(args: argparse.Namespace) -> int:
         from carrot.config import ConfigError
 
         raise ConfigError(f"invalid seeds={args.seeds}: expected a positive integer")
+    from carrot.checks import check_backbone
     from carrot.final import FinalRunsFailed, run_final
     from carrot.tracking import client
+
+    check_backbone(cfg)  # a typo would find no study
     variants = None if not args.variant or args.variant == "all" else [args.variant]
+    if variants:
+        build_config(args, args.variant)  # an unknown variant: one line, with the closest name
     overrides = {key: value for key, value in {
         "optim.epochs": args.epochs, "device": args.device, "data.workers": args.workers,
         "data.root": args.data_root}.items() if value is not None}
@@ -288,7 +312,6 @@ def cmd_final(args: argparse.Namespace) -> int:
     for key, value in _set_items(args):  # --set applies on top of the best trial's configuration
         overrides[key] = value
     _preflight_data(cfg, args)
-    client()
     try:
         plans = run_final(cfg, seeds=args.seeds, variants=variants, storage=args.storage, overrides=overrides)
     except FinalRunsFailed as exc:
@@ -393,7 +416,9 @@ def _preflight_data(cfg, args: argparse.Namespace) -> None:
     can be filled, so bad data fails before any run exists."""
     from carrot.data import preflight
     from carrot.loaders import check_batch
+    from carrot.runtime import resolve_device
 
+    resolve_device(cfg.device)  # cuda where there is none: one line before anything is created
     splits = preflight(cfg.data, verify_images=getattr(args, "verify_images", False))
     check_batch(cfg, splits)
 
@@ -411,6 +436,12 @@ def _leave_group(wait: bool) -> None:
 
 
 PASSTHROUGH = {"tables": "cmd_tables", "plots": "cmd_plots", "bench": "cmd_bench"}
+# what running an interrupted command again does (`carrot train` starts a new run)
+RESUME = {
+    "cmd_study": "; run the same command again to resume (the trial goes on from its last checkpoint)",
+    "cmd_worker": "; run the same command again to resume (the trial goes on from its last checkpoint)",
+    "cmd_final": "; run the same command again to go on (seeds that finished are not run again)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,7 +541,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     from carrot import interrupt
     from carrot.config import UserError
-    from carrot.contract import redact
+    from carrot.contract import redact, remember_url
+
+    remember_url(getattr(args, "storage", None))  # its password is masked in every message
 
     try:
         with interrupt.graceful():
@@ -521,7 +554,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"carrot: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except interrupt.Interrupted as exc:
-        print(f"carrot: {exc}: the current run ended KILLED; run the same command again to resume",
+        print(f"carrot: {exc}: the current run ended KILLED{RESUME.get(getattr(args.fn, '__name__', ''), '')}",
               file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

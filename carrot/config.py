@@ -129,6 +129,9 @@ class ModelConfig:
     channels_last: bool = True  # NHWC memory layout for CNNs on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the backbone (CUDA; the first steps compile)
 
+    def validate(self) -> None:
+        _check(0 <= self.drop_rate < 1, "model.drop_rate", self.drop_rate, "in [0, 1)")
+
 
 @dataclass
 class OptimConfig:
@@ -150,6 +153,9 @@ class OptimConfig:
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
         _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(self.accumulate >= 1, "optim.accumulate", self.accumulate, "a positive integer")
+        _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "in [0, 1)")
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", self.grad_clip,
+               "> 0 (the largest global gradient norm), or null for no clipping")
 
 
 @dataclass
@@ -167,6 +173,10 @@ class EvalConfig:
         _check(self.top_n >= 1, "eval.top_n", self.top_n, ">= 1")
         _check(self.probe in PROBE_MODES or bool(re.fullmatch(r"every:[1-9][0-9]*", str(self.probe))),
                "eval.probe", self.probe, "one of final, last, always, every:N (N a positive integer)")
+        _check(isinstance(self.probe_l2_grid, list) and len(self.probe_l2_grid) >= 1
+               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.probe_l2_grid),
+               "eval.probe_l2_grid", self.probe_l2_grid, "a non-empty list of positive numbers")
+        _check(self.probe_max_train >= 2, "eval.probe_max_train", self.probe_max_train, ">= 2")
 
     def probes_at(self, epoch: int, epochs: int, split: str) -> bool:
         """Whether the probes run after ``epoch`` (0-based) of a run of ``epochs`` epochs on ``split``."""
@@ -178,8 +188,6 @@ class EvalConfig:
         if self.probe == "always":
             return True
         return last or (epoch + 1) % int(self.probe.split(":")[1]) == 0
-        _check(len(self.probe_l2_grid) >= 1 and all(v > 0 for v in self.probe_l2_grid),
-               "eval.probe_l2_grid", self.probe_l2_grid, "a non-empty list of positive numbers")
 
 
 @dataclass
@@ -219,7 +227,7 @@ class RunConfig:
         _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _check(self.split in SPLITS, "split", self.split, f"one of {SPLITS}")
         _check(self.amp_dtype in ("bfloat16", "float16"), "amp_dtype", self.amp_dtype, "bfloat16 or float16")
-        for section in (self.data, self.optim, self.eval):
+        for section in (self.data, self.model, self.optim, self.eval):
             section.validate()
 
     def resolved(self) -> "RunConfig":

@@ -15,6 +15,7 @@ changes in one place. Only the standard library and NumPy are imported here.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import numpy as np
@@ -189,19 +190,41 @@ def pair_error(cm: np.ndarray, pairs: Iterable[Iterable[int]]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- secrets
+_SECRET_URLS: set[str] = set()  # the command's storage URLs: redact masks their passwords in every text
+
+
+def remember_url(url: str | None) -> None:
+    """Have every later :func:`redact` mask this URL's password too (a command's ``--storage``)."""
+    if url:
+        _SECRET_URLS.add(url)
+
+
 def redact(text: str, *urls: str) -> str:
     """``text`` with the password of every URL in it (and of ``urls``) replaced by ``***``:
     ``postgresql://alice:s3cret@host/db`` -> ``postgresql://alice:***@host/db``. Also masks
-    ``token=`` / ``password=`` query values."""
+    ``token=`` / ``password=`` query values.
+
+    In the text, a password runs to the last "@" before the next "/" or space. The password of
+    a URL in ``urls``, of one given to :func:`remember_url` (the command's storage URL) and of
+    ``MLFLOW_TRACKING_URI`` is known whole: everything between
+    ``user:`` and the URL's last "@", even with "/", spaces or "@" in it, and it is masked
+    wherever it appears, percent-decoded too, and so is what follows each "@" in it, when four
+    characters or more (a driver that splits the URL at the first "@" names the rest as the
+    host)."""
     import re
+    from urllib.parse import unquote
 
     # the user information runs to the authority's last "@" (a password may hold a raw "@")
     userinfo = r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)([^/\s]*)(@)"
     secrets = set()
-    for url in urls:
-        m = re.match(userinfo, url or "")
-        if m and m.group(2):
-            secrets.add(m.group(2))
+    for url in (*urls, *_SECRET_URLS, os.environ.get("MLFLOW_TRACKING_URI", "")):
+        m = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:(.*)@", url or "", re.DOTALL)
+        if m and m.group(1):
+            password = m.group(1)
+            for known in (password, unquote(password)):
+                secrets.add(known)
+                tails = ("@".join(known.split("@")[k:]) for k in range(1, known.count("@") + 1))
+                secrets.update(tail for tail in tails if len(tail) >= 4)  # shorter: every such word in the text
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     text = re.sub(userinfo, r"\1***\3", text)

@@ -49,7 +49,7 @@ def best_trial_config(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
 def plan_final(base: RunConfig, seeds: int, variants: list[str] | None, storage: str | None,
                overrides: dict[str, Any] | None = None) -> tuple[list[FinalPlan], list[str]]:
     """What to run, and a note for every variant that has no usable study."""
-    store = open_storage(storage)
+    store = open_storage(storage, create=False)  # final runs need the studies: no new, empty storage
     names = variants or list_variants()
     plans, notes = [], []
     mlf = client()
@@ -102,7 +102,7 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
     if not plans:
         raise ConfigError("no variant has a finished study on "
                           f"{base.data.name}/{base.model.backbone}; run `make study VARIANT=...` first")
-    reference = resolve(base, open_storage(storage), count_classes(base), log)
+    reference = resolve(base, open_storage(storage, create=False), count_classes(base), log)
     failed = []
     for plan in plans:
         log(f"final {plan.variant}: best trial {plan.trial} of {plan.study}; seeds done {plan.seeds_done}, "

@@ -40,7 +40,7 @@ def reevaluate(run_id: str, split: str | None = None, device: str | None = None,
     from carrot.tracking import client
     from carrot.train import build_run
 
-    mlf = client()
+    mlf = client(create=False)
     try:
         run = mlf.get_run(run_id)
     except Exception:

@@ -81,18 +81,33 @@ def contains(dist: BaseDistribution, value: Any) -> bool:
     return dist.low <= value <= dist.high
 
 
-def open_storage(url: str | None):
-    """A journal file (default, or a path), or an RDB URL such as postgresql://..."""
+def open_storage(url: str | None, create: bool = True):
+    """A journal file (default, or a path), or an RDB URL such as postgresql://... With
+    ``create=False`` (joining a study) a journal file or SQLite database that does not exist is
+    an error instead of a new, empty storage. An in-memory SQLite storage is refused: a study
+    there ends with the process."""
     if url is None or "://" not in url:
         path = Path(url) if url else DEFAULT_JOURNAL
+        if not create and not path.is_file():
+            raise ConfigError(f"no Optuna storage at {path}; expected the journal file of a study "
+                              "started with `carrot study` (--storage)")
         check_writable(path.parent if str(path.parent) else Path("."), "Optuna study storage")
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
+        path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     import time
 
     given = url
+    if url.startswith("sqlite:"):
+        db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not db or db == ":memory:" or db.startswith("file::memory:"):
+            raise ConfigError(f"--storage {url}: no SQLite file named (an in-memory database ends with the "
+                              "process); expected sqlite:///path/to/file.db, three slashes before a relative path")
+        if not create and not Path(db).is_file():
+            raise ConfigError(f"no Optuna storage at {url}; expected the database of a study started with "
+                              "`carrot study` (--storage)")
     if url.startswith("postgresql://"):  # SQLAlchemy's default driver for it is psycopg2; ours is psycopg 3
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     for attempt in range(3):  # two workers creating the tables of an empty database: one may lose
@@ -233,7 +248,7 @@ def open_study(base: RunConfig, storage: str | None = None, name: str | None = N
     from carrot.reference import count_classes
 
     name = name or study_name(base)
-    label = redact(storage or str(DEFAULT_JOURNAL))
+    label = redact(storage or str(DEFAULT_JOURNAL), storage or "")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported in one line
     with study_lock(storage, name):
         store = open_storage(storage)
@@ -452,12 +467,7 @@ def join_study(storage: str | None, name: str, log: Callable[[str], None] = prin
     """``carrot worker``: join an existing study (from any machine) and run its trials. The
     study's configuration comes from the study itself; ``overrides`` may change only what does
     not define the experiment (device, loader workers, display)."""
-    store = open_storage(storage)
-    try:
-        study = optuna.load_study(study_name=name, storage=store)
-    except KeyError:
-        raise ConfigError(f"no study {name!r} in {redact(storage or str(DEFAULT_JOURNAL))}; start it with "
-                          "`carrot study` first") from None
+    study = load_existing_study(storage, name)
     data = study.user_attrs.get(BASE_CONFIG_ATTR)
     if data is None:
         raise ConfigError(f"study {name!r} has no stored configuration (it was created by an older version); "
@@ -466,4 +476,19 @@ def join_study(storage: str | None, name: str, log: Callable[[str], None] = prin
         set_dotted(data, key, value)
     base = RunConfig.from_dict(data)
     opened = open_study(base, storage, name, log, worker=worker)
-    return work(opened, trials, until, log=log, keep_checkpoints=keep_checkpoints)
+    stopped = work(opened, trials, until, log=log, keep_checkpoints=keep_checkpoints)
+    # The last worker out closes the study's parent run (a coordinator that started the workers
+    # closes it again when they are all done); while another worker's trial runs, it stays RUNNING.
+    if not opened.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        opened.parent.finish("KILLED" if stopped else "FINISHED")
+    return stopped
+
+
+def load_existing_study(storage: str | None, name: str) -> optuna.Study:
+    """The study ``name`` in ``storage``, which must both exist already (nothing is created)."""
+    store = open_storage(storage, create=False)
+    try:
+        return optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        raise ConfigError(f"no study {name!r} in {redact(storage or str(DEFAULT_JOURNAL), storage or '')}; "
+                          "start it with `carrot study` first") from None

@@ -44,10 +44,16 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def check_writable(path: Path, what: str) -> None:
-    """Fail with one clear line when ``path`` (a folder) cannot be created or written."""
+    """Fail with one clear line when ``path`` (a folder) cannot be created or written. Creates
+    nothing: a folder that does not exist yet counts as writable when the closest existing
+    folder above it is."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".carrot-write-check"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".carrot-write-check"):
             pass
     except OSError as exc:
         raise StoreError(f"{what} is not writable: {path} ({exc.strerror or exc}); "
@@ -65,32 +71,81 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                          "expected a running `mlflow server` at MLFLOW_TRACKING_URI", uri)) from None
 
 
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy tracking stores besides SQLite
+
+
+def check_database(uri: str, timeout: int = 10) -> None:
+    """A database tracking store accepts a connection within ``timeout`` seconds, else one line
+    (MLflow itself retries for minutes and then raises a traceback)."""
+    import sqlalchemy
+
+    scheme = uri.split(":", 1)[0]
+    args = {"connect_timeout": timeout} if scheme.split("+")[0] in ("postgresql", "mysql") else {}
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        with engine.connect():
+            pass
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = (f"; for psycopg 3 write {scheme.split('+')[0]}+psycopg://"
+                if isinstance(exc, ModuleNotFoundError) and scheme == "postgresql" else "")
+        raise StoreError(contract.redact(f"MLflow store {uri} cannot be opened: {first}{hint}; expected a "
+                                         "reachable database at MLFLOW_TRACKING_URI", uri)) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
 def artifact_root(uri: str) -> str | None:
     db = _sqlite_path(uri)
     return str(db.parent.resolve()) if db is not None else None
 
 
-def client() -> MlflowClient:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+def check_store(create: bool = True) -> tuple[str, Path | None]:
+    """Check, creating nothing, that the tracking store can be used: one line otherwise. Returns
+    the tracking URI and its SQLite file (None for other stores). ``create=False``: a SQLite
+    store that does not exist yet is an error (commands that only read runs)."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # importing mlflow set it to INFO
     uri = tracking_uri()
     db = _sqlite_path(uri)
     if db is not None:
+        if not create and not db.is_file():
+            raise StoreError(f"no MLflow store at {db}; expected the store the runs were logged to "
+                             "(MLFLOW_TRACKING_URI)")
         check_writable(db.parent, "MLflow store")
         if db.exists() and not os.access(db, os.W_OK):
             raise StoreError(f"MLflow store {db} is read-only; expected a database file this user can write "
                              "(or set MLFLOW_TRACKING_URI to another store)")
+    elif uri in _READY:
+        pass
     elif uri.startswith(("http://", "https://")):
         check_reachable(uri)
+    elif uri.split(":", 1)[0].split("+")[0] in DATABASE_SCHEMES:
+        check_database(uri)
+    return uri, db
+
+
+def client(create: bool = True) -> MlflowClient:
+    """The tracking store's client, after :func:`check_store`."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri, db = check_store(create)
     mlflow.set_tracking_uri(uri)
-    mlf = MlflowClient(tracking_uri=uri)
     if db is not None and uri not in _READY:
-        # the first use of a fresh SQLite store creates its schema: processes started together
-        # take turns (MLflow's own creation is not safe against a concurrent one)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # The first use of a fresh SQLite store creates its schema, and the client does it as
+        # it is made: processes started together take turns (MLflow's own creation is not safe
+        # against a concurrent one).
         from filelock import FileLock
 
         with FileLock(str(db.parent / ".carrot-schema.lock"), timeout=300):
+            mlf = MlflowClient(tracking_uri=uri)
             mlf.search_experiments(max_results=1)
-        _READY.add(uri)
+    else:
+        mlf = MlflowClient(tracking_uri=uri)
+    _READY.add(uri)
     return mlf
 
 

@@ -67,6 +67,12 @@ def test_study_all_then_final_resumes(store, mlflow_client, capsys):
 
 
 def test_final_without_any_study_says_so(store, capsys):
+    assert main(["final", "--seeds", "1", "--no-progress"]) == 2  # no storage: none is created
+    assert "no Optuna storage at studies/optuna.journal" in capsys.readouterr().err
+    assert not (store / "studies").exists()
+    from carrot.study import open_storage
+
+    open_storage(None)  # an empty journal: a storage without studies
     assert main(["final", "--seeds", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "no variant has a finished study" in err

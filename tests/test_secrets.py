@@ -35,3 +35,67 @@ def test_a_storage_password_never_reaches_the_output(store, capsys):
     assert code == 2
     assert "s3cret" not in out + err
     assert "alice:***@127.0.0.1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_known_urls_password_is_masked_whatever_it_holds(monkeypatch):
+    """The password of a URL handed to redact, of the command's storage (remember_url) and of
+    MLFLOW_TRACKING_URI is known whole: a "/" or a space in it, or a driver that split the URL
+    at its first "@" and named the rest as the host, leaves nothing of it readable."""
+    from carrot import contract
+
+    monkeypatch.setattr(contract, "_SECRET_URLS", set())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    url = "postgresql://u:se/cr et9@127.0.0.1:1/db"
+    assert redact(f"cannot open Optuna storage {url}: refused", url) == \
+        "cannot open Optuna storage postgresql://u:***@127.0.0.1:1/db: refused"
+    url = "postgresql://u:p@ss@word9@127.0.0.1:1/db"
+    message = f"cannot open {url}: failed to resolve host 'ss@word9@127.0.0.1'"
+    assert redact(message, url) == \
+        "cannot open postgresql://u:***@127.0.0.1:1/db: failed to resolve host '***@127.0.0.1'"
+    url = "postgresql://u:p%40ss%2Fword@h/db"  # percent-encoded: a driver may print it decoded
+    assert redact("password p@ss/word rejected", url) == "password *** rejected"
+    assert redact("the class of a pass", "postgresql://u:ab@ss@h/db") == "the class of a pass"  # "ss": too short
+
+    text = "error: could not connect with s3cr/et"
+    assert redact(text) == text  # not known: nothing to mask
+    contract.remember_url("postgresql://bob:s3cr/et@h/db")
+    assert redact(text) == "error: could not connect with ***"
+    monkeypatch.setattr(contract, "_SECRET_URLS", set())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql+psycopg://bob:s3cr/et@h/db")
+    assert redact(text) == "error: could not connect with ***"
+
+
+def test_a_worker_never_shows_any_part_of_a_password_with_at_signs(store, capsys):
+    url = "postgresql://u:p@ss@word9@127.0.0.1:1/db"
+    assert main(["worker", "--study-name", "x", "--trials", "1", "--no-progress", "--storage", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "postgresql://u:***@127.0.0.1:1/db" in err, err
+    assert "word9" not in err and "p@ss" not in err
+
+
+def test_the_tables_never_write_the_storage_password(store, tmp_path, capsys):
+    """The importance table names the Optuna storage it read (or could not read): with its
+    password masked in the .md, .tex and .csv files and on the screen."""
+    from analysis.tables import main as tables_main
+    from carrot.tracking import client
+
+    client()  # an empty MLflow store
+    out = tmp_path / "out"
+    url = "postgresql://u:secretpw9@127.0.0.1:1/db"
+    assert tables_main(["--storage", url, "--out", str(out)]) == 0
+    printed = "".join(capsys.readouterr())
+    written = {p.name: p.read_text() for p in out.iterdir()}
+    assert "importance.md" in written and "importance.csv" in written
+    assert "postgresql://u:***@127.0.0.1:1/db" in written["importance.md"]
+    assert not [name for name, text in written.items() if "secretpw9" in text]
+    assert "secretpw9" not in printed
+
+
+def test_the_tables_never_create_an_optuna_storage(store, tmp_path):
+    from analysis.tables import main as tables_main
+    from carrot.tracking import client
+
+    client()  # an empty MLflow store
+    db = tmp_path / "none.db"
+    assert tables_main(["--storage", f"sqlite:///{db}", "--out", str(tmp_path / "out")]) == 0
+    assert not db.exists()

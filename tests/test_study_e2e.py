@@ -64,6 +64,15 @@ def test_study_runs_and_continues(store, mlflow_client, capsys):
     ids = {t.user_attrs.get("mlflow_run_id") for t in study.trials if t.state.name == "COMPLETE"}
     assert ids <= {c.info.run_id for c in children}
 
+    # a worker joining the study reopens its parent run while it works and closes it when it is
+    # the last one out: nothing stays RUNNING
+    assert mlflow_client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert main(["worker", "--study-name", "digits-test_resnet-baseline", "--trials", "1", "--no-progress"]) == 0
+    runs = mlflow_client.search_runs([exp.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 6
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+    assert mlflow_client.get_run(parent.info.run_id).info.status == "FINISHED"
+
 
 def _journal(store):
     from optuna.storages import JournalStorage

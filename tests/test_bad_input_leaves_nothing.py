@@ -1,0 +1,124 @@
+"""Bad input in an empty folder: one line, exit 2, and the folder stays empty (no MLflow
+database, no study journal, no lock file), because every check runs before a store is made."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from carrot.cli import main
+
+
+@pytest.fixture()
+def empty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    return tmp_path
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("carrot: error:"), err
+    return err
+
+
+CASES = [
+    (["worker", "--study-name", "nope", "--trials", "1"], ["no Optuna storage", "studies/optuna.journal"]),
+    (["worker", "--study-name", "nope", "--trials", "-1"], ["--trials -1", "positive integer"]),
+    (["worker", "--study-name", "nope", "--until", "0"], ["--until 0", "positive integer"]),
+    (["worker", "--study-name", "nope", "--trials", "1", "--storage", "sqlite:///x.db"],
+     ["no Optuna storage at sqlite:///x.db"]),
+    (["worker", "--study-name", "nope", "--trials", "1", "--device", "tpu"], ["--device 'tpu'", "cpu"]),
+    (["study", "--trials", "1", "--storage", "sqlite://"], ["in-memory", "sqlite:///"]),
+    (["study", "--trials", "1", "--storage", "sqlite:///:memory:"], ["in-memory"]),
+    (["study", "--trials", "1", "--storage", "notadb://x"], ["cannot open Optuna storage notadb://x"]),
+    (["final", "--seeds", "1", "--variant", "expansoin"], ["did you mean 'expansion'?"]),
+    (["final", "--seeds", "1", "--backbone", "resnet5O"], ["did you mean 'resnet50'?"]),
+    (["final", "--seeds", "1"], ["no Optuna storage"]),
+    (["evaluate", "deadbeef"], ["no MLflow store", "mlflow.db"]),
+    (["train", "--set", "optim.grad_clip=-1"], ["optim.grad_clip=-1", "> 0", "null"]),
+    (["train", "--set", "optim.momentum=-1"], ["optim.momentum=-1", "[0, 1)"]),
+    (["train", "--set", "model.drop_rate=-0.5"], ["model.drop_rate=-0.5", "[0, 1)"]),
+    (["train", "--set", "eval.probe_l2_grid=[]"], ["eval.probe_l2_grid=[]", "non-empty list"]),
+    (["train", "--set", "eval.probe_l2_grid=[0.1, -1]"], ["eval.probe_l2_grid", "positive numbers"]),
+]
+
+
+@pytest.mark.parametrize("argv, expected", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_creates_nothing(empty, capsys, argv, expected):
+    code = main(argv + (["--no-progress"] if argv[0] in ("study", "worker", "final", "train") else []))
+    err = _one_line(capsys)
+    assert code == 2
+    for word in expected:
+        assert word in err, (word, err)
+    assert sorted(p.name for p in empty.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["study", "--trials", "1"], ["train"], ["final", "--seeds", "1"],
+                                     ["worker", "--study-name", "x", "--trials", "1"]])
+def test_cuda_without_a_gpu_creates_nothing(empty, capsys, command):
+    assert main(command + ["--device", "cuda", "--no-progress"]) == 2
+    assert "no CUDA device" in _one_line(capsys)
+    assert sorted(p.name for p in empty.iterdir()) == []
+
+
+def test_an_unreachable_database_tracking_store_is_one_line_without_its_password(empty, capsys, monkeypatch):
+    """MLflow itself retries a database it cannot reach for minutes, then raises a traceback."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://alice:se/cr et@127.0.0.1:1/db")
+    start = time.monotonic()
+    assert main(["study", "--trials", "1", "--epochs", "1", "--no-progress"]) == 2
+    assert time.monotonic() - start < 60
+    err = _one_line(capsys)
+    assert "MLflow store postgresql://alice:***@127.0.0.1:1/db cannot be opened" in err
+    assert "se/cr" not in err and "cr et" not in err
+    assert sorted(p.name for p in empty.iterdir()) == []
+
+
+def test_a_config_file_names_the_study_variant(tmp_path):
+    """`carrot study --config` runs the variant the file names (the flag wins when given)."""
+    from carrot.cli import _variants_arg, build_config, build_parser
+
+    path = tmp_path / "c.yaml"
+    path.write_text("variant: {name: prototype, hparams: {lam: 0.5}}\n")
+    args = build_parser().parse_args(["study", "--config", str(path)])
+    configs = [build_config(args, v) for v in _variants_arg(args.variant)]
+    assert [(c.variant.name, c.variant.hparams) for c in configs] == [("prototype", {"lam": 0.5})]
+    args = build_parser().parse_args(["study", "--config", str(path), "--variant", "expansion",
+                                      "--set", "variant.hparams={}"])
+    assert [c.variant.name for c in (build_config(args, v) for v in _variants_arg(args.variant))] == ["expansion"]
+    assert build_config(build_parser().parse_args(["study"]), None).variant.name == "baseline"
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.001)
+from carrot.tracking import client, experiment_id
+experiment_id(client(), "carrot")
+print("ok")
+"""
+
+
+def test_processes_opening_a_fresh_store_together_all_succeed(tmp_path):
+    """The first use of a SQLite store creates its schema as the client is made; several
+    commands started together on a fresh machine take turns instead of failing with "table
+    already exists" or a migration error."""
+    env_uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    go = tmp_path / "go"
+    import os
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(go)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(4.0)  # every process has imported mlflow and waits for the start
+    go.touch()
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
