@@ -945,9 +945,9 @@ def open_study_storage(storage: str):
 
     shown = contract.redact(storage, storage)
     if "://" in storage:
-        if storage.startswith("sqlite:"):
-            db = storage[len("sqlite:///"):] if storage.startswith("sqlite:///") else ""
-            if not db or db == ":memory:" or not Path(db).is_file():
+        db = contract.sqlite_file(storage)
+        if db is not None:
+            if not db or not Path(db).is_file():
                 return None, f"no Optuna storage at {shown} (give an existing one with --storage)"
         try:
             return optuna.storages.get_storage(storage), ""

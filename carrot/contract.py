@@ -189,6 +189,17 @@ def pair_error(cm: np.ndarray, pairs: Iterable[Iterable[int]]) -> np.ndarray:
     return np.divide(swaps, den, out=np.full(len(pairs), np.nan), where=den > 0)
 
 
+# ----------------------------------------------------------------------------- stores
+def sqlite_file(url: str) -> str | None:
+    """The database file of a ``sqlite:///path`` URL (tracking URI or study storage); ``""`` for
+    an in-memory one (``sqlite://``, ``sqlite:///:memory:``, or ``sqlite://name`` with two
+    slashes); None for any other URL."""
+    if not url.startswith("sqlite:"):
+        return None
+    db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    return "" if db == ":memory:" or db.startswith("file::memory:") else db
+
+
 # ----------------------------------------------------------------------------- secrets
 _SECRET_URLS: set[str] = set()  # the command's storage URLs: redact masks their passwords in every text
 

@@ -100,9 +100,9 @@ def open_storage(url: str | None, create: bool = True):
     import time
 
     given = url
-    if url.startswith("sqlite:"):
-        db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
-        if not db or db == ":memory:" or db.startswith("file::memory:"):
+    db = contract.sqlite_file(url)
+    if db is not None:
+        if not db:
             raise ConfigError(f"--storage {url}: no SQLite file named (an in-memory database ends with the "
                               "process); expected sqlite:///path/to/file.db, three slashes before a relative path")
         if not create and not Path(db).is_file():

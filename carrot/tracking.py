@@ -38,9 +38,8 @@ def tracking_uri() -> str:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
-    return None
+    db = contract.sqlite_file(uri)
+    return Path(db) if db else None
 
 
 def check_writable(path: Path, what: str) -> None:
