@@ -91,6 +91,14 @@ def connect(uri: str | None = None):
         if not db.is_file():
             raise StoreMissing(f"no MLflow store at {db} (tracking URI {uri}); set MLFLOW_TRACKING_URI "
                                "or run from the folder that holds mlruns/")
+    elif uri.startswith(("http://", "https://")):  # MLflow retries an absent server for minutes
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as exc:
+            raise StoreMissing(contract.redact(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
+                                               "expected a running `mlflow server` at the tracking URI", uri)) from None
     return MlflowClient(tracking_uri=uri)
 
 
@@ -688,6 +696,12 @@ def open_store(args, prog: str):
         client = connect(args.tracking_uri)
     except StoreMissing as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return None, None
+    try:  # the output folder, before any work
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"{prog}: error: --out {args.out} cannot be a folder of results ({exc.strerror or exc}); "
+              "expected a folder this user can write", file=sys.stderr)
         return None, None
     return client, load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
 

@@ -7,6 +7,7 @@ any run is created.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,18 @@ def _set_items(args: argparse.Namespace) -> list[tuple[str, Any]]:
     return items
 
 
+def _tolerance(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (a relative difference), got {text!r}")
+    return value
+
+
 def _int_arg(text: str) -> int:
     from carrot.config import int_argument
 
@@ -133,6 +146,14 @@ def cmd_study(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"invalid jobs={args.jobs}: expected a positive integer (worker processes)")
     _check_nproc(args)
+    if args.launcher == "slurm":
+        import shutil
+
+        from carrot.config import ConfigError
+
+        if shutil.which("srun") is None:
+            raise ConfigError("--launcher slurm needs Slurm, and srun is not on this machine's PATH; expected a "
+                              "Slurm login node (--launcher submitit-local runs the same path here)")
     if args.nproc > 1 and args.launcher != "local":
         from carrot.config import ConfigError
 
@@ -386,7 +407,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     """The resolved configuration as YAML: defaults, the config file, flags and --set."""
     import yaml
 
+    from carrot.checks import check_names
+
     cfg = build_config(args)
+    check_names(cfg)  # what a command would refuse is refused here too
     data = cfg.resolved().to_dict() if args.resolve else cfg.to_dict()
     print(yaml.safe_dump(data, sort_keys=False).rstrip())
     return 0
@@ -522,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"],
                    help="split to evaluate (default: the run's own, test for final runs)")
     p.add_argument("--device", help="auto, cpu or cuda (default: the run's)")
-    p.add_argument("--tolerance", type=float, default=1e-6,
+    p.add_argument("--tolerance", type=_tolerance, default=1e-6,
                    help="relative difference reported as a mismatch (default %(default)g)")
     p.set_defaults(fn=cmd_evaluate)
     return parser
@@ -554,15 +578,14 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"carrot: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except interrupt.Interrupted as exc:
-        print(f"carrot: {exc}: the current run ended KILLED{RESUME.get(getattr(args.fn, '__name__', ''), '')}",
-              file=sys.stderr)
+        if not interrupt.relaunched_rank() or os.environ.get("RANK") == "0":  # one line, not one per rank
+            print(f"carrot: {exc}: the current run ended KILLED{RESUME.get(getattr(args.fn, '__name__', ''), '')}",
+                  file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("carrot: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `carrot variants | head`: the reader has what it wanted
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:

@@ -125,22 +125,63 @@ def share_threads(env: dict[str, str], processes: int) -> dict[str, str]:
     return env
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run ``carrot <argv>`` as ``nproc`` DDP ranks through torchrun and return its exit status."""
-    import subprocess
+def _die_with_parent() -> None:
+    """In the torchrun child, before it starts: SIGTERM when the launching command dies (Linux),
+    so that a killed command takes its ranks with it although they run in a session of their own."""
+    import ctypes
+    import signal
 
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux ``/proc``; empty elsewhere)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run ``carrot <argv>`` as ``nproc`` DDP ranks through torchrun and return its exit status.
+
+    torchrun runs in a session of its own, so that a Ctrl-C to the terminal's process group
+    reaches only this command, which passes a stop request (SIGTERM or SIGINT, also one sent to
+    this process alone, as a scheduler does) on to the ranks themselves: each ends its step and
+    its run as a single process does, and torchrun never turns the signal into a traceback."""
+    import subprocess
     import tempfile
+
+    from carrot import interrupt
 
     env = share_threads(dict(os.environ), nproc)
     fd, status_file = tempfile.mkstemp(prefix="carrot-ddp-", suffix=".status")
     os.close(fd)
     env[STATUS_ENV] = status_file
     try:
-        proc = subprocess.Popen(torchrun_argv(nproc, ["carrot.cli", *argv]), env=env)
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:  # torchrun passes the signal on to its ranks; wait for them to close their runs
-            code = proc.wait()
+        proc = subprocess.Popen(torchrun_argv(nproc, ["carrot.cli", *argv]), env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        passed_on = False
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            signum = interrupt.requested()
+            if signum is not None and not passed_on:
+                passed_on = True
+                for pid in _child_pids(proc.pid) or [proc.pid]:
+                    try:
+                        os.kill(pid, signum)
+                    except ProcessLookupError:
+                        pass
         text = Path(status_file).read_text().strip()
         return int(text) if text else code
     finally:

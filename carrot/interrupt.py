@@ -28,15 +28,22 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
+def relaunched_rank() -> bool:
+    """A DDP rank that ``carrot --nproc k`` started (:func:`carrot.ddp.relaunch`): the command
+    that started it tells the user about signals and their outcome, and its rank 0 about the run."""
+    return "CARROT_DDP_STATUS_FILE" in os.environ and "RANK" in os.environ
+
+
 def _handler(signum, frame) -> None:
     if _received:  # the second signal: no more waiting for a step boundary
         sys.stderr.write(f"carrot: {signal.Signals(signum).name} again: exiting now\n")
         sys.stderr.flush()
         os._exit(128 + signum)
     _received.append(signum)
-    sys.stderr.write(f"carrot: {signal.Signals(signum).name} received: stopping at the next step "
-                     "(send it again to exit at once)\n")
-    sys.stderr.flush()
+    if not relaunched_rank():
+        sys.stderr.write(f"carrot: {signal.Signals(signum).name} received: stopping at the next step "
+                         "(send it again to exit at once)\n")
+        sys.stderr.flush()
 
 
 def requested() -> int | None:

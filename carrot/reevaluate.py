@@ -90,7 +90,8 @@ def reevaluate(run_id: str, split: str | None = None, device: str | None = None,
                 continue
             compared += 1
             old = logged[key]
-            same = (math.isnan(old) and math.isnan(value)) or abs(old - value) <= tolerance * max(1.0, abs(old))
+            # relative: a D_B near 1e2 and a rho near 1e-28 are both held to their own digits
+            same = (math.isnan(old) and math.isnan(value)) or abs(old - value) <= tolerance * max(abs(old), abs(value))
             if not same:
                 differ[key] = (old, value)
     return metrics, differ, compared

@@ -2,6 +2,7 @@
 database, no study journal, no lock file), because every check runs before a store is made."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +46,11 @@ CASES = [
     (["train", "--set", "model.drop_rate=-0.5"], ["model.drop_rate=-0.5", "[0, 1)"]),
     (["train", "--set", "eval.probe_l2_grid=[]"], ["eval.probe_l2_grid=[]", "non-empty list"]),
     (["train", "--set", "eval.probe_l2_grid=[0.1, -1]"], ["eval.probe_l2_grid", "positive numbers"]),
+    (["config", "--show", "--variant", "expansion", "--set", "variant.hparams.lamm=0.5"], ["'lamm'", "valid"]),
+    (["config", "--show", "--backbone", "resnet5"], ["unknown backbone 'resnet5'"]),
 ]
+if shutil.which("srun") is None:
+    CASES.append((["study", "--trials", "1", "--launcher", "slurm"], ["--launcher slurm", "srun"]))
 
 
 @pytest.mark.parametrize("argv, expected", CASES, ids=[" ".join(a) for a, _ in CASES])
@@ -122,3 +127,38 @@ def test_processes_opening_a_fresh_store_together_all_succeed(tmp_path):
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "x"])
+def test_evaluate_needs_a_finite_non_negative_tolerance(empty, capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "0" * 32, "--tolerance", value])
+    assert exc.value.code == 2
+    assert "--tolerance: expected a finite number >= 0" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(p.name for p in empty.iterdir()) == []
+
+
+def test_tables_and_plots_refuse_an_output_path_that_is_a_file(store, capsys):
+    from analysis.plots import main as plots_main
+    from analysis.tables import main as tables_main
+    from carrot.tracking import client
+
+    client()  # an empty MLflow store
+    (store / "afile").write_text("x")
+    for command, prog in ((tables_main, "carrot tables"), (plots_main, "carrot plots")):
+        assert command(["--out", str(store / "afile")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"{prog}: error: --out {store / 'afile'} cannot be a folder of results (File exists); "
+                       "expected a folder this user can write"), err
+
+
+def test_tables_and_plots_name_an_unreachable_server_without_its_password(store, capsys):
+    from analysis.plots import main as plots_main
+    from analysis.tables import main as tables_main
+
+    uri = "http://u:secretpw9@127.0.0.1:9/"
+    for command in (tables_main, plots_main):
+        assert command(["--tracking-uri", uri, "--out", str(store / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "http://u:***@127.0.0.1:9/ is unreachable" in err, err
+    assert not (store / "out").exists()

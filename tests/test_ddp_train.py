@@ -214,3 +214,59 @@ def test_a_ddp_run_reports_a_bad_store_in_one_line(tmp_path):
     lines = [ln for ln in done.stderr.splitlines() if "INFO" not in ln]
     assert lines == [f"carrot: error: MLflow tracking server {env_uri} is unreachable (ConnectionError); "
                      "expected a running `mlflow server` at MLFLOW_TRACKING_URI"]
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the command", "SIGINT to its group"])
+def test_a_ddp_run_stops_on_a_signal_like_one_process(tmp_path, to_group):
+    """A scheduler's SIGTERM to the command alone reaches the ranks (it was announced and then
+    ignored: the run trained to its end), and a Ctrl-C to the whole group gives the same two
+    lines as one process, not one per rank and torchrun's traceback. The run ends KILLED."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "carrot.cli", "train", "--epochs", "500", "--device", "cpu",
+                             "--nproc", "2", "--no-progress", "--image-size", "16"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not _a_run_is_training(tmp_path / "mlflow.db"):
+        time.sleep(0.5)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    name = "SIGINT" if to_group else "SIGTERM"
+    assert proc.returncode == 128 + getattr(signal, name), err[-3000:]
+    lines = [ln for ln in err.splitlines() if not ln.startswith("note:")]
+    assert lines == [f"carrot: {name} received: stopping at the next step (send it again to exit at once)",
+                     f"carrot: interrupted by {name}: the current run ended KILLED"], err[-3000:]
+    runs = _runs_at(tmp_path)
+    assert [(r.info.status, r.data.tags["carrot.error"]) for r in runs] == [("KILLED", f"interrupted by {name}")]
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
+        runs[0].info.run_id, "val/acc")
+    assert 1 <= len(history) < 500  # stopped after its first epochs
+
+
+def _a_run_is_training(db: Path) -> bool:
+    """Whether a run has logged a first epoch (read with sqlite3: no MLflow client that could
+    race the command in creating the store's schema)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return bool(con.execute("SELECT 1 FROM metrics WHERE key = 'val/acc' LIMIT 1").fetchall())
+    except sqlite3.Error:
+        return False
+
+
+def _runs_at(folder: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("carrot")
+    return [] if exp is None else client.search_runs([exp.experiment_id])
