@@ -444,7 +444,9 @@ def _preflight_data(cfg, args: argparse.Namespace) -> None:
 
     resolve_device(cfg.device)  # cuda where there is none: one line before anything is created
     splits = preflight(cfg.data, verify_images=getattr(args, "verify_images", False))
-    check_batch(cfg, splits)
+    # a run trains with its resolved sampler; a study searches the sampler when it is "auto"
+    check_batch(cfg.resolved() if getattr(args, "command", "") == "train" else cfg, splits,
+                world=getattr(args, "nproc", 1) or 1)
 
 
 def _is_nproc(argv: list[str], i: int) -> bool:

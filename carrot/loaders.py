@@ -29,10 +29,13 @@ def pk_batch_size(num_classes: int, m: int, batch_size: int) -> int:
     return min(batch_size // m, num_classes) * m
 
 
-def check_batch(cfg: RunConfig, splits: DatasetSplits) -> None:
+def check_batch(cfg: RunConfig, splits: DatasetSplits, world: int = 1) -> None:
     """A training batch of ``cfg`` can be filled from the training split of every trial: with
     shuffled batches the split holds a whole batch; with P x K batches (configured, or searched
-    by a study when ``data.sampler`` is ``auto``) every class has ``data.m_per_class`` samples."""
+    by a study when ``data.sampler`` is ``auto``) every class has ``data.m_per_class`` samples.
+    With ``world`` DDP processes every rank gets an equal share (:func:`rank_batch_size`)."""
+    if world > 1:
+        rank_batch_size(cfg.data.batch_size, world, cfg.data.m_per_class if cfg.data.sampler in ("pk", "auto") else 1)
     labels = splits.labels["train"] if cfg.split == "val" else np.concatenate(
         [splits.labels["train"], splits.labels["val"]])
     if len(labels) < cfg.data.batch_size:

@@ -46,6 +46,13 @@ def reevaluate(run_id: str, split: str | None = None, device: str | None = None,
     except Exception:
         raise ConfigError(f"no MLflow run {run_id!r} in {contract.redact(mlf.tracking_uri)}; expected the id of a "
                           "finished run (see `make ui` or the summary `carrot final` prints)") from None
+    role = run.data.tags.get(contract.TAG_ROLE)
+    if role == contract.ROLE_STUDY:
+        raise ConfigError(f"run {run_id} is a study's parent run, which trains nothing; expected the id of a "
+                          "final run (see `make ui` or the summary `carrot final` prints)")
+    if run.info.status != "FINISHED":
+        raise ConfigError(f"run {run_id} ended {run.info.status}, so it has no trained model to re-evaluate; "
+                          "expected a finished run (run `carrot final` again to finish it)")
     with tempfile.TemporaryDirectory() as tmp:
         config = _artifact(mlf, run_id, contract.CONFIG_ARTIFACT, tmp)
         weights = _artifact(mlf, run_id, contract.WEIGHTS_ARTIFACT, tmp)

@@ -48,6 +48,11 @@ CASES = [
     (["train", "--set", "eval.probe_l2_grid=[0.1, -1]"], ["eval.probe_l2_grid", "positive numbers"]),
     (["config", "--show", "--variant", "expansion", "--set", "variant.hparams.lamm=0.5"], ["'lamm'", "valid"]),
     (["config", "--show", "--backbone", "resnet5"], ["unknown backbone 'resnet5'"]),
+    # a DDP batch that the ranks cannot share: said once, before torchrun starts k processes
+    (["train", "--nproc", "3", "--device", "cpu"], ["data.batch_size=64 for 3 DDP processes", "multiple of 3"]),
+    (["train", "--nproc", "2", "--device", "cpu", "--set", "data.sampler=pk", "--batch-size", "12"],
+     ["data.batch_size=12 for 2 DDP processes", "multiple of 8"]),
+    (["study", "--nproc", "3", "--trials", "1"], ["data.batch_size=64 for 3 DDP processes", "multiple of 12"]),
 ]
 if shutil.which("srun") is None:
     CASES.append((["study", "--trials", "1", "--launcher", "slurm"], ["--launcher slurm", "srun"]))

@@ -180,7 +180,7 @@ def test_evaluate_reproduces_the_final_run_exactly(finished, monkeypatch):
     assert "test/acc" in differ or "test/loss" in differ
 
 
-def test_evaluate_needs_a_run_with_weights(finished, monkeypatch):
+def test_evaluate_needs_a_run_with_weights(finished, monkeypatch, capsys):
     from carrot.cli import main
 
     root, _, _ = finished
@@ -188,6 +188,17 @@ def test_evaluate_needs_a_run_with_weights(finished, monkeypatch):
     trial = _runs(root, "trial")[0]
     assert main(["evaluate", trial.info.run_id]) == 2
     assert main(["evaluate", "0" * 32]) == 2
+    capsys.readouterr()
+    (parent,) = _runs(root, "study")
+    assert main(["evaluate", parent.info.run_id]) == 2
+    assert "is a study's parent run" in capsys.readouterr().err
+    client = _client(root)  # a final run that a signal stopped
+    killed = client.create_run(parent.info.experiment_id, tags={"carrot.role": "final"}).info.run_id
+    client.set_terminated(killed, status="KILLED")
+    assert main(["evaluate", killed]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"carrot: error: run {killed} ended KILLED, so it has no trained model to re-evaluate; "
+                   "expected a finished run (run `carrot final` again to finish it)"), err
 
 
 def test_every_trial_links_its_run(finished):
