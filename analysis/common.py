@@ -697,13 +697,27 @@ def open_store(args, prog: str):
     except StoreMissing as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return None, None
+    runs = load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
+    if not len(runs) and (args.dataset or args.backbone):  # a typo must not overwrite the results with empty ones
+        held = load_runs(client, args.experiment)
+        for flag, column, wanted in (("--dataset", "dataset", args.dataset), ("--backbone", "backbone", args.backbone)):
+            have = sorted(set(held[column])) if len(held) else []
+            for value in [v for v in wanted or [] if v not in have]:
+                import difflib
+
+                close = difflib.get_close_matches(value, have, n=1)
+                print(f"{prog}: error: {flag} {value}: no run of experiment {args.experiment!r} has it"
+                      + (f" (did you mean {close[0]!r}?)" if close else "")
+                      + f"; expected one of: {', '.join(have) or 'none (the experiment has no runs)'}",
+                      file=sys.stderr)
+                return None, None
     try:  # the output folder, before any work
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"{prog}: error: --out {args.out} cannot be a folder of results ({exc.strerror or exc}); "
               "expected a folder this user can write", file=sys.stderr)
         return None, None
-    return client, load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
+    return client, runs
 
 
 def db_keys(layer: str, which: str = "ref") -> tuple[str, str]:

@@ -167,3 +167,24 @@ def test_tables_and_plots_name_an_unreachable_server_without_its_password(store,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "http://u:***@127.0.0.1:9/ is unreachable" in err, err
     assert not (store / "out").exists()
+
+
+def test_a_mistyped_filter_does_not_overwrite_the_results(store, capsys):
+    """`carrot tables --dataset digit` wrote empty tables over the good ones."""
+    from analysis.plots import main as plots_main
+    from analysis.tables import main as tables_main
+    from carrot.tracking import client, experiment_id
+
+    mlf = client()
+    mlf.create_run(experiment_id(mlf, "carrot"), tags={"carrot.dataset": "digits", "carrot.backbone": "test_resnet",
+                                                       "carrot.role": "final", "carrot.variant": "baseline"})
+    out = store / "out"
+    out.mkdir()
+    (out / "main_results.md").write_text("the good table")
+    for command, prog in ((tables_main, "carrot tables"), (plots_main, "carrot plots")):
+        assert command(["--dataset", "digit", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"{prog}: error: --dataset digit: no run of experiment 'carrot' has it (did you mean 'digits'?); "
+            "expected one of: digits")
+    assert sorted(p.name for p in out.iterdir()) == ["main_results.md"]
+    assert (out / "main_results.md").read_text() == "the good table"
