@@ -1127,8 +1127,12 @@ def significance_slots(ctx: Context, table: Table) -> list[tuple[FinalSlot, list
         own = {seed: x for (v, seed), x in group.correct.items() if v == slot.variant}
         base = {seed: x for (v, seed), x in group.correct.items() if v == "baseline"}
         if not own:
-            why = [] if not slot.n else [f"no {contract.PREDICTIONS_ARTIFACT} in these runs (finished before "
-                                         "per-sample predictions were logged): no per-sample test"]
+            lost = len(set(slot.runs["run_id"]) & ctx.artifacts.unreachable) if slot.n else 0
+            why = [] if not slot.n else [
+                f"the artifact folder of {lost} of these runs was not found (stderr names each run and where it was "
+                "looked for): no per-sample test" if lost else
+                f"no {contract.PREDICTIONS_ARTIFACT} in these runs (finished before per-sample predictions were "
+                "logged): no per-sample test"]
             out.append((slot, [SignificanceRow(None, slot.n, 0, None, notes=group.problems + why)]))
             continue
         compare = slot.variant != "baseline"
