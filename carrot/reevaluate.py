@@ -20,11 +20,13 @@ from carrot import contract
 from carrot.config import ConfigError
 
 
-def _artifact(mlf, run_id: str, name: str, folder: str) -> Path | None:
-    try:
-        return Path(mlf.download_artifacts(run_id, name, dst_path=folder))
-    except Exception:
-        return None
+def _artifact(mlf, run_id: str, name: str, folder: str, problems: list[str]) -> Path | None:
+    """One artifact of the run, found as the tables find it: where the run logged it or, in a
+    store copied or moved as a whole, under the store's folder (where it was looked for goes
+    to ``problems`` when it is found nowhere)."""
+    from analysis.common import download_artifact
+
+    return download_artifact(mlf, run_id, name, folder, problems=problems)
 
 
 def reevaluate(run_id: str, split: str | None = None, device: str | None = None, tolerance: float = 1e-6,
@@ -54,9 +56,12 @@ def reevaluate(run_id: str, split: str | None = None, device: str | None = None,
         raise ConfigError(f"run {run_id} ended {run.info.status}, so it has no trained model to re-evaluate; "
                           "expected a finished run (run `carrot final` again to finish it)")
     with tempfile.TemporaryDirectory() as tmp:
-        config = _artifact(mlf, run_id, contract.CONFIG_ARTIFACT, tmp)
-        weights = _artifact(mlf, run_id, contract.WEIGHTS_ARTIFACT, tmp)
-        pairs = _artifact(mlf, run_id, contract.PAIRS_ARTIFACT, tmp)
+        problems: list[str] = []
+        config = _artifact(mlf, run_id, contract.CONFIG_ARTIFACT, tmp, problems)
+        weights = _artifact(mlf, run_id, contract.WEIGHTS_ARTIFACT, tmp, problems)
+        pairs = _artifact(mlf, run_id, contract.PAIRS_ARTIFACT, tmp, problems)
+        if problems:  # the artifact folder itself is missing or unreachable
+            raise ConfigError(problems[0])
         if config is None:
             raise ConfigError(f"run {run_id} has no {contract.CONFIG_ARTIFACT}; it cannot be rebuilt")
         if weights is None:

@@ -125,3 +125,33 @@ def local_path_of(uri: str) -> Path:
     path = local_path(uri)
     assert path is not None, uri
     return path
+
+
+def test_evaluate_reads_a_moved_store(moved, monkeypatch):
+    """`carrot evaluate` finds a run's artifacts where the tables find them (it said the run had
+    no config.json). These runs were trained by `run` itself, which keeps no weights: that is
+    what it now says."""
+    from carrot.config import ConfigError
+    from carrot.reevaluate import reevaluate
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", moved["uri"])
+    monkeypatch.chdir(moved["root"])
+    rid = moved["ids"][("baseline", 0)]
+    with pytest.raises(ConfigError) as exc:
+        reevaluate(rid, log=lambda s: None)
+    assert str(exc.value).startswith(f"run {rid} kept no weights.pt"), exc.value
+
+
+def test_evaluate_says_where_it_looked_for_a_runs_artifacts(moved, tmp_path, monkeypatch):
+    from carrot.config import ConfigError
+    from carrot.reevaluate import reevaluate
+
+    copy = tmp_path / "copy" / "mlruns"  # the database alone
+    copy.mkdir(parents=True)
+    shutil.copy(Path(moved["uri"][len("sqlite:///"):]), copy / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{copy / 'mlflow.db'}")
+    rid = moved["ids"][("baseline", 0)]
+    with pytest.raises(ConfigError) as exc:
+        reevaluate(rid, log=lambda s: None)
+    assert f"run {rid}: artifact config.json not found" in str(exc.value)
+    assert str(copy) in str(exc.value)
