@@ -270,6 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return ddp.relaunch(args.nproc, args.argv)
     ddp.init_from_env()
 
+    from carrot.config import UserError
     from carrot.reference import count_classes, resolve
     from carrot.study import open_storage
     from carrot.tracking import client, run_url
@@ -277,7 +278,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def stores():  # an unusable store fails here, before any run exists (exit 2)
         client()
-        return resolve(cfg, open_storage(args.storage), count_classes(cfg))
+        try:  # the baseline study's reference pairs, when there is a study storage: a run creates none
+            storage = open_storage(args.storage, create=False)
+        except UserError:
+            storage = None
+        return resolve(cfg, storage, count_classes(cfg))
 
     try:
         reference = ddp.on_main(stores)
@@ -287,7 +292,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = run(cfg, reference=reference,
                      extra_tags={contract.TAG_ROLE: contract.ROLE_TRAIN})
     except Exception as exc:  # a diverging or broken run (it ended FAILED): one line, exit 1
-        from carrot.config import UserError
         from carrot.interrupt import Interrupted
 
         if isinstance(exc, (UserError, Interrupted)):

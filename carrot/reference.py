@@ -47,6 +47,8 @@ def best_baseline_pairs(cfg: RunConfig, storage, num_classes: int) -> ReferenceP
     from carrot.tracking import client
 
     name = contract.study_name(cfg.data.dataset_id, cfg.model.backbone, "baseline")
+    if storage is None:  # no study storage at all
+        return ReferencePairs.none(f"no baseline study {name!r} yet (run `make study VARIANT=baseline` first)")
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:

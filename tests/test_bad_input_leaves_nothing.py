@@ -188,3 +188,12 @@ def test_a_mistyped_filter_does_not_overwrite_the_results(store, capsys):
             "expected one of: digits")
     assert sorted(p.name for p in out.iterdir()) == ["main_results.md"]
     assert (out / "main_results.md").read_text() == "the good table"
+
+
+@pytest.mark.slow
+def test_a_training_run_creates_no_study_storage(empty, capsys):
+    """`carrot train` looks for the baseline study's reference pairs; where there is no study
+    storage it says so and creates none (it left an empty studies/optuna.journal)."""
+    assert main(["train", "--epochs", "1", "--image-size", "16", "--no-progress"]) == 0
+    assert "no baseline study 'digits-test_resnet-baseline' yet" in capsys.readouterr().out
+    assert sorted(p.name for p in empty.iterdir()) == ["mlruns"]
