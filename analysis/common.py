@@ -86,8 +86,9 @@ def connect(uri: str | None = None):
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = uri or tracking_uri()
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+    db_file = contract.sqlite_file(uri)
+    if db_file is not None:  # an in-memory database holds no runs either
+        db = Path(db_file or ":memory:")
         if not db.is_file():
             raise StoreMissing(f"no MLflow store at {db} (tracking URI {uri}); set MLFLOW_TRACKING_URI "
                                "or run from the folder that holds mlruns/")
