@@ -235,6 +235,8 @@ def test_no_usable_pair_gives_zero_term_and_finite_grads(y: torch.Tensor, on_hos
     out = create_variant("bhattacharyya")(batch)
     assert out.terms["bhat"].item() == 0.0
     assert out.stats["pairs_used"].item() == 0 and out.stats["layers_used"].item() == 0
+    per_layer = [k for k in out.stats if k.startswith(("rho_", "db_"))]
+    assert per_layer and all(torch.isnan(out.stats[k]) for k in per_layer)  # means over no pair: undefined
     out.loss.backward()
     assert torch.isfinite(emb.grad).all()
 

@@ -40,6 +40,10 @@ def test_default_is_the_authors_formula(b):
     loss, stats = pairwise_confusion_loss(logits, y)
     assert loss.item() == pytest.approx(authors_reference(logits, y), rel=1e-6)
     assert stats["pairs"].item() == b // 2
+    half = b // 2  # the logged statistic is the mean pair distance, twice the loss (which divides by 2h)
+    p = logits.double().softmax(1)
+    mean_distance = sum(torch.linalg.norm(p[i] - p[i + half]).item() for i in range(half)) / half
+    assert stats["distance_mean"].item() == pytest.approx(mean_distance, rel=1e-6)
     if b % 2 == 0:  # their expression, verbatim, on the softmax outputs
         features = logits.softmax(1)
         left, right = features[:int(0.5 * b)], features[int(0.5 * b):]
@@ -57,6 +61,7 @@ def test_different_option_matches_loop_and_odd_batch_drops_last(b):
     y[0], y[b // 2] = 1, 1  # at least one same-label pair, which must not count
     loss, stats = pairwise_confusion_loss(logits, y, pairs="different")
     assert loss.item() == pytest.approx(different_reference(logits, y).item(), rel=1e-5)
+    assert stats["distance_mean"].item() == pytest.approx(different_reference(logits, y).item(), rel=1e-5)
     assert stats["pairs"].item() == sum(int(y[i] != y[i + b // 2]) for i in range(b // 2))
     if b % 2:  # the last sample is dropped: changing it changes nothing
         logits2 = logits.clone()
@@ -77,8 +82,9 @@ def test_identical_outputs_and_no_differing_pair_have_finite_zero_gradient(pairs
     loss, stats = pairwise_confusion_loss(logits, torch.tensor([0, 1, 0, 1]), pairs)  # all pairs share labels
     loss.backward()
     assert torch.isfinite(logits.grad).all()
-    if pairs == "different":
+    if pairs == "different":  # no pair counted: the loss is 0 and the mean distance undefined
         assert loss.item() == 0.0 and stats["pairs"].item() == 0
+        assert torch.isnan(stats["distance_mean"])
     else:
         assert loss.item() > 0 and stats["pairs"].item() == 2
 

@@ -62,7 +62,8 @@ class Variant(nn.Module):
     Hparams: ClassVar[type[BaseHparams]] = BaseHparams
     search_space: ClassVar[dict[str, BaseDistribution]] = {}
     statistics: ClassVar[tuple[str, ...]] = ()
-    # statistics a batch may leave undefined (NaN): the trainer averages them as missing
+    # statistics a batch may leave undefined (NaN): the trainer averages them as missing;
+    # "name_*" stands for every statistic whose name starts with "name_"
     maybe_undefined: ClassVar[tuple[str, ...]] = ()
     # the batch sampler when data.sampler is "auto": "pk" (P classes x m samples) or "random"
     default_sampler: ClassVar[str] = "random"
@@ -84,6 +85,12 @@ class Variant(nn.Module):
     def recommended(cls) -> dict[str, Any]:
         """The design note's recommended setting (trial 0 of every study)."""
         return dataclasses.asdict(cls.Hparams())
+
+    @classmethod
+    def may_be_undefined(cls, statistic: str) -> bool:
+        """Whether a batch may leave ``statistic`` undefined (NaN), by ``maybe_undefined``."""
+        return any(statistic == name or (name.endswith("*") and statistic.startswith(name[:-1]))
+                   for name in cls.maybe_undefined)
 
     @classmethod
     def full_search_space(cls) -> dict[str, BaseDistribution]:

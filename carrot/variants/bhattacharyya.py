@@ -182,7 +182,8 @@ def pair_distances(
 
     Returns ``(db, rho_mean, db_mean)``: ``db`` (M', L) with its gradient, 0 on padding
     entries; the unweighted means of rho = exp(-D_B) and of D_B over the valid pairs, (L,)
-    each, no gradient (rho underflows to 0 on wide layers; D_B stays readable).
+    each, no gradient (rho underflows to 0 on wide layers; D_B stays readable), NaN without
+    a valid pair.
     """
     with no_autocast(features[0]):
         fs = [f.to(torch.promote_types(f.dtype, torch.float32)) for f in features]
@@ -197,11 +198,14 @@ def pair_distances(
             db = torch.where(sel.valid[:, None], db, torch.zeros_like(db))
         if sel.on_host:  # the same means in numpy: a few microseconds instead of a dozen tensor ops
             d = db.detach().numpy()[sel.valid.numpy()]  # (valid pairs, L)
-            n = max(1, d.shape[0])
-            return db, torch.from_numpy(np.exp(-d).sum(0) / n), torch.from_numpy(d.sum(0) / n)
+            if not d.shape[0]:
+                undefined = torch.full((db.shape[1],), float("nan"), dtype=db.dtype)
+                return db, undefined, undefined.clone()
+            return db, torch.from_numpy(np.exp(-d).mean(0)), torch.from_numpy(d.mean(0))
         with torch.no_grad():
             valid = sel.valid.to(db.dtype)
-            n = valid.sum().clamp_min(1.0)
+            n = valid.sum()
+            n = torch.where(n > 0, n, float("nan"))  # no valid pair: the means are undefined, not 0
             rho_mean = (valid @ torch.exp(-db)) / n
             db_mean = (valid @ db) / n
     return db, rho_mean, db_mean
@@ -402,7 +406,7 @@ class Bhattacharyya(Variant):
 
     ``statistics`` lists the layer-independent statistics. Per probed layer ``<layer>`` (the
     keys of ``StepBatch.features``) it also returns ``rho_<layer>`` and ``db_<layer>``: the
-    mean rho and mean D_B of the selected pairs. Classes and pairs used are the same for
+    mean rho and mean D_B of the selected pairs (NaN without one). Classes and pairs used are the same for
     every layer (they depend on labels and logits only), so they are logged once.
     ``l_bhat`` is L_bhat (it underflows to 0 with rho on wide layers), ``log_l_bhat`` its
     natural log (readable there; NaN without a usable pair), ``scale`` the s multiplying it.
@@ -419,7 +423,8 @@ class Bhattacharyya(Variant):
         "distance": CategoricalDistribution(["sum", "mean"]),
     }
     statistics = ("l_bhat", "log_l_bhat", "scale", "classes_used", "pairs_used", "layers_used")
-    maybe_undefined = ("log_l_bhat",)  # log 0 in a batch without a usable pair: averaged as missing
+    # a batch without a usable pair: log 0, and means over no pair; averaged as missing
+    maybe_undefined = ("log_l_bhat", "rho_*", "db_*")
     default_sampler = "pk"
     uses_features = True
     hp: BhattacharyyaHparams

@@ -67,7 +67,9 @@ def pairwise_confusion_loss(logits: Tensor, y: Tensor, pairs: str = "all") -> tu
         y: (B,) int labels.
     Returns:
         loss: 0-dim float32 (0 when no pair counts, still in the graph).
-        stats: ``pairs`` (number of counted pairs), ``distance_mean`` (= loss, detached).
+        stats: ``pairs`` (number of counted pairs), ``distance_mean`` (the mean distance d_i
+        over the counted pairs, detached: twice the loss for ``"all"``, which divides by 2h;
+        NaN when no pair counts).
     """
     if pairs not in PAIRS:
         raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
@@ -81,11 +83,13 @@ def pairwise_confusion_loss(logits: Tensor, y: Tensor, pairs: str = "all") -> tu
     if pairs == "all":
         count = torch.full((), float(half), device=dist.device)
         loss = dist.sum() / max(1, 2 * half)
+        mean = dist.detach().sum() / half if half else torch.full((), float("nan"), device=dist.device)
     else:
         differ = (y[:half] != y[half:2 * half]).float()  # (h,)
         count = differ.sum()
         loss = (dist * differ).sum() / count.clamp_min(1.0)
-    return loss, {"pairs": count, "distance_mean": loss.detach()}
+        mean = torch.where(count > 0, loss.detach(), torch.full_like(loss, float("nan")))
+    return loss, {"pairs": count, "distance_mean": mean}
 
 
 @dataclass
@@ -110,6 +114,7 @@ class PairwiseConfusion(Variant):
     # the comparator is searched at the authors' setting (pairs="all") over lambda only
     search_space = {"lam_per_class": FloatDistribution(0.02, 0.5, log=True)}
     statistics = ("pc_distance", "pairs", "lambda")
+    maybe_undefined = ("pc_distance",)  # no pair counted (pairs="different", every pair one class)
     default_sampler = "random"
     hp: PairwiseConfusionHparams
 

@@ -291,7 +291,7 @@ def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor | Non
     is not read (None will do).
 
     Returns the loss, the new Gram (K, K, detached) and ``pairs``, ``omega_mean``, ``d2_mean``
-    over the selected pairs.
+    over the selected pairs (the means NaN when no pair is selected).
     """
     if labels is not None:  # every slot used and the host can list the pairs (CPU): the pair list
         with torch.no_grad():
@@ -301,6 +301,9 @@ def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor | Non
         loss, gram, d2 = _PairListLoss.apply(t_slots, t_buffer.detach(), labels, stored_gram, first, second, weight,
                                             alpha)
         pairs = torch.tensor(float(first.shape[0]), device=t_slots.device)
+        if not first.shape[0]:  # no pair: the means are undefined, not 0
+            undefined = torch.full((), float("nan"), device=t_slots.device)
+            return loss, gram, {"pairs": pairs, "omega_mean": undefined, "d2_mean": undefined.clone()}
         return loss, gram, {"pairs": pairs, "omega_mean": weight.sum(), "d2_mean": d2.sum() / count}
     with torch.no_grad():
         w = mask.to(t_slots.dtype)
@@ -308,7 +311,9 @@ def prototype_pair_loss(t_slots: Tensor, t_buffer: Tensor, one_hot: Tensor | Non
         w = w / count.clamp_min(1.0)
         weight = omega.detach() * w  # (K, K) omega_ij / |mask| on the selected pairs
     loss, gram, d2 = _PairGramLoss.apply(t_slots, t_buffer.detach(), one_hot, stored_gram, weight, alpha)
-    stats = {"pairs": count, "omega_mean": weight.sum(), "d2_mean": (d2 * w).sum()}
+    some = count > 0  # no pair: the means are undefined, not 0
+    stats = {"pairs": count, "omega_mean": torch.where(some, weight.sum(), float("nan")),
+             "d2_mean": torch.where(some, (d2 * w).sum(), float("nan"))}
     return loss, gram, stats
 
 
@@ -412,6 +417,7 @@ class PrototypeVariant(Variant):
         "whiten_weight": FloatDistribution(1e-3, 1.0, log=True),
     }
     statistics = ("l_carrot", "lambda", "pairs", "omega_mean", "d2_mean")
+    maybe_undefined = ("omega_mean", "d2_mean")  # no pair selected yet (the first step): averaged as missing
     default_sampler = "random"
 
     def __init__(self, **hparams: Any) -> None:
