@@ -161,10 +161,11 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     top_n: int = 20  # confusable pairs kept per run
-    # when the linear probes run: final (after the last epoch of final runs only; search trials
-    # and `carrot train` runs skip them), last (after the last epoch of every run), always
-    # (every epoch), every:N (every N epochs and after the last)
-    probe: str = "final"
+    # when the linear probes run: last (after the last epoch of every run that reaches it; a
+    # pruned trial has none), final (after the last epoch of final runs only; search trials and
+    # `carrot train` runs skip them: the paper configs, where a probe costs more than an epoch),
+    # always (every epoch), every:N (every N epochs and after the last)
+    probe: str = "last"
     images: bool = True  # confusion, top-pair and trajectory pictures in each run's artifacts
     probe_l2_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
     probe_max_train: int = 4000  # training samples used to fit a probe (subsampled, stratified)

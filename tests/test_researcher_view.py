@@ -223,9 +223,10 @@ def test_every_trial_links_its_run(finished):
 
 def test_probes_follow_eval_probe():
     cfg = tiny_config()
-    assert cfg.eval.probe == "final"
-    assert [cfg.eval.probes_at(e, 4, "val") for e in range(4)] == [False] * 4
-    assert [cfg.eval.probes_at(e, 4, "test") for e in range(4)] == [False, False, False, True]
+    assert cfg.eval.probe == "last"  # every run that reaches its last epoch probes there
+    final = tiny_config(**{"eval.probe": "final"})
+    assert [final.eval.probes_at(e, 4, "val") for e in range(4)] == [False] * 4
+    assert [final.eval.probes_at(e, 4, "test") for e in range(4)] == [False, False, False, True]
     every = tiny_config(**{"eval.probe": "every:2"})
     assert [every.eval.probes_at(e, 5, "val") for e in range(5)] == [False, True, False, True, True]
     assert [tiny_config(**{"eval.probe": "always"}).eval.probes_at(e, 3, "val") for e in range(3)] == [True] * 3
