@@ -1,6 +1,12 @@
 """Clean interrupts: SIGTERM (a scheduler's pre-emption) and SIGINT stop the run at the next
 step boundary; a second signal exits at once.
 
+A second signal counts only when it comes more than :data:`REPEAT_S` after the first. One stop
+request often arrives more than once: a signal sent to a process group reaches every process in
+it, and the parents in it pass it on too (GNU make forwards SIGTERM to the command it runs, the
+study's coordinator forwards a stop to its workers, ``carrot --nproc`` to its ranks). Those
+copies come within milliseconds; a person who wants out now sends the second one later.
+
 The first signal only sets a flag; the training and evaluation loops call :func:`check` between
 steps, which raises :class:`Interrupted`. The run then closes its MLflow run as KILLED and its
 trial as FAIL, both with the reason, and the command exits with 128 + the signal number.
@@ -12,8 +18,12 @@ import os
 import signal
 import sys
 import threading
+import time
+
+REPEAT_S = 2.0  # a signal within this many seconds of the first is the same request
 
 _received: list[int] = []
+_first_at: list[float] = []
 
 
 class Interrupted(Exception):
@@ -35,11 +45,15 @@ def relaunched_rank() -> bool:
 
 
 def _handler(signum, frame) -> None:
-    if _received:  # the second signal: no more waiting for a step boundary
+    if _received:
+        if time.monotonic() - _first_at[0] <= REPEAT_S:  # a copy of the first request (see above)
+            return
+        # the second signal: no more waiting for a step boundary
         sys.stderr.write(f"carrot: {signal.Signals(signum).name} again: exiting now\n")
         sys.stderr.flush()
         os._exit(128 + signum)
     _received.append(signum)
+    _first_at[:] = [time.monotonic()]
     if not relaunched_rank():
         sys.stderr.write(f"carrot: {signal.Signals(signum).name} received: stopping at the next step "
                          "(send it again to exit at once)\n")
@@ -70,3 +84,4 @@ def graceful():
         for s, h in previous.items():
             signal.signal(s, h)
         _received.clear()
+        _first_at.clear()

@@ -173,3 +173,31 @@ def test_same_named_studies_in_two_storages_have_two_parent_runs(store, mlflow_c
     again = run_study(tiny_config(**{"optim.epochs": 1}), trials=1, storage=str(store / "a.journal"),
                       log=lambda s: None)
     assert again.parent_run_id == a.parent_run_id
+
+
+@pytest.mark.heavy
+def test_ctrl_c_to_the_group_of_a_study_with_two_workers_ends_every_trial_cleanly(store, mlflow_client):
+    """A terminal's Ctrl-C reaches the coordinator and both workers, and the coordinator passes the
+    stop on as well: each worker gets two signals at once, which are one request, so each ends its
+    trial (FAIL with the reason, its run KILLED) instead of exiting on the spot."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "carrot.cli", "study", *ARGS, "--epochs", "6", "--trials", "2",
+                             "--jobs", "2"], cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    for number in (0, 1):
+        _wait_for(f"studies/checkpoints/*/trial-{number}/last.pt", store, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err + out and "exiting now" not in err
+    logs = "".join(p.read_text() for p in store.glob("studies/logs/*/worker-*.log"))
+    assert "exiting now" not in logs and "Traceback" not in logs and "exited with status" not in out + err
+    study = _study(store)
+    stopped = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert sorted(t.number for t in stopped) == [0, 1]
+    for trial in stopped:
+        assert trial.user_attrs["error"] == "interrupted by SIGINT"
+        run = mlflow_client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["carrot.error"] == "interrupted by SIGINT"
+    _nothing_running(store, mlflow_client)
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]) == 2  # both queued again
