@@ -100,8 +100,8 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
         for p, logfile in procs:
             p.wait()
             logfile.close()
-    # a stopped worker exits 143 or 130; one that a second signal (a Ctrl-C reaches the whole
-    # process group, and the stop is passed on too) ended before its handler did, -15 or -2
+    # a stopped worker exits 143 or 130; one that the signal reached while it was still starting
+    # (before its handler was installed, so before any trial), -15 or -2
     stopped = (143, 130, -signal.SIGTERM, -signal.SIGINT) if stopping else (143, 130)
     failed = [(i + 1, p.returncode) for i, (p, _) in enumerate(procs) if p.returncode not in (0, *stopped)]
     for index, code in failed:
