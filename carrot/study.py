@@ -397,10 +397,22 @@ def follow(log: Callable[[str], None] = print) -> None:
             log(f"rank {ddp.rank()}: trial {order['number']} ended: {exc}".splitlines()[0])
 
 
+def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """The numbers of the failed trials whose configuration was queued again: the retry stands
+    for them (Optuna's retry callbacks list every trial a retry descends from in
+    ``retry_history``)."""
+    return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+
+
 def _finished(study: optuna.Study, with_running: bool = False) -> int:
+    """Finished trials towards a worker's ``--until``: complete, pruned and failed ones, except a
+    failed trial whose retry is queued or running (the retry's outcome counts instead, so a
+    worker that reaps a dead trial still runs its retry)."""
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=done + ((optuna.trial.TrialState.RUNNING,)
-                                                               if with_running else ())))
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    states = done + ((optuna.trial.TrialState.RUNNING,) if with_running else ())
+    return sum(t.state in states and t.number not in retried for t in trials)
 
 
 def summarize(opened: OpenStudy) -> StudySummary:
@@ -455,7 +467,9 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Cal
         stopped = run_workers(opened, storage, trials, jobs, log, keep_checkpoints=keep_checkpoints, nproc=nproc)
     else:
         stopped = work(opened, trials, log=log, checkpoint_root=checkpoint_root, keep_checkpoints=keep_checkpoints)
-    opened.parent.finish("KILLED" if stopped else "FINISHED")
+    if launcher == "local" and (jobs > 1 or nproc > 1):  # a worker that exited at once (a second signal)
+        liveness.reap(opened.study, log)  # left its trial RUNNING: failed, its run closed, queued again
+    close_parent(opened, stopped)
     if stopped:
         raise stopped[0]
     return summarize(opened)
@@ -477,11 +491,17 @@ def join_study(storage: str | None, name: str, log: Callable[[str], None] = prin
     base = RunConfig.from_dict(data)
     opened = open_study(base, storage, name, log, worker=worker)
     stopped = work(opened, trials, until, log=log, keep_checkpoints=keep_checkpoints)
-    # The last worker out closes the study's parent run (a coordinator that started the workers
-    # closes it again when they are all done); while another worker's trial runs, it stays RUNNING.
-    if not opened.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        opened.parent.finish("KILLED" if stopped else "FINISHED")
+    close_parent(opened, stopped)
     return stopped
+
+
+def close_parent(opened: OpenStudy, stopped: list[BaseException]) -> None:
+    """The last worker out closes the study's parent run, FINISHED, or KILLED when it was stopped:
+    while a trial of another live worker (another ``carrot study`` or ``carrot worker`` on the
+    same study) runs, the run stays RUNNING, and that worker closes it when it is done."""
+    running = opened.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if not any(liveness.is_dead(trial) is None for trial in running):
+        opened.parent.finish("KILLED" if stopped else "FINISHED")
 
 
 def load_existing_study(storage: str | None, name: str) -> optuna.Study:

@@ -113,9 +113,13 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
 
 
 def _progress(study: optuna.Study) -> tuple:
+    from carrot.study import retried_numbers
+
     S = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
-    count = {s: sum(t.state == s for t in trials) for s in (S.COMPLETE, S.PRUNED, S.FAIL, S.RUNNING)}
+    retried = retried_numbers(trials)  # a failed trial whose retry is queued counts as its retry does
+    count = {s: sum(t.state == s and t.number not in retried for t in trials) for s in (S.COMPLETE, S.PRUNED,
+                                                                                         S.FAIL, S.RUNNING)}
     best = max((t.value for t in trials if t.state == S.COMPLETE), default=None)
     return (count[S.COMPLETE] + count[S.PRUNED] + count[S.FAIL], count[S.COMPLETE], count[S.PRUNED],
             count[S.FAIL], count[S.RUNNING], best)

@@ -201,3 +201,70 @@ def test_ctrl_c_to_the_group_of_a_study_with_two_workers_ends_every_trial_cleanl
         assert run.info.status == "KILLED" and run.data.tags["carrot.error"] == "interrupted by SIGINT"
     _nothing_running(store, mlflow_client)
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]) == 2  # both queued again
+
+
+def test_a_failed_trial_with_a_queued_retry_does_not_count_as_finished():
+    from optuna.storages import RetryFailedTrialCallback
+
+    from carrot.study import _finished
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.5, params={"x": 0.1},
+                                        distributions=dist))
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.FAIL, params={"x": 0.2}, distributions=dist))
+    assert _finished(study) == 2  # a failure with no retry is a finished trial
+    retry = RetryFailedTrialCallback(max_retry=1)
+    retry(study, study.trials[1])  # its configuration queued again (WAITING): the retry stands for it
+    assert _finished(study) == 1
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # the retry fails as well ...
+    retry(study, study.trials[2])  # ... and max_retry=1 queues nothing more: it counts, once
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL"]
+    assert _finished(study) == 2
+
+
+@pytest.mark.heavy
+def test_a_worker_until_n_runs_the_retry_of_the_trial_it_reaps(store, mlflow_client):
+    proc = _carrot(store, "study", *ARGS, "--trials", "1", wait=False)
+    _wait_for("studies/checkpoints/*/trial-0/last.pt", store, proc)
+    proc.kill()  # trial 0 and its run stay RUNNING
+    proc.communicate(timeout=60)
+    rc, out, err = _carrot(store, "worker", "--study-name", "digits-test_resnet-baseline", "--until", "1",
+                           "--no-progress")
+    assert rc == 0, err
+    assert "trial 0: worker process" in out
+    study = _study(store)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]  # the reaped trial's retry ran
+    assert study.trials[1].params == study.trials[0].params
+    run = mlflow_client.get_run(study.trials[1].user_attrs["mlflow_run_id"])
+    assert run.data.tags["carrot.resumed_from"].endswith("trial-0/last.pt")
+    _nothing_running(store, mlflow_client)
+
+
+def test_a_study_that_ends_while_another_process_runs_a_trial_leaves_the_parent_run_to_it(store, mlflow_client):
+    """Two `carrot study` on one study: the first to end must not close the parent run while the
+    other's trial runs; whoever ends last closes it."""
+    import socket
+
+    from carrot import liveness
+    from carrot.study import open_storage, run_study
+    from conftest import tiny_config
+
+    base = tiny_config(**{"optim.epochs": 1})
+    first = run_study(base, trials=1, log=lambda s: None)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the other live worker
+    try:
+        study = optuna.load_study(study_name=first.name, storage=open_storage(None))
+        trial = study.ask()  # its trial, RUNNING
+        trial.set_user_attr(liveness.WORKER_ATTR, {"host": socket.gethostname(), "pid": other.pid,
+                                                   "start": liveness.process_start_time(other.pid)})
+        second = run_study(base, trials=1, log=lambda s: None)
+        assert second.parent_run_id == first.parent_run_id
+        assert mlflow_client.get_run(first.parent_run_id).info.status == "RUNNING"  # the other is still at work
+    finally:
+        other.kill()
+        other.wait()
+    # the other worker is gone: the next one to end reaps its trial and, last out, closes the run
+    run_study(base, trials=1, log=lambda s: None)
+    assert mlflow_client.get_run(first.parent_run_id).info.status == "FINISHED"
+    _nothing_running(store, mlflow_client)
