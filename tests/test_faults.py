@@ -268,3 +268,24 @@ def test_a_study_that_ends_while_another_process_runs_a_trial_leaves_the_parent_
     run_study(base, trials=1, log=lambda s: None)
     assert mlflow_client.get_run(first.parent_run_id).info.status == "FINISHED"
     _nothing_running(store, mlflow_client)
+
+
+@pytest.mark.heavy
+def test_the_coordinator_of_two_workers_cleans_up_after_workers_killed_mid_trial(store, mlflow_client):
+    """Workers that die mid-trial (SIGKILL, the OOM killer, a second signal's exit at once) leave
+    their trials RUNNING; the coordinator that started them fails those trials with the reason,
+    closes their runs and queues them again, so nothing stays RUNNING."""
+    proc = _carrot(store, "study", *ARGS, "--epochs", "6", "--trials", "2", "--jobs", "2", wait=False)
+    for number in (0, 1):
+        _wait_for(f"studies/checkpoints/*/trial-{number}/last.pt", store, proc)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 2
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in out + err
+    assert out.count("exited with status -9") == 2 and out.count("is gone; marked failed") == 2, out
+    study = _study(store)
+    assert sorted(t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL) == [0, 1]
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]) == 2
+    _nothing_running(store, mlflow_client)
