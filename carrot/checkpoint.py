@@ -56,19 +56,32 @@ def set_sampler_state(loader: torch.utils.data.DataLoader, state: dict[str, Any]
         loader.sampler.labels[:] = state["pk_labels"]
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message names the file and the free space."""
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a reader never sees half a file."""
+    """Write ``state`` to ``path`` atomically: a reader never sees half a file. The file gets the
+    permissions of any new file (the umask's), so workers of other users can resume from it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        if not isinstance(exc, Exception):
+            raise
+        # torch reports a full disk as "unexpected pos ..." from its zip writer
+        free = shutil.disk_usage(path.parent).free / 2**20
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"cannot write checkpoint {path} ({free:.0f} MiB free on its disk): {reason}") from None
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -506,6 +506,13 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     started = time.time()
     parts = build_run(cfg)
     cfg = parts.cfg
+    resumed = None
+    if resume_from is not None:
+        try:
+            resumed = checkpoint.load(resume_from)
+        except Exception as exc:  # cut short by a kill or a full disk: the epochs are trained again
+            log(f"checkpoint {resume_from} is unreadable ({failure_reason(exc)}); starting from epoch 0")
+            resume_from = None
     tags = dict(extra_tags or {})
     if checkpoint_dir is not None:
         tags[contract.TAG_CHECKPOINT] = str(checkpoint_dir)
@@ -524,8 +531,9 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
         # each rank draws its own noise (dropout, augmentation, nuisance's perturbations)
         seed_everything(cfg.seed + 1_000_003 * ddp.rank())
         first = 0
-        if resume_from is not None:
-            first, history = restore(parts, evaluator, checkpoint.load(resume_from))
+        if resumed is not None:
+            first, history = restore(parts, evaluator, resumed)
+            resumed = None  # the model, optimiser and evaluator hold it now
             if main:
                 for epoch, metrics in enumerate(history):  # the new run holds the whole history
                     tracked.log_epoch(epoch, metrics, evaluator, report_only=True)

@@ -84,3 +84,48 @@ def test_finished_runs_remove_their_checkpoints_and_writes_are_atomic(tmp_path, 
     monkeypatch.undo()
     assert torch.equal(checkpoint.load(target)["a"], torch.ones(2))  # the old file is intact
     assert [p.name for p in target.parent.iterdir()] == [checkpoint.CHECKPOINT_FILE]  # no temp left
+
+
+def test_an_unreadable_checkpoint_is_said_and_the_run_starts_from_epoch_0(tmp_path):
+    """A checkpoint cut short or damaged (a copy between machines interrupted, a failing disk):
+    the retry trains from the start instead of failing."""
+    from carrot.train import run
+
+    cfg = tiny_config(**{"optim.epochs": 2})
+    folder = tmp_path / "ckpt"
+    run(cfg, track=False, log=lambda s: None, checkpoint_dir=folder, keep_checkpoint=True)
+    path = folder / checkpoint.CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    lines = []
+    resumed = run(cfg, track=False, log=lines.append, resume_from=path)
+    assert resumed.epochs_done == 2
+    said = [line for line in lines if "unreadable" in line]
+    assert len(said) == 1 and str(path) in said[0] and "starting from epoch 0" in said[0]
+    assert not any(line.startswith("resumed ") for line in lines)
+    whole = run(cfg, track=False, log=lambda s: None)  # the same run from the start, to the bit on a CPU
+    assert _no_time(resumed.history) == _no_time(whole.history)
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2390720 vs 2390612")
+
+    path = tmp_path / "run" / checkpoint.CHECKPOINT_FILE
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.save(path, {"a": 1})
+    assert str(info.value).startswith(f"cannot write checkpoint {path} (")
+    assert "MiB free on its disk): [enforce fail" in str(info.value)
+    assert list(path.parent.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_a_checkpoint_file_gets_the_permissions_of_a_new_file(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        checkpoint.save(tmp_path / "last.pt", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644  # readable by another user's worker
