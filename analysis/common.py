@@ -50,7 +50,7 @@ BASE_COLUMNS = ["run_id", "run_name", "status", "start_time", "end_time", "paren
 
 
 class StoreMissing(RuntimeError):
-    """The tracking store named by the URI does not exist (nothing to analyse)."""
+    """The tracking store named by the URI does not exist or cannot be read (nothing to analyse)."""
 
 
 # ----------------------------------------------------------------------------- ordering
@@ -100,7 +100,16 @@ def connect(uri: str | None = None):
         except requests.RequestException as exc:
             raise StoreMissing(contract.redact(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
                                                "expected a running `mlflow server` at the tracking URI", uri)) from None
-    return MlflowClient(tracking_uri=uri)
+    if db_file is None:
+        return MlflowClient(tracking_uri=uri)
+    try:  # a damaged file ("database disk image is malformed") fails here, on the first query
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StoreMissing(f"the MLflow store {db_file} cannot be read: {first}; expected the SQLite database of "
+                           "an MLflow store") from None
+    return client
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:

@@ -959,7 +959,10 @@ def open_study_storage(storage: str):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(path))), ""
+    try:
+        return JournalStorage(JournalFileBackend(str(path))), ""
+    except ValueError as exc:  # a damaged record (json.JSONDecodeError, Optuna's "Invalid log format.")
+        return None, f"cannot read Optuna storage {storage}: {type(exc).__name__}: {exc}"
 
 
 def importance(ctx: Context) -> Table:

@@ -11,6 +11,8 @@ machines).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -92,11 +94,8 @@ def open_storage(url: str | None, create: bool = True):
             raise ConfigError(f"no Optuna storage at {path}; expected the journal file of a study "
                               "started with `carrot study` (--storage)")
         check_writable(path.parent if str(path.parent) else Path("."), "Optuna study storage")
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return open_journal(path)
     import time
 
     given = url
@@ -123,6 +122,54 @@ def open_storage(url: str | None, create: bool = True):
             time.sleep(1.0 + attempt)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     raise StoreError(redact(f"cannot open Optuna storage {given}: {first}", url)) from None
+
+
+def open_journal(path: Path, repair: bool = True):
+    """The Optuna journal storage in the file ``path``. A last record cut short (a write that a
+    kill or a full disk interrupted) is removed first, with a line on stderr, under Optuna's own
+    lock of the file, so no append is under way then: Optuna would otherwise append the next
+    record onto it, and the journal could not be read again. A record damaged anywhere else is
+    one error line naming the file and the line (``repair=False``: the tail is not touched and
+    is reported the same way)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    if repair and path.is_file() and path.stat().st_size:
+        lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's appends take
+        lock.acquire()
+        try:
+            with open(path, "rb+") as fh:
+                data = fh.read()
+                end = data.rfind(b"\n") + 1
+                if end < len(data):
+                    fh.truncate(end)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    print(f"carrot: {path}: its last record was cut short (a write interrupted by a kill or a "
+                          f"full disk); removed its {len(data) - end} bytes", file=sys.stderr)
+        finally:
+            lock.release()
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except ValueError as exc:  # json.JSONDecodeError is one; Optuna's "Invalid log format." another
+        raise StoreError(f"the Optuna journal {path} is damaged: {journal_damage(path) or exc}; expected one "
+                         "JSON record per line (keep a copy of the file, and continue in another --storage "
+                         "or cut the file before that line, losing what was recorded after it)") from None
+
+
+def journal_damage(path: Path) -> str:
+    """Where an Optuna journal file stops being one JSON record per line ('' when it does not)."""
+    import json
+
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.endswith(b"\n"):
+                return f"line {number} is cut short"
+            try:
+                json.loads(line)
+            except ValueError as exc:
+                return f"line {number} is not a JSON record ({exc})"
+    return ""
 
 
 def search_space(cfg: RunConfig) -> dict[str, BaseDistribution]:

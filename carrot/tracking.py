@@ -140,8 +140,14 @@ def client(create: bool = True) -> MlflowClient:
         from filelock import FileLock
 
         with FileLock(str(db.parent / ".carrot-schema.lock"), timeout=300):
-            mlf = MlflowClient(tracking_uri=uri)
-            mlf.search_experiments(max_results=1)
+            try:
+                mlf = MlflowClient(tracking_uri=uri)
+                mlf.search_experiments(max_results=1)
+            except Exception as exc:  # a damaged file ("database disk image is malformed"), not SQLite
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise StoreError(f"the MLflow store {db} cannot be read: {first}; expected the SQLite database "
+                                 "of an MLflow store (keep a copy of the file; `sqlite3 FILE .recover` may "
+                                 "save its runs), or set MLFLOW_TRACKING_URI to another store") from None
     else:
         mlf = MlflowClient(tracking_uri=uri)
     _READY.add(uri)
