@@ -543,12 +543,19 @@ def download_artifact(client, run_id: str, path: str, dst: str | Path, *,
 def read_artifact(client, run_id: str, path: str, read: Callable[[Path], Any], *,
                   problems: list[str] | None = None) -> Any | None:
     """``read(local file)`` on a temporary copy of one artifact; None when the run has none
-    (:func:`download_artifact` says why where the artifact could not be found)."""
+    (:func:`download_artifact` says why where the artifact could not be found) or when it cannot
+    be read (a file cut short or damaged: said the same way)."""
     with tempfile.TemporaryDirectory(prefix="carrot-analysis-") as tmp:
         local = download_artifact(client, run_id, path, tmp, problems=problems)
         if local is None or not local.is_file():
             return None
-        return read(local)
+        try:
+            return read(local)
+        except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError ...
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _report(problems, f"run {run_id}: artifact {path} cannot be read ({type(exc).__name__}: {first}); "
+                              "that run is left out where the artifact is needed")
+            return None
 
 
 def _read_npz(local: Path) -> dict[str, np.ndarray]:
@@ -577,7 +584,7 @@ class Artifacts:
     def __init__(self, client, log: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.missing: list[str] = []
-        self.unreachable: set[str] = set()  # runs whose artifacts could not be found or downloaded
+        self.unreachable: set[str] = set()  # runs whose artifacts could not be found, downloaded or read
         self._log = log
         self._read: dict[tuple[str, str], Any] = {}
 

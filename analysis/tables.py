@@ -713,13 +713,13 @@ def reference_errors(ctx: Context, runs: pd.DataFrame, ref: ReferenceSet) -> dic
 
 def reference_note(ref: ReferenceSet, notes: Notes, lost: int = 0) -> str:
     """The note mark of a reference set that is smaller than asked, or missing; "" otherwise.
-    ``lost``: baseline runs whose artifact folder was not found (see :class:`Artifacts`)."""
+    ``lost``: baseline runs whose artifacts were not found or could not be read (see :class:`Artifacts`)."""
     marks = ""
     if lost:
         marks += " " + notes.mark(
-            f"the artifact folder of {lost} baseline run(s) was found neither where the run logged it nor under the "
-            f"store's folder: no {contract.CONFUSION_ARTIFACT} read from them (stderr names each run and where it "
-            "was looked for)")
+            f"the artifacts of {lost} baseline run(s) were found neither where the run logged them nor under the "
+            f"store's folder, or could not be read: no {contract.CONFUSION_ARTIFACT} read from them (stderr names "
+            "each run, where it was looked for and why)")
     if ref.pooled is None:
         return marks + " " + notes.mark(
             f"no baseline final run with a {contract.CONFUSION_ARTIFACT}: no reference pairs")
@@ -763,8 +763,8 @@ def confusable_pairs(ctx: Context) -> Table:
             if errors.n < slot.n:
                 lost = len(set(slot.runs["run_id"]) & ctx.artifacts.unreachable)
                 ref_cell += " " + table.notes.mark(
-                    f"the artifact folder of {lost} of these runs was not found (stderr names each run and where it "
-                    "was looked for): statistics over the others" if lost else
+                    f"the artifacts of {lost} of these runs were not found or could not be read (stderr names each "
+                    "run, where it was looked for and why): statistics over the others" if lost else
                     f"some runs have no usable {contract.CONFUSION_ARTIFACT}: statistics over the others")
         pairs_cell = str(len(ref)) + reference_note(ref, table.notes, ctx.lost(slot.dataset, slot.backbone))
         table.add(slot.labels + [slot.seeds, pairs_cell, ref_cell, *refs, fmt_pm(top, 2, 100) if slot.n else NA],
@@ -1132,8 +1132,8 @@ def significance_slots(ctx: Context, table: Table) -> list[tuple[FinalSlot, list
         if not own:
             lost = len(set(slot.runs["run_id"]) & ctx.artifacts.unreachable) if slot.n else 0
             why = [] if not slot.n else [
-                f"the artifact folder of {lost} of these runs was not found (stderr names each run and where it was "
-                "looked for): no per-sample test" if lost else
+                f"the artifacts of {lost} of these runs were not found or could not be read (stderr names each run, "
+                "where it was looked for and why): no per-sample test" if lost else
                 f"no {contract.PREDICTIONS_ARTIFACT} in these runs (finished before per-sample predictions were "
                 "logged): no per-sample test"]
             out.append((slot, [SignificanceRow(None, slot.n, 0, None, notes=group.problems + why)]))

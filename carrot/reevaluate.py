@@ -14,10 +14,20 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from carrot import contract
 from carrot.config import ConfigError
+
+
+def _read(run_id: str, local: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(local)``, or one line naming the run's artifact that cannot be read (cut short, damaged)."""
+    try:
+        return read(local)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"run {run_id}: artifact {local.name} cannot be read ({type(exc).__name__}: {first}); "
+                          "it cannot be re-evaluated from it") from None
 
 
 def _artifact(mlf, run_id: str, name: str, folder: str, problems: list[str]) -> Path | None:
@@ -67,16 +77,16 @@ def reevaluate(run_id: str, split: str | None = None, device: str | None = None,
         if weights is None:
             raise ConfigError(f"run {run_id} kept no {contract.WEIGHTS_ARTIFACT}; only final runs (`carrot final`) "
                               "keep their weights")
-        data = json.loads(config.read_text())
+        data = _read(run_id, config, lambda f: json.loads(f.read_text()))
         data.get("data", {}).pop("effective_batch_size", None)
         data["show_progress"] = False
         if device:
             data["device"] = device
         cfg = RunConfig.from_dict(data)
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = _read(run_id, weights, lambda f: torch.load(f, map_location="cpu", weights_only=True))
         reference = ReferencePairs.none()
         if pairs is not None:
-            saved = json.loads(pairs.read_text())
+            saved = _read(run_id, pairs, lambda f: json.loads(f.read_text()))
             if saved.get(contract.PAIRS_REFERENCE_KEY):
                 reference = ReferencePairs(saved[contract.PAIRS_REFERENCE_KEY], saved.get("reference_source", ""))
     parts = build_run(cfg)

@@ -112,11 +112,12 @@ def test_a_store_copied_without_its_artifacts_says_which_run_and_where_it_looked
     assert f"run {moved['ids'][('barrier', 0)]}: artifact predictions.npz not found" in err
     # the tables say why there are no reference pairs instead of implying the runs never logged any
     text = (tmp_path / "out" / "reference_pairs.md").read_text()
-    assert "the artifact folder of 1 baseline run(s) was found neither where the run logged it nor under " \
+    assert "the artifacts of 1 baseline run(s) were found neither where the run logged them nor under " \
            "the store's folder" in text
     # and the significance table names the same cause, not runs that never logged predictions
     text = (tmp_path / "out" / "significance.md").read_text()
-    assert "the artifact folder of 1 of these runs was not found" in text and "finished before" not in text
+    assert "the artifacts of 1 of these runs were not found or could not be read" in text \
+        and "finished before" not in text
 
 
 def local_path_of(uri: str) -> Path:

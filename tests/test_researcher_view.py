@@ -434,3 +434,34 @@ def test_a_picture_that_cannot_be_drawn_costs_the_run_its_pictures_not_its_statu
         assert run.data.tags[contract.TAG_PICTURES_ERROR] == "ValueError: no picture today"
         assert not client.list_artifacts(result.run_id, "images") and PICTURES_METRIC not in run.data.metrics
         assert "time/logging_s" in run.data.metrics and "RUNNING" not in run.data.tags[contract.MLFLOW_NOTE]
+
+
+@pytest.mark.parametrize("artifact", ["weights.pt", "config.json", "confusion.npz"])
+def test_a_damaged_artifact_is_one_line_for_evaluate_and_a_note_for_the_tables(finished, monkeypatch, capsys,
+                                                                              artifact, tmp_path):
+    from urllib.parse import urlparse
+
+    from carrot.cli import main
+
+    root, storage, _ = finished
+    monkeypatch.chdir(root)
+    (final,) = _runs(root, "final")
+    path = Path(urlparse(final.info.artifact_uri).path) / artifact
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # cut short, as a copy interrupted by a full disk leaves it
+    try:
+        capsys.readouterr()
+        if artifact != "confusion.npz":
+            assert main(["evaluate", final.info.run_id]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+            assert err.startswith(f"carrot: error: run {final.info.run_id}: artifact {artifact} cannot be read ("), err
+        else:  # the tables leave that run out where its matrix is needed, say so, and write the rest
+            assert main(["tables", "--out", str(tmp_path), "--storage", storage]) == 0
+            err = capsys.readouterr().err
+            assert f"run {final.info.run_id}: artifact confusion.npz cannot be read (BadZipFile" in err, err
+            assert "Traceback" not in err
+            assert {p.name for p in tmp_path.glob("*.md")} >= {"main_results.md", "confusable_pairs.md",
+                                                               "significance.md", "geometry.md"}
+    finally:
+        path.write_bytes(whole)
