@@ -186,8 +186,9 @@ def cmd_study(args: argparse.Namespace) -> int:
                       nproc=args.nproc,
                       slurm={"partition": args.slurm_partition, "gpus_per_task": args.slurm_gpus_per_task,
                              "time_min": args.slurm_time})
+        other = s.n_trials - s.n_complete - s.n_pruned - s.n_failed  # another worker's, or queued again
         print(f"study {s.name}: {s.n_trials} trials in total ({s.n_complete} complete, {s.n_pruned} pruned, "
-              f"{s.n_failed} failed)")
+              f"{s.n_failed} failed" + (f", {other} running or queued" if other else "") + ")")
         if s.best_number is not None:
             print(f"  best trial {s.best_number}: {cfg.split}/acc={s.best_value:.4f} run {s.best_run_id}")
             print(f"  best params: {s.best_params}")

@@ -289,3 +289,20 @@ def test_the_coordinator_of_two_workers_cleans_up_after_workers_killed_mid_trial
     assert sorted(t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL) == [0, 1]
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]) == 2
     _nothing_running(store, mlflow_client)
+
+
+def test_the_study_summary_counts_the_trials_still_running_or_queued(store, capsys):
+    from carrot.cli import main
+    from carrot.study import open_storage
+
+    args = ["--variant", "baseline", "--epochs", "1", "--image-size", "16", "--no-progress",
+            "--set", "eval.probe=final", "--set", "data.batch_size=32"]
+    assert main(["study", *args, "--trials", "1"]) == 0
+    study = optuna.load_study(study_name="digits-test_resnet-baseline", storage=open_storage(None))
+    study.enqueue_trial(study.trials[0].params)  # e.g. a retry queued by another worker's stop
+    study.enqueue_trial(study.trials[0].params)
+    capsys.readouterr()
+    assert main(["study", *args, "--trials", "1"]) == 0  # runs one of the two queued trials
+    out = capsys.readouterr().out
+    assert "study digits-test_resnet-baseline: 3 trials in total (2 complete, 0 pruned, 0 failed, 1 running or " \
+           "queued)" in out, out
