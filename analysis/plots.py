@@ -642,7 +642,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `carrot plots -- --flag ...` passes the separator through
         argv = argv[1:]
-    parser = argparse.ArgumentParser(
+    parser = contract.ArgumentParser(
         prog="carrot plots", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The sanity-check plots of the paper from finished runs (the final runs on the test\n"
                     "split, else the study trials on val), each as <name>.png at 300 dpi, <name>.pdf and\n"

@@ -1270,7 +1270,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `carrot tables -- --flag ...` passes the separator through
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="carrot tables", description=__doc__.splitlines()[0])
+    parser = contract.ArgumentParser(prog="carrot tables", description=__doc__.splitlines()[0])
     add_store_arguments(parser)
     parser.add_argument("--storage", default=contract.DEFAULT_STORAGE,
                         help="Optuna storage for hyperparameter importance: a journal file or a URL "

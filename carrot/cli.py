@@ -487,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: every subcommand and flag, each with its help and its default."""
-    parser = argparse.ArgumentParser(prog="carrot", description=__doc__.splitlines()[0])
+    from carrot import contract
+
+    parser = contract.ArgumentParser(prog="carrot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("study", help="Optuna search over one variant's hyperparameters (or all)")
     _common(p)

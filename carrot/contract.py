@@ -15,6 +15,7 @@ changes in one place. Only the standard library and NumPy are imported here.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Iterable
 
@@ -259,3 +260,11 @@ def search_runs(client, experiment_name: str, filter_string: str = "", order_by:
         token = page.token
         if not token:
             return runs
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one line for a bad argument (the usage block goes to ``--help``), as every
+    other bad input gets, and any password in it masked."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see `{self.prog} --help`)\n")

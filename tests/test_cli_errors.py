@@ -107,3 +107,20 @@ def test_unreachable_tracking_server_fails_fast_without_its_password(store, caps
     assert time.time() - start < 15
     assert len(err.splitlines()) == 1 and "unreachable" in err and "pw123" not in err, err
 
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["study", "--epochs", "abc"], "carrot study: error: argument --epochs: expected an integer, got 'abc'"),
+    (["worker"], "carrot worker: error: the following arguments are required: --study-name"),
+    (["study", "--bogus"], "carrot: error: unrecognized arguments: --bogus"),
+    (["tables", "--bogus"], "carrot tables: error: unrecognized arguments: --bogus"),
+    (["plots", "--bogus"], "carrot plots: error: unrecognized arguments: --bogus"),
+])
+def test_a_bad_argument_is_one_line_not_the_usage_block(argv, words, capsys):
+    from carrot.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"{words} (see `{words.split(': error')[0]} --help`)"], err
