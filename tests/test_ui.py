@@ -164,3 +164,17 @@ def test_a_study_logs_through_an_mlflow_tracking_server(tmp_path):
     finally:
         _stop(server)
         log.close()
+
+
+def test_make_ui_and_dashboard_say_what_is_missing_in_one_line(store):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://user:s3cret-pw@127.0.0.1:1"}
+    ui = subprocess.run(["make", "-s", "-C", str(REPO), "ui", f"PORT={_free_port()}"], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ui.returncode == 2 and "Traceback" not in ui.stderr and "s3cret-pw" not in ui.stdout + ui.stderr
+    assert "make ui: MLFLOW_TRACKING_URI names a tracking server, which serves the MLflow UI itself" in ui.stderr
+    missing = store / "studies" / "none.journal"
+    board = subprocess.run(["make", "-s", "-C", str(REPO), "dashboard", f"STORAGE={missing}",
+                            f"DASHBOARD_PORT={_free_port()}"], capture_output=True, text=True, timeout=120)
+    assert board.returncode == 2 and "Traceback" not in board.stderr
+    assert f"make dashboard: no Optuna storage at {missing}; expected the journal of a study" in board.stderr
+    assert not missing.exists()
