@@ -39,7 +39,7 @@ RUN_FLAGS = $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(DATASET),--dataset $(DATAS
 .PHONY: help setup study worker train final evaluate tables plots ui dashboard test test-heavy test-fast bench clean
 
 help: ## list the targets and their variables
-	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name JOBS=n NPROC=k CONFIG=file.yaml]"
+	@echo "CARROT harness: make <target> [VARIANT=v TRIALS=n EPOCHS=e DATASET=d DATA_ROOT=dir BACKBONE=b WORKERS=w SEED=n SEEDS=s DEVICE=cpu|cuda|auto STORAGE=url STUDY=name JOBS=n NPROC=k CONFIG=file.yaml]"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml

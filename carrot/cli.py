@@ -318,10 +318,13 @@ def _print_headline(metrics: dict, split: str) -> None:
 
 
 def cmd_final(args: argparse.Namespace) -> int:
+    from carrot.config import ConfigError
+
+    if args.seed is not None:  # the seeds of final runs are 0 .. S-1
+        raise ConfigError(f"--seed {args.seed} has no effect on final runs, which use seeds 0 .. S-1; "
+                          "expected --seeds S (how many)")
     cfg = build_config(args, "baseline")
     if args.seeds < 1:
-        from carrot.config import ConfigError
-
         raise ConfigError(f"invalid seeds={args.seeds}: expected a positive integer")
     from carrot.checks import check_backbone
     from carrot.final import FinalRunsFailed, run_final
@@ -331,9 +334,10 @@ def cmd_final(args: argparse.Namespace) -> int:
     variants = None if not args.variant or args.variant == "all" else [args.variant]
     if variants:
         build_config(args, args.variant)  # an unknown variant: one line, with the closest name
-    overrides = {key: value for key, value in {
+    overrides = {key: value for key, value in {  # on top of each study's best trial, as --set
         "optim.epochs": args.epochs, "device": args.device, "data.workers": args.workers,
-        "data.root": args.data_root}.items() if value is not None}
+        "data.root": args.data_root, "data.image_size": args.image_size, "data.batch_size": args.batch_size,
+        "model.pretrained_path": args.pretrained_path}.items() if value is not None}
     overrides["show_progress"] = not args.no_progress
     for key, value in _set_items(args):  # --set applies on top of the best trial's configuration
         overrides[key] = value

@@ -65,6 +65,12 @@ def test_study_all_then_final_resumes(store, mlflow_client, capsys):
     assert main(["final", "--seeds", "3", "--variant", "baseline", "--no-progress"]) == 0
     assert sorted(int(r.data.tags["carrot.seed"]) for r in _final_runs(mlflow_client)) == [0, 1, 2]
 
+    # the run flags apply on top of the study's best configuration, as --set does
+    assert main(["final", "--seeds", "1", "--variant", "barrier", "--image-size", "24", "--batch-size", "16",
+                 "--no-progress"]) == 0
+    (barrier,) = [r for r in _final_runs(mlflow_client) if r.data.tags["carrot.variant"] == "barrier"]
+    assert barrier.data.params["data.image_size"] == "24" and barrier.data.params["data.batch_size"] == "16"
+
 
 def test_final_without_any_study_says_so(store, capsys):
     assert main(["final", "--seeds", "1", "--no-progress"]) == 2  # no storage: none is created
