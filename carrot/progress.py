@@ -18,7 +18,7 @@ class Progress:
     def update(self, done: int, **values: float) -> None:
         if not self.enabled:
             return
-        text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        text = " ".join(f"{k}={v:.4g}" if v == v else f"{k}=-" for k, v in values.items())  # NaN: none yet
         if self.bar is not None:
             self.bar.n = done
             self.bar.set_postfix_str(text, refresh=True)

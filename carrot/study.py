@@ -382,6 +382,9 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal done
+        if stopped and trial.state == optuna.trial.TrialState.FAIL:  # interrupted: the command's last line
+            retry(study, trial)  # says so; its configuration runs again when the study goes on
+            return
         done += 1
         value = "-" if trial.value is None else f"{trial.value:.4f}"
         best = study.best_value if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else None
@@ -389,8 +392,6 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
                    best=float("nan") if best is None else best)
         if trial.state == optuna.trial.TrialState.FAIL:
             log(f"trial {trial.number} failed: {trial.user_attrs.get(liveness.ERROR_ATTR) or 'see the log above'}")
-            if stopped:  # interrupted, not broken: its configuration runs again when the study goes on
-                retry(study, trial)
         elif trial.state == optuna.trial.TrialState.PRUNED:
             log(f"trial {trial.number} pruned: {trial.user_attrs.get('pruned_reason', '')}".rstrip(": "))
         else:

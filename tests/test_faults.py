@@ -68,7 +68,11 @@ def test_signal_stops_the_trial_cleanly_and_the_restart_resumes_it(store, mlflow
     assert time.time() - sent < 30
     assert proc.returncode == code, err
     assert "Traceback" not in err and "Traceback" not in out
-    assert f"interrupted by {sig.name}" in err
+    assert err.strip().splitlines() == [  # one line when the signal arrives, one when the trial has stopped
+        f"carrot: {sig.name} received: stopping at the next step (send it again to exit at once)",
+        f"carrot: interrupted by {sig.name}: the current run ended KILLED; run the same command again to resume "
+        "(the trial goes on from its last checkpoint)"], err
+    assert "trial 0" not in out, out
 
     study = _study(store)
     trial0 = study.trials[0]
