@@ -75,7 +75,9 @@ def check_names(cfg: RunConfig) -> None:
     try:  # hyperparameters are validated by the variant itself
         get_variant_class(cfg.variant.name)(**cfg.variant.hparams)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"variant {cfg.variant.name!r}: {exc}") from None
+        text = str(exc)  # named once
+        raise ConfigError(text if f"variant {cfg.variant.name!r}" in text else f"variant {cfg.variant.name!r}: {text}") \
+            from None
     check_backbone(cfg)
 
 

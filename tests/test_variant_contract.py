@@ -173,8 +173,10 @@ def test_declarations(name: str) -> None:
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_unknown_hparam_raises(name: str) -> None:
-    with pytest.raises(ValueError, match="unknown hyperparameter"):
+    expected = "has no hyperparameters" if name == "baseline" else "unknown hyperparameter"
+    with pytest.raises(ValueError, match=expected) as info:
         create_variant(name, definitely_not_a_hparam=1)
+    assert f"variant {name!r}" in str(info.value) and "definitely_not_a_hparam" in str(info.value)
 
 
 def test_variant_names_are_the_registry() -> None:

@@ -75,9 +75,10 @@ class Variant(nn.Module):
         known = {f.name for f in dataclasses.fields(self.Hparams)}
         unknown = sorted(set(hparams) - known)
         if unknown:
-            raise ValueError(
-                f"unknown hyperparameter(s) {unknown} for variant {self.name!r}; valid: {sorted(known)}"
-            )
+            if not known:
+                raise ValueError(f"variant {self.name!r} has no hyperparameters, so {unknown} cannot be set; "
+                                 "expected a variant with a term (`carrot variants` lists them and their knobs)")
+            raise ValueError(f"unknown hyperparameter(s) {unknown} for variant {self.name!r}; valid: {sorted(known)}")
         _check_types(self.Hparams, hparams, self.name)
         self.hp = self.Hparams(**hparams)
 
