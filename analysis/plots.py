@@ -657,7 +657,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     args = parse_args(argv)
+    # matplotlib logs "findfont: Font family [...] not found. Falling back to DejaVu Sans." each
+    # time a text asks for a family this machine lacks: dozens of lines, the same figures
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     client, runs = open_store(args, "carrot plots")
     if client is None:
         return 2
