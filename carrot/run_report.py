@@ -30,7 +30,10 @@ IMAGE_DIR = "images"
 CONFUSION_IMAGE = f"{IMAGE_DIR}/confusion.svg"
 PAIRS_IMAGE = f"{IMAGE_DIR}/top_pairs.svg"
 TRAJECTORY_IMAGE = f"{IMAGE_DIR}/trajectories.svg"
-SPLIT_CONTEXT = {"train": "train", "val": "validation", "test": "test"}
+# the splits a run reads, as MLflow dataset contexts: a search trial trains on train and is scored
+# on val; a final run trains on train+val and is scored on test
+SPLIT_CONTEXT = {"val": {"train": "train", "val": "validation"},
+                 "test": {"train": "train", "val": "train", "test": "test"}}
 MAX_NAMED_CLASSES = 40  # the heatmap names every class up to this many
 
 
@@ -108,23 +111,23 @@ def content_digest(ds, labels: np.ndarray, root: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_inputs(dataset_id: str, root: str | None, splits) -> list:
-    """MLflow ``DatasetInput`` entities, one per split, each with its content digest and
-    its size, class count and context."""
+def dataset_inputs(dataset_id: str, root: str | None, splits, run_split: str = "val") -> list:
+    """MLflow ``DatasetInput`` entities, one per split the run reads (``run_split``: the split
+    it is scored on), each with its content digest, its size, class count and context."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.types import ColSpec, Schema
 
     out = []
-    for split in ("train", "val", "test"):
+    for split, context in SPLIT_CONTEXT[run_split].items():
         ds, labels = getattr(splits, split), splits.labels[split]
         source = CodeDatasetSource({"dataset": dataset_id, "root": root or "(built in)", "split": split})
         schema = Schema([ColSpec("binary", "image"), ColSpec("long", "label")])
         meta = MetaDataset(source, name=f"{dataset_id}/{split}", digest=content_digest(ds, labels, root),
                            schema=schema)
         out.append(DatasetInput(meta._to_mlflow_entity(), tags=[
-            InputTag("mlflow.data.context", SPLIT_CONTEXT[split]),
+            InputTag("mlflow.data.context", context),
             InputTag("carrot.samples", str(len(labels))),
             InputTag("carrot.classes", str(len(np.unique(labels))))]))
     return out

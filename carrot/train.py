@@ -328,7 +328,7 @@ class Run:
             resolved["data"]["effective_batch_size"] = parts.train_loader.batch_size * parts.world_size
             logger.log_params(run_report.logged_params(flatten("", resolved), parts.device.type))
             logger.client.log_inputs(logger.run_id, datasets=run_report.dataset_inputs(
-                cfg.data.dataset_id, cfg.data.root, splits))
+                cfg.data.dataset_id, cfg.data.root, splits, cfg.split))
             logger.log_files({contract.CONFIG_ARTIFACT: resolved, contract.DATASET_ARTIFACT: {
                 "num_classes": splits.num_classes, "class_names": splits.class_names,
                 "sizes": {k: int(len(v)) for k, v in splits.labels.items()}, **splits.info}})
