@@ -303,7 +303,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if not ddp.is_main():
         return 0
-    print(f"run {result.run_id}: {cfg.split}/acc={result.objective:.4f} after {result.epochs_done} epochs "
+    print(f"run {result.run_id}: {cfg.split}/acc={result.objective:.4f} after {result.epochs_done} "
+          f"epoch{'s' if result.epochs_done != 1 else ''} "
           f"({result.seconds:.0f} s)")
     _print_headline(result.metrics, cfg.split)
     print(f"  MLflow UI: {run_url(client(), result.run_id)} (`make ui`)")

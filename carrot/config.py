@@ -284,7 +284,9 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {path or '<root>'} must be a mapping, got {type(data).__name__}")
+        section = path.rstrip(".") or "<root>"
+        raise ConfigError(f"config section {section} must be a mapping of its keys (`carrot config --show` lists "
+                          f"them), got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -347,6 +347,8 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
 
     study, base, name, study_id, parent = opened.study, opened.base, opened.name, opened.study_id, opened.parent
     total = trials if trials is not None else max(0, until - _finished(study))
+    if until is not None and total == 0:
+        log(f"study {name} already holds {_finished(study)} finished trials (--until {until}): nothing to run")
     bar = Progress(total=total, desc=f"study {name}", enabled=show_progress and base.show_progress, log=log,
                    unit="trial")
     done = 0

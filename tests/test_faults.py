@@ -310,3 +310,15 @@ def test_the_study_summary_counts_the_trials_still_running_or_queued(store, caps
     out = capsys.readouterr().out
     assert "study digits-test_resnet-baseline: 3 trials in total (2 complete, 0 pruned, 0 failed, 1 running or " \
            "queued)" in out, out
+
+
+def test_a_worker_until_a_count_the_study_already_holds_says_so(store, capsys):
+    from carrot.cli import main
+
+    args = ["--variant", "baseline", "--epochs", "1", "--image-size", "16", "--no-progress",
+            "--set", "eval.probe=final", "--set", "data.batch_size=32"]
+    assert main(["study", *args, "--trials", "1"]) == 0
+    capsys.readouterr()
+    assert main(["worker", "--study-name", "digits-test_resnet-baseline", "--until", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "study digits-test_resnet-baseline already holds 1 finished trials (--until 1): nothing to run" in out
