@@ -119,9 +119,9 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path(contract.DEFAULT_OUT),
                         help="output folder (default %(default)s)")
     parser.add_argument("--dataset", action="append", default=None,
-                        help=f"only this dataset ({contract.TAG_DATASET} tag); repeat for several")
+                        help=f"only this dataset ({contract.TAG_DATASET} tag); repeat for several (default: all)")
     parser.add_argument("--backbone", action="append", default=None,
-                        help=f"only this backbone ({contract.TAG_BACKBONE} tag); repeat for several")
+                        help=f"only this backbone ({contract.TAG_BACKBONE} tag); repeat for several (default: all)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                              f"{contract.DEFAULT_TRACKING_URI})")

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from carrot import contract
 from carrot.config import int_argument
 from carrot.geometry import used_class_slots
 from carrot.model import ModelOutput
@@ -870,38 +871,48 @@ def _report_json(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bench_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="carrot bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="all", help="all (CPU, and CUDA when present), cpu or cuda")
-    parser.add_argument("--batch", type=int_argument(2), default=64)
-    parser.add_argument("--classes-in-batch", type=int_argument(1), default=16)
-    parser.add_argument("--num-classes", type=int_argument(2), default=200)
-    parser.add_argument("--dim", type=int_argument(1), default=2048)
+    parser = contract.ArgumentParser(prog="carrot bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="all",
+                        help="all (CPU, and CUDA when present), cpu or cuda (default %(default)s)")
+    parser.add_argument("--batch", type=int_argument(2), default=64,
+                        help="B, the batch of the variant-term timings (default %(default)s)")
+    parser.add_argument("--classes-in-batch", type=int_argument(1), default=16,
+                        help="classes in that batch, B / classes samples each (default %(default)s)")
+    parser.add_argument("--num-classes", type=int_argument(2), default=200, help="K (default %(default)s)")
+    parser.add_argument("--dim", type=int_argument(1), default=2048,
+                        help="D, the embedding width (default %(default)s)")
     parser.add_argument("--scaling", type=_scaling_arg, default=SCALING,
-                        help="(K, D) pairs of the scaling table, e.g. 50x2048,200x2048,1000x2048,200x512")
+                        help="(K, D) pairs of the scaling table (default 50x2048,200x2048,1000x2048,200x512)")
     parser.add_argument("--threads", type=int_argument(0), default=0,
                         help="torch CPU threads here and in the study's workers (default: torch's own, or 1 "
                              "on a busy machine, where threads that wait for each other time the load, not the step)")
-    parser.add_argument("--repeats", type=int_argument(1), default=50)
-    parser.add_argument("--warmup", type=int_argument(0), default=3)
+    parser.add_argument("--repeats", type=int_argument(1), default=50,
+                        help="interleaved repeats per ratio, whose median is shown (default %(default)s)")
+    parser.add_argument("--warmup", type=int_argument(0), default=3,
+                        help="untimed steps before each timing (default %(default)s)")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="subset of variants (default: all), each optionally name:key=value,...")
-    parser.add_argument("--train-step-repeats", type=int_argument(1), default=10)
+    parser.add_argument("--train-step-repeats", type=int_argument(1), default=10,
+                        help="repeats of the whole training step per variant (default %(default)s)")
     parser.add_argument("--study-trials", type=int_argument(0), default=8,
-                        help="trials of each bench study (more than the pruner's 4 start-up trials; 0 skips the study)")
+                        help="trials of each bench study (more than the pruner's 4 start-up trials; 0 skips the "
+                             "study; default %(default)s)")
     parser.add_argument("--study-epochs", type=int_argument(1), default=None,
                         help="epochs per trial (default: the config's)")
     parser.add_argument("--study-jobs", type=int_argument(1), default=2,
-                        help="workers of the second study (1: one study only)")
+                        help="workers of the second study (1: one study only; default %(default)s)")
     parser.add_argument("--limit-per-class", type=int_argument(1), default=None,
                         help="training images per class in the study and the training step (default: all)")
     parser.add_argument("--resnet50", action="store_true",
-                        help="accepted and changes nothing: every run on CUDA times the ResNet-50 step")
-    parser.add_argument("--resnet-batch", type=int_argument(2), default=32)
-    parser.add_argument("--image-size", type=int_argument(32), default=448, help="ResNet-50 step image size (CUDA)")
+                        help="accepted and changes nothing: every run on CUDA times the ResNet-50 step (default: off)")
+    parser.add_argument("--resnet-batch", type=int_argument(2), default=32,
+                        help="batch of the ResNet-50 step (CUDA; default %(default)s)")
+    parser.add_argument("--image-size", type=int_argument(32), default=448,
+                        help="ResNet-50 step image size (CUDA; default %(default)s)")
     parser.add_argument("--sync-debug", action="store_true",
                         help="only check which variant steps synchronise with the host (on CUDA; without CUDA, "
-                             "the CPU's check of the CUDA routes)")
-    parser.add_argument("--json", metavar="FILE", help="write every section to FILE")
+                             "the CPU's check of the CUDA routes; default: off)")
+    parser.add_argument("--json", metavar="FILE", help="write every section to FILE (default: none)")
     args = parser.parse_args(argv)
     names = list(args.variants) if args.variants is not None else list_variants()
     _check_args(parser, args, names)

@@ -75,9 +75,8 @@ def check_names(cfg: RunConfig) -> None:
     try:  # hyperparameters are validated by the variant itself
         get_variant_class(cfg.variant.name)(**cfg.variant.hparams)
     except (TypeError, ValueError) as exc:
-        text = str(exc)  # named once
-        raise ConfigError(text if f"variant {cfg.variant.name!r}" in text else f"variant {cfg.variant.name!r}: {text}") \
-            from None
+        text, named = str(exc), f"variant {cfg.variant.name!r}"
+        raise ConfigError(text if named in text else f"{named}: {text}") from None  # named once
     check_backbone(cfg)
 
 

@@ -518,9 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="join an existing study from any machine and run its trials")
     p.add_argument("--storage", help="the study's Optuna storage, e.g. postgresql://user:pass@head/db "
                                      "(default studies/optuna.journal)")
-    p.add_argument("--study-name", required=True, help="the study to join (see `carrot study`'s output)")
-    p.add_argument("--trials", type=_int_arg, help="trials to run (exactly one of --trials and --until)")
-    p.add_argument("--until", type=_int_arg, help="run until the study holds this many finished trials (exactly one of --trials and --until)")
+    p.add_argument("--study-name", required=True, help="the study to join (see `carrot study`'s output; required)")
+    p.add_argument("--trials", type=_int_arg,
+                   help="trials to run (exactly one of --trials and --until is required; no default)")
+    p.add_argument("--until", type=_int_arg, help="run until the study holds this many finished trials "
+                                                  "(exactly one of --trials and --until is required; no default)")
     p.add_argument("--worker-index", type=_int_arg, default=1, help="this worker's number, which moves its sampler seed (default %(default)s)")
     p.add_argument("--device", help="auto (CUDA when present), cpu or cuda (default: the study's)")
     p.add_argument("--workers", type=_int_arg, help="DataLoader worker processes (default: the study's)")

@@ -167,7 +167,8 @@ def submit_workers(opened, storage: str | None, trials: int, jobs: int, executor
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     worker = StudyWorker(storage, opened.name, until, uri)
     submitted = executor.map_array(worker, list(range(1, jobs + 1)))
-    log(f"study {opened.name}: {jobs} worker{'s' if jobs != 1 else ''} submitted as job array {submitted[0].job_id.split('_')[0]} "
+    array = submitted[0].job_id.split("_")[0]
+    log(f"study {opened.name}: {jobs} worker{'s' if jobs != 1 else ''} submitted as job array {array} "
         f"until {until} finished trials; logs in {executor.folder}")
     return [job.result() for job in submitted]
 

@@ -125,3 +125,20 @@ def test_a_bad_argument_is_one_line_not_the_usage_block(argv, words, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f"{words} (see `{words.split(': error')[0]} --help`)"], err
+
+
+@pytest.mark.parametrize("command", ["study", "worker", "train", "final", "evaluate", "config", "bench", "tables",
+                                     "plots"])
+def test_every_flag_says_its_default(command, capsys):
+    import re
+
+    from carrot.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    options = text.split("options:", 1)[1]
+    blocks = re.split(r"\n(?=  -)", options)  # one block per flag: its line and its help's lines
+    missing = [b.split()[0] for b in blocks if b.strip().startswith("-") and not b.strip().startswith("-h")
+               and not any(word in " ".join(b.split()) for word in ("default", "required"))]
+    assert missing == [], missing
