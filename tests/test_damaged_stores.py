@@ -4,7 +4,6 @@ naming the file, never a traceback and never a write that makes it worse."""
 from __future__ import annotations
 
 import optuna
-import pytest
 
 from carrot.cli import main
 from carrot.study import open_storage

@@ -3,7 +3,6 @@ MlflowClient and Optuna (descriptions, dataset inputs, system metrics, pictures,
 `carrot evaluate`, trial links), and the command line's quick answers."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
