@@ -66,9 +66,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
@@ -79,9 +77,24 @@ def save(path: Path, state: dict[str, Any]) -> None:
         if not isinstance(exc, Exception):
             raise
         # torch reports a full disk as "unexpected pos ..." from its zip writer
-        free = shutil.disk_usage(path.parent).free / 2**20
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk"
+        except OSError:
+            free = "its disk unreadable"
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"cannot write checkpoint {path} ({free:.0f} MiB free on its disk): {reason}") from None
+        raise CheckpointError(f"cannot write checkpoint {path} ({free}): {reason}") from None
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -273,7 +273,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from carrot.config import UserError
     from carrot.reference import count_classes, resolve
-    from carrot.study import open_storage
+    from carrot.study import StorageMissing, open_storage
     from carrot.tracking import client, run_url
     from carrot.train import run
 
@@ -281,7 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         client()
         try:  # the baseline study's reference pairs, when there is a study storage: a run creates none
             storage = open_storage(args.storage, create=False)
-        except UserError:
+        except StorageMissing:  # a damaged or unreachable one is an error, not "no baseline yet"
             storage = None
         return resolve(cfg, storage, count_classes(cfg))
 
@@ -321,8 +321,10 @@ def _print_headline(metrics: dict, split: str) -> None:
 def cmd_final(args: argparse.Namespace) -> int:
     from carrot.config import ConfigError
 
-    if args.seed is not None:  # the seeds of final runs are 0 .. S-1
-        raise ConfigError(f"--seed {args.seed} has no effect on final runs, which use seeds 0 .. S-1; "
+    set_seed = [value for key, value in _set_items(args) if key == "seed"]
+    if args.seed is not None or set_seed:  # the seeds of final runs are 0 .. S-1
+        given = f"--seed {args.seed}" if args.seed is not None else f"--set seed={set_seed[0]}"
+        raise ConfigError(f"{given} has no effect on final runs, which use seeds 0 .. S-1; "
                           "expected --seeds S (how many)")
     cfg = build_config(args, "baseline")
     if args.seeds < 1:

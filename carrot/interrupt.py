@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-REPEAT_S = 2.0  # a signal within this many seconds of the first is the same request
+REPEAT_S = 3.0  # a signal within this many seconds of the first is the same request
 
 _received: list[int] = []
 _first_at: list[float] = []
@@ -56,7 +56,7 @@ def _handler(signum, frame) -> None:
     _first_at[:] = [time.monotonic()]
     if not relaunched_rank():
         sys.stderr.write(f"carrot: {signal.Signals(signum).name} received: stopping at the next step "
-                         "(send it again to exit at once)\n")
+                         f"(send it again, {REPEAT_S:g} s or more later, to exit at once)\n")
         sys.stderr.flush()
 
 

@@ -13,6 +13,7 @@ touched.
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import threading
@@ -120,12 +121,21 @@ def close_run(run_id: str | None, reason: str) -> None:
         mlf.set_terminated(run_id, "KILLED")
 
 
+# what belongs to one attempt, not to the configuration a retry runs again: its worker and
+# heartbeat (a retry that inherited them would look dead until it stamps its own), its error
+# and its MLflow run
+ATTEMPT_ATTRS = (WORKER_ATTR, HEARTBEAT_ATTR, ERROR_ATTR, contract.TRIAL_RUN_ID_ATTR, contract.TRIAL_RUN_URL_ATTR)
+
+
 class RetryDeadTrial(RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry of a stale trial, which also closes the trial's MLflow run."""
+    """Optuna's retry of a stale trial, which also closes the trial's MLflow run; the retry
+    keeps the trial's user attrs but those of the attempt (:data:`ATTEMPT_ATTRS`)."""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         reason = trial.user_attrs.get(ERROR_ATTR) or "worker stopped sending heartbeats"
         close_run(trial.user_attrs.get(contract.TRIAL_RUN_ID_ATTR), reason)
+        trial = copy.copy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
         super().__call__(study, trial)
 
 

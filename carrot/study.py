@@ -83,6 +83,10 @@ def contains(dist: BaseDistribution, value: Any) -> bool:
     return dist.low <= value <= dist.high
 
 
+class StorageMissing(ConfigError):
+    """The Optuna storage named does not exist (and was not to be created)."""
+
+
 def open_storage(url: str | None, create: bool = True):
     """A journal file (default, or a path), or an RDB URL such as postgresql://... With
     ``create=False`` (joining a study) a journal file or SQLite database that does not exist is
@@ -91,8 +95,8 @@ def open_storage(url: str | None, create: bool = True):
     if url is None or "://" not in url:
         path = Path(url) if url else DEFAULT_JOURNAL
         if not create and not path.is_file():
-            raise ConfigError(f"no Optuna storage at {path}; expected the journal file of a study "
-                              "started with `carrot study` (--storage)")
+            raise StorageMissing(f"no Optuna storage at {path}; expected the journal file of a study "
+                                 "started with `carrot study` (--storage)")
         check_writable(path.parent if str(path.parent) else Path("."), "Optuna study storage")
         path.parent.mkdir(parents=True, exist_ok=True)
         return open_journal(path)
@@ -105,8 +109,8 @@ def open_storage(url: str | None, create: bool = True):
             raise ConfigError(f"--storage {url}: no SQLite file named (an in-memory database ends with the "
                               "process); expected sqlite:///path/to/file.db, three slashes before a relative path")
         if not create and not Path(db).is_file():
-            raise ConfigError(f"no Optuna storage at {url}; expected the database of a study started with "
-                              "`carrot study` (--storage)")
+            raise StorageMissing(f"no Optuna storage at {url}; expected the database of a study started with "
+                                 "`carrot study` (--storage)")
     if url.startswith("postgresql://"):  # SQLAlchemy's default driver for it is psycopg2; ours is psycopg 3
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     for attempt in range(3):  # two workers creating the tables of an empty database: one may lose
@@ -124,24 +128,26 @@ def open_storage(url: str | None, create: bool = True):
     raise StoreError(redact(f"cannot open Optuna storage {given}: {first}", url)) from None
 
 
-def open_journal(path: Path, repair: bool = True):
+def open_journal(path: Path):
     """The Optuna journal storage in the file ``path``. A last record cut short (a write that a
     kill or a full disk interrupted) is removed first, with a line on stderr, under Optuna's own
     lock of the file, so no append is under way then: Optuna would otherwise append the next
     record onto it, and the journal could not be read again. A record damaged anywhere else is
-    one error line naming the file and the line (``repair=False``: the tail is not touched and
-    is reported the same way)."""
+    one error line naming the file and the line."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
-    if repair and path.is_file() and path.stat().st_size:
+    if _cut_short(path) and os.access(path, os.W_OK):
         lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's appends take
+        if Path(str(path) + ".lock").exists():  # perhaps left by the process killed mid-append
+            print(f"carrot: {path}: waiting for Optuna's lock of the file (one left by a killed process is "
+                  "freed after 30 s)", file=sys.stderr)
         lock.acquire()
         try:
             with open(path, "rb+") as fh:
                 data = fh.read()
                 end = data.rfind(b"\n") + 1
-                if end < len(data):
+                if end < len(data):  # still cut short under the lock: not an append under way
                     fh.truncate(end)
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -155,6 +161,19 @@ def open_journal(path: Path, repair: bool = True):
         raise StoreError(f"the Optuna journal {path} is damaged: {journal_damage(path) or exc}; expected one "
                          "JSON record per line (keep a copy of the file, and continue in another --storage "
                          "or cut the file before that line, losing what was recorded after it)") from None
+
+
+def _cut_short(path: Path) -> bool:
+    """The file's last byte is not the end of a record (read without any lock: a hint)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def journal_damage(path: Path) -> str:
@@ -353,7 +372,8 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
                    unit="trial")
     done = 0
     stopped: list[BaseException] = []
-    retry = liveness.RetryDeadTrial(max_retry=liveness.MAX_RETRY)
+    # an interrupted trial (a signal, a pre-emption) is not broken: it is queued again however often
+    requeue = liveness.RetryDeadTrial(max_retry=None)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(liveness.ERROR_ATTR, None)  # a retry inherits the failed trial's attrs
@@ -385,7 +405,7 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal done
         if stopped and trial.state == optuna.trial.TrialState.FAIL:  # interrupted: the command's last line
-            retry(study, trial)  # says so; its configuration runs again when the study goes on
+            requeue(study, trial)  # says so; its configuration runs again when the study goes on
             return
         done += 1
         value = "-" if trial.value is None else f"{trial.value:.4f}"
@@ -519,7 +539,10 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Cal
         stopped = work(opened, trials, log=log, checkpoint_root=checkpoint_root, keep_checkpoints=keep_checkpoints)
     if launcher == "local" and (jobs > 1 or nproc > 1):  # a worker that exited at once (a second signal)
         liveness.reap(opened.study, log)  # left its trial RUNNING: failed, its run closed, queued again
-    close_parent(opened, stopped)
+    if launcher == "local":
+        close_parent(opened, stopped)
+    else:  # every task of the job array has ended; one killed outright keeps a fresh heartbeat for
+        opened.parent.finish("KILLED" if stopped else "FINISHED")  # minutes, but does not run any more
     if stopped:
         raise stopped[0]
     return summarize(opened)

@@ -10,7 +10,6 @@ harness with CARROT off (``baseline``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import tempfile
@@ -74,16 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     from carrot.train import run
     from carrot.variants import list_variants
 
-    p = argparse.ArgumentParser(prog="carrot bench throughput", description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="resnet50")
-    p.add_argument("--image-size", type=int, default=448)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--classes", type=int, default=16)
-    p.add_argument("--per-class", type=int, default=48)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--variants", default="all", help="comma-separated, or all")
+    from carrot import contract
+    from carrot.config import int_argument
+
+    p = contract.ArgumentParser(prog="carrot bench throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet50", help="timm model (default %(default)s)")
+    p.add_argument("--image-size", type=int_argument(16), default=448, help="input size (default %(default)s)")
+    p.add_argument("--batch-size", type=int_argument(2), default=32, help="training batch (default %(default)s)")
+    p.add_argument("--classes", type=int_argument(2), default=16,
+                   help="classes of the generated ImageFolder fixture (default %(default)s)")
+    p.add_argument("--per-class", type=int_argument(2), default=48, help="images per class (default %(default)s)")
+    p.add_argument("--epochs", type=int_argument(1), default=3, help="epochs per timed run (default %(default)s)")
+    p.add_argument("--workers", type=int_argument(0), default=8,
+                   help="DataLoader worker processes (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--variants", default="all", help="comma-separated, or all (default %(default)s)")
     args = p.parse_args(argv)
     variants = list_variants() if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
     base = {

@@ -508,11 +508,22 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     cfg = parts.cfg
     resumed = None
     if resume_from is not None:
-        try:
-            resumed = checkpoint.load(resume_from)
-        except Exception as exc:  # cut short by a kill or a full disk: the epochs are trained again
-            log(f"checkpoint {resume_from} is unreadable ({failure_reason(exc)}); starting from epoch 0")
+        # rank 0 decides whether the file can be read, so that every rank starts from the same epoch
+        unreadable = ""
+        if ddp.is_main():
+            try:
+                resumed = checkpoint.load(resume_from)
+            except MemoryError:
+                raise
+            except Exception as exc:  # cut short or damaged: the epochs are trained again
+                unreadable = failure_reason(exc)
+        unreadable = ddp.broadcast(unreadable)
+        if unreadable:
+            if ddp.is_main():
+                log(f"checkpoint {resume_from} is unreadable ({unreadable}); starting from epoch 0")
             resume_from = None
+        elif not ddp.is_main():
+            resumed = checkpoint.load(resume_from)
     tags = dict(extra_tags or {})
     if checkpoint_dir is not None:
         tags[contract.TAG_CHECKPOINT] = str(checkpoint_dir)

@@ -95,7 +95,11 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
                 log(f"[study {opened.name}] {state[0]}/{until} trials finished ({state[1]} complete, "
                     f"{state[2]} pruned, {state[3]} failed, {state[4]} running)"
                     + (f" best {state[5]:.4f}" if state[5] is not None else ""))
-            time.sleep(POLL_S)
+            # a stop is passed on within a tenth of a second, well inside the window in which the
+            # workers take it for the same request (carrot.interrupt.REPEAT_S)
+            deadline = time.monotonic() + POLL_S
+            while time.monotonic() < deadline and (stopping or not interrupt.requested()):
+                time.sleep(0.1)
     finally:
         for p, logfile in procs:
             p.wait()

@@ -41,6 +41,7 @@ CASES = [
     (["final", "--seeds", "1", "--backbone", "resnet5O"], ["did you mean 'resnet50'?"]),
     (["final", "--seeds", "1"], ["no Optuna storage"]),
     (["final", "--seeds", "1", "--seed", "3"], ["--seed 3 has no effect on final runs", "expected --seeds S"]),
+    (["final", "--seeds", "1", "--set", "seed=3"], ["--set seed=3 has no effect on final runs"]),
     (["evaluate", "deadbeef"], ["no MLflow store", "mlflow.db"]),
     (["train", "--set", "optim.grad_clip=-1"], ["optim.grad_clip=-1", "> 0", "null"]),
     (["train", "--set", "optim.momentum=-1"], ["optim.momentum=-1", "[0, 1)"]),

@@ -123,9 +123,9 @@ def test_a_failed_checkpoint_write_names_the_file_and_leaves_no_partial_file(tmp
 def test_a_checkpoint_file_gets_the_permissions_of_a_new_file(tmp_path):
     import os
 
-    old = os.umask(0o022)
+    old = os.umask(0o027)
     try:
         checkpoint.save(tmp_path / "last.pt", {"a": 1})
     finally:
         os.umask(old)
-    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644  # readable by another user's worker
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o640  # readable by the group's other workers

@@ -44,7 +44,7 @@ def test_a_journal_damaged_in_the_middle_is_one_error_line_and_is_left_as_it_is(
     before = path.read_bytes()
     capsys.readouterr()
     for argv in (["study", *ARGS, "--trials", "1"], ["worker", "--study-name", NAME, "--trials", "1"],
-                 ["final", "--seeds", "1", "--epochs", "1"]):
+                 ["final", "--seeds", "1", "--epochs", "1"], ["train", *ARGS]):  # train: not "no baseline yet"
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err

@@ -241,7 +241,8 @@ def test_a_ddp_run_stops_on_a_signal_like_one_process(tmp_path, to_group):
     name = "SIGINT" if to_group else "SIGTERM"
     assert proc.returncode == 128 + getattr(signal, name), err[-3000:]
     lines = [ln for ln in err.splitlines() if not ln.startswith("note:")]
-    assert lines == [f"carrot: {name} received: stopping at the next step (send it again to exit at once)",
+    assert lines == [f"carrot: {name} received: stopping at the next step (send it again, 3 s or more later, "
+                     "to exit at once)",
                      f"carrot: interrupted by {name}: the current run ended KILLED"], err[-3000:]
     runs = _runs_at(tmp_path)
     assert [(r.info.status, r.data.tags["carrot.error"]) for r in runs] == [("KILLED", f"interrupted by {name}")]

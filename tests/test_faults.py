@@ -69,7 +69,8 @@ def test_signal_stops_the_trial_cleanly_and_the_restart_resumes_it(store, mlflow
     assert proc.returncode == code, err
     assert "Traceback" not in err and "Traceback" not in out
     assert err.strip().splitlines() == [  # one line when the signal arrives, one when the trial has stopped
-        f"carrot: {sig.name} received: stopping at the next step (send it again to exit at once)",
+        f"carrot: {sig.name} received: stopping at the next step (send it again, 3 s or more later, to exit "
+        "at once)",
         f"carrot: interrupted by {sig.name}: the current run ended KILLED; run the same command again to resume "
         "(the trial goes on from its last checkpoint)"], err
     assert "trial 0" not in out, out
@@ -322,3 +323,29 @@ def test_a_worker_until_a_count_the_study_already_holds_says_so(store, capsys):
     assert main(["worker", "--study-name", "digits-test_resnet-baseline", "--until", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "study digits-test_resnet-baseline already holds 1 finished trials (--until 1): nothing to run" in out
+
+
+def test_a_retry_carries_the_configuration_not_the_dead_attempt(monkeypatch):
+    """A queued retry inherits the trial's user attrs but not its worker, heartbeat, error or run:
+    with them it looked dead from the moment it started until it stamped its own worker, and a
+    worker finishing then would fail it and close the study's parent run under it."""
+    from carrot import liveness
+
+    monkeypatch.setattr(liveness, "close_run", lambda run_id, reason: None)  # no MLflow store in this test
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial.set_user_attr(liveness.WORKER_ATTR, {"host": __import__("socket").gethostname(), "pid": dead.pid,
+                                               "start": "1"})
+    trial.set_user_attr(liveness.HEARTBEAT_ATTR, time.time() - 3600)
+    trial.set_user_attr(liveness.ERROR_ATTR, "worker process gone")
+    trial.set_user_attr("mlflow_run_id", "abc")
+    trial.set_user_attr("var/gamma_mean", 1.5)  # the trial's own record stays
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    liveness.RetryDeadTrial(max_retry=2)(study, study.trials[0])
+    waiting = study.trials[1]
+    assert waiting.state == optuna.trial.TrialState.WAITING and waiting.params == study.trials[0].params
+    assert waiting.user_attrs == {"var/gamma_mean": 1.5}
+    retry = study.ask()  # started, before its worker stamps itself: alive
+    assert retry.number == 1 and liveness.is_dead(study._storage.get_trial(retry._trial_id)) is None

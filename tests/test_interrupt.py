@@ -28,5 +28,6 @@ def test_copies_of_one_signal_are_one_request_and_a_later_one_exits_at_once():
     assert proc.stdout.splitlines() == [f"still here {int(__import__('signal').SIGTERM)}"], proc
     assert proc.returncode == 130, proc
     assert proc.stderr.splitlines() == [
-        "carrot: SIGTERM received: stopping at the next step (send it again to exit at once)",
+        "carrot: SIGTERM received: stopping at the next step (send it again, 0.5 s or more later, to exit at "
+        "once)",
         "carrot: SIGINT again: exiting now"], proc.stderr
