@@ -280,8 +280,19 @@ def test_bad_input_is_one_line_before_anything_runs(argv, expected, tmp_path, ca
     assert "Traceback" not in captured.err
 
 
+def test_bench_throughput_bad_flag_is_one_line(capsys):
+    from carrot.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["bench", "throughput", "--batch-size", "-1"])
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == [
+        "carrot bench throughput: error: argument --batch-size: expected an integer >= 2, got '-1' "
+        "(see `carrot bench throughput --help`)"]
+
+
 @pytest.mark.parametrize("argv, line", [
-    (["--batch-size", "-1"], "carrot: error: invalid data.batch_size=-1: expected >= 2"),
     (["--device", "tpu"], "carrot: error: invalid device='tpu': expected one of ('auto', 'cpu', 'cuda')"),
     (["--variants", "baseline,expanson"], "carrot: error: unknown variant 'expanson' (did you mean 'expansion'?)"),
 ])
