@@ -575,7 +575,11 @@ def _main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:  # their own parsers take every flag that follows
         args = argparse.Namespace(rest=argv[1:], fn=globals()[PASSTHROUGH[argv[0]]])
     else:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the subcommand's parser, whose --help lists what it takes
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+            commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         args.argv = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]  # what a torchrun relaunch runs
     import logging
 

@@ -113,7 +113,7 @@ def test_unreachable_tracking_server_fails_fast_without_its_password(store, caps
 @pytest.mark.parametrize("argv, words", [
     (["study", "--epochs", "abc"], "carrot study: error: argument --epochs: expected an integer, got 'abc'"),
     (["worker"], "carrot worker: error: the following arguments are required: --study-name"),
-    (["study", "--bogus"], "carrot: error: unrecognized arguments: --bogus"),
+    (["study", "--bogus"], "carrot study: error: unrecognized arguments: --bogus"),
     (["tables", "--bogus"], "carrot tables: error: unrecognized arguments: --bogus"),
     (["plots", "--bogus"], "carrot plots: error: unrecognized arguments: --bogus"),
 ])
