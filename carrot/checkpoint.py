@@ -94,7 +94,9 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return 0o022
+    umask = os.umask(0o077)  # no /proc: read it by setting it (briefly strict, never lax)
+    os.umask(umask)
+    return umask
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -84,6 +84,15 @@ def broadcast(obj: Any = None) -> Any:
     return box[0]
 
 
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` when not distributed."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class RemoteFailure(RuntimeError):
     """Raised on the other ranks when rank 0 failed (its own exception is re-raised there)."""
 

@@ -46,7 +46,7 @@ def relaunched_rank() -> bool:
 
 def _handler(signum, frame) -> None:
     if _received:
-        if time.monotonic() - _first_at[0] <= REPEAT_S:  # a copy of the first request (see above)
+        if time.monotonic() - _first_at[0] < REPEAT_S:  # a copy of the first request (see above)
             return
         # the second signal: no more waiting for a step boundary
         sys.stderr.write(f"carrot: {signal.Signals(signum).name} again: exiting now\n")

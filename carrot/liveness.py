@@ -127,16 +127,35 @@ def close_run(run_id: str | None, reason: str) -> None:
 ATTEMPT_ATTRS = (WORKER_ATTR, HEARTBEAT_ATTR, ERROR_ATTR, contract.TRIAL_RUN_ID_ATTR, contract.TRIAL_RUN_URL_ATTR)
 
 
+INTERRUPTED = "interrupted by "  # how the error of a trial that a signal stopped begins
+
+
+def failures_counted(study: optuna.Study, trial: FrozenTrial) -> int:
+    """How many times the configuration of ``trial`` (failed) has failed, itself included, not
+    counting the attempts that a signal stopped (a pre-emption is not the configuration's fault)."""
+    errors = {t.number: str(t.user_attrs.get(ERROR_ATTR) or "") for t in study.get_trials(deepcopy=False)}
+    errors[trial.number] = str(trial.user_attrs.get(ERROR_ATTR) or "")
+    history = [*trial.system_attrs.get("retry_history", ()), trial.number]
+    return sum(not errors.get(number, "").startswith(INTERRUPTED) for number in history)
+
+
 class RetryDeadTrial(RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a stale trial, which also closes the trial's MLflow run; the retry
-    keeps the trial's user attrs but those of the attempt (:data:`ATTEMPT_ATTRS`)."""
+    keeps the trial's user attrs but those of the attempt (:data:`ATTEMPT_ATTRS`). ``max_retry``
+    counts the failures of the configuration (:func:`failures_counted`), not its interruptions."""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         reason = trial.user_attrs.get(ERROR_ATTR) or "worker stopped sending heartbeats"
         close_run(trial.user_attrs.get(contract.TRIAL_RUN_ID_ATTR), reason)
+        if self._max_retry is not None and failures_counted(study, trial) > self._max_retry:
+            return
         trial = copy.copy(trial)
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
-        super().__call__(study, trial)
+        budget, self._max_retry = self._max_retry, None  # counted above: Optuna would count every attempt
+        try:
+            super().__call__(study, trial)
+        finally:
+            self._max_retry = budget
 
 
 def reap(study: optuna.Study, log: Callable[[str], None] = print, grace: float | None = None,
@@ -157,7 +176,7 @@ def reap(study: optuna.Study, log: Callable[[str], None] = print, grace: float |
             continue
         reaped.append(trial.number)
         frozen = study._storage.get_trial(trial._trial_id)
-        retries = len(frozen.system_attrs.get("retry_history", []))
+        retries = failures_counted(study, frozen) - 1  # retries of this configuration's failures so far
         log(f"trial {trial.number}: {reason}; marked failed" +
             (", its configuration is queued again" if retries < max_retry else ", retried too often already"))
         retry(study, frozen)

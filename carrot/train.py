@@ -508,22 +508,17 @@ def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: 
     cfg = parts.cfg
     resumed = None
     if resume_from is not None:
-        # rank 0 decides whether the file can be read, so that every rank starts from the same epoch
-        unreadable = ""
-        if ddp.is_main():
-            try:
-                resumed = checkpoint.load(resume_from)
-            except MemoryError:
-                raise
-            except Exception as exc:  # cut short or damaged: the epochs are trained again
-                unreadable = failure_reason(exc)
-        unreadable = ddp.broadcast(unreadable)
+        # every rank reads the file, and all of them resume only when all could: the ranks of a
+        # DDP trial start from the same epoch, and every one of them reaches this exchange
+        try:
+            resumed, unreadable = checkpoint.load(resume_from), ""
+        except Exception as exc:  # cut short or damaged (or too large for memory): trained again
+            resumed, unreadable = None, failure_reason(exc)
+        unreadable = next((reason for reason in ddp.all_gather(unreadable) if reason), "")
         if unreadable:
             if ddp.is_main():
                 log(f"checkpoint {resume_from} is unreadable ({unreadable}); starting from epoch 0")
-            resume_from = None
-        elif not ddp.is_main():
-            resumed = checkpoint.load(resume_from)
+            resumed, resume_from = None, None
     tags = dict(extra_tags or {})
     if checkpoint_dir is not None:
         tags[contract.TAG_CHECKPOINT] = str(checkpoint_dir)

@@ -271,3 +271,51 @@ def _runs_at(folder: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
     exp = client.get_experiment_by_name("carrot")
     return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def _resume_where_one_rank_cannot_read(rank: int, port: int, out: str, path: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from carrot import checkpoint
+    from carrot.train import run
+    from conftest import tiny_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    if rank == 1:  # this rank's copy of the file is unreadable (a node's disk, a stale NFS handle)
+        def unreadable(p):
+            raise RuntimeError("rank 1 cannot read it")
+        checkpoint.load = unreadable
+    lines: list[str] = []
+    try:
+        result = run(tiny_config(**{"optim.epochs": 2}), track=False, log=lines.append, resume_from=Path(path))
+        Path(out, f"rank{rank}.txt").write_text(repr((result.epochs_done, lines)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_the_ranks_of_a_ddp_trial_resume_together_or_start_over_together(tmp_path):
+    """Every rank reads the checkpoint; when one cannot, all start from epoch 0 (before, rank 0
+    alone decided: it resumed while the rank that could not read failed, and the collectives of
+    the two ranks no longer matched)."""
+    import torch.multiprocessing as mp
+
+    from carrot import checkpoint
+    from carrot.train import run
+    from conftest import tiny_config
+
+    folder = tmp_path / "ckpt"
+    run(tiny_config(**{"optim.epochs": 2}), track=False, log=lambda s: None, checkpoint_dir=folder,
+        keep_checkpoint=True)
+    path = folder / checkpoint.CHECKPOINT_FILE
+    mp.spawn(_resume_where_one_rank_cannot_read, args=(_free_port(), str(tmp_path), str(path)), nprocs=2, join=True)
+    done0, lines0 = eval((tmp_path / "rank0.txt").read_text())
+    done1, lines1 = eval((tmp_path / "rank1.txt").read_text())
+    assert done0 == done1 == 2
+    assert [line for line in lines0 if "unreadable" in line] == [
+        f"checkpoint {path} is unreadable (RuntimeError: rank 1 cannot read it); starting from epoch 0"]
+    assert not any(line.startswith("resumed ") for line in lines0 + lines1)

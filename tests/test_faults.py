@@ -349,3 +349,24 @@ def test_a_retry_carries_the_configuration_not_the_dead_attempt(monkeypatch):
     assert waiting.user_attrs == {"var/gamma_mean": 1.5}
     retry = study.ask()  # started, before its worker stamps itself: alive
     assert retry.number == 1 and liveness.is_dead(study._storage.get_trial(retry._trial_id)) is None
+
+
+def test_interruptions_do_not_use_up_the_retries_of_a_configuration(monkeypatch):
+    """A trial pre-empted three times and then killed outright is still retried: max_retry counts
+    the configuration's failures, not the signals that stopped it (both share retry_history)."""
+    from carrot import liveness
+
+    monkeypatch.setattr(liveness, "close_run", lambda run_id, reason: None)  # no MLflow store in this test
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    requeue, retry = liveness.RetryDeadTrial(max_retry=None), liveness.RetryDeadTrial(max_retry=2)
+    errors = ["interrupted by SIGTERM"] * 3 + ["worker process 1 on h is gone"] * 3
+    for number, error in enumerate(errors):
+        trial = study.ask(dist) if number == 0 else study.ask()
+        assert trial.number == number  # each attempt is the retry queued by the one before
+        trial.set_user_attr(liveness.ERROR_ATTR, error)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        (requeue if error.startswith("interrupted") else retry)(study, study.trials[number])
+        waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+        assert len(waiting) == (1 if number < 5 else 0), number  # the third failure is one too many
+    assert [liveness.failures_counted(study, t) for t in study.trials] == [0, 0, 0, 1, 2, 3]
