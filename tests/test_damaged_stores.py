@@ -82,3 +82,16 @@ def test_a_damaged_mlflow_database_is_one_error_line_for_every_command(store, ca
             "is malformed; expected the SQLite database of an MLflow store" in err, err
         assert db.read_bytes() == before
     assert not (store / "t").exists() and not (store / "p").exists()
+
+
+def test_an_intact_journal_is_opened_without_taking_optunas_lock(store, capsys):
+    """Only a cut-short tail needs the lock: with an intact journal, a lock file that another
+    process holds (or left behind) neither delays the command nor is touched."""
+    path = _journal_with_a_study(store)
+    lock = store / "studies" / "optuna.journal.lock"
+    lock.symlink_to(path)  # what Optuna's JournalFileSymlinkLock holds while it appends
+    capsys.readouterr()
+    storage = open_storage(str(path))
+    assert optuna.load_study(study_name=NAME, storage=storage).trials
+    assert "lock" not in capsys.readouterr().err
+    assert lock.is_symlink()  # still there: nobody waited for it or freed it
