@@ -106,8 +106,7 @@ def connect(uri: str | None = None):
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise StoreMissing(f"the MLflow store {db_file} cannot be read: {first}; expected the SQLite database of "
+        raise StoreMissing(f"the MLflow store {db_file} cannot be read: {contract.first_line(exc)}; expected the SQLite database of "
                            "an MLflow store") from None
     return client
 
@@ -552,8 +551,7 @@ def read_artifact(client, run_id: str, path: str, read: Callable[[Path], Any], *
         try:
             return read(local)
         except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError ...
-            first = (str(exc).strip().splitlines() or [""])[0]
-            _report(problems, f"run {run_id}: artifact {path} cannot be read ({type(exc).__name__}: {first}); "
+            _report(problems, f"run {run_id}: artifact {path} cannot be read ({contract.error_line(exc)}); "
                               "that run is left out where the artifact is needed")
             return None
 

@@ -1259,13 +1259,6 @@ def build_tables(ctx: Context) -> list[Table]:
     return [make(ctx) for make in TABLES]
 
 
-def _seed_count(text: str) -> int:
-    value = int(text) if text.strip().lstrip("-").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `carrot tables -- --flag ...` passes the separator through
@@ -1275,7 +1268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--storage", default=contract.DEFAULT_STORAGE,
                         help="Optuna storage for hyperparameter importance: a journal file or a URL "
                              "(default %(default)s)")
-    parser.add_argument("--seeds", type=_seed_count, default=None,
+    parser.add_argument("--seeds", type=contract.int_argument(1), default=None,
                         help="seeds every variant should have (default: as many as the most-seeded variant)")
     return parser.parse_args(argv)
 

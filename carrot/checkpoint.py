@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from carrot import contract
+
 CHECKPOINT_FILE = "last.pt"
 
 
@@ -81,8 +83,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
             free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk"
         except OSError:
             free = "its disk unreadable"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"cannot write checkpoint {path} ({free}): {reason}") from None
+        raise CheckpointError(f"cannot write checkpoint {path} ({free}): {contract.first_line(exc)}") from None
 
 
 def _umask() -> int:

@@ -32,23 +32,7 @@ PROBE_MODES = ("final", "last", "always")
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def int_argument(low: int | None = None) -> typing.Callable[[str], int]:
-    """An argparse type: an integer (at least ``low`` where given); anything else is one error
-    line naming what is expected."""
-    expected = "an integer" if low is None else f"an integer >= {low}"
-
-    def parse(text: str) -> int:
-        import argparse
-
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or (low is not None and value < low):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
+int_argument = contract.int_argument  # an argparse type: an integer, at least ``low`` where given
 
 
 def parse_value(text: str) -> Any:

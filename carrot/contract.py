@@ -262,6 +262,34 @@ def search_runs(client, experiment_name: str, filter_string: str = "", order_by:
             return runs
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone when there is no message)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def int_argument(low: int | None = None):
+    """An argparse type: an integer (at least ``low`` where given); anything else is one error
+    line naming what is expected."""
+    expected = "an integer" if low is None else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (low is not None and value < low):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one line for a bad argument (the usage block goes to ``--help``), as every
     other bad input gets, and any password in it masked."""

@@ -25,8 +25,7 @@ def _read(run_id: str, local: Path, read: Callable[[Path], Any]) -> Any:
     try:
         return read(local)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ConfigError(f"run {run_id}: artifact {local.name} cannot be read ({type(exc).__name__}: {first}); "
+        raise ConfigError(f"run {run_id}: artifact {local.name} cannot be read ({contract.error_line(exc)}); "
                           "it cannot be re-evaluated from it") from None
 
 

@@ -124,8 +124,7 @@ def open_storage(url: str | None, create: bool = True):
             if "import" in str(exc).lower():  # a missing driver will not appear by waiting
                 break
             time.sleep(1.0 + attempt)
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    raise StoreError(redact(f"cannot open Optuna storage {given}: {first}", url)) from None
+    raise StoreError(redact(f"cannot open Optuna storage {given}: {contract.first_line(error)}", url)) from None
 
 
 def open_journal(path: Path):
@@ -365,9 +364,10 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
     from carrot.train import TrialPruned, failure_reason, run
 
     study, base, name, study_id, parent = opened.study, opened.base, opened.name, opened.study_id, opened.parent
-    total = trials if trials is not None else max(0, until - _finished(study))
+    finished = _finished(study) if trials is None else 0
+    total = trials if trials is not None else max(0, until - finished)
     if until is not None and total == 0:
-        log(f"study {name} already holds {_finished(study)} finished trials (--until {until}): nothing to run")
+        log(f"study {name} already holds {finished} finished trials (--until {until}): nothing to run")
     bar = Progress(total=total, desc=f"study {name}", enabled=show_progress and base.show_progress, log=log,
                    unit="trial")
     done = 0

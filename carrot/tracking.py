@@ -86,7 +86,7 @@ def check_database(uri: str, timeout: int = 10) -> None:
         with engine.connect():
             pass
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = contract.first_line(exc)
         hint = (f"; for psycopg 3 write {scheme.split('+')[0]}+psycopg://"
                 if isinstance(exc, ModuleNotFoundError) and scheme == "postgresql" else "")
         raise StoreError(contract.redact(f"MLflow store {uri} cannot be opened: {first}{hint}; expected a "
@@ -144,8 +144,7 @@ def client(create: bool = True) -> MlflowClient:
                 mlf = MlflowClient(tracking_uri=uri)
                 mlf.search_experiments(max_results=1)
             except Exception as exc:  # a damaged file ("database disk image is malformed"), not SQLite
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise StoreError(f"the MLflow store {db} cannot be read: {first}; expected the SQLite database "
+                raise StoreError(f"the MLflow store {db} cannot be read: {contract.first_line(exc)}; expected the SQLite database "
                                  "of an MLflow store (keep a copy of the file; `sqlite3 FILE .recover` may "
                                  "save its runs), or set MLFLOW_TRACKING_URI to another store") from None
     else:

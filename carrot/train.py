@@ -481,8 +481,7 @@ def failure_reason(exc: BaseException) -> str:
     """One line: what stopped a run."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return f"out of memory: {exc}".splitlines()[0]
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return contract.error_line(exc)
 
 
 def run(cfg: RunConfig, trial=None, *, study: str | None = None, parent_run_id: str | None = None,
