@@ -92,14 +92,10 @@ def connect(uri: str | None = None):
         if not db.is_file():
             raise StoreMissing(f"no MLflow store at {db} (tracking URI {uri}); set MLFLOW_TRACKING_URI "
                                "or run from the folder that holds mlruns/")
-    elif uri.startswith(("http://", "https://")):  # MLflow retries an absent server for minutes
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException as exc:
-            raise StoreMissing(contract.redact(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
-                                               "expected a running `mlflow server` at the tracking URI", uri)) from None
+    else:
+        problem = contract.tracking_store_problem(uri)
+        if problem:
+            raise StoreMissing(problem)
     if db_file is None:
         return MlflowClient(tracking_uri=uri)
     try:  # a damaged file ("database disk image is malformed") fails here, on the first query

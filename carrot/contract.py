@@ -201,6 +201,45 @@ def sqlite_file(url: str) -> str | None:
     return "" if db == ":memory:" or db.startswith("file::memory:") else db
 
 
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy tracking stores besides SQLite
+
+
+def tracking_store_problem(uri: str, timeout: float = 10.0) -> str | None:
+    """Why the tracking server or database at ``uri`` cannot be used, in one line (its password
+    masked), or None when it answers within ``timeout`` seconds (MLflow itself retries an absent
+    one for minutes and then raises a traceback). Other URIs (SQLite, file stores) are not
+    checked here."""
+    scheme = uri.split(":", 1)[0]
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as exc:
+            return redact(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
+                          "expected a running `mlflow server` at the tracking URI (MLFLOW_TRACKING_URI)", uri)
+        return None
+    if scheme.split("+")[0] not in DATABASE_SCHEMES:
+        return None
+    import sqlalchemy
+
+    args = {"connect_timeout": int(timeout)} if scheme.split("+")[0] in ("postgresql", "mysql") else {}
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        with engine.connect():
+            pass
+    except Exception as exc:
+        hint = (f"; for psycopg 3 write {scheme.split('+')[0]}+psycopg://"
+                if isinstance(exc, ModuleNotFoundError) and scheme == "postgresql" else "")
+        return redact(f"MLflow store {uri} cannot be opened: {first_line(exc)}{hint}; expected a "
+                      "reachable database at the tracking URI (MLFLOW_TRACKING_URI)", uri)
+    finally:
+        if engine is not None:
+            engine.dispose()
+    return None
+
+
 # ----------------------------------------------------------------------------- secrets
 _SECRET_URLS: set[str] = set()  # the command's storage URLs: redact masks their passwords in every text
 

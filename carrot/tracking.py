@@ -59,43 +59,6 @@ def check_writable(path: Path, what: str) -> None:
                          "expected a folder this user can write") from None
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """A tracking server answers its health check within ``timeout`` seconds, else one line."""
-    import requests
-
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
-    except requests.RequestException as exc:
-        raise StoreError(contract.redact(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
-                                         "expected a running `mlflow server` at MLFLOW_TRACKING_URI", uri)) from None
-
-
-DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy tracking stores besides SQLite
-
-
-def check_database(uri: str, timeout: int = 10) -> None:
-    """A database tracking store accepts a connection within ``timeout`` seconds, else one line
-    (MLflow itself retries for minutes and then raises a traceback)."""
-    import sqlalchemy
-
-    scheme = uri.split(":", 1)[0]
-    args = {"connect_timeout": timeout} if scheme.split("+")[0] in ("postgresql", "mysql") else {}
-    engine = None
-    try:
-        engine = sqlalchemy.create_engine(uri, connect_args=args)
-        with engine.connect():
-            pass
-    except Exception as exc:
-        first = contract.first_line(exc)
-        hint = (f"; for psycopg 3 write {scheme.split('+')[0]}+psycopg://"
-                if isinstance(exc, ModuleNotFoundError) and scheme == "postgresql" else "")
-        raise StoreError(contract.redact(f"MLflow store {uri} cannot be opened: {first}{hint}; expected a "
-                                         "reachable database at MLFLOW_TRACKING_URI", uri)) from None
-    finally:
-        if engine is not None:
-            engine.dispose()
-
-
 def artifact_root(uri: str) -> str | None:
     db = _sqlite_path(uri)
     return str(db.parent.resolve()) if db is not None else None
@@ -120,10 +83,10 @@ def check_store(create: bool = True) -> tuple[str, Path | None]:
                              "(or set MLFLOW_TRACKING_URI to another store)")
     elif uri in _READY:
         pass
-    elif uri.startswith(("http://", "https://")):
-        check_reachable(uri)
-    elif uri.split(":", 1)[0].split("+")[0] in DATABASE_SCHEMES:
-        check_database(uri)
+    else:
+        problem = contract.tracking_store_problem(uri)
+        if problem:
+            raise StoreError(problem)
     return uri, db
 
 

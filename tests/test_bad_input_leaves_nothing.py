@@ -168,6 +168,11 @@ def test_tables_and_plots_name_an_unreachable_server_without_its_password(store,
         assert command(["--tracking-uri", uri, "--out", str(store / "out")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "http://u:***@127.0.0.1:9/ is unreachable" in err, err
+    db = "postgresql://u:secretpw9@127.0.0.1:1/db"  # MLflow retried it for two minutes, then a traceback
+    for command in (tables_main, plots_main):
+        assert command(["--tracking-uri", db, "--out", str(store / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "MLflow store postgresql://u:***@127.0.0.1:1/db cannot be opened" in err, err
     assert not (store / "out").exists()
 
 

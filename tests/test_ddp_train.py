@@ -213,7 +213,7 @@ def test_a_ddp_run_reports_a_bad_store_in_one_line(tmp_path):
     assert done.returncode == 2
     lines = [ln for ln in done.stderr.splitlines() if "INFO" not in ln]
     assert lines == [f"carrot: error: MLflow tracking server {env_uri} is unreachable (ConnectionError); "
-                     "expected a running `mlflow server` at MLFLOW_TRACKING_URI"]
+                     "expected a running `mlflow server` at the tracking URI (MLFLOW_TRACKING_URI)"]
 
 
 @pytest.mark.slow
