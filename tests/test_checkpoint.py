@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,22 @@ def test_a_checkpoint_file_gets_the_permissions_of_a_new_file(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o640  # readable by the group's other workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the umask from /proc")
+def test_saving_a_checkpoint_never_changes_the_umask(tmp_path, monkeypatch):
+    """The umask is one per process: setting it to read it would, for that moment, give the files
+    another thread creates (the MLflow committer's, a DataLoader's) the wrong permissions."""
+    import os
+
+    def refuse(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called while saving a checkpoint")
+
+    old = os.umask(0o022)
+    try:
+        monkeypatch.setattr(os, "umask", refuse)
+        checkpoint.save(tmp_path / "last.pt", {"a": 1})
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644
