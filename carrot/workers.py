@@ -95,11 +95,7 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
                 log(f"[study {opened.name}] {state[0]}/{until} trials finished ({state[1]} complete, "
                     f"{state[2]} pruned, {state[3]} failed, {state[4]} running)"
                     + (f" best {state[5]:.4f}" if state[5] is not None else ""))
-            # a stop is passed on within a tenth of a second, well inside the window in which the
-            # workers take it for the same request (carrot.interrupt.REPEAT_S)
-            deadline = time.monotonic() + POLL_S
-            while time.monotonic() < deadline and (stopping or not interrupt.requested()):
-                time.sleep(0.1)
+            _pause(POLL_S, stopping)
     finally:
         for p, logfile in procs:
             p.wait()
@@ -114,6 +110,15 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
     if stopping or interrupt.requested():
         return [interrupt.Interrupted(interrupt.requested() or signal.SIGTERM)]
     return []
+
+
+def _pause(seconds: float, stopping: bool) -> None:
+    """Wait ``seconds`` before the next look at the study, returning within a tenth of a second
+    of a stop request (unless already ``stopping``): the stop is passed on to the workers well
+    inside the window in which they take it for the same request (carrot.interrupt.REPEAT_S)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and (stopping or not interrupt.requested()):
+        time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
 
 
 def _progress(study: optuna.Study) -> tuple:

@@ -31,3 +31,30 @@ def test_copies_of_one_signal_are_one_request_and_a_later_one_exits_at_once():
         "carrot: SIGTERM received: stopping at the next step (send it again, 0.5 s or more later, to exit at "
         "once)",
         "carrot: SIGINT again: exiting now"], proc.stderr
+
+
+def test_the_coordinator_passes_a_stop_on_within_a_tenth_of_a_second(monkeypatch):
+    """Between two looks at the study the `--jobs n` coordinator waits POLL_S; a stop arriving then
+    must reach the workers well inside interrupt.REPEAT_S, or the workers, which got the group's
+    signal too, take the coordinator's copy for a second request and exit at once. On a clock of
+    its own: the stop comes 0.35 s into the wait."""
+    from types import SimpleNamespace
+
+    from carrot import interrupt, workers
+
+    clock = [0.0]
+
+    def sleep(seconds):
+        assert seconds >= 0
+        clock[0] += seconds
+        if clock[0] >= 0.35 and not interrupt._received:
+            interrupt._received.append(15)
+
+    monkeypatch.setattr(interrupt, "_received", [])
+    monkeypatch.setattr(workers, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    workers._pause(workers.POLL_S, stopping=False)
+    assert 0.35 <= clock[0] <= 0.35 + 0.1 + 1e-9, clock[0]
+
+    clock[0] = 0.0  # once stopping, the coordinator waits its whole pause again (and no longer)
+    workers._pause(workers.POLL_S, stopping=True)
+    assert abs(clock[0] - workers.POLL_S) < 1e-9
