@@ -842,6 +842,11 @@ def geometry(ctx: Context) -> Table:
 
 
 # ----------------------------------------------------------------------------- 4. ablations
+def csv_setting(setting: str) -> str:
+    """A setting as the CSV keeps it, in ASCII: empty for all trials, ``>=`` for ``≥``."""
+    return "" if setting == DASH else setting.replace("≥", ">=")
+
+
 def switch_value(param: str, raw: Any) -> str:
     """The setting a trial falls in: the logged value, or its bin for a continuous switch."""
     if raw is None or (isinstance(raw, float) and math.isnan(raw)):
@@ -933,7 +938,8 @@ def ablation_rows(table: Table, slot: Slot, trials: pd.DataFrame, label: str, ma
                     f"fewer than {MIN_SETTING_TRIALS} trials: this mean is not a reliable comparison")
             table.add(slot.labels + [label + ("" if len(table) > first else marks), switch, setting,
                                      n_cell, fmt_pm(s, 2, 100)],
-                      {**slot.keys, **study, "switch": switch, "setting": setting, "n_trials": int(mask.sum()),
+                      {**slot.keys, **study, "switch": switch, "setting": csv_setting(setting),
+                       "n_trials": int(mask.sum()),
                        "val_acc_mean": s.mean, "val_acc_std": s.std})
 
 

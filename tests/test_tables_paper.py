@@ -114,6 +114,11 @@ def test_negative_numbers_are_shown_with_a_true_minus_sign_and_stay_ascii_in_the
     assert cell.startswith(f"{MINUS}{abs(100 * diff):.2f} (")
     assert "-" not in cell.split(" (")[0]
     assert csv_row(out, "main_results", variant="barrier")["diff_vs_baseline"].startswith("-")
+    for csv in sorted(out.glob("*.csv")):  # the ablations' "(all trials)" setting was an em dash
+        assert csv.read_text(encoding="utf-8").isascii(), csv.name
+    from analysis.tables import csv_setting, switch_value
+
+    assert switch_value("delta", 0.5) == "≥ 0.1" and csv_setting(switch_value("delta", 0.5)) == ">= 0.1"
     # the significance table's differences and their bootstrap bounds too
     pooled = next(r for r in md_rows(out / "significance.md") if r["Variant"] == "barrier"
                   and r["Seed"].startswith("pooled"))
