@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -100,8 +101,6 @@ def open_storage(url: str | None, create: bool = True):
         check_writable(path.parent if str(path.parent) else Path("."), "Optuna study storage")
         path.parent.mkdir(parents=True, exist_ok=True)
         return open_journal(path)
-    import time
-
     given = url
     db = contract.sqlite_file(url)
     if db is not None:
@@ -136,9 +135,15 @@ def open_journal(path: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
+    # Optuna's lock is a symbolic link to the journal, written as the path it is given: a relative
+    # path made a link that points nowhere (relative to its own folder), which Optuna can never
+    # free when its holder is killed (it waits for ever). Optuna gets the absolute path; a link
+    # that points nowhere and is older than Optuna's grace period is removed here.
+    target = str(path.absolute())
+    _free_dangling_lock(Path(target + ".lock"), path)
     if _cut_short(path) and os.access(path, os.W_OK):
-        lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's appends take
-        if Path(str(path) + ".lock").exists():  # perhaps left by the process killed mid-append
+        lock = JournalFileSymlinkLock(target)  # the lock Optuna's appends take
+        if os.path.lexists(target + ".lock"):  # perhaps left by the process killed mid-append
             print(f"carrot: {path}: waiting for Optuna's lock of the file (one left by a killed process is "
                   "freed after 30 s)", file=sys.stderr)
         lock.acquire()
@@ -155,11 +160,27 @@ def open_journal(path: Path):
         finally:
             lock.release()
     try:
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(target))
     except ValueError as exc:  # json.JSONDecodeError is one; Optuna's "Invalid log format." another
         raise StoreError(f"the Optuna journal {path} is damaged: {journal_damage(path) or exc}; expected one "
                          "JSON record per line (keep a copy of the file, and continue in another --storage "
                          "or cut the file before that line, losing what was recorded after it)") from None
+
+
+LOCK_GRACE_S = 30.0  # Optuna's grace period for a journal lock (JournalFileSymlinkLock)
+
+
+def _free_dangling_lock(lock: Path, journal: Path) -> None:
+    """Remove a lock link of the journal that points nowhere and is older than Optuna's grace
+    period (a lock is held for milliseconds), with a line on stderr."""
+    try:
+        if os.path.exists(lock) or time.time() - os.lstat(lock).st_mtime <= LOCK_GRACE_S:
+            return
+        os.unlink(lock)
+    except OSError:  # no such link, or another process removed it first
+        return
+    print(f"carrot: {journal}: removed a stale lock of the file ({lock.name}, left by a killed process)",
+          file=sys.stderr)
 
 
 def _cut_short(path: Path) -> bool:

@@ -95,3 +95,36 @@ def test_an_intact_journal_is_opened_without_taking_optunas_lock(store, capsys):
     assert optuna.load_study(study_name=NAME, storage=storage).trials
     assert "lock" not in capsys.readouterr().err
     assert lock.is_symlink()  # still there: nobody waited for it or freed it
+
+
+def test_the_journal_lock_points_at_the_journal_and_a_stale_one_pointing_nowhere_is_freed(store, capsys):
+    """Optuna's lock is a link to the journal, named as it was given: with the default relative
+    path it pointed nowhere, so Optuna could never free one that a killed process left, and every
+    later command waited for ever (spinning on a CPU)."""
+    import os
+    import time
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    (store / "studies").mkdir()
+    journal = store / "studies" / "optuna.journal"
+    storage = open_storage(None)  # studies/optuna.journal, relative
+    optuna.create_study(study_name="a", storage=storage)
+    lock = store / "studies" / "optuna.journal.lock"
+    taken = JournalFileSymlinkLock(storage._backend._file_path)  # the lock Optuna's appends take
+    taken.acquire()
+    try:
+        assert lock.is_symlink() and lock.resolve() == journal.resolve()  # Optuna can free it after a kill
+    finally:
+        taken.release()
+
+    lock.symlink_to("studies/optuna.journal")  # as a killed process left it, pointing nowhere
+    old = time.time() - 60
+    os.utime(lock, (old, old), follow_symlinks=False)
+    capsys.readouterr()
+    optuna.create_study(study_name="b", storage=open_storage(None))  # an append: waited for ever
+    assert not os.path.lexists(lock)
+    assert "removed a stale lock of the file (optuna.journal.lock" in capsys.readouterr().err
+    lock.symlink_to("studies/optuna.journal")  # a fresh one may be held: left alone
+    open_storage(None)
+    assert os.path.lexists(lock)
