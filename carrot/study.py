@@ -439,6 +439,9 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
             log(f"trial {trial.number} pruned: {trial.user_attrs.get('pruned_reason', '')}".rstrip(": "))
         else:
             log(f"trial {trial.number} finished: {base.split}/acc={value}")
+        if not stopped and interrupt.requested():  # a stop that came after the trial's last step:
+            stopped.append(interrupt.Interrupted(interrupt.requested()))  # no next trial, and the
+            study.stop()  # command ends as a stopped one (128 + the signal)
         if not stopped:
             liveness.reap(study, log)
         if until is not None and _finished(study, with_running=True) >= until:

@@ -370,3 +370,26 @@ def test_interruptions_do_not_use_up_the_retries_of_a_configuration(monkeypatch)
         waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
         assert len(waiting) == (1 if number < 5 else 0), number  # the third failure is one too many
     assert [liveness.failures_counted(study, t) for t in study.trials] == [0, 0, 0, 1, 2, 3]
+
+
+def test_a_stop_after_the_last_step_of_a_trial_starts_no_other_and_exits_as_stopped(store, monkeypatch, capsys):
+    """A signal that came after the trial's last look at the stop flag (while its run was closed)
+    let the trial finish, and the command then went on or exited 0, as if no stop was asked."""
+    from carrot import interrupt, tracking
+    from carrot.cli import main
+    from carrot.study import open_storage
+
+    real = tracking.RunLogger.finish
+
+    def finish_then_signal(self, status="FINISHED"):
+        real(self, status)
+        if not interrupt._received:
+            interrupt._received.append(signal.SIGINT)  # as the handler does on the first signal
+
+    monkeypatch.setattr(interrupt, "_received", [])
+    monkeypatch.setattr(tracking.RunLogger, "finish", finish_then_signal)
+    args = ["--variant", "baseline", "--epochs", "1", "--image-size", "16", "--no-progress",
+            "--set", "eval.probe=final", "--set", "data.batch_size=32"]
+    assert main(["study", *args, "--trials", "3"]) == 130
+    study = optuna.load_study(study_name="digits-test_resnet-baseline", storage=open_storage(None))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
