@@ -483,10 +483,14 @@ RESUME = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carrot.malloc import keep_freed_blocks
+    try:  # a Ctrl-C while the command is still starting (before its handlers are in place)
+        from carrot.malloc import keep_freed_blocks
 
-    keep_freed_blocks()  # before the first training buffer (carrot/malloc.py)
-    code = _main(argv)
+        keep_freed_blocks()  # before the first training buffer (carrot/malloc.py)
+        code = _main(argv)
+    except KeyboardInterrupt:
+        print("carrot: interrupted", file=sys.stderr)
+        return 130
     if "carrot.ddp" in sys.modules:  # a torchrun rank of `--nproc`: rank 0's status is the command's
         return sys.modules["carrot.ddp"].exit_status(code)
     return code

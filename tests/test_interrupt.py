@@ -58,3 +58,16 @@ def test_the_coordinator_passes_a_stop_on_within_a_tenth_of_a_second(monkeypatch
     clock[0] = 0.0  # once stopping, the coordinator waits its whole pause again (and no longer)
     workers._pause(workers.POLL_S, stopping=True)
     assert abs(clock[0] - workers.POLL_S) < 1e-9
+
+
+def test_a_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
+    """Before the command's handlers are in place (parsing its arguments), Python's own
+    KeyboardInterrupt gave a traceback."""
+    from carrot import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["variants"]) == 130
+    assert capsys.readouterr().err == "carrot: interrupted\n"
