@@ -403,9 +403,13 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
         frozen = study._storage.get_trial(trial._trial_id)
         history = frozen.system_attrs.get("retry_history", [])  # set by the retry callback
         resume = None
-        if history:  # a retry: continue from the last checkpoint of the trial it retries
-            path = checkpoint_folder(checkpoint_root, study_id, history[-1]) / checkpoint.CHECKPOINT_FILE
-            resume = path if path.exists() else None
+        # a retry: continue from the newest checkpoint of the trials it descends from (a retry that
+        # was stopped before its first epoch ended left none of its own)
+        for number in reversed(history):
+            path = checkpoint_folder(checkpoint_root, study_id, number) / checkpoint.CHECKPOINT_FILE
+            if path.exists():
+                resume = path
+                break
         # a torchrun group: the other ranks train the same trial (see follow)
         ddp.broadcast({"config": cfg.to_dict(), "resume_from": None if resume is None else str(resume),
                        "number": trial.number})

@@ -393,3 +393,35 @@ def test_a_stop_after_the_last_step_of_a_trial_starts_no_other_and_exits_as_stop
     assert main(["study", *args, "--trials", "3"]) == 130
     study = optuna.load_study(study_name="digits-test_resnet-baseline", storage=open_storage(None))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+
+
+def test_a_retry_of_a_retry_resumes_from_the_newest_checkpoint_of_its_line(store, monkeypatch, mlflow_client):
+    """Trial 1 resumed trial 0's checkpoint and was stopped before an epoch of its own ended;
+    trial 2 (retrying both) started over from epoch 0 while trial 0's checkpoint was on disk."""
+    from carrot import interrupt
+    from carrot import train as train_module
+    from carrot.cli import main
+
+    real = train_module.train_one_epoch
+
+    def stop_at_epoch_1(parts, epoch):
+        if epoch == 1:
+            interrupt._received.append(signal.SIGTERM)  # as the handler does on the first signal
+        return real(parts, epoch)
+
+    monkeypatch.setattr(interrupt, "_received", [])
+    monkeypatch.setattr(train_module, "train_one_epoch", stop_at_epoch_1)
+    args = ["--variant", "baseline", "--epochs", "3", "--image-size", "16", "--no-progress",
+            "--set", "eval.probe=final", "--set", "data.batch_size=32"]
+    assert main(["study", *args, "--trials", "1"]) == 143  # trial 0 stops after its first epoch
+    interrupt._received.clear()
+    assert main(["study", *args, "--trials", "1"]) == 143  # trial 1 resumes it, stops before an epoch ends
+    interrupt._received.clear()
+    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    assert main(["study", *args, "--trials", "1"]) == 0
+    study = _study(store)
+    retry = study.trials[2]
+    assert retry.system_attrs["retry_history"] == [0, 1] and retry.state == optuna.trial.TrialState.COMPLETE
+    run = mlflow_client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert run.data.tags["carrot.resumed_from"].endswith("trial-0/last.pt")
+    assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val/acc")] == [1, 2, 3]
