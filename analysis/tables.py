@@ -1006,6 +1006,8 @@ def importance(ctx: Context) -> Table:
             n_complete = len(complete)
             if n_complete < 2:
                 note = "fewer than 2 complete trials: importance needs at least 2"
+            elif len({t.value for t in complete}) == 1:  # fANOVA raises "zero total variance"
+                note = "every complete trial has the same value: no variance for an importance to explain"
             else:
                 try:
                     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
