@@ -39,6 +39,9 @@ HEARTBEAT_INTERVAL_S = float(os.environ.get("CARROT_HEARTBEAT_S", 30))
 # a worker on another host is dead after this long without a heartbeat
 GRACE_PERIOD_S = float(os.environ.get("CARROT_GRACE_S", 300))
 MAX_RETRY = 2
+# a worker records itself on its trial within milliseconds of the trial's start: a running trial
+# without that record this long after its start lost its worker before it could (a kill then)
+UNCLAIMED_S = 60.0
 
 
 def process_start_time(pid: int) -> str | None:
@@ -67,6 +70,8 @@ def is_dead(trial: FrozenTrial, now: float | None = None, grace: float | None = 
         if started is None or (worker.get("start") is not None and started != worker["start"]):
             return f"worker process {pid} on {worker['host']} is gone"
         return None
+    if worker is None and trial.datetime_start is not None and now - trial.datetime_start.timestamp() > UNCLAIMED_S:
+        return f"no worker recorded itself on it in the {now - trial.datetime_start.timestamp():.0f} s since it started"
     beat = trial.user_attrs.get(HEARTBEAT_ATTR)
     if beat is None and trial.datetime_start is not None:
         beat = trial.datetime_start.timestamp()

@@ -397,6 +397,7 @@ def work(opened: OpenStudy, trials: int | None = None, until: int | None = None,
     requeue = liveness.RetryDeadTrial(max_retry=None)
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(liveness.WORKER_ATTR, liveness.this_worker())  # at once: see liveness.UNCLAIMED_S
         trial.set_user_attr(liveness.ERROR_ATTR, None)  # a configuration queued with user attrs may carry one
         params = {key: suggest(trial, key, dist) for key, dist in opened.space.items()}
         cfg = trial_config(base, params)

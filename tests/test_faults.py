@@ -425,3 +425,19 @@ def test_a_retry_of_a_retry_resumes_from_the_newest_checkpoint_of_its_line(store
     run = mlflow_client.get_run(retry.user_attrs["mlflow_run_id"])
     assert run.data.tags["carrot.resumed_from"].endswith("trial-0/last.pt")
     assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val/acc")] == [1, 2, 3]
+
+
+def test_a_running_trial_that_no_worker_recorded_itself_on_is_dead_after_a_minute():
+    """A worker killed between Optuna starting its trial and recording itself on it left the
+    trial (and the study's parent run) RUNNING for the whole 5-minute heartbeat grace."""
+    from carrot import liveness
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    frozen = study._storage.get_trial(trial._trial_id)
+    start = frozen.datetime_start.timestamp()
+    assert liveness.is_dead(frozen, now=start + 10) is None  # its worker may still be about to record itself
+    reason = liveness.is_dead(frozen, now=start + liveness.UNCLAIMED_S + 1)
+    assert reason is not None and "no worker recorded itself on it" in reason
+    trial.set_user_attr(liveness.WORKER_ATTR, {"host": "elsewhere", "pid": 1})  # recorded: the heartbeat decides
+    assert liveness.is_dead(study._storage.get_trial(trial._trial_id), now=start + liveness.UNCLAIMED_S + 1) is None
