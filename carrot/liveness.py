@@ -126,6 +126,26 @@ def close_run(run_id: str | None, reason: str) -> None:
         mlf.set_terminated(run_id, "KILLED")
 
 
+def unrecorded_runs(study: optuna.Study, trial: FrozenTrial) -> list[str]:
+    """The RUNNING MLflow runs of ``trial`` that it holds no record of: its worker was killed
+    after starting the run and before recording the run's id on the trial. Found by the study id
+    and trial number its runs are tagged with."""
+    study_id = study.user_attrs.get(contract.STUDY_ID_ATTR)
+    if not study_id:
+        return []
+    from carrot.tracking import client
+
+    try:
+        mlf = client()
+        experiments = [e.experiment_id for e in mlf.search_experiments()]
+        found = mlf.search_runs(experiments, filter_string=(
+            f"tags.`{contract.TAG_STUDY_ID}` = '{study_id}' AND tags.`{contract.TAG_TRIAL}` = '{trial.number}' "
+            f"AND tags.`{contract.TAG_ROLE}` = '{contract.ROLE_TRIAL}' AND attributes.status = 'RUNNING'"))
+    except Exception:  # the store unreachable now: the run stays open, as before
+        return []
+    return [r.info.run_id for r in found]
+
+
 # what belongs to one attempt, not to the configuration a retry runs again: its worker and
 # heartbeat (a retry that inherited them would look dead until it stamps its own), its error
 # and its MLflow run
@@ -151,7 +171,9 @@ class RetryDeadTrial(RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         reason = trial.user_attrs.get(ERROR_ATTR) or "worker stopped sending heartbeats"
-        close_run(trial.user_attrs.get(contract.TRIAL_RUN_ID_ATTR), reason)
+        run_id = trial.user_attrs.get(contract.TRIAL_RUN_ID_ATTR)
+        for run in [run_id] if run_id else unrecorded_runs(study, trial):
+            close_run(run, reason)
         if self._max_retry is not None and failures_counted(study, trial) > self._max_retry:
             return
         trial = copy.copy(trial)

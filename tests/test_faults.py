@@ -441,3 +441,25 @@ def test_a_running_trial_that_no_worker_recorded_itself_on_is_dead_after_a_minut
     assert reason is not None and "no worker recorded itself on it" in reason
     trial.set_user_attr(liveness.WORKER_ATTR, {"host": "elsewhere", "pid": 1})  # recorded: the heartbeat decides
     assert liveness.is_dead(study._storage.get_trial(trial._trial_id), now=start + liveness.UNCLAIMED_S + 1) is None
+
+
+def test_a_dead_trial_that_never_recorded_its_run_has_the_run_closed_too(store, mlflow_client):
+    """A worker killed after starting the trial's MLflow run and before recording the run's id
+    on the trial left the run RUNNING for ever: the reaper knew the run only by that id."""
+    from carrot import contract, liveness
+    from carrot.tracking import client, experiment_id
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(contract.STUDY_ID_ATTR, "s-123")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    mlf = client()
+    tags = {contract.TAG_STUDY_ID: "s-123", contract.TAG_TRIAL: str(trial.number),
+            contract.TAG_ROLE: contract.ROLE_TRIAL}
+    orphan = mlf.create_run(experiment_id(mlf, "carrot"), tags=tags).info.run_id
+    other = mlf.create_run(experiment_id(mlf, "carrot"), tags={**tags, contract.TAG_TRIAL: "7"}).info.run_id
+    trial.set_user_attr(liveness.ERROR_ATTR, "worker process 1 on h is gone")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    liveness.RetryDeadTrial(max_retry=2)(study, study.trials[0])
+    run = mlflow_client.get_run(orphan)
+    assert run.info.status == "KILLED" and run.data.tags[contract.TAG_ERROR] == "worker process 1 on h is gone"
+    assert mlflow_client.get_run(other).info.status == "RUNNING"  # another trial's run is left alone
