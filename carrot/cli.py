@@ -482,6 +482,24 @@ RESUME = {
 }
 
 
+STORE_ERRNOS = {"EROFS", "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EIO"}  # a store that can no longer be written
+
+
+def store_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or what it was raised from or during) when it says a
+    file can no longer be written: Optuna reports a journal it cannot append to as an
+    AssertionError raised while handling the OSError."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and errno.errorcode.get(exc.errno or 0) in STORE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # a Ctrl-C while the command is still starting (before its handlers are in place)
         from carrot.malloc import keep_freed_blocks
@@ -614,6 +632,15 @@ def _main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `carrot variants | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        cause = store_os_error(exc)
+        if cause is None:
+            raise
+        where = f" {cause.filename}" if cause.filename else ""
+        print(redact(f"carrot: error: cannot write{where}: {cause.strerror or cause}; expected a store this user can "
+                     "write (a trial left RUNNING is failed and queued again by the next command once it can)"),
+              file=sys.stderr)
+        return 1
     finally:
         _leave_group(wait=False)
 

@@ -463,3 +463,34 @@ def test_a_dead_trial_that_never_recorded_its_run_has_the_run_closed_too(store, 
     run = mlflow_client.get_run(orphan)
     assert run.info.status == "KILLED" and run.data.tags[contract.TAG_ERROR] == "worker process 1 on h is gone"
     assert mlflow_client.get_run(other).info.status == "RUNNING"  # another trial's run is left alone
+
+
+def test_a_journal_that_becomes_read_only_mid_study_is_one_line(store, monkeypatch, capsys):
+    """A storage remounted read-only under a running study gave Optuna's 40-line traceback
+    (AssertionError "Should not reach." raised while handling the OSError)."""
+    import errno
+
+    from carrot import train as train_module
+    from carrot.cli import main
+
+    real_epoch, real_symlink = train_module.train_one_epoch, os.symlink
+
+    def read_only(src, dst, *args, **kwargs):
+        if str(dst).endswith("optuna.journal.lock"):  # Optuna's lock of every journal append
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        return real_symlink(src, dst, *args, **kwargs)
+
+    def then_read_only(parts, epoch):
+        result = real_epoch(parts, epoch)
+        monkeypatch.setattr(os, "symlink", read_only)
+        return result
+
+    monkeypatch.setattr(train_module, "train_one_epoch", then_read_only)
+    args = ["--variant", "baseline", "--epochs", "1", "--image-size", "16", "--no-progress",
+            "--set", "eval.probe=final", "--set", "data.batch_size=32"]
+    capsys.readouterr()
+    assert main(["study", *args, "--trials", "1"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"carrot: error: cannot write {store / 'studies' / 'optuna.journal.lock'}: Read-only file "
+                   "system; expected a store this user can write (a trial left RUNNING is failed and queued "
+                   "again by the next command once it can)"], err
