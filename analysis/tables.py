@@ -994,51 +994,54 @@ def importance(ctx: Context) -> Table:
             storage, problem = None, contract.redact(
                 f"cannot read Optuna storage {shown}: {type(exc).__name__}: {exc}", ctx.storage)
     for slot in slots(ctx, table):
-        name = contract.study_name(slot.dataset, slot.backbone, slot.variant)
-        rows, note, study_id = [], problem, ""
-        n_complete: int | None = None
-        if storage is not None and name not in names:
-            note = f"no study of this name in {shown}"
-        elif storage is not None:
-            study = optuna.load_study(study_name=name, storage=storage)
-            study_id = str(study.user_attrs.get(contract.STUDY_ID_ATTR, ""))
-            complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            n_complete = len(complete)
-            if n_complete < 2:
-                note = "fewer than 2 complete trials: importance needs at least 2"
-            elif len({t.value for t in complete}) == 1:  # fANOVA raises "zero total variance"
-                note = "every complete trial has the same value: no variance for an importance to explain"
-            else:
-                try:
-                    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-                    values = optuna.importance.get_param_importances(study, evaluator=evaluator)
-                    rows = sorted(values.items(), key=lambda kv: (-round(kv[1], 12), kv[0]))
-                    if not rows:
-                        note = "no hyperparameter varied across the complete trials"
-                except Exception as exc:  # e.g. no parameter common to every trial
-                    note = f"importance could not be computed: {type(exc).__name__}: {exc}"
-        trials_cell = NA if n_complete is None else str(n_complete)
-        label = f"{name} ({study_id[:SHORT_ID]})" if study_id else name
-        others = {st.study_id for st in studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
-                  if st.name == name and st.study_id} - {study_id}
-        label_note = ""
-        if others and n_complete is not None:
-            label_note = ("the MLflow store also holds trials of other studies of this name (other ids: another "
-                          f"storage); the importance is of the study in {shown}")
-            label += " " + table.notes.mark(label_note)
-        few = ""
-        if rows and n_complete is not None and n_complete < MIN_IMPORTANCE_TRIALS:
-            few = (f"fewer than {MIN_IMPORTANCE_TRIALS} complete trials: the fANOVA importance rests on too few "
-                   "trials to rank hyperparameters reliably")
-            trials_cell += " " + table.notes.mark(few)
-        base = {**slot.keys, "study": name, "study_id": study_id, "n_complete": n_complete}
-        for param, value in rows:  # every row of the study carries the study's notes
-            table.add(slot.labels + [label, param, trials_cell, fmt(value, 3)],
-                      {**base, "param": param, "importance": value, "note": "; ".join(
-                          t for t in (label_note, few) if t)})
-        if not rows:
-            table.add(slot.labels + [label, DASH, trials_cell, f"{NA} " + table.notes.mark(note)],
-                      {**base, "param": "", "importance": None, "note": note})
+        default = contract.study_name(slot.dataset, slot.backbone, slot.variant)
+        forks = sorted({st.name for st in studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
+                        if st.name and st.name != default and st.name in names})  # `--study-name` studies
+        for name in ([default] if default in names or not forks else []) + forks:
+            rows, note, study_id = [], problem, ""
+            n_complete: int | None = None
+            if storage is not None and name not in names:
+                note = f"no study of this name in {shown}"
+            elif storage is not None:
+                study = optuna.load_study(study_name=name, storage=storage)
+                study_id = str(study.user_attrs.get(contract.STUDY_ID_ATTR, ""))
+                complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                n_complete = len(complete)
+                if n_complete < 2:
+                    note = "fewer than 2 complete trials: importance needs at least 2"
+                elif len({t.value for t in complete}) == 1:  # fANOVA raises "zero total variance"
+                    note = "every complete trial has the same value: no variance for an importance to explain"
+                else:
+                    try:
+                        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+                        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+                        rows = sorted(values.items(), key=lambda kv: (-round(kv[1], 12), kv[0]))
+                        if not rows:
+                            note = "no hyperparameter varied across the complete trials"
+                    except Exception as exc:  # e.g. no parameter common to every trial
+                        note = f"importance could not be computed: {type(exc).__name__}: {exc}"
+            trials_cell = NA if n_complete is None else str(n_complete)
+            label = f"{name} ({study_id[:SHORT_ID]})" if study_id else name
+            others = {st.study_id for st in studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
+                      if st.name == name and st.study_id} - {study_id}
+            label_note = ""
+            if others and n_complete is not None:
+                label_note = ("the MLflow store also holds trials of other studies of this name (other ids: another "
+                              f"storage); the importance is of the study in {shown}")
+                label += " " + table.notes.mark(label_note)
+            few = ""
+            if rows and n_complete is not None and n_complete < MIN_IMPORTANCE_TRIALS:
+                few = (f"fewer than {MIN_IMPORTANCE_TRIALS} complete trials: the fANOVA importance rests on too few "
+                       "trials to rank hyperparameters reliably")
+                trials_cell += " " + table.notes.mark(few)
+            base = {**slot.keys, "study": name, "study_id": study_id, "n_complete": n_complete}
+            for param, value in rows:  # every row of the study carries the study's notes
+                table.add(slot.labels + [label, param, trials_cell, fmt(value, 3)],
+                          {**base, "param": param, "importance": value, "note": "; ".join(
+                              t for t in (label_note, few) if t)})
+            if not rows:
+                table.add(slot.labels + [label, DASH, trials_cell, f"{NA} " + table.notes.mark(note)],
+                          {**base, "param": "", "importance": None, "note": note})
     return table
 
 

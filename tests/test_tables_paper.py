@@ -282,3 +282,36 @@ def test_every_table_compiles_with_pdflatex_and_fits_the_text_width(paper, tmp_p
         assert not re.search(r"^! ", log, flags=re.M), name
         assert "Missing character" not in log, name
         assert (tmp_path / f"doc-{name}.pdf").stat().st_size > 1000
+
+
+def test_importance_covers_a_study_started_with_its_own_name(tmp_path):
+    """`carrot study --study-name fork` trials were in the ablations table while the importance
+    table looked only for <dataset>-<backbone>-<variant> and said "no study of this name"."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from carrot import contract
+
+    store = Store(tmp_path / "store")
+    parent = store.write("study", Spec("barrier", None, role="study", split="val", study="fork", study_id=STUDY_ID))
+    for n, params in enumerate(TRIALS):
+        store.write(f"trial-{n}", Spec(
+            "barrier", 0, role="trial", split="val", config_hash=f"t{n}", study="fork", study_id=STUDY_ID,
+            parent="study", params={"variant.hparams.use_var": params["use_var"], "optim.lr": params["lr"]},
+            metrics={"val/acc": 0.5 + 0.1 * n}))
+    assert parent
+    journal = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name="fork", storage=JournalStorage(JournalFileBackend(str(journal))),
+                                direction="maximize")
+    study.set_user_attr(contract.STUDY_ID_ATTR, STUDY_ID)
+    dists = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "use_var": CategoricalDistribution([True, False])}
+    for n, params in enumerate(TRIALS):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=0.5 + 0.1 * n))
+    out = store.tables(tmp_path / "out", "--storage", str(journal))
+    rows = [r for r in read_csv(out / "importance.csv") if r["variant"] == "barrier"]
+    expected = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    assert {r["param"]: float(r["importance"]) for r in rows} == pytest.approx(expected, abs=1e-9)
+    assert {r["study"] for r in rows} == {"fork"} and all(r["n_complete"] == "3" for r in rows)
