@@ -25,9 +25,13 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
     if getattr(args, "config", None):
         path = Path(args.config)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file {'is a folder' if path.is_dir() else 'not found'}: {path}; expected a "
+                              "YAML file of config sections")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read ({getattr(exc, 'strerror', None) or getattr(exc, 'reason', None) or exc}); "
+                              "expected a readable UTF-8 YAML file") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -40,9 +41,15 @@ def parse_value(text: str) -> Any:
     numbers (PyYAML reads ``1e-3`` as a string): ``true`` and ``True`` are booleans."""
     import yaml
 
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the value {text!r} is not valid YAML ({getattr(exc, 'problem', None) or exc}); expected "
+                          "a number, true/false, a word, or a quoted string") from None
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
-        return float(value)
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value) and re.search(r"\d", text):
+        raise ConfigError(f"the value {text!r} is out of range (it reads as {value}); expected a finite number")
     return value
 
 

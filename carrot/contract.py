@@ -207,9 +207,14 @@ DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy tracking store
 def tracking_store_problem(uri: str, timeout: float = 10.0) -> str | None:
     """Why the tracking server or database at ``uri`` cannot be used, in one line (its password
     masked), or None when it answers within ``timeout`` seconds (MLflow itself retries an absent
-    one for minutes and then raises a traceback). Other URIs (SQLite, file stores) are not
-    checked here."""
-    scheme = uri.split(":", 1)[0]
+    one for minutes and then raises a traceback), or that it is no tracking store at all (a
+    folder, an unknown scheme). SQLite URLs are checked by the callers."""
+    scheme = uri.split(":", 1)[0] if "://" in uri or uri.startswith("file:") else ""
+    expected = "expected sqlite:///path/to/mlflow.db, an http(s):// tracking server or a database URL (postgresql://)"
+    if scheme in ("", "file"):  # MLflow 3 no longer writes runs to a folder store
+        return redact(f"MLflow tracking URI {uri}: a folder store is not supported; {expected}", uri)
+    if scheme not in ("http", "https", "databricks") and scheme.split("+")[0] not in DATABASE_SCHEMES:
+        return redact(f"MLflow tracking URI {uri}: unknown scheme {scheme!r}; {expected}", uri)
     if scheme in ("http", "https"):
         import requests
 
@@ -274,8 +279,10 @@ def redact(text: str, *urls: str) -> str:
             password = m.group(1)
             for known in (password, unquote(password)):
                 secrets.add(known)
-                tails = ("@".join(known.split("@")[k:]) for k in range(1, known.count("@") + 1))
-                secrets.update(tail for tail in tails if len(tail) >= 4)  # shorter: every such word in the text
+                tails = ["@".join(known.split("@")[k:]) for k in range(1, known.count("@") + 1)]
+                # a driver names what follows an "@" as the host, up to a "/", ":" or space
+                hosts = [re.split(pattern, tail)[0] for tail in tails for pattern in (r"[/:\s]", r"[/:]", "/")]
+                secrets.update(t for t in tails + hosts if len(t) >= 4)  # shorter: every such word in the text
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     text = re.sub(userinfo, r"\1***\3", text)

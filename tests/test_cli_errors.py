@@ -142,3 +142,21 @@ def test_every_flag_says_its_default(command, capsys):
     missing = [b.split()[0] for b in blocks if b.strip().startswith("-") and not b.strip().startswith("-h")
                and not any(word in " ".join(b.split()) for word in ("default", "required"))]
     assert missing == [], missing
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--set", "optim.lr='x"], "the value \"'x\" is not valid YAML"),
+    (["--set", "optim.lr=[unclosed"], "the value '[unclosed' is not valid YAML"),
+    (["--set", "optim.lr=1e400"], "the value '1e400' is out of range (it reads as inf); expected a finite number"),
+    (["--config", "NONUTF8"], "cannot be read (invalid start byte); expected a readable UTF-8 YAML file"),
+    (["--config", "FOLDER"], "config file is a folder:"),
+])
+def test_a_bad_value_or_config_file_is_one_line(tmp_path, capsys, argv, words):
+    """A --set value that is not YAML, a number beyond float range (it read as inf, past the
+    finite check), a config file that is not UTF-8: tracebacks, or a run that diverged at once."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"optim:\n  lr: \xff\xfe\n")
+    argv = [{"NONUTF8": str(bad), "FOLDER": str(tmp_path)}.get(a, a) for a in argv]
+    assert main(["config", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("carrot: error: ") and words in err, err

@@ -1,6 +1,8 @@
 """No password from a storage URL or tracking URI reaches output, errors or tags."""
 from __future__ import annotations
 
+import pytest
+
 from carrot.cli import main
 from carrot.contract import redact
 
@@ -99,3 +101,31 @@ def test_the_tables_never_create_an_optuna_storage(store, tmp_path):
     db = tmp_path / "none.db"
     assert tables_main(["--storage", f"sqlite:///{db}", "--out", str(tmp_path / "out")]) == 0
     assert not db.exists()
+
+
+@pytest.mark.parametrize("password, driver_says", [("hunter2@prod-db/x", "prod-db"), ("p@ss w/rd", "ss w")])
+def test_what_a_driver_takes_for_the_host_in_a_password_is_masked(password, driver_says):
+    """libpq splits `user:hunter2@prod-db/x@host` at the first "@" and names `prod-db` as the host
+    it could not resolve; that part of the password reached the output and the tables' notes."""
+    url = f"postgresql://alice:{password}@127.0.0.1:1/studies"
+    text = f"cannot open {url}: failed to resolve host '{driver_says}'"
+    assert redact(text, url) == "cannot open postgresql://alice:***@127.0.0.1:1/studies: failed to resolve host '***'"
+
+
+def test_an_unknown_tracking_scheme_is_one_line_without_its_password(store, capsys, monkeypatch):
+    """MLflow answered `foo://bob:tr4ckPW@x` with a 50-line traceback that printed the password."""
+    from analysis.tables import main as tables_main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bob:tr4ckPW@x")
+    assert main(["train", "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("carrot: error: MLflow tracking URI foo://bob:***@x: unknown scheme 'foo'; expected "
+                   "sqlite:///path/to/mlflow.db, an http(s):// tracking server or a database URL (postgresql://)")
+    assert tables_main(["--out", str(store / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "foo://bob:***@x: unknown scheme" in err and "tr4ckPW" not in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "relative/mlruns")  # a folder store: MLflow 3 refuses it
+    assert main(["train", "--epochs", "1", "--no-progress"]) == 2
+    assert "a folder store is not supported" in capsys.readouterr().err
+    assert sorted(p.name for p in store.iterdir()) == ["mlruns"]  # the fixture's, still empty
+    assert list((store / "mlruns").iterdir()) == []
