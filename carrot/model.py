@@ -106,6 +106,7 @@ class CarrotModel(nn.Module):
         return self.backbone.forward_head(final, pre_logits=True), features
 
     def forward(self, x: Tensor, with_features: bool = False) -> ModelOutput:
+        x = x.to(self.head.weight.dtype)  # a no-op but for a float64 model (numerics checks) on float32 images
         if with_features and self._stage_index is not None and self.probe_layers:
             pooled, captured = self._intermediate_features(x)
         else:

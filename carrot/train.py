@@ -185,7 +185,7 @@ class StepModule(nn.Module):
 
 
 class MeanAggregator:
-    """Running means of 0-dim tensors, kept on their device: adding never syncs with the host,
+    """Running means of 0-dim tensors in float64, kept on their device: adding never syncs with the host,
     :meth:`compute` syncs once. With ``skip_nonfinite`` a NaN/inf value counts as missing.
     Under DDP :meth:`compute` averages over every rank's values (the same keys on every rank)."""
 
@@ -193,9 +193,9 @@ class MeanAggregator:
         self._sums: dict[str, Tensor] = {}  # key -> (sum, count)
 
     def add(self, key: str, value: Tensor, skip_nonfinite: bool = False) -> None:
-        value = value.detach().float()
+        value = value.detach().double()  # float64: a mean of tiny values (an overlap rho) stays nonzero
         ok = torch.isfinite(value) if skip_nonfinite else torch.ones((), dtype=torch.bool, device=value.device)
-        pair = torch.stack([torch.where(ok, value, 0.0), ok.float()])
+        pair = torch.stack([torch.where(ok, value, 0.0), ok.double()])
         self._sums[key] = self._sums[key] + pair if key in self._sums else pair
 
     def compute(self) -> dict[str, float]:

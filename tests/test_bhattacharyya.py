@@ -186,7 +186,8 @@ def test_auto_term_on_a_wide_layer_does_not_underflow() -> None:
     head = nn.Linear(8, 16)
     batch = StepBatch(torch.zeros(len(y), 8), logits, y, head, {"layer4": feat}, progress=10.0)
     out = create_variant("bhattacharyya")(batch)
-    assert out.stats["db_layer4"].item() > 100 and out.stats["rho_layer4"].item() == 0.0
+    db, rho = out.stats["db_layer4"].item(), out.stats["rho_layer4"].item()
+    assert db > 104 and 0.0 < rho < 1e-40  # 0 in float32; the logged mean is float64
     assert out.terms["bhat"].item() == pytest.approx(out.terms["ce"].item(), rel=1e-6)
     assert math.isfinite(out.stats["log_l_bhat"].item()) and out.stats["log_l_bhat"].item() < -100
     assert math.isfinite(out.stats["scale"].item())
@@ -378,3 +379,25 @@ def test_mean_distance_divides_each_layer_by_its_width() -> None:
         assert loss[k].item() == pytest.approx(num / den, rel=1e-4)
     with pytest.raises(ValueError, match="distance"):
         create_variant("bhattacharyya", distance="max")
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_a_tiny_mean_overlap_is_logged_not_rounded_to_zero(on_host: bool, monkeypatch) -> None:
+    """exp(-D_B) is 0 in float32 from D_B ~ 104: with well-apart classes var/rho_<layer> read 0
+    where the overlap is ~1e-50. The mean and the epoch's running mean are float64."""
+    from carrot.train import MeanAggregator
+
+    _selection_on(on_host, monkeypatch)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    g = torch.Generator().manual_seed(0)
+    emb = (torch.randn(len(y), 6, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 6) * 1.5).requires_grad_(True)
+    head = nn.Linear(6, 3)
+    batch = StepBatch(emb, head(emb), y, head, {"l4": emb * 1.0}, progress=10.0)
+    out = create_variant("bhattacharyya")(batch)
+    db, rho = out.stats["db_l4"].item(), out.stats["rho_l4"]
+    assert 104 < db < 700 and rho.dtype == torch.float64
+    assert rho.item() > 0 and rho.item() >= math.exp(-db)  # Jensen: mean exp(-D) >= exp(-mean D)
+    means = MeanAggregator()
+    for _ in range(3):
+        means.add("rho", rho)
+    assert means.compute()["rho"] == pytest.approx(rho.item(), rel=1e-12)

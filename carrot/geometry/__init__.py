@@ -26,7 +26,7 @@ from carrot.geometry.confusion import soft_confusion, symmetric_confusion
 from carrot.geometry.slots import (
     class_deviations, class_means, class_moments, class_slots, class_sums, compact_slots, device_routes, kth_largest,
     l2_normalize, no_autocast, pairwise_distance, pairwise_sq_distance, reads_on_host, rms_radius, slot_sums,
-    slot_variance, sq_distance_to_distance, used_class_slots,
+    slot_variance, stat_float, sq_distance_to_distance, used_class_slots,
 )
 from carrot.geometry.spectra import (
     BlockSpectrum, block_spectrum, class_centring_operator, effective_rank, resolvent_xlogx, spectral_entropy,
@@ -38,6 +38,6 @@ __all__ = [
     "class_deviations", "class_means", "class_moments", "class_slots", "class_sums", "compact_slots", "device_routes",
     "effective_rank", "kth_largest", "l2_normalize", "no_autocast", "pairwise_distance", "pairwise_sq_distance",
     "reads_on_host", "resolvent_xlogx", "rms_radius", "sample_pair_bhattacharyya", "slot_sums", "slot_variance",
-    "soft_confusion", "spectral_entropy", "sq_distance_to_distance", "symmetric_confusion", "symmetric_eigh",
-    "trace_terms", "used_class_slots", "xlogx_sum",
+    "soft_confusion", "spectral_entropy", "sq_distance_to_distance", "stat_float", "symmetric_confusion",
+    "symmetric_eigh", "trace_terms", "used_class_slots", "xlogx_sum",
 ]

@@ -65,6 +65,12 @@ def kth_largest(x: Tensor, m: int) -> Tensor:
         return x.topk(m, dim=1).values[:, -1]
 
 
+def stat_float(t: Tensor) -> Tensor:
+    """``t`` in float32 (from bf16/fp16 under autocast), or as it is when float64: a float64
+    model (the fixed-seed numerics checks) keeps every loss term float64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def no_autocast(t: Tensor):
     """Context that turns autocast off on ``t``'s device: statistics stay float32 (SPEC).
     Where autocast is already off it changes nothing (entering ``torch.autocast`` costs about

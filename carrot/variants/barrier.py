@@ -16,7 +16,7 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor
 
-from carrot.geometry import block_spectrum, class_slots, no_autocast
+from carrot.geometry import block_spectrum, class_slots, no_autocast, stat_float
 from carrot.geometry.distributed import gather_rows, gather_rows_no_grad
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant
@@ -127,7 +127,7 @@ def barrier_terms(z: Tensor, y: Tensor, eps: float = 1e-12,
         used = counts >= 2
         classes_used = used.sum().float()
         # erank is 1 (H = 0) for a slot with fewer than two samples: no spread.
-        r_var, r_rank, ratio, erank, min_r, min_er = _BarrierTerms.apply(z.float(), inv, counts, eps, resolvent)
+        r_var, r_rank, ratio, erank, min_r, min_er = _BarrierTerms.apply(stat_float(z), inv, counts, eps, resolvent)
     stats = {
         "r_var": r_var.detach(),
         "r_rank": r_rank.detach(),

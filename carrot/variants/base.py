@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from optuna.distributions import BaseDistribution
 from torch import Tensor, nn
 
-from carrot.geometry import l2_normalize
+from carrot.geometry import l2_normalize, stat_float
 
 
 @dataclass
@@ -45,7 +45,7 @@ class VariantOutput:
 
     @property
     def loss(self) -> Tensor:
-        return torch.stack([t.float() for t in self.terms.values()]).sum()
+        return torch.stack([stat_float(t) for t in self.terms.values()]).sum()
 
 
 @dataclass
@@ -122,10 +122,10 @@ class Variant(nn.Module):
                 "expected embedding (B, D), logits (B, K), labels (B,); got "
                 f"{tuple(batch.embedding.shape)}, {tuple(batch.logits.shape)}, {tuple(batch.labels.shape)}"
             )
-        ce = F.cross_entropy(batch.logits.float(), batch.labels, label_smoothing=batch.label_smoothing)
+        ce = F.cross_entropy(stat_float(batch.logits), batch.labels, label_smoothing=batch.label_smoothing)
         terms, stats = self.compute(batch, ce)
-        stats = {k: v if v.dtype == torch.float32 and not v.requires_grad else v.detach().float()
-                 for k, v in stats.items()}
+        stats = {k: v.detach() if v.dtype in (torch.float32, torch.float64) else v.detach().float()
+                 for k, v in stats.items()}  # float64 kept: a mean overlap rho ~ 1e-50 is not 0
         return VariantOutput({"ce": ce, **terms}, stats)
 
     def compute(self, batch: StepBatch, ce: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -154,7 +154,7 @@ class L2Normalize(nn.Module):
     in float32, returned in the input dtype."""
 
     def forward(self, z: Tensor) -> Tensor:
-        return l2_normalize(z.float()).to(z.dtype)
+        return l2_normalize(stat_float(z)).to(z.dtype)
 
 
 class _HeadPass(torch.autograd.Function):

@@ -182,8 +182,8 @@ def pair_distances(
 
     Returns ``(db, rho_mean, db_mean)``: ``db`` (M', L) with its gradient, 0 on padding
     entries; the unweighted means of rho = exp(-D_B) and of D_B over the valid pairs, (L,)
-    each, no gradient (rho underflows to 0 on wide layers; D_B stays readable), NaN without
-    a valid pair.
+    float64 each, no gradient (rho underflows to 0 only beyond D_B ~ 745; D_B stays readable),
+    NaN without a valid pair.
     """
     with no_autocast(features[0]):
         fs = [f.to(torch.promote_types(f.dtype, torch.float32)) for f in features]
@@ -201,13 +201,14 @@ def pair_distances(
             if not d.shape[0]:
                 undefined = torch.full((db.shape[1],), float("nan"), dtype=db.dtype)
                 return db, undefined, undefined.clone()
+            d = d.astype(np.float64)  # rho in float64: exp(-D_B) is 0 in float32 from D_B ~ 104, here from ~ 745
             return db, torch.from_numpy(np.exp(-d).mean(0)), torch.from_numpy(d.mean(0))
         with torch.no_grad():
-            valid = sel.valid.to(db.dtype)
+            valid = sel.valid.to(torch.float64)
             n = valid.sum()
             n = torch.where(n > 0, n, float("nan"))  # no valid pair: the means are undefined, not 0
-            rho_mean = (valid @ torch.exp(-db)) / n
-            db_mean = (valid @ db) / n
+            rho_mean = (valid @ torch.exp(-db.detach().double())) / n
+            db_mean = (valid @ db.detach().double()) / n
     return db, rho_mean, db_mean
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from torch import Tensor
 
-from carrot.geometry import reads_on_host
+from carrot.geometry import reads_on_host, stat_float
 from carrot.geometry.distributed import all_reduce_sum_no_grad
 from carrot.variants import register_variant
 from carrot.variants.base import BaseHparams, StepBatch, Variant, linear_pass
@@ -407,7 +407,8 @@ class Nuisance(Variant):
             bias = None if head.bias is None else head.bias.to(z_aug.dtype)
             logits_aug = linear_pass(z_aug, head.weight.to(z_aug.dtype), bias, value=st.pop("logits"))  # (B n, K)
         rows = st["augmented"].repeat_interleave(hp.n_aug)  # (B n,)
-        ce_rows = F.cross_entropy(logits_aug.float(), y_aug, reduction="none", label_smoothing=batch.label_smoothing)
+        ce_rows = F.cross_entropy(stat_float(logits_aug), y_aug, reduction="none",
+                                  label_smoothing=batch.label_smoothing)
         # SPEC: w_aug * CE(head(z~), y) over every row; a row with alpha = 0 has z~ = z
         aug_ce = ce_rows.mean()
         safety = torch.where(rows.any(), label_safety(logits_aug, y_aug, rows), float("nan"))
