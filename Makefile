@@ -51,32 +51,32 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## build the virtual environment (.venv) with every dependency
 
 study: $(STAMP) ## Optuna study of VARIANT (or VARIANT=all) on the validation split
-	$(BIN)/carrot study $(if $(VARIANT),--variant $(VARIANT)) $(if $(TRIALS),--trials $(TRIALS)) \
+	@$(BIN)/carrot study $(if $(VARIANT),--variant $(VARIANT)) $(if $(TRIALS),--trials $(TRIALS)) \
 		$(if $(STORAGE),--storage $(STORAGE)) $(if $(STUDY),--study-name $(STUDY)) $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
 
 worker: $(STAMP) ## join the study STUDY in STORAGE from this machine (TRIALS trials; DEVICE, WORKERS)
-	$(BIN)/carrot worker --study-name $(STUDY) --trials $(or $(TRIALS),6) $(if $(STORAGE),--storage $(STORAGE)) \
+	@$(BIN)/carrot worker --study-name $(STUDY) --trials $(or $(TRIALS),6) $(if $(STORAGE),--storage $(STORAGE)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(NPROC),--nproc $(NPROC))
 
 train: $(STAMP) ## one run of VARIANT at its recommended setting
-	$(BIN)/carrot train $(if $(VARIANT),--variant $(VARIANT)) $(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
+	@$(BIN)/carrot train $(if $(VARIANT),--variant $(VARIANT)) $(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
 
 final: $(STAMP) ## best configuration of each studied variant, SEEDS seeds (default 5), test split
-	$(BIN)/carrot final $(if $(VARIANT),--variant $(VARIANT)) \
+	@$(BIN)/carrot final $(if $(VARIANT),--variant $(VARIANT)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(STORAGE),--storage $(STORAGE)) $(RUN_FLAGS)
 
 evaluate: $(STAMP) ## recompute a run's diagnostics from its weights: make evaluate RUN=<run id> [SPLIT=test]
-	$(BIN)/carrot evaluate $(RUN) $(if $(SPLIT),--split $(SPLIT))
+	@$(BIN)/carrot evaluate $(RUN) $(if $(SPLIT),--split $(SPLIT))
 
 # the store and the slice of runs that tables and plots read
 ANALYSIS_FLAGS = $(if $(DATASET),--dataset $(DATASET)) $(if $(BACKBONE),--backbone $(BACKBONE))
 
 tables: $(STAMP) ## ablation and paper tables from finished runs (analysis/output/; DATASET, BACKBONE, STORAGE, SEEDS)
-	$(BIN)/carrot tables $(ANALYSIS_FLAGS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(SEEDS),--seeds $(SEEDS))
+	@$(BIN)/carrot tables $(ANALYSIS_FLAGS) $(if $(STORAGE),--storage $(STORAGE)) $(if $(SEEDS),--seeds $(SEEDS))
 
 plots: $(STAMP) ## sanity-check plots from finished runs (analysis/output/plots/; DATASET, BACKBONE)
-	$(BIN)/carrot plots $(ANALYSIS_FLAGS)
+	@$(BIN)/carrot plots $(ANALYSIS_FLAGS)
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:PORT (default 5000)
 	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) echo "make ui: MLFLOW_TRACKING_URI names a \
@@ -89,7 +89,7 @@ dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:DASHBOARD_PORT (defa
 	@storage="$(if $(STORAGE),$(STORAGE),studies/optuna.journal)"; case "$$storage" in *://*) ;; *) \
 	if [ ! -f "$$storage" ]; then echo "make dashboard: no Optuna storage at $$storage; expected the \
 	journal of a study (run make study first, or give STORAGE=)" >&2; exit 2; fi;; esac
-	$(BIN)/optuna-dashboard $(if $(STORAGE),$(STORAGE),studies/optuna.journal) \
+	@$(BIN)/optuna-dashboard $(if $(STORAGE),$(STORAGE),studies/optuna.journal) \
 		--host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 test: $(STAMP) ## the test suite (slow end-to-end tests included; the multi-process ones: test-heavy)
@@ -102,7 +102,7 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow and not heavy" $(PYTEST_ARGS)
 
 bench: $(STAMP) ## what each part of the harness costs, as ratios (CPU, and CUDA when present); JSON=file writes them
-	$(BIN)/carrot bench $(if $(JSON),--json $(JSON))
+	@$(BIN)/carrot bench $(if $(JSON),--json $(JSON))
 	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(BIN)/carrot bench throughput; fi
 

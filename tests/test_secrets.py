@@ -129,3 +129,25 @@ def test_an_unknown_tracking_scheme_is_one_line_without_its_password(store, caps
     assert "a folder store is not supported" in capsys.readouterr().err
     assert sorted(p.name for p in store.iterdir()) == ["mlruns"]  # the fixture's, still empty
     assert list((store / "mlruns").iterdir()) == []
+
+
+def test_make_does_not_echo_a_storage_password(tmp_path):
+    """make printed each recipe, `carrot study --storage postgresql://u:pa55w0rd@...`, before
+    carrot's own (masked) error."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    venv = Path(sys.executable).parent.parent
+    url = "postgresql://u:pa55w0rd@127.0.0.1:1/db"
+    for target in (["study", "TRIALS=1", "EPOCHS=1"], ["worker", "STUDY=s"], ["tables"]):
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+        done = subprocess.run(["make", "--no-print-directory", "-C", str(repo), "-o", str(venv / ".installed"),
+                               f"VENV={venv}", f"STORAGE={url}", *target], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert "pa55w0rd" not in done.stdout + done.stderr, (target, done.stdout, done.stderr)
