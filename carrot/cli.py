@@ -30,7 +30,8 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} cannot be read ({getattr(exc, 'strerror', None) or getattr(exc, 'reason', None) or exc}); "
+            why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise ConfigError(f"config file {path} cannot be read ({why}); "
                               "expected a readable UTF-8 YAML file") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
@@ -149,6 +150,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         from carrot.config import ConfigError
 
         raise ConfigError(f"invalid jobs={args.jobs}: expected a positive integer (worker processes)")
+    if args.jobs > args.trials:  # each worker would run a trial of its own
+        print(f"carrot: --jobs {args.jobs} is more than --trials {args.trials}: starting {args.trials} worker(s)",
+              file=sys.stderr)
+        args.jobs = args.trials
     _check_nproc(args)
     if args.launcher == "slurm":
         import shutil
@@ -551,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trials to run (exactly one of --trials and --until is required; no default)")
     p.add_argument("--until", type=_int_arg, help="run until the study holds this many finished trials "
                                                   "(exactly one of --trials and --until is required; no default)")
-    p.add_argument("--worker-index", type=_int_arg, default=1, help="this worker's number, which moves its sampler seed (default %(default)s)")
+    p.add_argument("--worker-index", type=contract.int_argument(0), default=1,
+                   help="this worker's number, which moves its sampler seed (default %(default)s)")
     p.add_argument("--device", help="auto (CUDA when present), cpu or cuda (default: the study's)")
     p.add_argument("--workers", type=_int_arg, help="DataLoader worker processes (default: the study's)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished trial's last checkpoint (default: removed when the trial ends)")

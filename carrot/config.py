@@ -216,7 +216,7 @@ class RunConfig:
         """Types and ranges only (no heavy import); names of variants, datasets and backbones
         are checked by :func:`carrot.checks.check_names`."""
         _check(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
-        _check(self.seed >= 0, "seed", self.seed, "a non-negative integer")
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer from 0 to 2**32 - 1 (numpy's range)")
         _check(self.split in SPLITS, "split", self.split, f"one of {SPLITS}")
         _check(self.amp_dtype in ("bfloat16", "float16"), "amp_dtype", self.amp_dtype, "bfloat16 or float16")
         for section in (self.data, self.model, self.optim, self.eval):

@@ -95,6 +95,9 @@ def open_storage(url: str | None, create: bool = True):
     there ends with the process."""
     if url is None or "://" not in url:
         path = Path(url) if url else DEFAULT_JOURNAL
+        if path.is_dir():
+            raise ConfigError(f"--storage {path} is a folder; expected the path of a journal file (for example "
+                              f"{path / 'optuna.journal'}) or a database URL")
         if not create and not path.is_file():
             raise StorageMissing(f"no Optuna storage at {path}; expected the journal file of a study "
                                  "started with `carrot study` (--storage)")
@@ -346,7 +349,7 @@ def open_study(base: RunConfig, storage: str | None = None, name: str | None = N
         except KeyError:
             pass
         study = optuna.create_study(study_name=name, storage=store, direction="maximize", load_if_exists=True,
-                                    sampler=_sampler(base.seed + existing + 1000 * worker), pruner=_pruner())
+                                    sampler=_sampler((base.seed + existing + 1000 * worker) % 2**32), pruner=_pruner())
         study.set_metric_names([f"{base.split}/acc"])
         fixed = fixed_config(base)
         stored = study.user_attrs.get("fixed_config")

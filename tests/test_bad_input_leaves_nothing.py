@@ -172,7 +172,8 @@ def test_tables_and_plots_name_an_unreachable_server_without_its_password(store,
     for command in (tables_main, plots_main):
         assert command(["--tracking-uri", db, "--out", str(store / "out")]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "MLflow store postgresql://u:***@127.0.0.1:1/db cannot be opened" in err, err
+        assert len(err.splitlines()) == 1, err
+        assert "MLflow store postgresql://u:***@127.0.0.1:1/db cannot be opened" in err, err
     assert not (store / "out").exists()
 
 
@@ -204,3 +205,37 @@ def test_a_training_run_creates_no_study_storage(empty, capsys):
     assert main(["train", "--epochs", "1", "--image-size", "16", "--no-progress"]) == 0
     assert "no baseline study 'digits-test_resnet-baseline' yet" in capsys.readouterr().out
     assert sorted(p.name for p in empty.iterdir()) == ["mlruns"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["study", "--storage", "adir", "--trials", "1"], "--storage adir is a folder; expected the path of a journal"),
+    (["study", "--seed", str(2**32), "--trials", "1"], "invalid seed=4294967296: expected an integer from 0 to 2**32"),
+    (["worker", "--study-name", "s", "--trials", "1", "--worker-index", "-1"], "expected an integer >= 0, got '-1'"),
+])
+def test_a_folder_as_storage_a_seed_beyond_numpy_or_a_negative_worker_index_is_one_line(empty, capsys, argv,
+                                                                                       words):
+    """A folder as --storage trained a trial, then IsADirectoryError; a seed of 2**32 or more, or a
+    negative worker index (it moves the sampler's seed), numpy's ValueError traceback."""
+    (empty / "adir").mkdir()
+    try:
+        code = main(argv + ["--epochs", "1", "--no-progress"] if argv[0] == "study" else argv)
+    except SystemExit as exc:  # argparse's own exit, after its one line
+        code = exc.code
+    assert code == 2
+    assert words in capsys.readouterr().err
+    assert sorted(p.name for p in empty.iterdir()) == ["adir"] and not list((empty / "adir").iterdir())
+
+
+def test_more_jobs_than_trials_start_one_worker_per_trial(empty, capsys):
+    """`--jobs 3 --trials 1` ran three trials (each worker one); `--jobs 99999` forked until the
+    machine gave out."""
+    import optuna
+
+    from carrot.study import open_storage
+
+    argv = ["study", "--trials", "1", "--jobs", "3", "--epochs", "1", "--image-size", "16", "--no-progress",
+            "--set", "eval.probe=final", "--set", "data.batch_size=32"]
+    assert main(argv) == 0
+    assert "carrot: --jobs 3 is more than --trials 1: starting 1 worker(s)" in capsys.readouterr().err
+    study = optuna.load_study(study_name="digits-test_resnet-baseline", storage=open_storage(None))
+    assert len(study.trials) == 1
