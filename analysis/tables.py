@@ -995,7 +995,8 @@ def importance(ctx: Context) -> Table:
                 f"cannot read Optuna storage {shown}: {type(exc).__name__}: {exc}", ctx.storage)
     for slot in slots(ctx, table):
         default = contract.study_name(slot.dataset, slot.backbone, slot.variant)
-        forks = sorted({st.name for st in studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
+        logged = studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))  # the runs' studies
+        forks = sorted({st.name for st in logged
                         if st.name and st.name != default and st.name in names})  # `--study-name` studies
         for name in ([default] if default in names or not forks else []) + forks:
             rows, note, study_id = [], problem, ""
@@ -1022,8 +1023,7 @@ def importance(ctx: Context) -> Table:
                         note = f"importance could not be computed: {type(exc).__name__}: {exc}"
             trials_cell = NA if n_complete is None else str(n_complete)
             label = f"{name} ({study_id[:SHORT_ID]})" if study_id else name
-            others = {st.study_id for st in studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))
-                      if st.name == name and st.study_id} - {study_id}
+            others = {st.study_id for st in logged if st.name == name and st.study_id} - {study_id}
             label_note = ""
             if others and n_complete is not None:
                 label_note = ("the MLflow store also holds trials of other studies of this name (other ids: another "
