@@ -98,7 +98,9 @@ def _int_arg(text: str) -> int:
     return int_argument()(text)
 
 
-def _common(p: argparse.ArgumentParser, variant_default: str = "baseline") -> None:
+def _common(p: argparse.ArgumentParser, variant_default: str = "baseline", seed: bool = True) -> None:
+    """The run flags; ``seed=False`` leaves ``--seed`` out of the help (final runs refuse it with
+    a line of their own)."""
     from carrot.config import RunConfig
 
     d = RunConfig()
@@ -114,7 +116,7 @@ def _common(p: argparse.ArgumentParser, variant_default: str = "baseline") -> No
                    help=f"global training batch (default {d.data.batch_size})")
     p.add_argument("--workers", type=_int_arg, help=f"DataLoader worker processes (default {d.data.workers})")
     p.add_argument("--device", help=f"auto (CUDA when present), cpu or cuda (default {d.device})")
-    p.add_argument("--seed", type=_int_arg, help=f"run seed (default {d.seed})")
+    p.add_argument("--seed", type=_int_arg, help=f"run seed (default {d.seed})" if seed else argparse.SUPPRESS)
     p.add_argument("--experiment", help=f"MLflow experiment name (default {d.experiment})")
     p.add_argument("--config", help="YAML file with config sections, e.g. studies/cub_resnet50.yaml (default: none)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -571,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     _nproc_flag(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("final", help="best configuration of each variant, several seeds, test split")
-    _common(p, variant_default="all studied variants")
+    _common(p, variant_default="all studied variants", seed=False)
     p.add_argument("--seeds", type=_int_arg, default=5, help="seeds per variant (default %(default)s)")
     p.add_argument("--storage", help="Optuna storage holding the studies (default studies/optuna.journal)")
     p.set_defaults(fn=cmd_final)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Iterable
 
 import numpy as np
@@ -144,6 +145,20 @@ TRIAL_RUN_ID_ATTR = "mlflow_run_id"  # an Optuna trial's user attr: its MLflow r
 def study_name(dataset: str, backbone: str, variant: str) -> str:
     """The default study name of one (dataset, backbone, variant)."""
     return f"{dataset}-{backbone}-{variant}"
+
+
+def file_name(name: str) -> str:
+    """A study name as one file or folder name: itself when it is already a short, plain name;
+    otherwise its letters, digits, dots, dashes and underscores (others become ``_``), at most
+    80 of them, and a digest of the whole name, so that two names never share a file and no
+    name (``a/b``, ``../x``, 300 characters) reaches outside its folder or past the file
+    system's limit."""
+    import hashlib
+
+    plain = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:80]
+    if plain == name and not name.startswith("."):
+        return name
+    return f"{plain.lstrip('.') or 'study'}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 # ----------------------------------------------------------------------------- confusion maths

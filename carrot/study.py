@@ -302,7 +302,7 @@ def study_lock(storage: str | None, name: str):
 
     folder = Path(storage).parent if storage and "://" not in storage else DEFAULT_JOURNAL.parent
     folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f".{name}.lock"), timeout=300)
+    return FileLock(str(folder / f".{contract.file_name(name)}.lock"), timeout=300)
 
 
 @dataclass
@@ -553,7 +553,7 @@ def run_study(base: RunConfig, trials: int, storage: str | None = None, log: Cal
     if launcher != "local":  # a submitit job array: Slurm, or submitit's local executor
         from carrot import workers
 
-        folder = DEFAULT_JOURNAL.parent / "slurm" / opened.name
+        folder = DEFAULT_JOURNAL.parent / "slurm" / contract.file_name(opened.name)
         if launcher == "slurm":
             executor = workers.slurm_executor(folder, jobs, **(slurm or {}))
         else:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import optuna
 
-from carrot import interrupt
+from carrot import contract, interrupt
 
 POLL_S = 2.0
 
@@ -56,7 +56,7 @@ def run_workers(opened, storage: str | None, trials: int, jobs: int, log: Callab
 
     study = opened.study
     until = _finished(study) + trials
-    folder = Path(DEFAULT_JOURNAL.parent, "logs", opened.name)
+    folder = Path(DEFAULT_JOURNAL.parent, "logs", contract.file_name(opened.name))
     folder.mkdir(parents=True, exist_ok=True)
     import torch
 

@@ -239,3 +239,27 @@ def test_more_jobs_than_trials_start_one_worker_per_trial(empty, capsys):
     assert "carrot: --jobs 3 is more than --trials 1: starting 1 worker(s)" in capsys.readouterr().err
     study = optuna.load_study(study_name="digits-test_resnet-baseline", storage=open_storage(None))
     assert len(study.trials) == 1
+
+
+def test_any_study_name_is_one_file_inside_the_studies_folder(tmp_path):
+    """A study name becomes the name of its lock (and of its workers' log and Slurm folders):
+    `a/../../x` put the lock outside studies/, and a 300-character name failed with "File name
+    too long" after the stores were made."""
+    from pathlib import Path
+
+    from carrot.contract import file_name
+    from carrot.study import study_lock
+
+    folder = tmp_path / "studies"
+    names = ["digits-test_resnet-baseline", "a/b", "a_b", "a/../../../x", "../x", ".hidden", "n" * 300, "é"]
+    locks = []
+    for name in names:
+        lock = study_lock(str(folder / "optuna.journal"), name)
+        path = Path(lock.lock_file)
+        assert path.parent == folder and len(path.name.encode()) < 255, (name, path)
+        with lock:
+            assert path.exists()
+        locks.append(path.name)
+    assert len(set(locks)) == len(names)  # no two names share a lock
+    assert file_name("digits-test_resnet-baseline") == "digits-test_resnet-baseline"  # plain names kept
+    assert sorted(p.parent for p in tmp_path.rglob("*")) == [tmp_path] + [folder] * len(names)

@@ -242,6 +242,25 @@ def test_inconsistent_metadata_is_an_error(tmp_path):
         build_dataset(cfg_for("cub", fx.root), SPEC)
 
 
+@pytest.mark.parametrize("key, rel, line", [("cub", "classes.txt", 3), ("aircraft", "data/variants.txt", 2)])
+def test_metadata_that_is_not_utf8_names_the_file_and_the_line(tmp_path, key, rel, line, capsys):
+    """A Latin-1 class name in a metadata file was a UnicodeDecodeError traceback."""
+    from carrot.cli import main
+
+    fx = MAKERS[key](tmp_path)
+    path = next(p for p in fx.root.rglob(Path(rel).name) if p.as_posix().endswith(rel))
+    rows = path.read_bytes().splitlines(keepends=True)
+    rows[line - 1] = rows[line - 1].rstrip(b"\n") + b" Gr\xfcn\n"
+    path.write_bytes(b"".join(rows))
+    with pytest.raises(DatasetError) as info:
+        build_dataset(cfg_for(key, fx.root), SPEC)
+    assert str(info.value) == (f"{dataset_name(key)}: {path} line {line}: byte 0xfc is not UTF-8; "
+                               "expected the dataset's metadata as UTF-8 text")
+    assert main(["train", "--dataset", dataset_name(key), "--data-root", str(fx.root), "--backbone",
+                 "test_resnet", "--epochs", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"carrot: error: {info.value}"
+
+
 # --------------------------------------------------------------------------- per-dataset details
 
 

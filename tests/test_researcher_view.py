@@ -315,12 +315,27 @@ def test_every_flag_has_help_with_its_default():
         for action in p._actions:
             if not action.option_strings or action.dest == "help" or command in ("tables", "plots", "bench"):
                 continue
+            if action.help == argparse.SUPPRESS:  # accepted only to be refused with a line of its own
+                assert (command, action.dest) == ("final", "seed"), (command, action.option_strings)
+                continue
             text = action.help or ""
             assert len(text) > 10, (command, action.option_strings)
             if not action.required:  # an optional flag says what happens without it
                 assert "default" in text or "exactly one of" in text, (command, action.option_strings, text)
             checked += 1
     assert checked > 50
+
+
+def test_final_help_offers_seeds_not_the_seed_it_refuses():
+    """`carrot final --help` listed `--seed`, which final refuses (its runs use seeds 0 .. S-1)."""
+    import argparse
+
+    from carrot.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    final, train = sub.choices["final"].format_help(), sub.choices["train"].format_help()
+    assert "--seeds SEEDS" in final and "--seed SEED" not in final
+    assert "--seed SEED" in train
 
 
 def test_epoch_metrics_logged_in_the_background_are_all_there_when_the_run_ends(tmp_path):

@@ -370,20 +370,35 @@ def check_images(dataset: str, paths: Sequence[str], full: bool = False, threads
         )
 
 
+def read_lines(dataset: str, path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a metadata file, stripped, with their line numbers; a file that
+    cannot be read or is not UTF-8 is a DatasetError naming it (and the line)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{dataset}: cannot read {path}: {exc.strerror or exc}") from None
+    lines = []
+    for lineno, data in enumerate(raw.splitlines(), 1):
+        try:
+            line = data.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{dataset}: {path} line {lineno}: byte {data[exc.start]:#04x} is not UTF-8; "
+                               "expected the dataset's metadata as UTF-8 text") from None
+        if line:
+            lines.append((lineno, line))
+    return lines
+
+
 def read_rows(dataset: str, path: Path, fields: int) -> list[list[str]]:
     """Whitespace-separated rows of a metadata file; the last field keeps its inner spaces."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(maxsplit=fields - 1)
-            if len(parts) != fields:
-                raise DatasetError(
-                    f"{dataset}: {path} line {lineno}: expected {fields} fields, got {line!r}"
-                )
-            rows.append(parts)
+    for lineno, line in read_lines(dataset, path):
+        parts = line.split(maxsplit=fields - 1)
+        if len(parts) != fields:
+            raise DatasetError(
+                f"{dataset}: {path} line {lineno}: expected {fields} fields, got {line!r}"
+            )
+        rows.append(parts)
     return rows
 
 

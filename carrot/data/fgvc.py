@@ -38,7 +38,7 @@ import numpy as np
 
 from carrot.data import DatasetError, DatasetSplits, ImageSpec, register_dataset
 from carrot.data._images import (
-    IMAGE_EXTENSIONS, check_root, make_splits, pick_root, read_rows, require,
+    IMAGE_EXTENSIONS, check_root, make_splits, pick_root, read_lines, read_rows, require,
 )
 
 SHOWN = 5  # ids named in a metadata-consistency error
@@ -136,8 +136,7 @@ def _build_aircraft(cfg, spec: ImageSpec, name: str, level: str) -> DatasetSplit
     root = pick_root(path, "data", ["fgvc-aircraft-2013b"])
     require(name, root, files, "the fgvc-aircraft-2013b layout")
     data = root / "data"
-    with open(data / AIRCRAFT_LEVELS[level], encoding="utf-8") as fh:
-        class_names = [line.strip() for line in fh if line.strip()]
+    class_names = [line for _, line in read_lines(name, data / AIRCRAFT_LEVELS[level])]
     index = {c: k for k, c in enumerate(class_names)}
     parts = {}
     for split in ("train", "val", "test"):
