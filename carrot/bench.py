@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from carrot import contract
+from carrot import contract, interrupt
 from carrot.config import int_argument
 from carrot.geometry import used_class_slots
 from carrot.model import ModelOutput
@@ -97,10 +97,12 @@ def interleaved_times(fns: Sequence[Callable[[], object]], device: torch.device,
     the same function, so each is timed warm in cache and load drift hits all of them alike.
     """
     for _ in range(warmup):
+        interrupt.check()  # a signal stops the bench between repeats
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(max(1, repeats)):
+        interrupt.check()
         for fn, acc in zip(fns, times):
             fn()
             _sync(device)
@@ -195,6 +197,7 @@ class EmbeddingBench:
         classes, inv = torch.unique(fixed, sorted=True, return_inverse=True)
         c = classes.shape[0]
         for start in range(0, self.num_classes, c):
+            interrupt.check()
             self.y.copy_(((torch.arange(c, device=self.device) + start) % self.num_classes)[inv])
             for step in self.steps:
                 step()
@@ -421,6 +424,7 @@ def bench_train_step(device: torch.device, variants: Sequence[str], repeats: int
     batch: list[Tensor] = []
 
     def make_step(spec: str) -> tuple[Callable[[], None], dict[str, Any]]:
+        interrupt.check()
         name, hparams = parse_variant_spec(spec)
         cfg = default_config(name, device=device.type, **{f"variant.hparams.{k}": v for k, v in hparams.items()},
                              **overrides)
@@ -530,6 +534,7 @@ def sync_routes_check(batch: int, classes_in_batch: int, num_classes: int, dim: 
 
     rows = []
     for spec in variants:
+        interrupt.check()
         with device_routes():
             bench = EmbeddingBench(torch.device("cpu"), batch, classes_in_batch, num_classes, dim, [spec])
             bench.steps[0]()  # first-call paths outside the check
@@ -862,8 +867,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, names
             create_variant(name, **hparams)
         except (ValueError, TypeError) as exc:
             parser.error(f"--variants {spec}: {exc}")
+    if args.json and Path(args.json).is_dir():
+        parser.error(f"--json {args.json} is a folder; expected the path of a file to write")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+    if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
+        parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} is not writable")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; expected --device cpu or all")
 
 
 def _report_json(report: dict[str, Any]) -> dict[str, Any]:
@@ -923,9 +934,6 @@ def _bench_main(argv: Sequence[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the study's worker processes
 
     cuda = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda:
-        print("--device cuda: no CUDA device here")
-        return 1
     if args.sync_debug:
         if not cuda:
             rows = sync_routes_check(args.batch, args.classes_in_batch, args.num_classes, args.dim, names)

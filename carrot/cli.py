@@ -384,13 +384,20 @@ def cmd_plots(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.rest[:1] == ["throughput"]:
-        from carrot.throughput import main as throughput_main
+    from carrot import interrupt
 
-        return throughput_main(args.rest[1:])
-    from carrot.bench import main as bench_main
+    try:
+        if args.rest[:1] == ["throughput"]:
+            from carrot.throughput import main as throughput_main
 
-    return bench_main(args.rest)
+            return throughput_main(args.rest[1:])
+        from carrot.bench import main as bench_main
+
+        return bench_main(args.rest)
+    except interrupt.Interrupted as exc:  # between two repeats: nothing of the run is kept
+        print(f"carrot: {exc}: the bench stopped{' (--json not written)' if '--json' in args.rest else ''}",
+              file=sys.stderr)
+        return exc.exit_code
 
 
 def cmd_variants(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from carrot import interrupt
+
 
 def make_imagefolder(root: Path, classes: int, per_class: int, size: int, seed: int = 0,
                      test_per_class: int = 2) -> Path:
@@ -50,6 +52,7 @@ def plain_timm_throughput(loader, backbone: str, num_classes: int, device: torch
     for _ in range(epochs):
         seen, start = 0, time.time()
         for x, y in loader:
+            interrupt.check()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with ctx():
                 loss = torch.nn.functional.cross_entropy(model(x).float(), y)

@@ -266,11 +266,13 @@ def test_ratio_quartiles_match_numpy():
     (["--variants", "prototype:metric=foo"], "metric must be one of"),
     (["--classes-in-batch", "80"], "--classes-in-batch must be at most --batch (64) and --num-classes (200), got 80"),
     (["--json", "{missing}/bench.json"], "does not exist"),
-])
+    (["--json", "{tmp}"], "is a folder; expected the path of a file to write"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: no CUDA device here")]))
 def test_bad_input_is_one_line_before_anything_runs(argv, expected, tmp_path, capsys):
     """Bad input stops the bench with exit status 2 and one error line naming the flag and what
-    it expects, before the first figure is printed (a two-minute run is not spent first)."""
-    argv = [a.replace("{missing}", str(tmp_path / "missing")) for a in argv]
+    it expects, before the first figure is printed (a two-minute run is not spent first; a folder
+    as --json failed after it)."""
+    argv = [a.replace("{missing}", str(tmp_path / "missing")).replace("{tmp}", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as stop:
         main(["--device", "cpu", "--study-trials", "0", *argv])
     assert stop.value.code == 2
@@ -278,6 +280,27 @@ def test_bad_input_is_one_line_before_anything_runs(argv, expected, tmp_path, ca
     assert captured.out == ""  # nothing timed, nothing printed
     assert expected in captured.err.strip().splitlines()[-1]
     assert "Traceback" not in captured.err
+
+
+def test_a_signal_stops_the_bench_between_repeats(tmp_path):
+    """Ctrl-C was only noted until every section had run (minutes); the bench now stops at the
+    next repeat with one line, exit 130, and no --json file."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "carrot.cli", "bench", "--device", "cpu", "--study-trials", "0",
+                             "--variants", "baseline", "--repeats", "1000000", "--json", str(tmp_path / "b.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().startswith("carrot bench on")  # printed before the first timing
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "carrot: interrupted by SIGINT: the bench stopped (--json not written)"
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
 def test_bench_throughput_bad_flag_is_one_line(capsys):

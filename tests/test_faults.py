@@ -103,7 +103,6 @@ def test_signal_stops_the_trial_cleanly_and_the_restart_resumes_it(store, mlflow
 def test_sigkill_then_restart_retries_from_the_checkpoint(store, mlflow_client):
     from carrot.study import trial_config
     from carrot.train import run
-    from conftest import tiny_config  # noqa: F401 (same package layout as the CLI run)
 
     proc = _carrot(store, "study", *ARGS, "--trials", "4", wait=False)
     _wait_for("studies/checkpoints/*/trial-1/last.pt", store, proc)
@@ -127,7 +126,7 @@ def test_sigkill_then_restart_retries_from_the_checkpoint(store, mlflow_client):
     _nothing_running(store, mlflow_client)
 
     # the same configuration trained without interruption ends with the same accuracy
-    from carrot.cli import build_config, main  # noqa: F401
+    from carrot.cli import build_config
     import argparse
 
     ns = argparse.Namespace(variant="baseline", dataset=None, data_root=None, workers=None, image_size=16,
