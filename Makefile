@@ -81,14 +81,16 @@ plots: $(STAMP) ## sanity-check plots from finished runs (analysis/output/plots/
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:PORT (default 5000)
 	@case "$${MLFLOW_TRACKING_URI:-}" in http://*|https://*) echo "make ui: MLFLOW_TRACKING_URI names a \
 	tracking server, which serves the MLflow UI itself: open its address in a browser" >&2; exit 2;; esac
-	mkdir -p mlruns
-	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
+	@$(BIN)/python -m carrot.ports ui PORT "$(PORT)"
+	@mkdir -p mlruns
+	@$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
 		--host 127.0.0.1 --port $(PORT)
 
 dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:DASHBOARD_PORT (default 8080)
 	@storage="$(if $(STORAGE),$(STORAGE),studies/optuna.journal)"; case "$$storage" in *://*) ;; *) \
 	if [ ! -f "$$storage" ]; then echo "make dashboard: no Optuna storage at $$storage; expected the \
 	journal of a study (run make study first, or give STORAGE=)" >&2; exit 2; fi;; esac
+	@$(BIN)/python -m carrot.ports dashboard DASHBOARD_PORT "$(DASHBOARD_PORT)"
 	@$(BIN)/optuna-dashboard $(if $(STORAGE),$(STORAGE),studies/optuna.journal) \
 		--host 127.0.0.1 --port $(DASHBOARD_PORT)
 

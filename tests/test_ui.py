@@ -178,3 +178,27 @@ def test_make_ui_and_dashboard_say_what_is_missing_in_one_line(store):
     assert board.returncode == 2 and "Traceback" not in board.stderr
     assert f"make dashboard: no Optuna storage at {missing}; expected the journal of a study" in board.stderr
     assert not missing.exists()
+
+
+def test_make_ui_and_dashboard_refuse_a_port_they_cannot_serve_in_one_line(store):
+    """`make ui PORT=99999` gave uvicorn's traceback and exit 0; a port in use, an error line
+    among MLflow's start-up lines and exit 0."""
+    journal = store / "studies" / "optuna.journal"
+    journal.parent.mkdir()
+    journal.touch()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        for target, variable, value, words in [
+            ("ui", "PORT", "99999", "is not a port; expected an integer from 1 to 65535"),
+            ("ui", "PORT", "http", "is not a port; expected an integer from 1 to 65535"),
+            ("ui", "PORT", str(busy), "is in use on 127.0.0.1"),
+            ("dashboard", "DASHBOARD_PORT", "0", "is not a port; expected an integer from 1 to 65535"),
+            ("dashboard", "DASHBOARD_PORT", str(busy), "is in use on 127.0.0.1"),
+        ]:
+            done = subprocess.run(["make", "-s", "-C", str(REPO), target, f"{variable}={value}", f"STORAGE={journal}"],
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2, (target, value, done.stdout, done.stderr)
+            assert done.stderr.splitlines()[0].startswith(f"make {target}: {variable}={value} {words}")
+            assert "Traceback" not in done.stderr and done.stdout == ""
