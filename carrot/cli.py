@@ -289,7 +289,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from carrot.train import run
 
     def stores():  # an unusable store fails here, before any run exists (exit 2)
+        from carrot.liveness import close_dead_runs
+
         client()
+        close_dead_runs(cfg.experiment, contract.ROLE_TRAIN)  # a run whose command was killed
         try:  # the baseline study's reference pairs, when there is a study storage: a run creates none
             storage = open_storage(args.storage, create=False)
         except StorageMissing:  # a damaged or unreachable one is an error, not "no baseline yet"

@@ -54,6 +54,7 @@ TAG_ERROR = "carrot.error"
 TAG_PICTURES_ERROR = "carrot.pictures_error"  # why a run has no pictures, when drawing them failed
 TAG_CHECKPOINT = "carrot.checkpoint"  # the run's checkpoint folder
 TAG_RESUMED_FROM = "carrot.resumed_from"  # the checkpoint a retried trial started from
+TAG_WORKER = "carrot.worker"  # the process that runs the run: {"host", "pid", "start"} as JSON
 MLFLOW_NOTE = "mlflow.note.content"  # the run description in the MLflow UI
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 MLFLOW_RUN_NAME = "mlflow.runName"

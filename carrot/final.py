@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import optuna
 
-from carrot import contract, interrupt
+from carrot import contract, interrupt, liveness
 from carrot.config import ConfigError, RunConfig, set_dotted
 from carrot.data import DatasetError
 from carrot.model import ModelError
@@ -102,6 +102,7 @@ def run_final(base: RunConfig, seeds: int = 5, variants: list[str] | None = None
     if not plans:
         raise ConfigError("no variant has a finished study on "
                           f"{base.data.name}/{base.model.backbone}; run `make study VARIANT=...` first")
+    liveness.close_dead_runs(base.experiment, contract.ROLE_FINAL, log)  # a seed whose command was killed
     reference = resolve(base, open_storage(storage, create=False), count_classes(base), log)
     failed = []
     for plan in plans:

@@ -63,13 +63,8 @@ def is_dead(trial: FrozenTrial, now: float | None = None, grace: float | None = 
     grace = GRACE_PERIOD_S if grace is None else grace
     worker = trial.user_attrs.get(WORKER_ATTR)
     if isinstance(worker, dict) and worker.get("host") == socket.gethostname():
-        pid = int(worker.get("pid", -1))
-        if pid == os.getpid():
-            return None
-        started = process_start_time(pid)
-        if started is None or (worker.get("start") is not None and started != worker["start"]):
-            return f"worker process {pid} on {worker['host']} is gone"
-        return None
+        reason = gone(worker)
+        return None if reason is None else f"worker {reason}"
     if worker is None and trial.datetime_start is not None and now - trial.datetime_start.timestamp() > UNCLAIMED_S:
         return f"no worker recorded itself on it in the {now - trial.datetime_start.timestamp():.0f} s since it started"
     beat = trial.user_attrs.get(HEARTBEAT_ATTR)
@@ -124,6 +119,45 @@ def close_run(run_id: str | None, reason: str) -> None:
         mlf.set_tag(run_id, contract.MLFLOW_NOTE, f"killed: {reason}")
         mlf.set_tag(run_id, contract.TAG_STATUS, "killed")
         mlf.set_terminated(run_id, "KILLED")
+
+
+def gone(worker: object) -> str | None:
+    """Why the process of a worker record (:func:`this_worker`) is gone, or None while it may
+    be alive: a record of another host, or of an unknown shape, may be."""
+    if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
+        return None
+    pid = int(worker.get("pid", -1))
+    if pid == os.getpid():
+        return None
+    started = process_start_time(pid)
+    if started is None or (worker.get("start") is not None and started != worker["start"]):
+        return f"process {pid} on {worker['host']} is gone"
+    return None
+
+
+def close_dead_runs(experiment: str, role: str, log: Callable[[str], None] = print) -> list[str]:
+    """Close as KILLED, with the reason, the RUNNING runs of ``role`` (final or train runs, which
+    no trial tracks) in ``experiment`` whose process on this host is gone (SIGKILL, the OOM
+    killer); the ids of those closed. A run of another host, or without a worker record, is
+    left as it is."""
+    import json
+
+    from carrot.tracking import client, find_runs
+
+    closed = []
+    for run in find_runs(client(), experiment, f"tags.`{contract.TAG_ROLE}` = '{role}' and "
+                                               "attributes.status = 'RUNNING'"):
+        try:
+            worker = json.loads(run.data.tags.get(contract.TAG_WORKER, "null"))
+        except ValueError:
+            continue
+        reason = gone(worker)
+        if reason is None:
+            continue
+        close_run(run.info.run_id, f"its {reason}")
+        log(f"closed {role} run {run.info.run_id} ({run.info.run_name}) as KILLED: its {reason}")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def unrecorded_runs(study: optuna.Study, trial: FrozenTrial) -> list[str]:

@@ -12,6 +12,7 @@ final run go through it, and the benchmark times the same ``forward_step``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -302,11 +303,13 @@ class Run:
         from carrot.tracking import RunLogger, flatten
 
         from carrot import run_report
+        from carrot.liveness import this_worker
 
         began = time.time()
         cfg, splits = parts.cfg, parts.splits
         number = None if trial is None else trial.number
         tags = {**run_tags(cfg, study, number), contract.TAG_NUM_CLASSES: str(splits.num_classes),
+                contract.TAG_WORKER: json.dumps(this_worker()),  # so a run a kill left RUNNING is found
                 **source_tags((extra_tags or {}).get(contract.TAG_ROLE, "")), **(extra_tags or {})}
         tags[contract.MLFLOW_NOTE] = run_report.describe(cfg.variant.name, study, number, "RUNNING", 0,
                                                          cfg.optim.epochs, None, parts.eval_split)

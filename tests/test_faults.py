@@ -493,3 +493,28 @@ def test_a_journal_that_becomes_read_only_mid_study_is_one_line(store, monkeypat
     assert err == [f"carrot: error: cannot write {store / 'studies' / 'optuna.journal.lock'}: Read-only file "
                    "system; expected a store this user can write (a trial left RUNNING is failed and queued "
                    "again by the next command once it can)"], err
+
+
+def test_a_killed_train_run_is_closed_by_the_next_command(store, mlflow_client, capsys):
+    """SIGKILL of `carrot train` (or `carrot final`) left its run RUNNING for ever: no trial
+    tracks it. Each run records its process; the next command of its kind closes it KILLED."""
+    from carrot.cli import main
+
+    proc = _carrot(store, "train", *ARGS, "--epochs", "50", wait=False)
+    deadline = time.time() + 300
+    while mlflow_client.get_experiment_by_name("carrot") is None or not [
+            r for r in _runs(mlflow_client) if r.data.metrics.get("val/acc") is not None]:  # an epoch in
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.5)
+    (killed,) = _runs(mlflow_client)
+    assert killed.info.status == "RUNNING"
+    proc.kill()
+    proc.communicate(timeout=60)
+
+    assert main(["train", *ARGS, "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    reason = f"its process {proc.pid} on {os.uname().nodename} is gone"
+    assert f"closed train run {killed.info.run_id} ({killed.info.run_name}) as KILLED: {reason}" in out
+    run = mlflow_client.get_run(killed.info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["carrot.error"] == reason
+    assert sorted(r.info.status for r in _runs(mlflow_client)) == ["FINISHED", "KILLED"]

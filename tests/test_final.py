@@ -62,14 +62,42 @@ def test_study_all_then_final_resumes(store, mlflow_client, capsys):
     # a finished seed is not run again; a larger SEEDS adds only the missing ones
     assert main(["final", "--seeds", "2", "--variant", "baseline", "--no-progress"]) == 0
     assert len(_final_runs(mlflow_client)) == 2
+    # a SIGKILLed `carrot final` left its seed's run RUNNING for ever; the next one closes it
+    killed = _killed_final(store, mlflow_client)
     assert main(["final", "--seeds", "3", "--variant", "baseline", "--no-progress"]) == 0
-    assert sorted(int(r.data.tags["carrot.seed"]) for r in _final_runs(mlflow_client)) == [0, 1, 2]
+    assert f"closed final run {killed.info.run_id} ({killed.info.run_name}) as KILLED: its process" in \
+        capsys.readouterr().out
+    assert mlflow_client.get_run(killed.info.run_id).info.status == "KILLED"
+    finished = [r for r in _final_runs(mlflow_client) if r.info.status == "FINISHED"]
+    assert sorted(int(r.data.tags["carrot.seed"]) for r in finished) == [0, 1, 2]
+    assert [r.info.run_id for r in _final_runs(mlflow_client) if r.info.status != "FINISHED"] == [killed.info.run_id]
 
     # the run flags apply on top of the study's best configuration, as --set does
     assert main(["final", "--seeds", "1", "--variant", "barrier", "--image-size", "24", "--batch-size", "16",
                  "--no-progress"]) == 0
     (barrier,) = [r for r in _final_runs(mlflow_client) if r.data.tags["carrot.variant"] == "barrier"]
     assert barrier.data.params["data.image_size"] == "24" and barrier.data.params["data.batch_size"] == "16"
+
+
+def _killed_final(store, client):
+    """A `carrot final` process killed (SIGKILL) while its run trains; that run."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "carrot.cli", "final", "--seeds", "3", "--variant", "baseline",
+                             "--no-progress", "--epochs", "50"], cwd=store, env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (running := [r for r in _final_runs(client) if r.info.status == "RUNNING"]):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    (run,) = running
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    return run
 
 
 def test_final_without_any_study_says_so(store, capsys):
