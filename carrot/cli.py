@@ -234,7 +234,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         overrides["show_progress"] = False
     _check_nproc(args)
     from carrot import ddp
-    from carrot.study import join_study, load_existing_study
+    from carrot.study import join_study, load_existing_study, stored_config
     from carrot.tracking import client
 
     if args.device is not None:
@@ -244,7 +244,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if args.device not in DEVICES:
             raise ConfigError(f"invalid --device {args.device!r}: expected one of {DEVICES}")
         resolve_device(args.device)
-    load_existing_study(args.storage, args.study_name)  # it must exist before anything is created
+    stored_config(load_existing_study(args.storage, args.study_name))  # before anything is created
     if args.nproc > 1 and not ddp.launched():  # this command again, as a torchrun group
         return ddp.relaunch(args.nproc, args.argv)
     ddp.init_from_env()
@@ -476,6 +476,10 @@ def _preflight_data(cfg, args: argparse.Namespace) -> None:
     from carrot.runtime import resolve_device
 
     resolve_device(cfg.device)  # cuda where there is none: one line before anything is created
+    if cfg.model.pretrained_path:  # a missing or unloadable weights file, before the stores
+        from carrot.model import create_backbone
+
+        create_backbone(cfg.model.backbone, pretrained_path=cfg.model.pretrained_path, extra=cfg.model.kwargs)
     splits = preflight(cfg.data, verify_images=getattr(args, "verify_images", False))
     # a run trains with its resolved sampler; a study searches the sampler when it is "auto"
     check_batch(cfg.resolved() if getattr(args, "command", "") == "train" else cfg, splits,

@@ -6,6 +6,7 @@ pooled, transformer blocks give their class token (or the token mean without one
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from carrot.config import UserError
+from carrot.contract import first_line
 from carrot.data import ImageSpec
 
 
@@ -123,6 +125,9 @@ class CarrotModel(nn.Module):
         return ModelOutput(embedding=embedding, logits=logits, features=features)
 
 
+WEIGHT_CHECK_SEED = 0x5EED  # the seeds of the check that a weights file holds the backbone's weights
+
+
 def create_backbone(name: str, pretrained: bool = False, pretrained_path: str | None = None,
                     drop_rate: float = 0.0, extra: dict | None = None) -> nn.Module:
     if not timm.is_model(name):
@@ -137,9 +142,34 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_path: str | 
     else:
         kwargs["pretrained"] = pretrained
     try:
-        return timm.create_model(name, **kwargs)
-    except Exception as exc:  # timm raises many kinds: hub errors, missing keys
+        if not pretrained_path:
+            return timm.create_model(name, **kwargs)
+        # timm loads a local file without a classifier leniently: keys it does not know are
+        # dropped with a warning, so a file of another model would leave every weight random.
+        # Loaded twice from two seeds: a tensor that differs between the two was not loaded; one
+        # that loading did not change from the initialisation may not have been.
+        def built(seed: int, **options) -> nn.Module:
+            torch.manual_seed(seed)
+            return timm.create_model(name, **options)
+
+        unloaded = {**{k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}, "pretrained": False}
+        with torch.random.fork_rng(devices=[]):
+            model, other = built(WEIGHT_CHECK_SEED, **kwargs), built(WEIGHT_CHECK_SEED + 1, **kwargs)
+            blank = built(WEIGHT_CHECK_SEED, **unloaded)
+    except Exception as exc:  # timm raises many kinds: hub errors, missing keys, unpickling errors
+        if pretrained_path:
+            raise ModelError(f"cannot load the pretrained weights {pretrained_path} into backbone {name!r}: "
+                             f"{first_line(exc)}; expected a state-dict file of that model") from exc
         raise ModelError(f"cannot create backbone {name!r}: {exc}") from exc
+    if all(torch.equal(a, b) for a, b in zip(model.parameters(), blank.parameters())):
+        raise ModelError(f"none of the weights of backbone {name!r} are in {pretrained_path}: every one kept its "
+                         "initialisation; expected a state-dict file of that model")
+    random = [k for (k, a), b in zip(model.named_parameters(), other.parameters()) if not torch.equal(a, b)]
+    if random:
+        print(f"note: {len(random)} of {sum(1 for _ in model.parameters())} weight tensors of backbone {name!r} "
+              f"are not in {pretrained_path} and keep their random initialisation (first: {random[0]})",
+              file=sys.stderr)
+    return model
 
 
 def image_spec(backbone: nn.Module) -> ImageSpec:

@@ -586,11 +586,7 @@ def join_study(storage: str | None, name: str, log: Callable[[str], None] = prin
     """``carrot worker``: join an existing study (from any machine) and run its trials. The
     study's configuration comes from the study itself; ``overrides`` may change only what does
     not define the experiment (device, loader workers, display)."""
-    study = load_existing_study(storage, name)
-    data = study.user_attrs.get(BASE_CONFIG_ATTR)
-    if data is None:
-        raise ConfigError(f"study {name!r} has no stored configuration (it was created by an older version); "
-                          "continue it with `carrot study`")
+    data = stored_config(load_existing_study(storage, name))
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     base = RunConfig.from_dict(data)
@@ -607,6 +603,15 @@ def close_parent(opened: OpenStudy, stopped: list[BaseException]) -> None:
     running = opened.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     if not any(liveness.is_dead(trial) is None for trial in running):
         opened.parent.finish("KILLED" if stopped else "FINISHED")
+
+
+def stored_config(study: optuna.Study) -> dict[str, Any]:
+    """The configuration a study was started with (a worker's trials use it)."""
+    data = study.user_attrs.get(BASE_CONFIG_ATTR)
+    if data is None:
+        raise ConfigError(f"study {study.study_name!r} has no stored configuration (it was created by an older "
+                          "version, or not by carrot); continue it with `carrot study`")
+    return data
 
 
 def load_existing_study(storage: str | None, name: str) -> optuna.Study:

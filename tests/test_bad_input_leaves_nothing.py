@@ -263,3 +263,35 @@ def test_any_study_name_is_one_file_inside_the_studies_folder(tmp_path):
     assert len(set(locks)) == len(names)  # no two names share a lock
     assert file_name("digits-test_resnet-baseline") == "digits-test_resnet-baseline"  # plain names kept
     assert sorted(p.parent for p in tmp_path.rglob("*")) == [tmp_path] + [folder] * len(names)
+
+
+@pytest.mark.parametrize("weights, words", [
+    ("missing.pt", "pretrained weights file not found: missing.pt (expected a state-dict file)"),
+    ("notes.txt", "cannot load the pretrained weights notes.txt into backbone 'test_resnet': "),
+    ("other.pt", "none of the weights of backbone 'test_resnet' are in other.pt: every one kept its initialisation"),
+])
+def test_a_bad_pretrained_weights_file_is_one_line_before_the_stores(empty, capsys, weights, words):
+    """A missing or unloadable --pretrained-path failed once the run was being built, after the
+    MLflow store had been created; a state dict of another model trained from random weights."""
+    (empty / "notes.txt").write_text("not weights\n")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, empty / "other.pt")  # a state dict of another model
+    for command in (["train"], ["study", "--trials", "1"]):
+        assert main(command + ["--pretrained-path", weights, "--epochs", "1", "--no-progress"]) == 2
+        err = _one_line(capsys)
+        assert err.startswith(f"carrot: error: {words}"), err
+        assert err.endswith("(expected a state-dict file)" if weights == "missing.pt"
+                            else "; expected a state-dict file of that model"), err
+        assert sorted(p.name for p in empty.iterdir()) == ["notes.txt", "other.pt"]
+
+
+def test_a_worker_on_a_study_carrot_did_not_start_is_one_line_before_the_stores(empty, capsys):
+    """`carrot worker` on a study without a stored configuration said so only after it had
+    created the MLflow store."""
+    import optuna
+
+    from carrot.study import open_storage
+
+    optuna.create_study(study_name="foreign", storage=open_storage(None))
+    assert main(["worker", "--study-name", "foreign", "--trials", "1"]) == 2
+    assert "study 'foreign' has no stored configuration" in _one_line(capsys)
+    assert sorted(p.relative_to(empty).as_posix() for p in empty.rglob("*")) == ["studies", "studies/optuna.journal"]

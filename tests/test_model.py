@@ -38,13 +38,35 @@ def test_unknown_probe_layer_and_weights_file_are_clear_errors(tmp_path):
         create_backbone("test_resnet", pretrained_path=str(tmp_path / "missing.safetensors"))
 
 
-def test_local_pretrained_weights_are_loaded(tmp_path):
+def test_local_pretrained_weights_are_loaded(tmp_path, capsys):
     source = create_backbone("test_resnet")
     path = tmp_path / "w.pth"
     torch.save(source.state_dict(), path)
+    state = torch.get_rng_state()
     loaded = create_backbone("test_resnet", pretrained_path=str(path))
+    assert torch.equal(torch.get_rng_state(), state)  # the check's seeds leave the run's generator alone
     for (k, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_weights_of_another_model_are_refused_and_missing_ones_named(tmp_path, capsys):
+    """timm drops the keys it does not know when it loads a file for a model without a
+    classifier: a file of another model left every weight random, and said nothing."""
+    source = create_backbone("test_resnet").state_dict()
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "head_only.pth")
+    torch.save({f"other.{k}": v for k, v in source.items()}, tmp_path / "renamed.pth")
+    for name in ("head_only.pth", "renamed.pth"):
+        with pytest.raises(ModelError, match=rf"^none of the weights of backbone 'test_resnet' are in .*{name}"):
+            create_backbone("test_resnet", pretrained_path=str(tmp_path / name))
+    first = next(k for k in source if k.endswith("weight") and source[k].dim() == 4)
+    torch.save({k: v for k, v in source.items() if k != first}, tmp_path / "part.pth")
+    capsys.readouterr()
+    loaded = create_backbone("test_resnet", pretrained_path=str(tmp_path / "part.pth")).state_dict()
+    assert f"note: 1 of {sum(1 for _ in create_backbone('test_resnet').parameters())} weight tensors of " \
+           f"backbone 'test_resnet' are not in {tmp_path / 'part.pth'} and keep their random initialisation " \
+           f"(first: {first})" in capsys.readouterr().err
+    assert all(torch.equal(loaded[k], v) for k, v in source.items() if k != first)
 
 
 @pytest.mark.parametrize("name, size", [("test_resnet", 64), ("test_vit", 160), ("test_convnext", 64),
