@@ -73,7 +73,13 @@ def check_store(create: bool = True) -> tuple[str, Path | None]:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # importing mlflow set it to INFO
     uri = tracking_uri()
     db = _sqlite_path(uri)
+    if contract.sqlite_file(uri) == "":
+        raise StoreError(f"MLflow tracking URI {uri} is an in-memory SQLite database, which keeps no run after "
+                         "the command; expected sqlite:///path/to/mlflow.db")
     if db is not None:
+        if db.is_dir():  # MLflow would retry opening it for minutes
+            raise StoreError(f"MLflow store {db} is a folder; expected the path of its SQLite database file, "
+                             f"e.g. {contract.DEFAULT_TRACKING_URI}")
         if not create and not db.is_file():
             raise StoreError(f"no MLflow store at {db}; expected the store the runs were logged to "
                              "(MLFLOW_TRACKING_URI)")

@@ -295,3 +295,19 @@ def test_a_worker_on_a_study_carrot_did_not_start_is_one_line_before_the_stores(
     assert main(["worker", "--study-name", "foreign", "--trials", "1"]) == 2
     assert "study 'foreign' has no stored configuration" in _one_line(capsys)
     assert sorted(p.relative_to(empty).as_posix() for p in empty.rglob("*")) == ["studies", "studies/optuna.journal"]
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("sqlite://", "MLflow tracking URI sqlite:// is an in-memory SQLite database, which keeps no run after the command"),
+    ("sqlite:///:memory:", "is an in-memory SQLite database"),
+    ("sqlite:///adir", "MLflow store adir is a folder; expected the path of its SQLite database file"),
+])
+def test_a_tracking_uri_that_keeps_nothing_or_names_a_folder_is_one_line(empty, capsys, monkeypatch, uri, words):
+    """An in-memory SQLite tracking URI was called an unknown scheme; one naming a folder was
+    retried by MLflow for two minutes, then a traceback."""
+    (empty / "adir").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for argv in (["train"], ["study", "--trials", "1"]):
+        assert main(argv + ["--epochs", "1", "--no-progress"]) == 2
+        assert words in _one_line(capsys)
+    assert sorted(p.name for p in empty.rglob("*")) == ["adir"]
