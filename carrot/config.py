@@ -46,7 +46,7 @@ def parse_value(text: str) -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError(f"the value {text!r} is not valid YAML ({getattr(exc, 'problem', None) or exc}); expected "
                           "a number, true/false, a word, or a quoted string") from None
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+    if isinstance(value, str) and not text.strip().startswith(("'", '"')) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
         value = float(value)
     if isinstance(value, float) and not math.isfinite(value) and re.search(r"\d", text):
         raise ConfigError(f"the value {text!r} is out of range (it reads as {value}); expected a finite number")
@@ -337,5 +337,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"invalid {key}={value!r}: expected a string")
+        quote = (f" (a number or true/false reads as one: quote it, --set {key}='\"{value}\"')"
+                 if isinstance(value, (int, float, bool)) else "")
+        raise ConfigError(f"invalid {key}={value!r}: expected a string{quote}")
     return value

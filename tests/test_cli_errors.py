@@ -86,6 +86,20 @@ def test_set_values_are_yaml_1_2_numbers():
 
     assert _parse_value("1e-3") == 1e-3 and isinstance(_parse_value("1e-3"), float)
     assert _parse_value("3") == 3 and _parse_value("true") is True and _parse_value("kl") == "kl"
+    # a quoted value is a string, whatever it looks like: the only way to give a numeric-looking one
+    assert _parse_value('"2024"') == "2024" and _parse_value("'1e-3'") == "1e-3"
+
+
+def test_a_numeric_looking_string_can_be_set_quoted_and_the_error_says_how(capsys):
+    from carrot.cli import build_config, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["config", "--set", 'experiment="2024"'])
+    assert build_config(args).experiment == "2024"
+    assert main(["config", "--show", "--set", "experiment=2024"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "carrot: error: invalid experiment=2024: expected a string (a number or true/false reads as one: quote it, "
+        "--set experiment='\"2024\"')")
 
 
 def test_one_class_dataset_is_refused_before_any_run(store, capsys, tmp_path):
