@@ -28,7 +28,9 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
             raise ConfigError(f"config file {'is a folder' if path.is_dir() else 'not found'}: {path}; expected a "
                               "YAML file of config sections")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader()) or {}
+        except _DuplicateKey as exc:
+            raise ConfigError(f"config file {path}:{exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
             why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
             raise ConfigError(f"config file {path} cannot be read ({why}); "
@@ -66,6 +68,29 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
     cfg = RunConfig.from_dict(data)
     check_names_fast(cfg)  # typos are reported before anything heavy is imported
     return cfg
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping of a config file (YAML keeps the last silently)."""
+
+
+def _unique_keys_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                mark = key_node.start_mark
+                if key in seen:
+                    raise _DuplicateKey(f"{mark.line + 1}:{mark.column + 1}: the key {key!r} is given twice in one "
+                                        f"section (first on line {seen[key]}); expected each key once")
+                seen[key] = mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def _set_items(args: argparse.Namespace) -> list[tuple[str, Any]]:

@@ -81,6 +81,22 @@ def test_yaml_syntax_error_names_file_line_and_column(store, capsys, tmp_path):
     assert _runs(store) == []
 
 
+@pytest.mark.parametrize("text, where, key, first", [
+    ("optim:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "4:3", "lr", 2),
+    ("optim:\n  lr: 0.1\nseed: 1\noptim:\n  epochs: 2\n", "4:1", "optim", 1),
+])
+def test_a_key_given_twice_in_a_config_file_is_one_line(store, capsys, tmp_path, text, where, key, first):
+    """YAML kept the last of two equal keys without a word: `lr: 0.1` then `lr: 0.2` trained at 0.2,
+    and a second `optim:` section dropped the first."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"carrot: error: config file {path}:{where}: the key {key!r} is given twice in one section (first on line "
+        f"{first}); expected each key once")
+    assert _runs(store) == []
+
+
 def test_set_values_are_yaml_1_2_numbers():
     from carrot.config import parse_value as _parse_value
 

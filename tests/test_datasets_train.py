@@ -63,7 +63,9 @@ def test_wrong_root_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.name)
 def test_study_configs_parse(path):
-    data = yaml.safe_load(path.read_text())
+    from carrot.cli import _unique_keys_loader
+
+    data = yaml.load(path.read_text(), Loader=_unique_keys_loader())  # as `--config` reads it
     data["data"]["root"] = "/data/somewhere"
     cfg = RunConfig.from_dict(data)
     assert cfg.data.image_size == 448 and cfg.model.pretrained
