@@ -673,7 +673,9 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"carrot: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except interrupt.Interrupted as exc:
-        if not interrupt.relaunched_rank() or os.environ.get("RANK") == "0":  # one line, not one per rank
+        if exc.before_stores:
+            print(f"carrot: {exc} before any store or run was made", file=sys.stderr)
+        elif not interrupt.relaunched_rank() or os.environ.get("RANK") == "0":  # one line, not one per rank
             print(f"carrot: {exc}: the current run ended KILLED{RESUME.get(getattr(args.fn, '__name__', ''), '')}",
                   file=sys.stderr)
         return exc.exit_code

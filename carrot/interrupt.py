@@ -24,13 +24,15 @@ REPEAT_S = 3.0  # a signal within this many seconds of the first is the same req
 
 _received: list[int] = []
 _first_at: list[float] = []
+_stores_opened: list[bool] = []  # a store was opened since the handlers were installed
 
 
 class Interrupted(Exception):
     """A stop was requested by a signal; the message names it."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, before_stores: bool = False) -> None:
         self.signum = signum
+        self.before_stores = before_stores  # no store, hence no run, was made yet
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
     @property
@@ -71,12 +73,23 @@ def check() -> None:
         raise Interrupted(_received[0])
 
 
+def before_store() -> None:
+    """Call before opening a store (MLflow's, Optuna's): a stop requested before the command's
+    first store raises :class:`Interrupted` there, so nothing is made; after it, this checks
+    nothing (a run being closed after a stop opens stores too)."""
+    if not _stores_opened:
+        if _received:
+            raise Interrupted(_received[0], before_stores=True)
+        _stores_opened.append(True)
+
+
 @contextlib.contextmanager
 def graceful():
     """Install the SIGTERM/SIGINT handlers for the duration (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _stores_opened.clear()  # this command has opened none yet
     previous = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -85,3 +98,4 @@ def graceful():
             signal.signal(s, h)
         _received.clear()
         _first_at.clear()
+        _stores_opened.clear()

@@ -93,6 +93,7 @@ def open_storage(url: str | None, create: bool = True):
     ``create=False`` (joining a study) a journal file or SQLite database that does not exist is
     an error instead of a new, empty storage. An in-memory SQLite storage is refused: a study
     there ends with the process."""
+    interrupt.before_store()
     if url is None or "://" not in url:
         path = Path(url) if url else DEFAULT_JOURNAL
         if path.is_dir():
@@ -300,6 +301,7 @@ def study_lock(storage: str | None, name: str):
     study's stored ids keep it consistent."""
     from filelock import FileLock
 
+    interrupt.before_store()
     folder = Path(storage).parent if storage and "://" not in storage else DEFAULT_JOURNAL.parent
     folder.mkdir(parents=True, exist_ok=True)
     return FileLock(str(folder / f".{contract.file_name(name)}.lock"), timeout=300)

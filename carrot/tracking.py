@@ -20,7 +20,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from carrot import contract
+from carrot import contract, interrupt
 from carrot.config import UserError
 
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
@@ -71,6 +71,7 @@ def check_store(create: bool = True) -> tuple[str, Path | None]:
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # importing mlflow set it to INFO
+    interrupt.before_store()
     uri = tracking_uri()
     db = _sqlite_path(uri)
     if contract.sqlite_file(uri) == "":

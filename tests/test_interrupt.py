@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
     from carrot import interrupt
@@ -71,3 +73,28 @@ def test_a_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["variants"]) == 130
     assert capsys.readouterr().err == "carrot: interrupted\n"
+
+
+@pytest.mark.parametrize("command", [["study", "--trials", "1"], ["train"]])
+def test_a_stop_before_the_first_store_makes_nothing(tmp_path, monkeypatch, capsys, command):
+    """A Ctrl-C in a command's first seconds (loading torch, checking the data) was noted, and the
+    command went on to create the MLflow database, the study journal and the study's parent run
+    before it stopped. The signal is sent for real, right after the data check."""
+    import os
+    import signal
+
+    from carrot import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    checked = cli._preflight_data
+
+    def check_then_ctrl_c(*args, **kwargs):
+        checked(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cli, "_preflight_data", check_then_ctrl_c)
+    assert cli.main(command + ["--epochs", "1", "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "carrot: interrupted by SIGINT before any store or run was made"
+    assert list(tmp_path.iterdir()) == []
