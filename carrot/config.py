@@ -46,7 +46,8 @@ def parse_value(text: str) -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError(f"the value {text!r} is not valid YAML ({getattr(exc, 'problem', None) or exc}); expected "
                           "a number, true/false, a word, or a quoted string") from None
-    if isinstance(value, str) and not text.strip().startswith(("'", '"')) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+    quoted = text.strip().startswith(("'", '"'))  # a quoted value stays a string
+    if isinstance(value, str) and not quoted and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
         value = float(value)
     if isinstance(value, float) and not math.isfinite(value) and re.search(r"\d", text):
         raise ConfigError(f"the value {text!r} is out of range (it reads as {value}); expected a finite number")

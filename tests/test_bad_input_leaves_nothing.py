@@ -298,7 +298,7 @@ def test_a_worker_on_a_study_carrot_did_not_start_is_one_line_before_the_stores(
 
 
 @pytest.mark.parametrize("uri, words", [
-    ("sqlite://", "MLflow tracking URI sqlite:// is an in-memory SQLite database, which keeps no run after the command"),
+    ("sqlite://", "MLflow tracking URI sqlite:// is an in-memory SQLite database, which keeps no run after"),
     ("sqlite:///:memory:", "is an in-memory SQLite database"),
     ("sqlite:///adir", "MLflow store adir is a folder; expected the path of its SQLite database file"),
 ])
