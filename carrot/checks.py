@@ -7,6 +7,7 @@ before any run exists.
 from __future__ import annotations
 
 import difflib
+import math
 
 from carrot.config import ConfigError, RunConfig
 
@@ -72,6 +73,9 @@ def check_names(cfg: RunConfig) -> None:
 
     if cfg.variant.name not in list_variants() or cfg.data.name not in list_datasets():
         check_names_fast(cfg)
+    for key, value in cfg.variant.hparams.items():  # from a config file: .inf and .nan read as floats
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"invalid variant.hparams.{key}={value!r}: expected a finite number")
     try:  # hyperparameters are validated by the variant itself
         get_variant_class(cfg.variant.name)(**cfg.variant.hparams)
     except (TypeError, ValueError) as exc:

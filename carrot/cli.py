@@ -62,6 +62,9 @@ def build_config(args: argparse.Namespace, variant: str | None = None):
     if getattr(args, "no_progress", False):
         data["show_progress"] = False
     for key, value in _set_items(args):
+        if key == "variant.name" and getattr(args, "variant", None):  # --variant all would study it k times
+            raise ConfigError(f"--set variant.name={value} and --variant {args.variant} both name the variant; "
+                              "expected one of them")
         set_dotted(data, key, value)
     from carrot.checks import check_names_fast
 
@@ -501,7 +504,7 @@ def _preflight_data(cfg, args: argparse.Namespace) -> None:
     from carrot.runtime import resolve_device
 
     resolve_device(cfg.device)  # cuda where there is none: one line before anything is created
-    if cfg.model.pretrained_path:  # a missing or unloadable weights file, before the stores
+    if cfg.model.pretrained_path or cfg.model.kwargs:  # bad weights or arguments, before the stores
         from carrot.model import create_backbone
 
         create_backbone(cfg.model.backbone, pretrained_path=cfg.model.pretrained_path, extra=cfg.model.kwargs)

@@ -49,8 +49,9 @@ def parse_value(text: str) -> Any:
     quoted = text.strip().startswith(("'", '"'))  # a quoted value stays a string
     if isinstance(value, str) and not quoted and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
         value = float(value)
-    if isinstance(value, float) and not math.isfinite(value) and re.search(r"\d", text):
-        raise ConfigError(f"the value {text!r} is out of range (it reads as {value}); expected a finite number")
+    if isinstance(value, float) and not math.isfinite(value):  # .inf, .nan, 1e400: no setting takes one
+        why = f"is out of range (it reads as {value})" if re.search(r"\d", text) else f"reads as {value}"
+        raise ConfigError(f"the value {text!r} {why}; expected a finite number")
     return value
 
 
@@ -333,6 +334,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"invalid {key}={value!r}: expected an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"invalid {key}={value!r}: expected a finite number")
             return float(value)
         raise ConfigError(f"invalid {key}={value!r}: expected a number")
     if tp is str:

@@ -50,6 +50,12 @@ CASES = [
     (["train", "--set", "eval.probe_l2_grid=[0.1, -1]"], ["eval.probe_l2_grid", "positive numbers"]),
     (["config", "--show", "--variant", "expansion", "--set", "variant.hparams.lamm=0.5"], ["'lamm'", "valid"]),
     (["config", "--show", "--backbone", "resnet5"], ["unknown backbone 'resnet5'"]),
+    # arguments the backbone does not take: a study ran, its trial failed without an MLflow run
+    (["study", "--trials", "1", "--set", "model.kwargs={foo: 1}"], ["cannot create backbone 'test_resnet'", "'foo'"]),
+    (["train", "--set", "model.kwargs={foo: 1}"], ["cannot create backbone 'test_resnet'", "'foo'"]),
+    # --variant all with --set variant.name studied that one variant seven times
+    (["study", "--trials", "1", "--variant", "all", "--set", "variant.name=expansion"],
+     ["--set variant.name=expansion and --variant all both name the variant"]),
     # a DDP batch that the ranks cannot share: said once, before torchrun starts k processes
     (["train", "--nproc", "3", "--device", "cpu"], ["data.batch_size=64 for 3 DDP processes", "multiple of 3"]),
     (["train", "--nproc", "2", "--device", "cpu", "--set", "data.sampler=pk", "--batch-size", "12"],

@@ -178,15 +178,22 @@ def test_every_flag_says_its_default(command, capsys):
     (["--set", "optim.lr='x"], "the value \"'x\" is not valid YAML"),
     (["--set", "optim.lr=[unclosed"], "the value '[unclosed' is not valid YAML"),
     (["--set", "optim.lr=1e400"], "the value '1e400' is out of range (it reads as inf); expected a finite number"),
+    (["--set", "optim.lr=.inf"], "the value '.inf' reads as inf; expected a finite number"),
+    (["--set", "data.synthetic_detail=.nan"], "the value '.nan' reads as nan; expected a finite number"),
     (["--config", "NONUTF8"], "cannot be read (invalid start byte); expected a readable UTF-8 YAML file"),
     (["--config", "FOLDER"], "config file is a folder:"),
+    (["--config", "INF"], "invalid optim.weight_decay=inf: expected a finite number"),
+    (["--config", "HPARAM_INF", "--variant", "expansion"], "invalid variant.hparams.lam=inf: expected a finite number"),
 ])
 def test_a_bad_value_or_config_file_is_one_line(tmp_path, capsys, argv, words):
     """A --set value that is not YAML, a number beyond float range (it read as inf, past the
     finite check), a config file that is not UTF-8: tracebacks, or a run that diverged at once."""
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"optim:\n  lr: \xff\xfe\n")
-    argv = [{"NONUTF8": str(bad), "FOLDER": str(tmp_path)}.get(a, a) for a in argv]
+    (tmp_path / "inf.yaml").write_text("optim:\n  weight_decay: .inf\n")  # .inf passed the checks: trained
+    (tmp_path / "hparam.yaml").write_text("variant:\n  hparams:\n    lam: .inf\n")
+    argv = [{"NONUTF8": str(bad), "FOLDER": str(tmp_path), "INF": str(tmp_path / "inf.yaml"),
+             "HPARAM_INF": str(tmp_path / "hparam.yaml")}.get(a, a) for a in argv]
     assert main(["config", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("carrot: error: ") and words in err, err
