@@ -76,20 +76,40 @@ def reevaluate(run_id: str, split: str | None = None, device: str | None = None,
         if weights is None:
             raise ConfigError(f"run {run_id} kept no {contract.WEIGHTS_ARTIFACT}; only final runs (`carrot final`) "
                               "keep their weights")
-        data = _read(run_id, config, lambda f: json.loads(f.read_text()))
-        data.get("data", {}).pop("effective_batch_size", None)
-        data["show_progress"] = False
-        if device:
-            data["device"] = device
-        cfg = RunConfig.from_dict(data)
+        if pairs is None:
+            raise ConfigError(f"run {run_id} has no {contract.PAIRS_ARTIFACT}, the reference pairs its pair metrics "
+                              "were computed on; it cannot be re-evaluated without them")
+
+        def configuration(f: Path) -> RunConfig:
+            data = json.loads(f.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("data", {}), dict):
+                raise ValueError("expected a mapping of config sections")
+            data.get("data", {}).pop("effective_batch_size", None)
+            data["show_progress"] = False
+            if device:
+                data["device"] = device
+            return RunConfig.from_dict(data)
+
+        cfg = _read(run_id, config, configuration)
         state = _read(run_id, weights, lambda f: torch.load(f, map_location="cpu", weights_only=True))
-        reference = ReferencePairs.none()
-        if pairs is not None:
-            saved = _read(run_id, pairs, lambda f: json.loads(f.read_text()))
-            if saved.get(contract.PAIRS_REFERENCE_KEY):
-                reference = ReferencePairs(saved[contract.PAIRS_REFERENCE_KEY], saved.get("reference_source", ""))
+        saved = _read(run_id, pairs, lambda f: json.loads(f.read_text()))
     parts = build_run(cfg)
-    parts.model.load_state_dict(state)
+    try:
+        parts.model.load_state_dict(state)
+    except Exception as exc:  # another backbone's weights, or a state dict of something else
+        raise ConfigError(f"run {run_id}: {contract.WEIGHTS_ARTIFACT} does not fit the model of its "
+                          f"{contract.CONFIG_ARTIFACT} ({contract.first_line(exc)}); it cannot be re-evaluated") from None
+    reference = ReferencePairs.none()
+    listed = saved.get(contract.PAIRS_REFERENCE_KEY) if isinstance(saved, dict) else None
+    k = parts.splits.num_classes
+    if not (isinstance(listed, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(type(c) is int and 0 <= c < k for c in p) and p[0] != p[1]
+            for p in listed)):
+        raise ConfigError(f"run {run_id}: artifact {contract.PAIRS_ARTIFACT} holds no list of class pairs under "
+                          f"{contract.PAIRS_REFERENCE_KEY!r} (expected [[i, j], ...] with 0 <= i != j < {k}); "
+                          "it cannot be re-evaluated from it")
+    if listed:
+        reference = ReferencePairs(listed, saved.get("reference_source", ""))
     split = split or cfg.split  # the split the run evaluated on: val for trials, test for final runs
     if split not in ("train", "val", "test"):
         raise ConfigError(f"invalid --split {split!r}: expected train, val or test")

@@ -482,3 +482,45 @@ def test_a_damaged_artifact_is_one_line_for_evaluate_and_a_note_for_the_tables(f
                                                                "significance.md", "geometry.md"}
     finally:
         path.write_bytes(whole)
+
+
+@pytest.mark.parametrize("artifact, content, words", [
+    ("config.json", "[]", "artifact config.json cannot be read (ValueError: expected a mapping of config sections)"),
+    ("config.json", '{"data": []}', "artifact config.json cannot be read (ValueError: expected a mapping"),
+    ("config.json", "BACKBONE", "weights.pt does not fit the model of its config.json ("),
+    ("pairs.json", "[]", "artifact pairs.json holds no list of class pairs under 'reference'"),
+    ("pairs.json", '{"reference": 5}', "artifact pairs.json holds no list of class pairs under 'reference'"),
+    ("pairs.json", '{"reference": [[0, 99]]}', "(expected [[i, j], ...] with 0 <= i != j < 10)"),
+    ("pairs.json", None, "has no pairs.json, the reference pairs its pair metrics were computed on"),
+])
+def test_an_artifact_that_reads_but_does_not_fit_is_one_line_for_evaluate(finished, monkeypatch, capsys, artifact,
+                                                                          content, words):
+    """Artifacts that parse but hold something else (a list for the config, pairs beyond the
+    classes, another backbone) gave tracebacks; a missing pairs.json was read as "no reference
+    pairs", so the recomputed pair metrics differed and the run looked irreproducible."""
+    import json
+    from urllib.parse import urlparse
+
+    from carrot.cli import main
+
+    root, _, _ = finished
+    monkeypatch.chdir(root)
+    (final,) = [r for r in _runs(root, "final") if r.info.status == "FINISHED"]
+    path = Path(urlparse(final.info.artifact_uri).path) / artifact
+    whole = path.read_bytes()
+    if content == "BACKBONE":
+        data = json.loads(whole)
+        data["model"]["backbone"] = "test_vit"
+        content = json.dumps(data)
+    try:
+        if content is None:
+            path.unlink()
+        else:
+            path.write_text(content)
+        capsys.readouterr()
+        assert main(["evaluate", final.info.run_id]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"carrot: error: run {final.info.run_id}"), err
+        assert words in err, err
+    finally:
+        path.write_bytes(whole)
