@@ -107,11 +107,18 @@ def connect(uri: str | None = None):
     return client
 
 
+def _folder_argument(text: str) -> Path:
+    """An output folder: an empty --out would write the results into the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder for the results, got an empty path")
+    return Path(text)
+
+
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags :mod:`analysis.tables` and :mod:`analysis.plots` share."""
     parser.add_argument("--experiment", default=contract.DEFAULT_EXPERIMENT,
                         help="MLflow experiment name (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path(contract.DEFAULT_OUT),
+    parser.add_argument("--out", type=_folder_argument, default=Path(contract.DEFAULT_OUT),
                         help="output folder (default %(default)s)")
     parser.add_argument("--dataset", action="append", default=None,
                         help=f"only this dataset ({contract.TAG_DATASET} tag); repeat for several (default: all)")
@@ -709,6 +716,17 @@ def open_store(args, prog: str):
         print(f"{prog}: {exc}", file=sys.stderr)
         return None, None
     runs = load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
+    if not len(runs) and client.get_experiment_by_name(args.experiment) is None:
+        held = sorted(e.name for e in client.search_experiments()
+                      if client.search_runs([e.experiment_id], max_results=1))
+        if held:  # a typo must not overwrite the results with empty ones
+            import difflib
+
+            close = difflib.get_close_matches(args.experiment, held, n=1)
+            print(f"{prog}: error: --experiment {args.experiment}: no such experiment in the store"
+                  + (f" (did you mean {close[0]!r}?)" if close else "")
+                  + f"; expected one of: {', '.join(held)}", file=sys.stderr)
+            return None, None
     if not len(runs) and (args.dataset or args.backbone):  # a typo must not overwrite the results with empty ones
         held = load_runs(client, args.experiment)
         for flag, column, wanted in (("--dataset", "dataset", args.dataset), ("--backbone", "backbone", args.backbone)):

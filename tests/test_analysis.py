@@ -393,8 +393,10 @@ def test_plots_skip_absent_data_with_a_note(store, tmp_path, capsys):
         copy.set_terminated(store["final"][("barrier", seed)], "FAILED")
     assert plots.main(["--out", str(tmp_path / "val"), "--tracking-uri", uri]) == 0
     assert (tmp_path / "val" / "plots" / f"{DATASET}-{BACKBONE}" / "proto_cos_ref.png").is_file()
-    assert plots.main(["--out", str(tmp_path / "x"), "--tracking-uri", uri, "--experiment", "nope"]) == 0
-    assert "no runs in experiment 'nope'" in capsys.readouterr().out
+    capsys.readouterr()
+    assert plots.main(["--out", str(tmp_path / "x"), "--tracking-uri", uri, "--experiment", "nope"]) == 2
+    assert "carrot plots: error: --experiment nope: no such experiment in the store" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_plot_sources_say_which_split(store):

@@ -200,7 +200,17 @@ def test_a_mistyped_filter_does_not_overwrite_the_results(store, capsys):
         assert capsys.readouterr().err.strip() == (
             f"{prog}: error: --dataset digit: no run of experiment 'carrot' has it (did you mean 'digits'?); "
             "expected one of: digits")
+        # a mistyped experiment wrote empty tables over the good ones too, and exited 0
+        assert command(["--experiment", "carot", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"{prog}: error: --experiment carot: no such experiment in the store (did you mean 'carrot'?); "
+            "expected one of: carrot")
+        with pytest.raises(SystemExit) as stop:  # an empty --out wrote the results into the current folder
+            command(["--out", ""])
+        assert stop.value.code == 2
+        assert "argument --out: expected a folder for the results, got an empty path" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["main_results.md"]
+    assert sorted(p.name for p in store.iterdir()) == ["mlruns", "out"]
     assert (out / "main_results.md").read_text() == "the good table"
 
 
