@@ -261,6 +261,34 @@ def test_metadata_that_is_not_utf8_names_the_file_and_the_line(tmp_path, key, re
     assert capsys.readouterr().err.strip() == f"carrot: error: {info.value}"
 
 
+def test_an_image_id_listed_twice_is_named(tmp_path):
+    """A second row with the same id in images.txt dropped one image and ignored its label
+    without a word."""
+    fx = make_cub(tmp_path)
+    listing = fx.base / "images.txt"
+    rows = listing.read_text().splitlines()
+    rows[1] = "1 " + rows[1].split(" ", 1)[1]
+    listing.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DatasetError) as info:
+        build_dataset(cfg_for("cub", fx.root), SPEC)
+    assert str(info.value) == f"cub: {listing} lists id 1 twice; expected each id once"
+
+
+def test_an_image_in_both_the_training_and_the_test_split_is_refused(tmp_path):
+    """An aircraft image listed for train and for test trained and tested on the same picture."""
+    fx = make_aircraft(tmp_path)
+    data = next(fx.root.rglob("images_variant_train.txt")).parent
+    train_first = (data / "images_variant_train.txt").read_text().splitlines()[0]
+    test = (data / "images_variant_test.txt").read_text().splitlines()
+    (data / "images_variant_test.txt").write_text("\n".join([train_first] + test[1:]) + "\n")
+    with pytest.raises(DatasetError) as info:
+        build_dataset(cfg_for("aircraft", fx.root), SPEC)
+    image = data / "images" / f"{train_first.split()[0]}.jpg"
+    assert str(info.value).startswith("aircraft: ") and str(info.value).endswith(
+        f": 1 image(s) in both the train and the test split, first: {image}; expected disjoint splits "
+        "(check the split metadata)")
+
+
 # --------------------------------------------------------------------------- per-dataset details
 
 

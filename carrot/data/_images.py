@@ -437,6 +437,11 @@ def make_splits(dataset: str, cfg, spec: ImageSpec, root: Path, class_names: lis
             raise DatasetError(f"{dataset}: {root}: the {split} split has no images")
         if labels.min() < 0 or labels.max() >= k:
             raise DatasetError(f"{dataset}: {root}: {split} labels outside 0..{k - 1}")
+    for a, b in (("train", "test"), ("val", "test"), ("train", "val")):  # a leak would inflate the accuracy
+        shared = sorted(set(parts[a][0]) & set(parts[b][0]))
+        if shared:
+            raise DatasetError(f"{dataset}: {root}: {len(shared)} image(s) in both the {a} and the {b} split, "
+                               f"first: {shared[0]}; expected disjoint splits (check the split metadata)")
     check_files(dataset, root, [p for paths, _ in parts.values() for p in paths])
 
     loader = ImageLoader(resize_size, spec.interpolation, crop_bottom=crop_bottom)

@@ -57,12 +57,23 @@ CUB_LAYOUT = "the official CUB_200_2011 layout"
 NABIRDS_LAYOUT = "the official NABirds layout"
 
 
+def _unique_rows(dataset: str, path: Path) -> dict[str, str]:
+    """``id value`` rows as a mapping; an id listed twice is a DatasetError (a mapping would keep
+    the last row and drop the other image or class without a word)."""
+    rows: dict[str, str] = {}
+    for i, value in read_rows(dataset, path, 2):
+        if i in rows:
+            raise DatasetError(f"{dataset}: {path} lists id {i} twice; expected each id once")
+        rows[i] = value
+    return rows
+
+
 def _read_listing(dataset: str, root: Path, strip_prefix: bool, info: dict[str, str]):
     """CUB-style metadata (images / split / labels / classes) -> paths and contiguous labels."""
-    images = {i: rel for i, rel in read_rows(dataset, root / "images.txt", 2)}
-    split = {i: flag for i, flag in read_rows(dataset, root / "train_test_split.txt", 2)}
-    labels = {i: c for i, c in read_rows(dataset, root / "image_class_labels.txt", 2)}
-    names = {c: n for c, n in read_rows(dataset, root / "classes.txt", 2)}
+    images = _unique_rows(dataset, root / "images.txt")
+    split = _unique_rows(dataset, root / "train_test_split.txt")
+    labels = _unique_rows(dataset, root / "image_class_labels.txt")
+    names = _unique_rows(dataset, root / "classes.txt")
     if not images:
         raise DatasetError(f"{dataset}: {root / 'images.txt'} lists no images")
     for fname, table in (("train_test_split.txt", split), ("image_class_labels.txt", labels)):
