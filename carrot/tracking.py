@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -125,17 +126,39 @@ def client(create: bool = True) -> MlflowClient:
 
 def experiment_id(mlf: MlflowClient, name: str) -> str:
     exp = mlf.get_experiment_by_name(name)
+    root = artifact_root(mlf.tracking_uri)
     if exp is not None:
         if contract.MLFLOW_EXPERIMENT_KIND not in exp.tags:
             mlf.set_experiment_tag(exp.experiment_id, contract.MLFLOW_EXPERIMENT_KIND, "custom_model_development")
+        _note_foreign_artifacts(exp, root)
         return exp.experiment_id
-    root = artifact_root(mlf.tracking_uri)
     location = Path(root, "artifacts", name).as_uri() if root else None
     try:  # the UI opens a model-training experiment on its runs, not on GenAI traces
         return mlf.create_experiment(name, artifact_location=location,
                                      tags={contract.MLFLOW_EXPERIMENT_KIND: "custom_model_development"})
     except mlflow.exceptions.MlflowException:  # created by a concurrent process
         return mlf.get_experiment_by_name(name).experiment_id
+
+
+_NOTED: set[tuple[str, str]] = set()
+
+
+def _note_foreign_artifacts(exp, root: str | None) -> None:
+    """Say once when an experiment of a copied or moved SQLite store keeps its artifact location
+    in the original's folder: MLflow fixes it when the experiment is made, so new runs of the
+    copy write their files there."""
+    from urllib.parse import unquote, urlparse
+
+    location = exp.artifact_location or ""
+    if root is None or not location.startswith("file:") or (exp.name, root) in _NOTED:
+        return
+    folder = Path(unquote(urlparse(location).path))
+    if folder.is_relative_to(root):
+        return
+    _NOTED.add((exp.name, root))
+    print(f"carrot: note: experiment {exp.name!r} of the store in {root} keeps its runs' files in {folder}, outside "
+          "that folder (the store was copied or moved), and new runs write there too; give another "
+          "--experiment to keep a copy's new runs with it", file=sys.stderr)
 
 
 def ui_base(uri: str | None = None) -> str:

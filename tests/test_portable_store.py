@@ -156,3 +156,27 @@ def test_evaluate_says_where_it_looked_for_a_runs_artifacts(moved, tmp_path, mon
         reevaluate(rid, log=lambda s: None)
     assert f"run {rid}: artifact config.json not found" in str(exc.value)
     assert str(copy) in str(exc.value)
+
+
+def test_a_copied_store_says_where_its_new_runs_write(tmp_path, monkeypatch, capsys):
+    """MLflow fixes an experiment's artifact folder when the experiment is made: new runs of a
+    copied store wrote their files into the original's folder without a word."""
+    from mlflow.tracking import MlflowClient
+
+    from carrot import tracking
+
+    original = tmp_path / "a" / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{original / 'mlflow.db'}")
+    tracking.experiment_id(tracking.client(), "carrot")
+    assert "note" not in capsys.readouterr().err  # its own store: nothing to say
+    copy = tmp_path / "b" / "mlruns"
+    shutil.copytree(original, copy)
+    uri = f"sqlite:///{copy / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.experiment_id(tracking.client(), "carrot")
+    assert capsys.readouterr().err == (
+        f"carrot: note: experiment 'carrot' of the store in {copy} keeps its runs' files in "
+        f"{original / 'artifacts' / 'carrot'}, outside that folder (the store was copied or moved), and new runs write "
+        "there too; give another --experiment to keep a copy's new runs with it\n")
+    fresh = tracking.experiment_id(tracking.client(), "copy-experiment")  # a new experiment lives with the copy
+    assert MlflowClient(uri).get_experiment(fresh).artifact_location.startswith((copy / "artifacts").as_uri())
