@@ -958,7 +958,7 @@ def open_study_storage(storage: str):
         try:
             return optuna.storages.get_storage(storage), ""
         except Exception as exc:  # unreachable database, bad URL
-            return None, contract.redact(f"cannot open Optuna storage {shown}: {type(exc).__name__}: {exc}", storage)
+            return None, contract.redact(f"cannot open Optuna storage {shown}: {contract.error_line(exc)}", storage)
     path = Path(storage)
     if not path.is_file():
         return None, f"no Optuna storage at {storage} (give one with --storage)"
@@ -968,7 +968,7 @@ def open_study_storage(storage: str):
     try:
         return JournalStorage(JournalFileBackend(str(path))), ""
     except ValueError as exc:  # a damaged record (json.JSONDecodeError, Optuna's "Invalid log format.")
-        return None, f"cannot read Optuna storage {storage}: {type(exc).__name__}: {exc}"
+        return None, f"cannot read Optuna storage {storage}: {contract.error_line(exc)}"
 
 
 def importance(ctx: Context) -> Table:
@@ -992,7 +992,7 @@ def importance(ctx: Context) -> Table:
             names = set(optuna.get_all_study_names(storage))
         except Exception as exc:
             storage, problem = None, contract.redact(
-                f"cannot read Optuna storage {shown}: {type(exc).__name__}: {exc}", ctx.storage)
+                f"cannot read Optuna storage {shown}: {contract.error_line(exc)}", ctx.storage)
     for slot in slots(ctx, table):
         default = contract.study_name(slot.dataset, slot.backbone, slot.variant)
         logged = studies(group_runs(ctx.trials, slot.dataset, slot.backbone, slot.variant))  # the runs' studies
@@ -1020,7 +1020,7 @@ def importance(ctx: Context) -> Table:
                         if not rows:
                             note = "no hyperparameter varied across the complete trials"
                     except Exception as exc:  # e.g. no parameter common to every trial
-                        note = f"importance could not be computed: {type(exc).__name__}: {exc}"
+                        note = f"importance could not be computed: {contract.error_line(exc)}"
             trials_cell = NA if n_complete is None else str(n_complete)
             label = f"{name} ({study_id[:SHORT_ID]})" if study_id else name
             others = {st.study_id for st in logged if st.name == name and st.study_id} - {study_id}
