@@ -56,6 +56,8 @@ study: $(STAMP) ## Optuna study of VARIANT (or VARIANT=all) on the validation sp
 		$(if $(NPROC),--nproc $(NPROC)) $(RUN_FLAGS)
 
 worker: $(STAMP) ## join the study STUDY in STORAGE from this machine (TRIALS trials; DEVICE, WORKERS)
+	@if [ -z "$(STUDY)" ]; then echo "make worker: STUDY= is required: the name of the study to join (make study \
+	prints it, e.g. STUDY=digits-test_resnet-expansion)" >&2; exit 2; fi
 	@$(BIN)/carrot worker --study-name $(STUDY) --trials $(or $(TRIALS),6) $(if $(STORAGE),--storage $(STORAGE)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(NPROC),--nproc $(NPROC))
 

@@ -727,7 +727,7 @@ def open_store(args, prog: str):
                   + (f" (did you mean {close[0]!r}?)" if close else "")
                   + f"; expected one of: {', '.join(held)}", file=sys.stderr)
             return None, None
-    if not len(runs) and (args.dataset or args.backbone):  # a typo must not overwrite the results with empty ones
+    if args.dataset or args.backbone:  # a typo must not overwrite the results with empty (or fewer) ones
         held = load_runs(client, args.experiment)
         for flag, column, wanted in (("--dataset", "dataset", args.dataset), ("--backbone", "backbone", args.backbone)):
             have = sorted(set(held[column])) if len(held) else []

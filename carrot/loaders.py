@@ -9,6 +9,11 @@ from carrot.config import ConfigError, RunConfig
 from carrot.data import DatasetSplits
 
 
+def trained_on(split: str) -> tuple[str, ...]:
+    """The splits a run that evaluates on ``split`` trains on (see :func:`training_split`)."""
+    return ("train", "val") if split == "test" else ("train",)
+
+
 def training_split(splits: DatasetSplits, split: str) -> tuple[Dataset, np.ndarray, Dataset, np.ndarray, str]:
     """(train set, its labels, evaluation set, its labels, evaluation split name).
 

@@ -46,7 +46,7 @@ def reevaluate(run_id: str, split: str | None = None, device: str | None = None,
 
     from carrot.config import RunConfig
     from carrot.evaluate import Evaluator
-    from carrot.loaders import make_loader
+    from carrot.loaders import make_loader, trained_on
     from carrot.reference import ReferencePairs
     from carrot.tracking import client
     from carrot.train import build_run
@@ -121,6 +121,9 @@ def reevaluate(run_id: str, split: str | None = None, device: str | None = None,
     log(f"re-evaluating run {run_id} ({cfg.variant.name}, {cfg.data.dataset_id}, {cfg.model.backbone}) on the "
         f"{split} split ({len(parts.splits.labels[split])} samples) on {parts.device.type}"
         + (" with probes" if probes else ""))
+    if split in trained_on(cfg.split):
+        log(f"note: the run trained on the {split} split (runs evaluated on {cfg.split} train on "
+            f"{' + '.join(trained_on(cfg.split))}), so these figures are not held-out ones")
     metrics = evaluator.evaluate(epochs - 1, loader, parts.probe_loader if probes else None,
                                  parts.amp_dtype if parts.use_amp else None)
     metrics = {k: v for k, v in metrics.items() if not k.startswith("time/")}

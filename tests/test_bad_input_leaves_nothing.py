@@ -200,6 +200,9 @@ def test_a_mistyped_filter_does_not_overwrite_the_results(store, capsys):
         assert capsys.readouterr().err.strip() == (
             f"{prog}: error: --dataset digit: no run of experiment 'carrot' has it (did you mean 'digits'?); "
             "expected one of: digits")
+        # a mistyped value beside a good one left its slice out without a word
+        assert command(["--dataset", "digits", "--dataset", "digit", "--out", str(out)]) == 2
+        assert "--dataset digit: no run of experiment 'carrot' has it" in capsys.readouterr().err
         # a mistyped experiment wrote empty tables over the good ones too, and exited 0
         assert command(["--experiment", "carot", "--out", str(out)]) == 2
         assert capsys.readouterr().err.strip() == (

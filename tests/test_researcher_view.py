@@ -182,6 +182,21 @@ def test_evaluate_reproduces_the_final_run_exactly(finished, monkeypatch):
     assert "test/acc" in differ or "test/loss" in differ
 
 
+def test_evaluate_on_a_split_the_run_trained_on_says_so(finished, monkeypatch):
+    """A final run trains on train + val: its figures on val are not held-out ones."""
+    from carrot.reevaluate import reevaluate
+
+    root, _, _ = finished
+    monkeypatch.chdir(root)
+    (final,) = _runs(root, "final")
+    for split, noted in (("val", True), ("test", False)):
+        lines = []
+        reevaluate(final.info.run_id, split=split, log=lines.append)
+        note = ("note: the run trained on the val split (runs evaluated on test train on train + val), so these "
+                "figures are not held-out ones")
+        assert (note in lines) == noted, lines
+
+
 def test_evaluate_needs_a_run_with_weights(finished, monkeypatch, capsys):
     from carrot.cli import main
 

@@ -178,6 +178,8 @@ def test_make_ui_and_dashboard_say_what_is_missing_in_one_line(store):
     assert board.returncode == 2 and "Traceback" not in board.stderr
     assert f"make dashboard: no Optuna storage at {missing}; expected the journal of a study" in board.stderr
     assert not missing.exists()
+    worker = subprocess.run(["make", "-s", "-C", str(REPO), "worker"], capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 2 and worker.stderr.startswith("make worker: STUDY= is required"), worker.stderr
 
 
 def test_make_ui_and_dashboard_refuse_a_port_they_cannot_serve_in_one_line(store):
