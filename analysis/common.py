@@ -716,29 +716,27 @@ def open_store(args, prog: str):
         print(f"{prog}: {exc}", file=sys.stderr)
         return None, None
     runs = load_runs(client, args.experiment, dataset=args.dataset, backbone=args.backbone)
+
+    def refuse(flag: str, value: str, problem: str, choices: list[str]) -> None:
+        import difflib
+
+        close = difflib.get_close_matches(value, choices, n=1)
+        print(f"{prog}: error: {flag} {value}: {problem}" + (f" (did you mean {close[0]!r}?)" if close else "")
+              + f"; expected one of: {', '.join(choices) or 'none (the experiment has no runs)'}", file=sys.stderr)
+
+    # a typo must not overwrite the results with empty (or fewer) ones
     if not len(runs) and client.get_experiment_by_name(args.experiment) is None:
         held = sorted(e.name for e in client.search_experiments()
                       if client.search_runs([e.experiment_id], max_results=1))
-        if held:  # a typo must not overwrite the results with empty ones
-            import difflib
-
-            close = difflib.get_close_matches(args.experiment, held, n=1)
-            print(f"{prog}: error: --experiment {args.experiment}: no such experiment in the store"
-                  + (f" (did you mean {close[0]!r}?)" if close else "")
-                  + f"; expected one of: {', '.join(held)}", file=sys.stderr)
+        if held:
+            refuse("--experiment", args.experiment, "no such experiment in the store", held)
             return None, None
-    if args.dataset or args.backbone:  # a typo must not overwrite the results with empty (or fewer) ones
+    if args.dataset or args.backbone:
         held = load_runs(client, args.experiment)
         for flag, column, wanted in (("--dataset", "dataset", args.dataset), ("--backbone", "backbone", args.backbone)):
             have = sorted(set(held[column])) if len(held) else []
             for value in [v for v in wanted or [] if v not in have]:
-                import difflib
-
-                close = difflib.get_close_matches(value, have, n=1)
-                print(f"{prog}: error: {flag} {value}: no run of experiment {args.experiment!r} has it"
-                      + (f" (did you mean {close[0]!r}?)" if close else "")
-                      + f"; expected one of: {', '.join(have) or 'none (the experiment has no runs)'}",
-                      file=sys.stderr)
+                refuse(flag, value, f"no run of experiment {args.experiment!r} has it", have)
                 return None, None
     try:  # the output folder, before any work
         args.out.mkdir(parents=True, exist_ok=True)
