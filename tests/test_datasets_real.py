@@ -289,6 +289,21 @@ def test_an_image_in_both_the_training_and_the_test_split_is_refused(tmp_path):
         "(check the split metadata)")
 
 
+def test_flowers_labels_that_are_not_whole_numbers_are_named(tmp_path):
+    """Labels stored as 1.5, 2.5, ... were cast to 1, 2, ... without a word."""
+    from scipy.io import loadmat, savemat
+
+    fx = make_flowers(tmp_path)
+    path = next(fx.root.rglob("imagelabels.mat"))
+    labels = loadmat(str(path))["labels"].astype(np.float64)
+    labels[0, 0] += 0.5
+    savemat(str(path), {"labels": labels})
+    with pytest.raises(DatasetError) as info:
+        build_dataset(cfg_for("flowers", fx.root), SPEC)
+    assert str(info.value) == (f"flowers: {path}: labels holds non-integer value(s) {labels[0, 0]}; "
+                               "expected whole numbers")
+
+
 # --------------------------------------------------------------------------- per-dataset details
 
 

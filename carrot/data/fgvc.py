@@ -257,13 +257,25 @@ FLOWER_NAMES = [
 ]
 
 
+def _integers(dataset: str, path: Path, field: str, values: np.ndarray) -> np.ndarray:
+    """A .mat field of whole numbers as int64; a fractional one is a DatasetError (a cast would
+    truncate 1.5 to class 1 without a word)."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and not np.array_equal(values, np.floor(values)):
+        bad = values[values != np.floor(values)]
+        raise DatasetError(f"{dataset}: {path}: {field} holds non-integer value(s) {_few(bad.tolist())}; "
+                           "expected whole numbers")
+    return values.astype(np.int64)
+
+
 @register_dataset("flowers")
 def build_flowers(cfg, spec: ImageSpec) -> DatasetSplits:
     layout = f"the Flowers-102 layout: {', '.join(FLOWERS_FILES)}"
     root = pick_root(check_root("flowers", cfg.root, layout), "imagelabels.mat", ["flowers-102", "flowers102"])
     require("flowers", root, FLOWERS_FILES, "the Flowers-102 layout")
     labels_path, setid_path = root / "imagelabels.mat", root / "setid.mat"
-    labels = _mat_field("flowers", labels_path, _loadmat("flowers", labels_path), "labels").astype(np.int64)
+    labels = _integers("flowers", labels_path, "labels",
+                       _mat_field("flowers", labels_path, _loadmat("flowers", labels_path), "labels"))
     setid = _loadmat("flowers", setid_path)
     if labels.min() < 1:
         raise DatasetError(f"flowers: {labels_path}: labels must be 1-based, found {labels.min()}")
@@ -271,7 +283,7 @@ def build_flowers(cfg, spec: ImageSpec) -> DatasetSplits:
     class_names = FLOWER_NAMES if k == len(FLOWER_NAMES) else [f"class_{c:03d}" for c in range(1, k + 1)]
     parts = {}
     for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
-        ids = _mat_field("flowers", setid_path, setid, key).astype(np.int64)
+        ids = _integers("flowers", setid_path, key, _mat_field("flowers", setid_path, setid, key))
         bad = ids[(ids < 1) | (ids > len(labels))]
         if len(bad):
             raise DatasetError(f"flowers: {setid_path}: {key} has image id(s) {_few(bad.tolist())} outside "
