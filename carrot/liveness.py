@@ -129,6 +129,14 @@ def gone(worker: object) -> str | None:
     pid = int(worker.get("pid", -1))
     if pid == os.getpid():
         return None
+    if not os.path.isdir("/proc"):  # no start times to compare (macOS): the pid alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"process {pid} on {worker['host']} is gone"
+        except OSError:  # alive, another user's
+            pass
+        return None
     started = process_start_time(pid)
     if started is None or (worker.get("start") is not None and started != worker["start"]):
         return f"process {pid} on {worker['host']} is gone"

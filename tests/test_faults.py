@@ -518,3 +518,29 @@ def test_a_killed_train_run_is_closed_by_the_next_command(store, mlflow_client, 
     run = mlflow_client.get_run(killed.info.run_id)
     assert run.info.status == "KILLED" and run.data.tags["carrot.error"] == reason
     assert sorted(r.info.status for r in _runs(mlflow_client)) == ["FINISHED", "KILLED"]
+
+
+@pytest.mark.parametrize("proc_fs", [True, False])
+def test_a_gone_process_is_told_from_a_live_one_with_or_without_proc(monkeypatch, proc_fs):
+    """Without /proc (macOS) there is no start time to read: every live process looked gone,
+    so a concurrent command's runs would have been closed."""
+    import socket
+
+    from carrot import liveness
+
+    if not proc_fs:
+        isdir = os.path.isdir
+        monkeypatch.setattr(liveness.os.path, "isdir", lambda p: False if p == "/proc" else isdir(p))
+        monkeypatch.setattr(liveness, "process_start_time", lambda pid: None)  # what reading /proc gives there
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    host = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = liveness.process_start_time(live.pid) if proc_fs else None
+        assert liveness.gone({"host": host, "pid": live.pid, "start": start}) is None
+        assert liveness.gone({"host": host, "pid": dead, "start": None}) == f"process {dead} on {host} is gone"
+        assert liveness.gone({"host": "elsewhere", "pid": dead}) is None  # another host's: may be alive
+    finally:
+        live.kill()
+        live.wait()
