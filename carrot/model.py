@@ -126,6 +126,7 @@ class CarrotModel(nn.Module):
 
 
 WEIGHT_CHECK_SEED = 0x5EED  # the seeds of the check that a weights file holds the backbone's weights
+_WEIGHTS_CHECKED: set[tuple] = set()  # (model, file, size, mtime, arguments) checked in this process
 
 
 def create_backbone(name: str, pretrained: bool = False, pretrained_path: str | None = None,
@@ -152,10 +153,14 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_path: str | 
             torch.manual_seed(seed)
             return timm.create_model(name, **options)
 
+        stat = path.stat()
+        checked = (name, str(path.resolve()), stat.st_size, stat.st_mtime_ns, repr(sorted(kwargs.items())))
         unloaded = {**{k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}, "pretrained": False}
         with torch.random.fork_rng(devices=[]):
-            model, other = built(WEIGHT_CHECK_SEED, **kwargs), built(WEIGHT_CHECK_SEED + 1, **kwargs)
-            blank = built(WEIGHT_CHECK_SEED, **unloaded)
+            model = built(WEIGHT_CHECK_SEED, **kwargs)
+            if checked in _WEIGHTS_CHECKED:  # this process checked the same file for the same model
+                return model
+            other, blank = built(WEIGHT_CHECK_SEED + 1, **kwargs), built(WEIGHT_CHECK_SEED, **unloaded)
     except Exception as exc:  # timm raises many kinds: hub errors, missing keys, unpickling errors
         if pretrained_path:
             raise ModelError(f"cannot load the pretrained weights {pretrained_path} into backbone {name!r}: "
@@ -169,6 +174,7 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_path: str | 
         print(f"note: {len(random)} of {sum(1 for _ in model.parameters())} weight tensors of backbone {name!r} "
               f"are not in {pretrained_path} and keep their random initialisation (first: {random[0]})",
               file=sys.stderr)
+    _WEIGHTS_CHECKED.add(checked)
     return model
 
 

@@ -89,3 +89,22 @@ def test_forward_intermediates_equal_the_hooks(name, size):
     assert list(a.features) == list(b.features) == fast.probe_layers
     for layer in a.features:
         torch.testing.assert_close(a.features[layer], b.features[layer], msg=layer)
+
+
+def test_a_weights_file_is_checked_once_per_process_and_builds_the_same_model(tmp_path, capsys, monkeypatch):
+    """Every trial of a study builds its backbone: the check (three builds) runs for the first
+    one only; later builds give the same weights, and the note is not repeated."""
+    import timm
+
+    source = create_backbone("test_resnet").state_dict()
+    first = next(k for k in source if k.endswith("weight") and source[k].dim() == 4)
+    torch.save({k: v for k, v in source.items() if k != first}, tmp_path / "part.pth")
+    builds = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: builds.append(a) or create(*a, **kw))
+    capsys.readouterr()
+    one = create_backbone("test_resnet", pretrained_path=str(tmp_path / "part.pth")).state_dict()
+    assert len(builds) == 3 and "note: 1 of" in capsys.readouterr().err
+    two = create_backbone("test_resnet", pretrained_path=str(tmp_path / "part.pth")).state_dict()
+    assert len(builds) == 4 and capsys.readouterr().err == ""
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the missing tensor too: one seed for both
