@@ -304,6 +304,20 @@ def test_flowers_labels_that_are_not_whole_numbers_are_named(tmp_path):
                                "expected whole numbers")
 
 
+def test_cars_class_ids_that_are_not_whole_numbers_are_named(tmp_path):
+    """A class id stored as 1.5 was cast to class 1 without a word (as Flowers' labels were)."""
+    from scipy.io import loadmat, savemat
+
+    fx = make_cars(tmp_path)
+    path = fx.base / "devkit" / "cars_train_annos.mat"
+    anns = loadmat(str(path))["annotations"]
+    anns[0, 0]["class"] = np.array([[1.5]])
+    savemat(str(path), {"annotations": anns})
+    with pytest.raises(DatasetError) as info:
+        build_dataset(cfg_for("cars", fx.root), SPEC)
+    assert str(info.value) == f"cars: {path}: class holds non-integer value(s) 1.5; expected whole numbers"
+
+
 # --------------------------------------------------------------------------- per-dataset details
 
 

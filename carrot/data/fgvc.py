@@ -206,7 +206,7 @@ def _cars_annotations(path: Path, images: Path, k: int) -> tuple[list[str], np.n
     if anns.dtype.names is None or not {"fname", "class"} <= set(anns.dtype.names):
         raise DatasetError(f"cars: {path}: 'annotations' must be a struct array with fields fname and class")
     paths = [str(images / str(a["fname"]).strip()) for a in anns]
-    labels = np.asarray([int(a["class"]) - 1 for a in anns], dtype=np.int64)
+    labels = _integers("cars", path, "class", np.asarray([np.asarray(a["class"]).item() for a in anns])) - 1
     if len(labels) and (labels.min() < 0 or labels.max() >= k):
         raise DatasetError(f"cars: {path}: class ids outside 1..{k} (cars_meta.mat has {k} class names)")
     return paths, labels
